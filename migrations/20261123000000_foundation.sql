@@ -1,0 +1,16 @@
+-- Foundation schema. Later migrations add the queue's own tables, links, tokens and cursors.
+
+-- Every accepted change notification (webhook or poll), normalised. The payload lives here, apart
+-- from the small, hot queue table (engineering.md item 12). The unique key on the vendor's delivery
+-- id is the deduplication: INSERT ... ON CONFLICT DO NOTHING decides whether a delivery is new.
+CREATE TABLE events (
+    id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    system        TEXT        NOT NULL,
+    entity_type   TEXT        NOT NULL,
+    record_id     TEXT        NOT NULL,
+    action        TEXT        NOT NULL CHECK (action IN ('created', 'updated', 'deleted')),
+    occurred_at   TIMESTAMPTZ,
+    delivery_id   TEXT        NOT NULL,
+    received_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT events_delivery_once UNIQUE (system, delivery_id)
+);

@@ -1,0 +1,122 @@
+//! The command line (`tether --help`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::Database;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Keeps Zendesk and your business systems in sync, both ways."
+)]
+pub struct Cli {
+    /// Configuration file (TOML). Every key can also be set as TETHER_<SECTION>__<KEY>.
+    #[arg(long, global = true, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: webhooks, health checks and the sync workers.
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(config.log_format, &config.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => serve(config).await,
+            Command::Migrate => migrate(config).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error.cause_chain = ?e, "tether stopped: {e:#}");
+            eprintln!("tether: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
+    let db = Database::open(&config).await?;
+    let result = crate::db::migrate(&db.pool)
+        .await
+        .context("migrations failed");
+    db.close().await;
+    result?;
+    tracing::info!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tether serve`: runs until SIGTERM/SIGINT, then shuts down within `shutdown_timeout`.
+pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let config = Arc::new(config);
+    let shutdown = CancellationToken::new();
+    crate::shutdown::cancel_on_signal(shutdown.clone());
+
+    let db = Database::open(&config).await?;
+    crate::db::migrate(&db.pool)
+        .await
+        .context("migrations failed")?;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if config.http.enabled {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        tracing::info!(address = %listener.local_addr()?, "listening");
+        let state = crate::http::AppState {
+            pool: db.pool.clone(),
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(async move {
+            if let Err(e) = crate::http::serve(listener, state).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+
+    shutdown.cancelled().await;
+    let drained = tokio::time::timeout(config.shutdown_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            timeout = ?config.shutdown_timeout,
+            "shutdown bound reached; leaving the rest (unfinished jobs are released by their leases)"
+        );
+        tasks.abort_all();
+    }
+    db.close().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}

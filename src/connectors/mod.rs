@@ -1,0 +1,203 @@
+//! Clients of the six systems, behind one trait.
+//!
+//! Owns: outbound HTTP to vendor APIs (auth, paging, rate limits, timeouts) and the translation
+//! between a vendor's JSON and a [`Record`] whose field names are the registry's property names
+//! (for example PowerOffice v2's `ContactId` is presented as the seed's `partyId`).
+//! May call: `db` (token storage, poll cursors). Must not call: `sync`, `queue`, `http`.
+
+pub mod schema;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::domain::SystemId;
+
+/// A record as a connector presents it: the id, the vendor's last-change time if it has one, and
+/// its fields under the registry's property names. Nested objects stay nested, so the path
+/// `company.id` reads `fields["company"]["id"]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub fields: Map<String, Value>,
+}
+
+impl Record {
+    /// The value at a dotted path (`company.id`), if present.
+    pub fn get_path(&self, path: &str) -> Option<&Value> {
+        get_path(&self.fields, path)
+    }
+}
+
+/// Reads a dotted path (`company.id`) out of a JSON object.
+pub fn get_path<'a>(fields: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    let mut parts = path.split('.');
+    let mut current = fields.get(parts.next()?)?;
+    for part in parts {
+        current = current.as_object()?.get(part)?;
+    }
+    Some(current)
+}
+
+/// Writes a dotted path (`company.id`) into a JSON object, creating the intermediate objects.
+pub fn set_path(fields: &mut Map<String, Value>, path: &str, value: Value) {
+    match path.split_once('.') {
+        None => {
+            fields.insert(path.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let child = fields
+                .entry(head.to_owned())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !child.is_object() {
+                *child = Value::Object(Map::new());
+            }
+            if let Value::Object(map) = child {
+                set_path(map, rest, value);
+            }
+        }
+    }
+}
+
+/// One page of records changed since a cursor. The cursor is opaque to callers: each connector
+/// decides what it holds (a timestamp plus the ids already seen at it, an OData skiptoken, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangePage {
+    pub records: Vec<Record>,
+    /// Pass this back to continue. Store it only once the page's records are safely enqueued.
+    pub next_cursor: Option<String>,
+    /// More pages are ready now; `false` means the caller is caught up until the next poll.
+    pub has_more: bool,
+}
+
+/// Why a call to a vendor failed, classified by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// The vendor asked us to slow down (429). Back-pressure: retry after the delay, not a failure.
+    #[error("rate limited by {system}; retry after {retry_after:?}")]
+    RateLimited {
+        system: SystemId,
+        retry_after: Option<Duration>,
+    },
+    /// The call did not complete in time. Back-pressure: retry later.
+    #[error("call to {system} timed out")]
+    Timeout { system: SystemId },
+    /// A failure worth retrying (5xx, connection reset, malformed response).
+    #[error("{system} failed transiently: {message}")]
+    Transient { system: SystemId, message: String },
+    /// The vendor refused the request as invalid (4xx other than 401/403/404/429). Retrying the same
+    /// request will not help.
+    #[error("{system} rejected the request ({status}): {message}")]
+    Rejected {
+        system: SystemId,
+        status: u16,
+        message: String,
+    },
+    /// Credentials are wrong, expired beyond refresh, or revoked: the operator must act. The system
+    /// is stopped rather than retried in a storm.
+    #[error("{system} refused our credentials: {message}")]
+    Unauthorized { system: SystemId, message: String },
+    /// The connector or the vendor cannot do this (for example, editing an immutable comment).
+    #[error("{system} does not support {operation} on {entity_type}")]
+    Unsupported {
+        system: SystemId,
+        entity_type: String,
+        operation: &'static str,
+    },
+    /// The system has no configuration section: its dataflows are idle.
+    #[error("{system} is not configured")]
+    NotConfigured { system: SystemId },
+}
+
+impl ConnectorError {
+    /// Back-pressure errors reschedule a job without using up an attempt.
+    pub fn is_back_pressure(&self) -> bool {
+        matches!(
+            self,
+            ConnectorError::RateLimited { .. } | ConnectorError::Timeout { .. }
+        )
+    }
+
+    /// The delay the vendor asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ConnectorError::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The one interface every system's client implements.
+///
+/// `entity_type` is the registry's name for the type (`Organizations`, `Accounts`, `Customer`).
+/// Field maps use the registry's property names and may be nested (`company.id`).
+#[async_trait]
+pub trait Connector: Send + Sync + 'static {
+    fn system(&self) -> SystemId;
+
+    /// The record's current state, or `None` if it does not exist (any more).
+    async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError>;
+
+    /// Creates a record. `idempotency_key` is stable across retries of the same intended create:
+    /// the connector sends it the way the vendor supports (`external_id`, `Idempotency-Key`, an
+    /// external reference field) so that [`Connector::find_created`] can find the record later.
+    async fn create(
+        &self,
+        entity_type: &str,
+        fields: &Map<String, Value>,
+        idempotency_key: &str,
+    ) -> Result<Record, ConnectorError>;
+
+    /// Finds the record an earlier [`Connector::create`] with this key made, if it made one.
+    /// Returns `Unsupported` where the vendor keeps no trace of the key; callers then fall back
+    /// to merge criteria.
+    async fn find_created(
+        &self,
+        entity_type: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<Record>, ConnectorError>;
+
+    /// Writes only the given (changed) fields and returns the record as stored.
+    async fn update(
+        &self,
+        entity_type: &str,
+        id: &str,
+        changed: &Map<String, Value>,
+    ) -> Result<Record, ConnectorError>;
+
+    /// Records changed after the cursor (`None`: from the beginning), one page at a time.
+    async fn list_changed(
+        &self,
+        entity_type: &str,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError>;
+
+    /// Records whose fields equal all the given values (merge criteria), for linking records that
+    /// already exist on both sides.
+    async fn find_by(
+        &self,
+        entity_type: &str,
+        criteria: &Map<String, Value>,
+    ) -> Result<Vec<Record>, ConnectorError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nested_paths_read_and_write() {
+        let mut fields = Map::new();
+        set_path(&mut fields, "company.id", json!("42"));
+        set_path(&mut fields, "subject", json!("Hi"));
+        assert_eq!(get_path(&fields, "company.id"), Some(&json!("42")));
+        assert_eq!(get_path(&fields, "subject"), Some(&json!("Hi")));
+        assert_eq!(get_path(&fields, "company.name"), None);
+        assert_eq!(get_path(&fields, "subject.x"), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! `tether sandbox`: everything on one machine (issue 9).

@@ -1,0 +1,364 @@
+//! What every simulator shares: fault knobs, a fixed-window rate limit, request counters, the
+//! `/_sim/*` control endpoints, an in-order webhook sender, and serving on a pre-bound listener.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Faults a test or the sandbox can switch on. All default to off.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Share of API requests answered with a 500 (0.0 to 1.0).
+    pub error_rate: f64,
+    /// Share of API requests answered with a 429 regardless of the rate limit.
+    pub rate_429: f64,
+    /// Added to every API request before it is handled, in milliseconds.
+    pub latency_ms: u64,
+    /// Share of webhooks silently not sent.
+    pub drop_webhooks: f64,
+    /// Requests allowed per window before 429s (`None`: unlimited).
+    pub rate_limit: Option<u32>,
+    /// The rate-limit window in milliseconds (default one minute).
+    pub rate_window_ms: Option<u64>,
+}
+
+/// Builds the vendor's own error body for a status the kit produces (429, 500, 401).
+pub type ErrorBody = fn(StatusCode, &str) -> Response;
+
+struct Window {
+    started: Instant,
+    used: u32,
+}
+
+struct ControlInner {
+    faults: Mutex<Faults>,
+    counters: Mutex<BTreeMap<String, u64>>,
+    window: Mutex<Window>,
+    error_body: ErrorBody,
+}
+
+/// Shared handle to a simulator's knobs and counters.
+#[derive(Clone)]
+pub struct SimControl {
+    inner: Arc<ControlInner>,
+}
+
+impl SimControl {
+    pub fn new(error_body: ErrorBody) -> Self {
+        SimControl {
+            inner: Arc::new(ControlInner {
+                faults: Mutex::new(Faults::default()),
+                counters: Mutex::new(BTreeMap::new()),
+                window: Mutex::new(Window {
+                    started: Instant::now(),
+                    used: 0,
+                }),
+                error_body,
+            }),
+        }
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.inner.faults.lock().unwrap().clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *self.inner.faults.lock().unwrap() = faults;
+        let mut window = self.inner.window.lock().unwrap();
+        window.started = Instant::now();
+        window.used = 0;
+    }
+
+    /// Requests per endpoint, keyed `"METHOD /route/pattern"` (e.g. `"PUT /api/v2/organizations/{id}"`).
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        self.inner.counters.lock().unwrap().clone()
+    }
+
+    /// Requests to one endpoint so far.
+    pub fn count(&self, key: &str) -> u64 {
+        self.inner
+            .counters
+            .lock()
+            .unwrap()
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Sum of the counters whose key starts with `method` (e.g. all `PUT`s, all `POST`s).
+    pub fn count_method(&self, method: &str) -> u64 {
+        self.inner
+            .counters
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.split(' ').next() == Some(method))
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    pub fn reset_counters(&self) {
+        self.inner.counters.lock().unwrap().clear();
+    }
+
+    fn record(&self, key: String) {
+        *self.inner.counters.lock().unwrap().entry(key).or_insert(0) += 1;
+    }
+
+    /// Takes one request from the rate-limit window; `Err(seconds to wait)` when it is used up.
+    fn take_rate(&self, faults: &Faults) -> Result<(), u64> {
+        let Some(limit) = faults.rate_limit else {
+            return Ok(());
+        };
+        let window_len = Duration::from_millis(faults.rate_window_ms.unwrap_or(60_000));
+        let mut window = self.inner.window.lock().unwrap();
+        if window.started.elapsed() >= window_len {
+            window.started = Instant::now();
+            window.used = 0;
+        }
+        if window.used >= limit {
+            let left = window_len.saturating_sub(window.started.elapsed());
+            return Err(left.as_secs_f64().ceil().max(1.0) as u64);
+        }
+        window.used += 1;
+        Ok(())
+    }
+
+    /// Whether to drop this webhook (the `drop_webhooks` knob).
+    pub fn should_drop_webhook(&self) -> bool {
+        let share = self.faults().drop_webhooks;
+        share > 0.0 && rand::thread_rng().gen::<f64>() < share
+    }
+}
+
+/// Middleware for a simulator's API routes: counts the request, then applies latency, the rate
+/// limit and injected faults, in that order.
+pub async fn api_layer(
+    State(control): State<SimControl>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| request.uri().path().to_owned());
+    control.record(format!("{} {}", request.method(), route));
+    let faults = control.faults();
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    if let Err(wait) = control.take_rate(&faults) {
+        return too_many(&control, wait);
+    }
+    let (forced_429, forced_500) = {
+        let mut rng = rand::thread_rng();
+        (
+            faults.rate_429 > 0.0 && rng.gen::<f64>() < faults.rate_429,
+            faults.error_rate > 0.0 && rng.gen::<f64>() < faults.error_rate,
+        )
+    };
+    if forced_429 {
+        return too_many(&control, 1);
+    }
+    if forced_500 {
+        return (control.inner.error_body)(StatusCode::INTERNAL_SERVER_ERROR, "injected fault");
+    }
+    next.run(request).await
+}
+
+fn too_many(control: &SimControl, retry_after_secs: u64) -> Response {
+    let mut response =
+        (control.inner.error_body)(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+    response.headers_mut().insert(
+        HeaderName::from_static("retry-after"),
+        HeaderValue::from(retry_after_secs),
+    );
+    response
+}
+
+/// Wraps a simulator's API router with [`api_layer`] and adds the control endpoints:
+/// `GET /_sim/counters`, `PUT /_sim/faults`, `POST /_sim/reset-counters`.
+pub fn with_kit(api: Router, control: SimControl) -> Router {
+    let api = api.layer(middleware::from_fn_with_state(control.clone(), api_layer));
+    let admin = Router::new()
+        .route("/_sim/counters", get(get_counters))
+        .route("/_sim/faults", put(put_faults).get(get_faults))
+        .route("/_sim/reset-counters", post(reset_counters))
+        .with_state(control);
+    api.merge(admin)
+}
+
+async fn get_counters(State(control): State<SimControl>) -> Json<BTreeMap<String, u64>> {
+    Json(control.counters())
+}
+
+async fn get_faults(State(control): State<SimControl>) -> Json<Faults> {
+    Json(control.faults())
+}
+
+async fn put_faults(State(control): State<SimControl>, Json(faults): Json<Faults>) -> StatusCode {
+    control.set_faults(faults);
+    StatusCode::NO_CONTENT
+}
+
+async fn reset_counters(State(control): State<SimControl>) -> StatusCode {
+    control.reset_counters();
+    StatusCode::NO_CONTENT
+}
+
+/// A simulator serving on a loopback port until stopped or dropped.
+pub struct RunningSim {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningSim {
+    /// `http://127.0.0.1:port`
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RunningSim {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Serves `router` on `bind` (use port 0 for any free port).
+pub async fn serve(router: Router, bind: SocketAddr) -> std::io::Result<RunningSim> {
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stopped.cancelled().await })
+            .await;
+    });
+    Ok(RunningSim {
+        addr,
+        stop,
+        task: Some(task),
+    })
+}
+
+/// One webhook to deliver: the body and the headers that sign it.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub body: Vec<u8>,
+    pub headers: HeaderMap,
+}
+
+/// Sends a simulator's webhooks to a target URL, in the order they were made, from one
+/// background task. A failed delivery (connection error or 5xx/429) is retried a few times with a
+/// short pause, as vendors do; after that it is given up and counted.
+#[derive(Clone)]
+pub struct WebhookSender {
+    queue: mpsc::UnboundedSender<Outgoing>,
+    stats: Arc<Mutex<WebhookStats>>,
+}
+
+/// What happened to the webhooks a simulator sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WebhookStats {
+    pub delivered: u64,
+    pub dropped: u64,
+    pub failed: u64,
+}
+
+impl WebhookSender {
+    /// `target`: the full URL (e.g. `http://127.0.0.1:8080/webhooks/zendesk`); `None` sends nothing.
+    pub fn new(target: Option<String>, control: SimControl) -> Self {
+        let (queue, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+        let stats = Arc::new(Mutex::new(WebhookStats::default()));
+        let task_stats = stats.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("a plain HTTP client builds");
+            while let Some(outgoing) = rx.recv().await {
+                let Some(url) = target.as_deref() else {
+                    continue;
+                };
+                if control.should_drop_webhook() {
+                    task_stats.lock().unwrap().dropped += 1;
+                    continue;
+                }
+                let mut delivered = false;
+                for attempt in 0..4u32 {
+                    let result = client
+                        .post(url)
+                        .headers(outgoing.headers.clone())
+                        .header("content-type", "application/json")
+                        .body(outgoing.body.clone())
+                        .send()
+                        .await;
+                    match result {
+                        Ok(r) if r.status().is_success() => {
+                            delivered = true;
+                            break;
+                        }
+                        Ok(r) if r.status().is_client_error() && r.status() != 429 => break,
+                        _ => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
+                    }
+                }
+                let mut stats = task_stats.lock().unwrap();
+                if delivered {
+                    stats.delivered += 1;
+                } else {
+                    stats.failed += 1;
+                }
+            }
+        });
+        WebhookSender { queue, stats }
+    }
+
+    pub fn send(&self, outgoing: Outgoing) {
+        // The receiver lives as long as the runtime; a send error only means shutdown.
+        let _ = self.queue.send(outgoing);
+    }
+
+    pub fn stats(&self) -> WebhookStats {
+        self.stats.lock().unwrap().clone()
+    }
+}
+
+/// A plain JSON error response, for simulators whose vendor has no richer error shape.
+pub fn json_error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// Lets a simulator answer with a prepared response body and status in one expression.
+pub fn respond(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+/// Convenience for handlers that need an empty body with a status.
+pub fn empty(status: StatusCode) -> Response {
+    (status, Body::empty()).into_response()
+}
