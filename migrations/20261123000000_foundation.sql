@@ -14,3 +14,16 @@ CREATE TABLE events (
     received_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT events_delivery_once UNIQUE (system, delivery_id)
 );
+
+-- The work queue: one row per event to process, kept small (no payload) because it is hot.
+-- The queue's own migrations refine it (leases, ordering, retries).
+CREATE TABLE jobs (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    BIGINT      NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    -- system/entity_type/record_id: jobs with one key run one at a time, in id order.
+    record_key  TEXT        NOT NULL,
+    state       TEXT        NOT NULL DEFAULT 'ready',
+    attempts    INT         NOT NULL DEFAULT 0,
+    run_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_error  TEXT
+);

@@ -22,10 +22,19 @@ pub struct NewJob<'a> {
 
 /// Enqueues jobs for events stored in the same transaction.
 pub async fn enqueue(conn: &mut PgConnection, jobs: &[NewJob<'_>]) -> Result<(), sqlx::Error> {
-    let _ = (conn, jobs);
-    Err(sqlx::Error::Protocol(
-        "the work queue is not built yet (issue 4)".into(),
-    ))
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let event_ids: Vec<i64> = jobs.iter().map(|j| j.event_id).collect();
+    let keys: Vec<String> = jobs.iter().map(|j| j.event.record.to_string()).collect();
+    sqlx::query(
+        "INSERT INTO jobs (event_id, record_key) SELECT * FROM UNNEST($1::bigint[], $2::text[])",
+    )
+    .bind(&event_ids)
+    .bind(&keys)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// A job as a worker hands it to the handler.
