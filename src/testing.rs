@@ -90,6 +90,63 @@ pub async fn database() -> TestDb {
     }
 }
 
+/// A fresh database with NO migrations applied (for tests of migrating itself).
+pub async fn empty_database() -> TestDb {
+    let db = database().await;
+    let name = format!("e_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&db.pool)
+        .await
+        .expect("create an empty database");
+    let url = {
+        let mut parsed = url::Url::parse(db.url.expose_secret()).expect("a URL");
+        parsed.set_path(&name);
+        parsed.to_string()
+    };
+    let pool = PgPool::connect(&url)
+        .await
+        .expect("connect to the empty database");
+    TestDb {
+        pool,
+        url: SecretString::from(url),
+        name,
+    }
+}
+
+/// A directory the unprivileged PostgreSQL user can reach (tests running as root put private
+/// clusters there).
+pub fn shared_tempdir() -> tempfile_dir::TempDir {
+    tempfile_dir::TempDir::new()
+}
+
+/// Minimal temporary directory, world-traversable, removed on drop.
+pub mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
+            let path =
+                std::env::temp_dir().join(format!("tether-t-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&path).expect("create a temp dir");
+            super::set_mode(&path, 0o755);
+            TempDir(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 fn migrations_fingerprint() -> String {
     let mut hasher = Sha256::new();
     for m in crate::db::MIGRATOR.iter() {
