@@ -923,3 +923,25 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The shipped example must load and its values must be the defaults it claims.
+    #[test]
+    fn example_file_is_valid_and_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tether.example.toml");
+        let mut s = Source {
+            values: BTreeMap::new(),
+        };
+        s.add_toml(&std::fs::read_to_string(&path).unwrap(), &path)
+            .unwrap();
+        let from_file = Config::from_source(s).unwrap();
+        let defaults = Config::from_source(Source {
+            values: BTreeMap::new(),
+        })
+        .unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+}
