@@ -428,3 +428,88 @@ async fn creates_send_a_stable_idempotency_key_and_updates_a_merge_patch() {
         .unwrap();
     assert_eq!(found.id, "c1");
 }
+
+#[tokio::test]
+async fn simulator_enforces_the_contract_and_its_fault_knobs() {
+    let (sim, running) = sim(SystemId::CustomErp, None).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/customer", running.base_url());
+
+    let missing_key = http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "A"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing_key.status(), 400);
+
+    let first = http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("Idempotency-Key", "k1")
+        .json(&json!({"name": "A"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+
+    let replay = http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("Idempotency-Key", "k1")
+        .json(&json!({"name": "A"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.json::<Value>().await.unwrap(), first);
+
+    let reused = http
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("Idempotency-Key", "k1")
+        .json(&json!({"name": "B"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reused.status(), 422);
+
+    let no_auth = http.get(&url).send().await.unwrap();
+    assert_eq!(no_auth.status(), 401);
+    let read_only = http
+        .patch(format!("{url}/{}", first["id"].as_str().unwrap()))
+        .bearer_auth(TOKEN)
+        .json(&json!({"id": "other"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read_only.status(), 422);
+    assert_eq!(sim.control.count("POST /{kind}"), 4);
+
+    // The kit's rate limit reaches the connector as back-pressure with the sim's Retry-After.
+    sim.control.set_faults(kit::Faults {
+        rate_limit: Some(1),
+        rate_window_ms: Some(60_000),
+        ..Default::default()
+    });
+    let c = connector(
+        SystemId::CustomErp,
+        &running.base_url(),
+        Duration::from_secs(5),
+    );
+    c.fetch("Customer", first["id"].as_str().unwrap())
+        .await
+        .unwrap();
+    let err = c
+        .fetch("Customer", first["id"].as_str().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnectorError::RateLimited { retry_after: Some(d), .. } if d > Duration::ZERO),
+        "{err:?}"
+    );
+}

@@ -289,3 +289,44 @@ async fn started_pollers_enqueue_on_their_interval_and_stop_on_shutdown() {
         .expect("pollers stop on shutdown")
         .unwrap();
 }
+
+#[tokio::test]
+async fn custom_system_reconciliation_poll_emits_changes_once() {
+    use tether::connectors::custom::CustomConnector;
+    use tether::simulators::custom::{CustomSim, CustomSimConfig};
+    let db = tether::testing::database().await;
+    let (sim, running) = CustomSim::start(
+        CustomSimConfig {
+            system: SystemId::CustomErp,
+            api_token: "t".to_owned(),
+            webhook_secret: None,
+            webhook_target: None,
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    sim.set_page_size(2);
+    let config = tether::config::CustomSystemConfig {
+        base_url: running.base_url().parse().unwrap(),
+        api_token: secrecy::SecretString::from("t"),
+        webhook_secret: None,
+        poll_interval: Some(Duration::from_secs(1)),
+    };
+    let connector =
+        CustomConnector::new(SystemId::CustomErp, &config, Duration::from_secs(5)).unwrap();
+    let t = at("2026-01-01T00:00:00Z");
+    let ids: Vec<String> = (0..5)
+        .map(|i| sim.insert("customer", obj(json!({"n": i})), Some(t)))
+        .collect();
+    let spec = spec(Arc::new(connector), "Customer");
+    assert_eq!(poll_once(&db.pool, &spec).await.unwrap().emitted, 5);
+    assert_eq!(poll_once(&db.pool, &spec).await.unwrap().emitted, 0);
+    sim.touch("customer", &ids[4], obj(json!({"n": 40})), None);
+    let report = poll_once(&db.pool, &spec).await.unwrap();
+    assert_eq!(report.emitted, 1);
+    let (events, jobs) = emitted(&db.pool).await;
+    assert_eq!(events.len(), 6);
+    assert_eq!(jobs, 6);
+    assert_eq!(events[5].0, ids[4]);
+}
