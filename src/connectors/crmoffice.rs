@@ -6,6 +6,14 @@
 //! `items` with id field `id`. Everything else this client does rests on the named constants and
 //! functions of [`assumptions`]; replacing them with the real API's facts is one edit there.
 //!
+//! Polling: the cursor holds the newest `updatedAt` delivered and the ids delivered at exactly
+//! that instant; each call asks for page 1 from that instant, so records changed during a pass
+//! move behind the cursor instead of shifting page boundaries. Only when a whole page shares one
+//! instant does the cursor page on by number within it. Known limits, inherent to an
+//! updated-since filter: a record changed twice within the server clock's resolution at the
+//! cursor's own instant is seen once; more than a page of records at one instant that change
+//! while being paged can shift one record past the page being read.
+//!
 //! Owns: the HTTP calls and the poll cursor format of CRMOffice.
 //! May call: [`super::http`] only.
 
@@ -74,7 +82,8 @@ pub mod assumptions {
 
     /// A writable field carrying our idempotency key on create, and a list filter of the same
     /// name (`GET contacts?externalId=<k>`), used by `find_created`. Results are re-checked
-    /// locally, so a server that ignores the filter costs requests, never a wrong match.
+    /// locally; if the server ignores the filter the client falls back to scanning the
+    /// collection, so a wrong assumption costs requests, never a wrong or missed match.
     pub const EXTERNAL_ID_FIELD: &str = "externalId";
     pub const EXTERNAL_ID_PARAM: &str = "externalId";
 
@@ -326,6 +335,7 @@ impl Connector for CrmOfficeConnector {
                 &[(a::EXTERNAL_ID_PARAM, idempotency_key.to_owned())],
             )
             .await?;
+        let mut filter_ignored = false;
         for item in items {
             let record = to_record(item)?;
             if record
@@ -336,6 +346,20 @@ impl Connector for CrmOfficeConnector {
             {
                 return Ok(Some(record));
             }
+            filter_ignored = true;
+        }
+        if filter_ignored {
+            // The server ignored the filter: only a full scan can answer without guessing.
+            let mut criteria = Map::new();
+            criteria.insert(
+                a::EXTERNAL_ID_FIELD.to_owned(),
+                Value::String(idempotency_key.to_owned()),
+            );
+            return Ok(self
+                .find_by(entity_type, &criteria)
+                .await?
+                .into_iter()
+                .next());
         }
         Ok(None)
     }

@@ -29,6 +29,9 @@
 //! ids already delivered at exactly that instant, and the server's `cursor` within a pass. Each
 //! pass asks for `updated_after` one microsecond before the watermark, so records that share the
 //! watermark's timestamp (a coarse clock) are re-read and filtered by id instead of missed.
+//! Inside a pass the server's cursor keeps the place, so records changed during a pass (they move
+//! to the end of the `updated_at` order) are read later in the same pass. Known limit: a record
+//! changed again within the server clock's resolution at the watermark's own instant is seen once.
 
 use std::time::Duration;
 

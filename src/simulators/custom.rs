@@ -133,18 +133,20 @@ pub fn merge_patch(target: &mut Map<String, Value>, patch: &Map<String, Value>) 
 
 impl CustomSim {
     /// A simulator with no records. Must be called inside a tokio runtime (the webhook sender
-    /// starts a task).
-    pub fn new(config: CustomSimConfig) -> Self {
+    /// starts a task). Fails if the webhook secret is not `whsec_` followed by base64.
+    pub fn new(config: CustomSimConfig) -> Result<Self, standard::BadSecret> {
         let control = SimControl::new(json_error);
-        let key = config.webhook_secret.as_deref().map(|s| {
-            standard::secret_key(s).expect("the simulator's webhook secret is whsec_ + base64")
-        });
+        let key = config
+            .webhook_secret
+            .as_deref()
+            .map(standard::secret_key)
+            .transpose()?;
         let webhooks = WebhookSender::new(config.webhook_target.clone(), control.clone());
         let records = types_of(config.system)
             .iter()
             .map(|t| (t.to_string(), BTreeMap::new()))
             .collect();
-        CustomSim {
+        Ok(CustomSim {
             inner: Arc::new(Inner {
                 system: config.system,
                 token: config.api_token,
@@ -158,7 +160,7 @@ impl CustomSim {
                 webhooks,
             }),
             control,
-        }
+        })
     }
 
     /// Starts serving on `bind` (port 0: any free port).
@@ -166,7 +168,7 @@ impl CustomSim {
         config: CustomSimConfig,
         bind: SocketAddr,
     ) -> std::io::Result<(CustomSim, RunningSim)> {
-        let sim = CustomSim::new(config);
+        let sim = CustomSim::new(config).map_err(std::io::Error::other)?;
         let running = kit::serve(sim.router(), bind).await?;
         Ok((sim, running))
     }

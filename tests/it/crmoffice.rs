@@ -214,3 +214,31 @@ async fn requests_follow_the_named_assumptions_and_429_is_back_pressure() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn find_created_falls_back_to_a_scan_when_the_external_id_filter_is_ignored() {
+    let server = MockServer::start().await;
+    let items = json!({"items": [
+        {"id": "1", "updatedAt": "2026-01-01T00:00:00Z", "externalId": "other"},
+        {"id": "2", "updatedAt": "2026-01-01T00:00:01Z", "externalId": "mine"},
+    ]});
+    Mock::given(method("GET"))
+        .and(path("/contacts"))
+        .and(query_param("externalId", "mine"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"items": [items["items"][0]]})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/contacts"))
+        .and(query_param("page", "1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(items))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let c = connector(&server.uri(), 10);
+    let found = c.find_created("Contacts", "mine").await.unwrap().unwrap();
+    assert_eq!(found.id, "2");
+}
