@@ -258,7 +258,8 @@ pub async fn cursor(
 
 /// Starts one task per spec: poll, then wait `interval` (or the vendor's `Retry-After` after a
 /// 429), until `shutdown` is cancelled. The returned handle finishes once every poller has
-/// stopped; a poll in flight finishes its current page first (pages are short transactions).
+/// stopped. A poll in flight at shutdown is abandoned: its uncommitted page rolls back with its
+/// transaction and is polled again from the stored cursor next time, so nothing is lost.
 pub fn start_pollers(
     pool: PgPool,
     pollers: Vec<PollerSpec>,
