@@ -26,6 +26,11 @@ use crate::connectors::{Connector, ConnectorError, Record};
 use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
 use crate::queue::{self, NewJob};
 
+/// Pages one round may commit before yielding until the next interval: a connector that keeps
+/// saying "more" (a vendor bug, or a huge backlog) cannot pin a poller and its connection forever;
+/// the stored cursor resumes it next round.
+pub const MAX_PAGES_PER_ROUND: u32 = 1000;
+
 /// One thing to poll: a connector, one of its entity types, and how often.
 #[derive(Clone)]
 pub struct PollerSpec {
@@ -121,7 +126,8 @@ fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
-/// Polls one (system, type) until the connector says it is caught up, one transaction per page.
+/// Polls one (system, type) until the connector says it is caught up (or [`MAX_PAGES_PER_ROUND`]),
+/// one transaction per page.
 /// Returns `busy` at once if another replica holds the cursor.
 #[tracing::instrument(skip_all, fields(system = %spec.connector.system(), entity_type = %spec.entity_type))]
 pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, PollError> {
@@ -221,7 +227,7 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         .await?;
         tx.commit().await?;
 
-        if !page.has_more {
+        if !page.has_more || report.pages >= MAX_PAGES_PER_ROUND {
             return Ok(report);
         }
     }
