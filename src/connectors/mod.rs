@@ -5,6 +5,8 @@
 //! (for example PowerOffice v2's `ContactId` is presented as the seed's `partyId`).
 //! May call: `db` (token storage, poll cursors). Must not call: `sync`, `queue`, `http`.
 
+pub mod crmoffice;
+pub mod custom;
 pub mod http;
 pub mod schema;
 

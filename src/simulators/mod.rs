@@ -5,4 +5,6 @@
 //!
 //! Shared machinery lives in [`kit`]; each system has its own module.
 
+pub mod crmoffice;
+pub mod custom;
 pub mod kit;

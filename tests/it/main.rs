@@ -1,3 +1,6 @@
 //! One integration-test binary with a module per feature (engineering.md item 3).
 
+mod crmoffice;
+mod custom;
 mod foundation;
+mod polling;
