@@ -70,3 +70,63 @@ pub fn to_json(registry: &Registry) -> String {
     };
     serde_json::to_string_pretty(&export).expect("the registry serialises to JSON")
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use crate::registry::load::{assemble, SHIPPED};
+
+    #[test]
+    fn export_has_the_shape_product_md_fixes() {
+        let (registry, _) = assemble(SHIPPED, None).unwrap();
+        let text = super::to_json(&registry);
+        let value: Value = serde_json::from_str(&text).unwrap();
+        let flows = value["dataflows"].as_array().unwrap();
+        assert_eq!(flows.len(), 18);
+
+        // product.md's example, key for key.
+        let customers = flows
+            .iter()
+            .find(|f| f["source"]["type"] == "Customers")
+            .unwrap();
+        assert_eq!(
+            customers["source"],
+            json!({"system": "poweroffice", "type": "Customers"})
+        );
+        assert_eq!(
+            customers["target"],
+            json!({"system": "zendesk", "type": "Organizations"})
+        );
+        let name = &customers["properties"][0];
+        assert_eq!(
+            (&name["source"], &name["target"], &name["type"]),
+            (&json!("Name"), &json!("name"), &json!("string"))
+        );
+        // The seed's unsyncable mapping is exported faithfully, with its status.
+        assert_eq!(customers["properties"][1]["target"], "url");
+        assert_eq!(customers["properties"][1]["sync"], "off");
+
+        // Fixed keys come first, in the documented order; extra keys follow.
+        let compact = serde_json::to_string(&value["dataflows"][0]).unwrap();
+        let raw_first = &text[text.find("\"source\"").unwrap()..];
+        let order: Vec<usize> = ["\"source\"", "\"target\"", "\"properties\"", "\"id\""]
+            .iter()
+            .map(|k| raw_first.find(k).unwrap())
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "{order:?} in {compact}"
+        );
+        let company = flows
+            .iter()
+            .find(|f| f["target"]["type"] == "Contacts")
+            .unwrap();
+        assert_eq!(company["properties"][0]["target"], "company.id");
+        assert_eq!(
+            company["properties"][0]["reference"],
+            json!({"source_types": ["Organizations"], "target_type": "Companies"})
+        );
+        assert_eq!(value["rules"][0]["resolve"], "latest_wins");
+    }
+}
