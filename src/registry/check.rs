@@ -227,6 +227,31 @@ impl<'a> Checker<'a> {
         if !flow.switches.enabled {
             return;
         }
+        if !target.updatable && flow.mappings(Direction::ToTarget).next().is_some() {
+            self.push(
+                Severity::Warning,
+                at.clone(),
+                format!(
+                    "the dataflow {} maps properties onto {}, but {}: they are written when the record is created and never updated",
+                    flow.id,
+                    flow.target,
+                    target.limitation.unwrap_or("its records cannot be changed through the API")
+                ),
+            );
+        }
+        if flow.switches.create_in_target && !target.creatable {
+            self.push(
+                Severity::Warning,
+                at.clone(),
+                format!(
+                    "the dataflow {} cannot create {} records ({}); it only links records matched by merge criteria",
+                    flow.id,
+                    flow.target,
+                    target.limitation.unwrap_or("the API has no create")
+                ),
+            );
+            return;
+        }
         let missing = unfilled_required(flow);
         if flow.switches.create_in_target && !missing.is_empty() {
             let fields = missing
@@ -434,8 +459,11 @@ impl<'a> Checker<'a> {
             .iter()
             .filter(|t| {
                 let from = EntityRef::new(flow.source.system, (*t).clone());
-                let none = self.registry.flows_between(&from, &to).next().is_none();
-                none
+                !self
+                    .registry
+                    .dataflows
+                    .iter()
+                    .any(|f| f.switches.enabled && f.touches(&from) && f.touches(&to))
             })
             .collect();
         if unresolved.is_empty() {
@@ -878,6 +906,16 @@ type = "string"
         assert!(f.message.contains("immutable"), "{f}");
         let fixed = format!("{text}write_back_to_source = false\n");
         assert!(run(&fixed).1.is_empty());
+    }
+
+    #[test]
+    fn mapping_onto_immutable_records_is_said() {
+        let text = "[[dataflow]]\nsource = \"customerp.Project\"\ntarget = \"zendesk.Ticketcomments\"\nwrite_back_to_source = false\n\n[[dataflow.property]]\nsource = \"text\"\ntarget = \"body\"\ntype = \"string\"\n";
+        let f = only(&run(text).1, Severity::Warning).clone();
+        assert!(
+            f.message.contains("never updated") && f.message.contains("immutable"),
+            "{f}"
+        );
     }
 
     #[test]

@@ -903,6 +903,12 @@ resolve = "latest_wins"
             .unwrap();
         assert_eq!(f.location.as_ref().unwrap().line, 1);
         assert!(f.message.contains("cannot add new ones"), "{f}");
+
+        let overlay = "seed = \"x.txt\"\n";
+        let (_, findings) = assemble(SHIPPED, Some(("o.toml", overlay))).unwrap();
+        assert!(findings
+            .iter()
+            .any(|f| f.severity == Severity::Error && f.message.contains("has no `seed`")));
     }
 
     #[test]

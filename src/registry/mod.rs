@@ -210,7 +210,7 @@ impl Dataflow {
         })
     }
 
-    /// The side of the flow that is this entity type, if any.
+    /// Whether this entity type is either side of the flow.
     pub fn touches(&self, entity: &EntityRef) -> bool {
         &self.source == entity || &self.target == entity
     }
