@@ -168,7 +168,11 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .context("the mapping registry cannot be used")?;
     let idle = registry::check::idle_systems(&registry, |s| connected(&config, s));
     for finding in warnings.iter().chain(&idle) {
-        tracing::warn!(location = ?finding.location, "registry: {}", finding.message);
+        let location = finding
+            .location
+            .as_ref()
+            .map_or_else(|| "configuration".to_owned(), |l| l.to_string());
+        tracing::warn!(%location, "registry: {}", finding.message);
     }
     // Handed to the sync workers once they are wired in.
     let _registry = Arc::new(registry);
