@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::Database;
+use crate::domain::SystemId;
+use crate::registry::{self, Severity};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +34,20 @@ pub enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Inspect the mapping registry (the shipped dataflows plus `registry.overlay`). Needs no database.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryCommand {
+    /// Validate the registry against the connectors; print every finding with file and line.
+    /// Exits 1 on errors, 0 when there are only warnings.
+    Check,
+    /// Print the effective registry as JSON.
+    Export,
 }
 
 pub fn main() -> ExitCode {
@@ -44,6 +60,9 @@ pub fn main() -> ExitCode {
         }
     };
     crate::telemetry::init(config.log_format, &config.log_level);
+    if let Command::Registry { command } = &cli.command {
+        return registry_command(command, &config);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -52,6 +71,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
+            Command::Registry { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {
@@ -75,8 +95,87 @@ async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether the configuration connects a system (has its section).
+fn connected(config: &Config, system: SystemId) -> bool {
+    let s = &config.systems;
+    match system {
+        SystemId::Zendesk => s.zendesk.is_some(),
+        SystemId::ExactOnline => s.exactonline.is_some(),
+        SystemId::PowerOffice => s.poweroffice.is_some(),
+        SystemId::CrmOffice => s.crmoffice.is_some(),
+        SystemId::CustomErp => s.customerp.is_some(),
+        SystemId::CustomPms => s.custompms.is_some(),
+    }
+}
+
+/// `tether registry check|export`: pure file work, no runtime and no database.
+fn registry_command(command: &RegistryCommand, config: &Config) -> ExitCode {
+    let overlay = config.registry.overlay.as_deref();
+    let (registry, mut findings) = match registry::load::read(overlay) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    match command {
+        RegistryCommand::Check => {
+            findings.extend(registry::check::idle_systems(&registry, |s| {
+                connected(config, s)
+            }));
+            for finding in &findings {
+                println!("{finding}");
+            }
+            println!(
+                "{} dataflows, {} property mappings: {errors} error(s), {} warning(s).",
+                registry.dataflows.len(),
+                registry
+                    .dataflows
+                    .iter()
+                    .map(|f| f.properties.len())
+                    .sum::<usize>(),
+                findings.len() - errors
+            );
+        }
+        RegistryCommand::Export => {
+            if errors == 0 {
+                println!("{}", registry::export::to_json(&registry));
+            } else {
+                for finding in findings.iter().filter(|f| f.severity == Severity::Error) {
+                    eprintln!("{finding}");
+                }
+                eprintln!(
+                    "the registry has errors; nothing exported (see `tether registry check`)"
+                );
+            }
+        }
+    }
+    if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 /// `tether serve`: runs until SIGTERM/SIGINT, then shuts down within `shutdown_timeout`.
 pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    // The registry first: a registry with errors must not run, and that needs no database.
+    let (registry, warnings) = registry::load(config.registry.overlay.as_deref())
+        .context("the mapping registry cannot be used")?;
+    let idle = registry::check::idle_systems(&registry, |s| connected(&config, s));
+    for finding in warnings.iter().chain(&idle) {
+        let location = finding
+            .location
+            .as_ref()
+            .map_or_else(|| "configuration".to_owned(), |l| l.to_string());
+        tracing::warn!(%location, "registry: {}", finding.message);
+    }
+    // Handed to the sync workers once they are wired in.
+    let _registry = Arc::new(registry);
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());

@@ -4,3 +4,4 @@ mod crmoffice;
 mod custom;
 mod foundation;
 mod polling;
+mod registry;

@@ -1,0 +1,932 @@
+//! Validation of the registry against the connectors' declarations (`connectors::schema`).
+//!
+//! Every finding has a severity, the file and line it is about, and one plain sentence that says
+//! what is wrong and what to do. Errors stop `serve`; warnings describe what the registry as
+//! written cannot do (a flow that can only link, a mapping that is kept but not synced, a reference
+//! that can never be translated) and are logged once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::Serialize;
+
+use super::{Dataflow, Direction, EntityRef, Location, PropertyMapping, Registry, SyncMode};
+use crate::connectors::schema::{self, Access, EntityDecl};
+use crate::domain::SystemId;
+
+/// Errors come first when findings are sorted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The registry must not run like this: `serve` refuses to start, `check` exits non-zero.
+    Error,
+    /// True of the registry, worth knowing, not fatal.
+    Warning,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        })
+    }
+}
+
+/// One finding of `tether registry check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Where in the registry files or the overlay; `None` for findings about the configuration.
+    pub location: Option<Location>,
+    pub message: String,
+}
+
+impl Finding {
+    pub fn new(severity: Severity, location: Option<Location>, message: String) -> Self {
+        Finding {
+            severity,
+            location,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.location {
+            Some(at) => write!(f, "{at}: {}: {}", self.severity, self.message),
+            None => write!(f, "configuration: {}: {}", self.severity, self.message),
+        }
+    }
+}
+
+/// The data types a property mapping may name.
+pub const DATA_TYPES: &[&str] = &[
+    "string", "integer", "number", "boolean", "date", "datetime", "object", "array",
+];
+
+/// Required fields of the flow's target that no synced mapping fills: while any remain, the flow
+/// cannot create its target and only links records matched by merge criteria.
+pub fn unfilled_required(flow: &Dataflow) -> Vec<&'static str> {
+    let Some(decl) = schema::entity(flow.target.system, &flow.target.entity_type) else {
+        return Vec::new();
+    };
+    decl.required_fields()
+        .map(|f| f.path)
+        .filter(|path| {
+            !flow.mappings(Direction::ToTarget).any(|m| {
+                m.target == *path
+                    || m.target
+                        .strip_prefix(path)
+                        .is_some_and(|rest| rest.starts_with('.'))
+            })
+        })
+        .collect()
+}
+
+/// Everything `check` finds in a registry (the loader adds what it found while parsing).
+pub fn check(registry: &Registry) -> Vec<Finding> {
+    let mut c = Checker {
+        registry,
+        findings: Vec::new(),
+    };
+    for flow in &registry.dataflows {
+        c.flow(flow);
+    }
+    c.writers();
+    c.rules();
+    c.findings
+}
+
+/// A warning per system that dataflows use but the configuration does not connect: those flows
+/// are idle (product.md section 1).
+pub fn idle_systems(registry: &Registry, connected: impl Fn(SystemId) -> bool) -> Vec<Finding> {
+    SystemId::ALL
+        .into_iter()
+        .filter(|s| !connected(*s))
+        .filter_map(|system| {
+            let idle: Vec<&str> = registry
+                .dataflows
+                .iter()
+                .filter(|f| {
+                    f.switches.enabled && (f.source.system == system || f.target.system == system)
+                })
+                .map(|f| f.id.as_str())
+                .collect();
+            (!idle.is_empty()).then(|| {
+                Finding::new(
+                    Severity::Warning,
+                    None,
+                    format!(
+                        "{} ({system}) is not configured, so {} idle{}. Add the [{system}] section to connect it.",
+                        system.display_name(),
+                        if idle.len() == 1 { "1 dataflow is".to_owned() } else { format!("{} dataflows are", idle.len()) },
+                        if idle.len() <= 5 { format!(": {}", idle.join(", ")) } else { String::new() }
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+struct Checker<'a> {
+    registry: &'a Registry,
+    findings: Vec<Finding>,
+}
+
+/// One flow writing one property of one entity type.
+struct Writer<'a> {
+    flow: &'a Dataflow,
+    direction: Direction,
+    location: Option<Location>,
+}
+
+impl<'a> Checker<'a> {
+    fn push(&mut self, severity: Severity, location: Option<Location>, message: String) {
+        self.findings
+            .push(Finding::new(severity, location, message));
+    }
+
+    fn flow_at(&self, flow: &Dataflow) -> Option<Location> {
+        self.registry.locations.flows.get(&flow.id).cloned()
+    }
+
+    fn property_at(&self, flow: &Dataflow, m: &PropertyMapping) -> Option<Location> {
+        self.registry
+            .locations
+            .properties
+            .get(&(flow.id.clone(), m.target.clone()))
+            .cloned()
+            .or_else(|| self.flow_at(flow))
+    }
+
+    fn decl(&mut self, entity: &EntityRef, at: Option<Location>) -> Option<&'static EntityDecl> {
+        let decl = schema::entity(entity.system, &entity.entity_type);
+        if decl.is_none() {
+            let known: Vec<&str> = schema::entities(entity.system)
+                .map(|e| e.entity_type)
+                .collect();
+            self.push(
+                Severity::Error,
+                at,
+                format!(
+                    "{} has no entity type {:?}; its types are {}",
+                    entity.system.display_name(),
+                    entity.entity_type,
+                    known.join(", ")
+                ),
+            );
+        }
+        decl
+    }
+
+    fn flow(&mut self, flow: &'a Dataflow) {
+        let at = self.flow_at(flow);
+        let source = self.decl(&flow.source, at.clone());
+        let target = self.decl(&flow.target, at.clone());
+        let (Some(source), Some(target)) = (source, target) else {
+            return;
+        };
+        if flow.switches.write_back_to_source && !source.updatable {
+            self.push(
+                Severity::Error,
+                at.clone(),
+                format!(
+                    "the dataflow {} writes back to its source, but {}; set `write_back_to_source = false`",
+                    flow.id,
+                    source.limitation.unwrap_or("its records cannot be changed through the API")
+                ),
+            );
+        }
+        for m in &flow.properties {
+            self.property(flow, m, source, target);
+        }
+        let merge_at = self
+            .registry
+            .locations
+            .merge_criteria
+            .get(&flow.id)
+            .cloned()
+            .or_else(|| at.clone());
+        for c in &flow.merge_criteria {
+            for (decl, path, side) in [(source, &c.source, "source"), (target, &c.target, "target")]
+            {
+                if decl.field(path).is_none() {
+                    self.push(
+                        Severity::Error,
+                        merge_at.clone(),
+                        format!(
+                            "the merge criterion {} = {} of {} names `{path}`, which {}.{} does not have (the {side} side)",
+                            c.source, c.target, flow.id, decl.system, decl.entity_type
+                        ),
+                    );
+                }
+            }
+        }
+        if !flow.switches.enabled {
+            return;
+        }
+        if !target.updatable && flow.mappings(Direction::ToTarget).next().is_some() {
+            self.push(
+                Severity::Warning,
+                at.clone(),
+                format!(
+                    "the dataflow {} maps properties onto {}, but {}: they are written when the record is created and never updated",
+                    flow.id,
+                    flow.target,
+                    target.limitation.unwrap_or("its records cannot be changed through the API")
+                ),
+            );
+        }
+        if flow.switches.create_in_target && !target.creatable {
+            self.push(
+                Severity::Warning,
+                at.clone(),
+                format!(
+                    "the dataflow {} cannot create {} records ({}); it only links records matched by merge criteria",
+                    flow.id,
+                    flow.target,
+                    target.limitation.unwrap_or("the API has no create")
+                ),
+            );
+            return;
+        }
+        let missing = unfilled_required(flow);
+        if flow.switches.create_in_target && !missing.is_empty() {
+            let fields = missing
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect::<Vec<_>>()
+                .join(" and ");
+            let merge = if flow.merge_criteria.is_empty() {
+                "and it has none, so it links nothing until you map the field(s) or add merge criteria in the overlay"
+            } else {
+                "until you map the field(s) in the overlay"
+            };
+            self.push(
+                Severity::Warning,
+                at,
+                format!(
+                    "the dataflow {} cannot create {} records: nothing maps the required field(s) {fields}. It only links records matched by merge criteria, {merge}.",
+                    flow.id, flow.target
+                ),
+            );
+        } else if !flow.switches.create_in_target && flow.merge_criteria.is_empty() {
+            self.push(
+                Severity::Warning,
+                at,
+                format!(
+                    "the dataflow {} neither creates its target (`create_in_target = false`) nor has merge criteria, so it links nothing; add merge criteria in the overlay",
+                    flow.id
+                ),
+            );
+        }
+    }
+
+    fn property(
+        &mut self,
+        flow: &Dataflow,
+        m: &PropertyMapping,
+        source: &'static EntityDecl,
+        target: &'static EntityDecl,
+    ) {
+        let at = self.property_at(flow, m);
+        let what = format!("the mapping {} -> {} of {}", m.source, m.target, flow.id);
+        if !DATA_TYPES.contains(&m.data_type.as_str()) {
+            self.push(
+                Severity::Error,
+                at.clone(),
+                format!(
+                    "{what} has the data type {:?}; use one of {}",
+                    m.data_type,
+                    DATA_TYPES.join(", ")
+                ),
+            );
+        }
+        let source_field = source.field(&m.source);
+        let target_field = target.field(&m.target);
+        for (field, path, entity) in [
+            (source_field, &m.source, &flow.source),
+            (target_field, &m.target, &flow.target),
+        ] {
+            if field.is_none() {
+                self.push(
+                    Severity::Error,
+                    at.clone(),
+                    format!(
+                        "{what} names `{path}`, which {} {} does not have",
+                        entity.system.display_name(),
+                        entity.entity_type
+                    ),
+                );
+            }
+        }
+        let (Some(source_field), Some(target_field)) = (source_field, target_field) else {
+            return;
+        };
+
+        // Read-only fields.
+        match m.sync {
+            SyncMode::Off => self.push(
+                Severity::Warning,
+                at.clone(),
+                format!(
+                    "{what} is kept as the seed writes it but not synced{}. To carry {}, map it to a writable field of {} in the overlay.",
+                    m.note.as_deref().map(|n| format!(": {n}")).unwrap_or_default(),
+                    m.source,
+                    flow.target
+                ),
+            ),
+            SyncMode::Both | SyncMode::ToTarget => {
+                if target_field.access == Access::ReadOnly {
+                    self.push(
+                        Severity::Error,
+                        at.clone(),
+                        format!(
+                            "{what} writes `{}`, which is read-only in {}; map a writable field, or set `sync = \"off\"`",
+                            m.target, flow.target
+                        ),
+                    );
+                }
+                if !source_field.readable() {
+                    self.push(
+                        Severity::Error,
+                        at.clone(),
+                        format!(
+                            "{what} reads `{}`, which {} never returns; map a readable field",
+                            m.source, flow.source
+                        ),
+                    );
+                }
+            }
+        }
+        if m.sync == SyncMode::Both
+            && flow.switches.write_back_to_source
+            && source.updatable
+            && !source_field.updatable()
+        {
+            self.push(
+                Severity::Error,
+                at.clone(),
+                format!(
+                    "{what} writes changes back to `{}`, which cannot be changed in {}; set `sync = \"to_target\"` on the mapping or `write_back_to_source = false` on the flow",
+                    m.source, flow.source
+                ),
+            );
+        }
+
+        // References.
+        let declared = |types: &[&str]| -> BTreeSet<String> {
+            types.iter().map(|t| (*t).to_owned()).collect()
+        };
+        match &m.reference {
+            None => {
+                for (field, path, entity) in [
+                    (source_field, &m.source, &flow.source),
+                    (target_field, &m.target, &flow.target),
+                ] {
+                    if !field.refers_to.is_empty() && m.syncs_to_target() {
+                        self.push(
+                            Severity::Error,
+                            at.clone(),
+                            format!(
+                                "{what}: `{path}` holds a {} id of {}, so the mapping must say what it refers to on each side (`reference = {{ source = [...], target = \"...\" }}`); ids are translated, never copied",
+                                entity.system.display_name(),
+                                field.refers_to.join(" or ")
+                            ),
+                        );
+                    }
+                }
+            }
+            Some(r) => {
+                let sides = [
+                    (
+                        source_field,
+                        &m.source,
+                        &flow.source,
+                        r.source_types.iter().cloned().collect::<BTreeSet<_>>(),
+                    ),
+                    (
+                        target_field,
+                        &m.target,
+                        &flow.target,
+                        BTreeSet::from([r.target_type.clone()]),
+                    ),
+                ];
+                let mut consistent = true;
+                for (field, path, entity, types) in sides {
+                    for t in &types {
+                        if schema::entity(entity.system, t).is_none() {
+                            consistent = false;
+                            self.push(
+                                Severity::Error,
+                                at.clone(),
+                                format!(
+                                    "{what} refers to {t:?}, which is not an entity type of {}",
+                                    entity.system.display_name()
+                                ),
+                            );
+                        }
+                    }
+                    if !field.refers_to.is_empty() && declared(field.refers_to) != types {
+                        consistent = false;
+                        self.push(
+                            Severity::Error,
+                            at.clone(),
+                            format!(
+                                "{what} says `{path}` refers to {}, but {} declares it refers to {}",
+                                types.iter().cloned().collect::<Vec<_>>().join(" or "),
+                                entity,
+                                field.refers_to.join(" or ")
+                            ),
+                        );
+                    }
+                }
+                if consistent && m.syncs_to_target() {
+                    self.resolvable(flow, m, at);
+                }
+            }
+        }
+    }
+
+    /// A reference is translated through the links of a dataflow between the referenced types.
+    fn resolvable(&mut self, flow: &Dataflow, m: &PropertyMapping, at: Option<Location>) {
+        let Some(r) = &m.reference else { return };
+        let to = EntityRef::new(flow.target.system, r.target_type.clone());
+        let unresolved: Vec<&String> = r
+            .source_types
+            .iter()
+            .filter(|t| {
+                let from = EntityRef::new(flow.source.system, (*t).clone());
+                !self
+                    .registry
+                    .dataflows
+                    .iter()
+                    .any(|f| f.switches.enabled && f.touches(&from) && f.touches(&to))
+            })
+            .collect();
+        if unresolved.is_empty() {
+            return;
+        }
+        let pairs = unresolved
+            .iter()
+            .map(|t| format!("{}.{t} and {to}", flow.source.system))
+            .collect::<Vec<_>>()
+            .join(", nor ");
+        let consequence = if unresolved.len() == r.source_types.len() {
+            format!(
+                "so `{}` can never be translated and is left unset (and counted) rather than given a {} id",
+                m.target,
+                flow.source.system.display_name()
+            )
+        } else {
+            "so ids of those types are left unset (and counted)".to_owned()
+        };
+        self.push(
+            Severity::Warning,
+            at,
+            format!(
+                "the reference {} -> {} of {} has no dataflow to translate it: none links {pairs}, {consequence}.",
+                m.source, m.target, flow.id
+            ),
+        );
+    }
+
+    /// Target properties written by several flows that may reach the same record need a rule.
+    fn writers(&mut self) {
+        let mut by_property: BTreeMap<(String, String), Vec<Writer<'a>>> = BTreeMap::new();
+        for flow in self
+            .registry
+            .dataflows
+            .iter()
+            .filter(|f| f.switches.enabled)
+        {
+            for direction in [Direction::ToTarget, Direction::ToSource] {
+                for m in flow.mappings(direction) {
+                    let (entity, path) = match direction {
+                        Direction::ToTarget => (&flow.target, &m.target),
+                        Direction::ToSource => (&flow.source, &m.source),
+                    };
+                    by_property
+                        .entry((entity.to_string(), path.clone()))
+                        .or_default()
+                        .push(Writer {
+                            flow,
+                            direction,
+                            location: self.property_at(flow, m),
+                        });
+                }
+            }
+        }
+        for ((entity, path), writers) in by_property {
+            if writers.len() < 2 || !may_share_a_record(&writers) {
+                continue;
+            }
+            let first = &writers[0];
+            let entity_ref = match first.direction {
+                Direction::ToTarget => &first.flow.target,
+                Direction::ToSource => &first.flow.source,
+            };
+            if self.registry.rule(entity_ref, &path).is_some() {
+                continue;
+            }
+            let names = writers
+                .iter()
+                .map(|w| match w.direction {
+                    Direction::ToTarget => w.flow.id.clone(),
+                    Direction::ToSource => format!("{} (written back)", w.flow.id),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.push(
+                Severity::Error,
+                first.location.clone(),
+                format!(
+                    "{entity}.{path} is written by {} dataflows that can reach the same record ({names}) and no rule says which wins; add a [[rule]] with entity = \"{entity}\", property = \"{path}\" and resolve = \"latest_wins\" or \"owner\"",
+                    writers.len()
+                ),
+            );
+        }
+    }
+
+    /// Rules must name a real property, and an owner must be a flow that writes it.
+    fn rules(&mut self) {
+        for (i, rule) in self.registry.rules.iter().enumerate() {
+            let at = self.registry.locations.rules.get(i).cloned();
+            let Some(decl) = self.decl(&rule.entity, at.clone()) else {
+                continue;
+            };
+            if decl.field(&rule.property).is_none() {
+                self.push(
+                    Severity::Error,
+                    at.clone(),
+                    format!(
+                        "the rule for {}.{} names a property {} does not have",
+                        rule.entity, rule.property, rule.entity
+                    ),
+                );
+            }
+            if let super::Resolution::Owner(owner) = &rule.resolve {
+                let writes = self.registry.flow(owner).is_some_and(|flow| {
+                    (flow.target == rule.entity
+                        && flow
+                            .mappings(Direction::ToTarget)
+                            .any(|m| m.target == rule.property))
+                        || (flow.source == rule.entity
+                            && flow
+                                .mappings(Direction::ToSource)
+                                .any(|m| m.source == rule.property))
+                });
+                if !writes {
+                    self.push(
+                        Severity::Error,
+                        at,
+                        format!(
+                            "the rule for {}.{} names the owner {owner:?}, which is not a dataflow that writes that property",
+                            rule.entity, rule.property
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Whether two of these writers can be linked to the same record. A record created by a flow is
+/// linked to that flow alone, unless another flow links existing records by merge criteria; a flow
+/// writing back to its source reaches every record of that type it links.
+fn may_share_a_record(writers: &[Writer<'_>]) -> bool {
+    let flows: BTreeSet<&str> = writers.iter().map(|w| w.flow.id.as_str()).collect();
+    if flows.len() < 2 {
+        return false;
+    }
+    let back = writers
+        .iter()
+        .filter(|w| w.direction == Direction::ToSource)
+        .count();
+    let forward = writers.len() - back;
+    let merging = writers
+        .iter()
+        .filter(|w| w.direction == Direction::ToTarget && !w.flow.merge_criteria.is_empty())
+        .count();
+    back >= 2 || (back >= 1 && forward >= 1) || merging >= 2 || (merging >= 1 && forward >= 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::load::assemble;
+
+    fn run(text: &str) -> (Registry, Vec<Finding>) {
+        assemble(&[("t.toml", text)], None).expect("parses")
+    }
+
+    /// The one finding of this severity; fails listing all findings otherwise.
+    fn only(findings: &[Finding], severity: Severity) -> &Finding {
+        let matching: Vec<&Finding> = findings.iter().filter(|f| f.severity == severity).collect();
+        assert_eq!(matching.len(), 1, "{findings:#?}");
+        matching[0]
+    }
+
+    fn line(f: &Finding) -> usize {
+        f.location.as_ref().expect("located").line
+    }
+
+    const ORG_FROM_ACCOUNTS: &str = r#"
+[[dataflow]]
+source = "exactonline.Accounts"
+target = "zendesk.Organizations"
+
+[[dataflow.property]]
+source = "Name"
+target = "name"
+type = "string"
+"#;
+
+    #[test]
+    fn a_clean_registry_has_no_findings() {
+        let (registry, findings) = run(ORG_FROM_ACCOUNTS);
+        assert!(findings.is_empty(), "{findings:#?}");
+        assert!(registry.dataflows[0].switches.create_in_target);
+    }
+
+    #[test]
+    fn unknown_system_is_an_error() {
+        let (registry, findings) = run(&ORG_FROM_ACCOUNTS.replace("exactonline.", "exact."));
+        let f = only(&findings, Severity::Error);
+        assert_eq!(line(f), 3);
+        assert!(f.message.contains("unknown system \"exact\""), "{f}");
+        assert!(registry.dataflows.is_empty());
+    }
+
+    #[test]
+    fn unknown_type_is_an_error() {
+        let (_, findings) =
+            run(&ORG_FROM_ACCOUNTS.replace("zendesk.Organizations", "zendesk.Organisations"));
+        let f = only(&findings, Severity::Error);
+        assert_eq!(line(f), 2);
+        assert!(
+            f.message.contains("no entity type \"Organisations\""),
+            "{f}"
+        );
+        let (_, findings) =
+            run(&ORG_FROM_ACCOUNTS.replace("zendesk.Organizations", "Organizations"));
+        assert!(only(&findings, Severity::Error)
+            .message
+            .contains("system.Type"));
+    }
+
+    #[test]
+    fn unknown_property_is_an_error() {
+        let (_, findings) =
+            run(&ORG_FROM_ACCOUNTS.replace("target = \"name\"", "target = \"website\""));
+        let errors: Vec<_> = findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error)
+            .collect();
+        assert_eq!(errors.len(), 1, "{findings:#?}");
+        assert_eq!(line(errors[0]), 6);
+        assert!(errors[0].message.contains("`website`"), "{}", errors[0]);
+        // Without a mapping for `name`, the flow also cannot create: a warning, not an error.
+        assert!(findings
+            .iter()
+            .any(|f| f.severity == Severity::Warning && f.message.contains("cannot create")));
+
+        let text = format!(
+            "{ORG_FROM_ACCOUNTS}\n[[dataflow.merge]]\nsource = \"Nmae\"\ntarget = \"name\"\n"
+        );
+        let f = only(&run(&text).1, Severity::Error).clone();
+        assert!(
+            f.message.contains("`Nmae`") && f.message.contains("merge criterion"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn unknown_data_type_is_an_error() {
+        let (_, findings) = run(&ORG_FROM_ACCOUNTS.replace("\"string\"", "\"text\""));
+        let f = only(&findings, Severity::Error);
+        assert!(f.message.contains("data type \"text\""), "{f}");
+    }
+
+    const TWO_WRITERS: &str = r#"
+[[dataflow]]
+source = "exactonline.Accounts"
+target = "zendesk.Organizations"
+
+[[dataflow.property]]
+source = "Name"
+target = "name"
+type = "string"
+
+[[dataflow.merge]]
+source = "Name"
+target = "name"
+
+[[dataflow]]
+source = "poweroffice.Customers"
+target = "zendesk.Organizations"
+
+[[dataflow.property]]
+source = "Name"
+target = "name"
+type = "string"
+"#;
+
+    #[test]
+    fn a_property_written_by_two_flows_needs_a_rule() {
+        let (_, findings) = run(TWO_WRITERS);
+        let f = only(&findings, Severity::Error);
+        assert_eq!(line(f), 6);
+        assert!(
+            f.message
+                .contains("zendesk.Organizations.name is written by 2 dataflows"),
+            "{f}"
+        );
+
+        // Without merge criteria each flow only writes the organizations it created.
+        let (_, findings) = run(&TWO_WRITERS.replace(
+            "[[dataflow.merge]]\nsource = \"Name\"\ntarget = \"name\"\n",
+            "",
+        ));
+        assert!(findings.is_empty(), "{findings:#?}");
+
+        // Writing back to the source counts as a writer too.
+        let text = format!(
+            "{ORG_FROM_ACCOUNTS}\n[[dataflow]]\nsource = \"zendesk.Organizations\"\ntarget = \"customerp.Customer\"\n\n[[dataflow.property]]\nsource = \"name\"\ntarget = \"title\"\ntype = \"string\"\n"
+        );
+        let f = only(&run(&text).1, Severity::Error).clone();
+        assert!(f.message.contains("(written back)"), "{f}");
+
+        let ruled = format!("{TWO_WRITERS}\n[[rule]]\nentity = \"zendesk.Organizations\"\nproperty = \"name\"\nresolve = \"latest_wins\"\n");
+        assert!(run(&ruled).1.is_empty());
+        let owned = format!("{TWO_WRITERS}\n[[rule]]\nentity = \"zendesk.Organizations\"\nproperty = \"name\"\nresolve = \"owner\"\nowner = \"poweroffice.Customers->zendesk.Organizations\"\n");
+        assert!(run(&owned).1.is_empty());
+    }
+
+    #[test]
+    fn rules_must_name_a_real_property_and_a_writing_owner() {
+        let bad_owner = format!("{TWO_WRITERS}\n[[rule]]\nentity = \"zendesk.Organizations\"\nproperty = \"name\"\nresolve = \"owner\"\nowner = \"zendesk.Users->crmoffice.Contacts\"\n");
+        let f = only(&run(&bad_owner).1, Severity::Error).clone();
+        assert_eq!(line(&f), 24);
+        assert!(f.message.contains("not a dataflow that writes"), "{f}");
+        let bad_property = "[[rule]]\nentity = \"zendesk.Users\"\nproperty = \"nope\"\nresolve = \"latest_wins\"\n";
+        let f = only(&run(bad_property).1, Severity::Error).clone();
+        assert!(f.message.contains("names a property"), "{f}");
+        let bad_resolution =
+            "[[rule]]\nentity = \"zendesk.Users\"\nproperty = \"name\"\nresolve = \"first_wins\"\n";
+        let f = only(&run(bad_resolution).1, Severity::Error).clone();
+        assert!(f.message.contains("not a rule"), "{f}");
+    }
+
+    const EMPLOYEES: &str = r#"
+[[dataflow]]
+source = "poweroffice.Employees"
+target = "zendesk.Users"
+create_in_target = false
+
+[[dataflow.merge]]
+source = "EmailAddress"
+target = "email"
+
+[[dataflow.property]]
+source = "DepartmentId"
+target = "organization_id"
+type = "string"
+reference = { source = ["Departments"], target = "Organizations" }
+"#;
+
+    const DEPARTMENTS: &str = r#"
+[[dataflow]]
+source = "poweroffice.Departments"
+target = "zendesk.Organizations"
+
+[[dataflow.property]]
+source = "Name"
+target = "name"
+type = "string"
+"#;
+
+    #[test]
+    fn a_reference_no_dataflow_resolves_is_a_warning() {
+        let (_, findings) = run(EMPLOYEES);
+        let f = only(&findings, Severity::Warning);
+        assert_eq!(line(f), 11);
+        assert!(
+            f.message
+                .contains("none links poweroffice.Departments and zendesk.Organizations"),
+            "{f}"
+        );
+        assert!(findings.iter().all(|f| f.severity == Severity::Warning));
+        let (_, findings) = run(&format!("{EMPLOYEES}{DEPARTMENTS}"));
+        assert!(findings.is_empty(), "{findings:#?}");
+    }
+
+    #[test]
+    fn reference_fields_must_declare_their_types() {
+        let text = format!("{EMPLOYEES}{DEPARTMENTS}");
+        let without = text.replace(
+            "reference = { source = [\"Departments\"], target = \"Organizations\" }\n",
+            "",
+        );
+        let (_, findings) = run(&without);
+        assert_eq!(findings.len(), 2, "{findings:#?}");
+        for f in &findings {
+            assert_eq!(f.severity, Severity::Error);
+            assert!(f.message.contains("translated, never copied"), "{f}");
+        }
+        let wrong = text.replace("source = [\"Departments\"]", "source = [\"Customers\"]");
+        let f = only(&run(&wrong).1, Severity::Error).clone();
+        assert!(
+            f.message.contains("declares it refers to Departments"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn a_required_target_field_nothing_fills_means_link_only() {
+        let text = "[[dataflow]]\nsource = \"exactonline.Departments\"\ntarget = \"zendesk.Organizations\"\n";
+        let (registry, findings) = run(text);
+        let f = only(&findings, Severity::Warning);
+        assert_eq!(line(f), 1);
+        assert!(f.message.contains("required field(s) `name`"), "{f}");
+        assert!(
+            f.message
+                .contains("only links records matched by merge criteria"),
+            "{f}"
+        );
+        assert!(!registry.dataflows[0].switches.create_in_target);
+
+        // Switched off by the operator with nothing to link by: still said.
+        let off = format!("{text}create_in_target = false\n");
+        let f = only(&run(&off).1, Severity::Warning).clone();
+        assert!(f.message.contains("links nothing"), "{f}");
+    }
+
+    #[test]
+    fn a_read_only_field_mapped_as_writable_is_an_error() {
+        let url = "[[dataflow]]\nsource = \"poweroffice.Customers\"\ntarget = \"zendesk.Organizations\"\n\n[[dataflow.property]]\nsource = \"Name\"\ntarget = \"name\"\ntype = \"string\"\n\n[[dataflow.property]]\nsource = \"WebsiteUrl\"\ntarget = \"url\"\ntype = \"string\"\n";
+        let f = only(&run(url).1, Severity::Error).clone();
+        assert_eq!(line(&f), 10);
+        assert!(
+            f.message.contains("read-only in zendesk.Organizations"),
+            "{f}"
+        );
+        // Kept but off: a warning telling how to carry the value.
+        let off = format!("{url}sync = \"off\"\n");
+        let (_, findings) = run(&off);
+        let f = only(&findings, Severity::Warning);
+        assert!(
+            f.message.contains("not synced") && f.message.contains("overlay"),
+            "{f}"
+        );
+
+        // Written back into a field fixed at creation.
+        let party = "[[dataflow]]\nsource = \"poweroffice.Contactperson\"\ntarget = \"zendesk.Users\"\ncreate_in_target = false\nmerge = [{ source = \"EmailAddress\", target = \"email\" }]\n\n[[dataflow.property]]\nsource = \"partyId\"\ntarget = \"organization_id\"\ntype = \"string\"\nreference = { source = [\"Customers\", \"Suppliers\"], target = \"Organizations\" }\n";
+        let with_customers = format!("{party}\n{}", url.replace("\n[[dataflow.property]]\nsource = \"WebsiteUrl\"\ntarget = \"url\"\ntype = \"string\"\n", ""));
+        let f = only(&run(&with_customers).1, Severity::Error).clone();
+        assert!(
+            f.message.contains("writes changes back to `partyId`"),
+            "{f}"
+        );
+        let fixed = with_customers.replace("reference = { source = [\"Customers\", \"Suppliers\"], target = \"Organizations\" }\n", "reference = { source = [\"Customers\", \"Suppliers\"], target = \"Organizations\" }\nsync = \"to_target\"\n");
+        let (_, findings) = run(&fixed);
+        // Left: no Suppliers flow in this small registry to translate supplier owners.
+        let f = only(&findings, Severity::Warning);
+        assert!(f.message.contains("poweroffice.Suppliers"), "{f}");
+        assert!(findings.iter().all(|f| f.severity == Severity::Warning));
+    }
+
+    #[test]
+    fn writing_back_to_immutable_comments_is_an_error() {
+        let text =
+            "[[dataflow]]\nsource = \"zendesk.Ticketcomments\"\ntarget = \"customerp.Project\"\n";
+        let f = only(&run(text).1, Severity::Error).clone();
+        assert!(f.message.contains("immutable"), "{f}");
+        let fixed = format!("{text}write_back_to_source = false\n");
+        assert!(run(&fixed).1.is_empty());
+    }
+
+    #[test]
+    fn mapping_onto_immutable_records_is_said() {
+        let text = "[[dataflow]]\nsource = \"customerp.Project\"\ntarget = \"zendesk.Ticketcomments\"\nwrite_back_to_source = false\n\n[[dataflow.property]]\nsource = \"text\"\ntarget = \"body\"\ntype = \"string\"\n";
+        let f = only(&run(text).1, Severity::Warning).clone();
+        assert!(
+            f.message.contains("never updated") && f.message.contains("immutable"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn unconfigured_systems_are_reported_idle() {
+        let (registry, _) = run(&format!("{ORG_FROM_ACCOUNTS}{DEPARTMENTS}"));
+        let findings = idle_systems(&registry, |s| s == SystemId::Zendesk);
+        assert_eq!(findings.len(), 2, "{findings:#?}");
+        assert!(findings
+            .iter()
+            .all(|f| f.severity == Severity::Warning && f.location.is_none()));
+        assert!(findings[0].message.contains("Exact Online (exactonline) is not configured, so 1 dataflow is idle: exactonline.Accounts->zendesk.Organizations"), "{}", findings[0]);
+        assert!(idle_systems(&registry, |_| true).is_empty());
+    }
+}

@@ -1,0 +1,963 @@
+//! Reading the registry: the shipped TOML files (embedded in the binary, so `tether` works from any
+//! directory), the operator's overlay (read from disk at start-up, so no rebuild is needed), and
+//! [`load`], which `serve` calls.
+//!
+//! Every flow, property mapping, merge criterion and rule keeps the file and line it came from
+//! ([`super::Locations`]). Things the model cannot hold (an unknown system, a malformed
+//! `system.Type`) become error findings here; everything else is judged by [`super::check`].
+//! The overlay wins: it changes switches, replaces or adds property mappings (matched by target
+//! path), replaces merge criteria and rules. It cannot add dataflows.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::check::{self, Finding, Severity};
+use super::{
+    Dataflow, EntityRef, FlowSwitches, MergeCriterion, PropertyMapping, PropertyRule, Reference,
+    Registry, Resolution, SyncMode,
+};
+
+/// The shipped registry: one file per seed document, as (display path, text).
+pub const SHIPPED: &[(&str, &str)] = &[
+    (
+        "registry/000_exactonline_zendesk.toml",
+        include_str!("../../registry/000_exactonline_zendesk.toml"),
+    ),
+    (
+        "registry/001_zendesk_crmoffice.toml",
+        include_str!("../../registry/001_zendesk_crmoffice.toml"),
+    ),
+    (
+        "registry/002_zendesk_customerp.toml",
+        include_str!("../../registry/002_zendesk_customerp.toml"),
+    ),
+    (
+        "registry/003_poweroffice_zendesk.toml",
+        include_str!("../../registry/003_poweroffice_zendesk.toml"),
+    ),
+    (
+        "registry/004_zendesk_custompms.toml",
+        include_str!("../../registry/004_zendesk_custompms.toml"),
+    ),
+];
+
+/// A file and line in a registry file or the overlay.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    pub file: String,
+    /// 1-based.
+    pub line: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+/// Why the registry could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("the registry overlay {} could not be read: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, or not the registry's shape (an unknown key, a missing `source`, ...).
+    #[error("{file}:{line}: error: {message}")]
+    Syntax {
+        file: String,
+        line: usize,
+        message: String,
+    },
+    /// The registry loaded but `check` found errors; every finding is kept (warnings too).
+    #[error("the mapping registry has errors (run `tether registry check`):\n{}", list_errors(.0))]
+    Invalid(Vec<Finding>),
+}
+
+fn list_errors(findings: &[Finding]) -> String {
+    findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .map(|f| format!("  {f}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// What `serve` calls: the effective registry and its warnings, or an error if the overlay cannot
+/// be read or any finding is an error.
+pub fn load(overlay: Option<&Path>) -> Result<(Registry, Vec<Finding>), RegistryError> {
+    let (registry, findings) = read(overlay)?;
+    if findings.iter().any(|f| f.severity == Severity::Error) {
+        return Err(RegistryError::Invalid(findings));
+    }
+    Ok((registry, findings))
+}
+
+/// The effective registry with every finding, errors included (what `registry check` prints).
+pub fn read(overlay: Option<&Path>) -> Result<(Registry, Vec<Finding>), RegistryError> {
+    let text = match overlay {
+        None => None,
+        Some(path) => {
+            Some(
+                std::fs::read_to_string(path).map_err(|source| RegistryError::Unreadable {
+                    path: path.to_owned(),
+                    source,
+                })?,
+            )
+        }
+    };
+    let name = overlay.map(|p| p.display().to_string());
+    assemble(SHIPPED, name.as_deref().zip(text.as_deref()))
+}
+
+/// Builds the effective registry from registry files and an optional overlay, given as
+/// (display path, text), then checks it. Flows that cannot create their target (a required field
+/// is unmapped) get `create_in_target = false`, with a warning saying why.
+pub fn assemble(
+    files: &[(&str, &str)],
+    overlay: Option<(&str, &str)>,
+) -> Result<(Registry, Vec<Finding>), RegistryError> {
+    let mut builder = Builder::default();
+    for (name, text) in files {
+        let doc = parse(name, text)?;
+        builder.add_file(name, text, doc, false);
+    }
+    if let Some((name, text)) = overlay {
+        let doc = parse(name, text)?;
+        builder.add_file(name, text, doc, true);
+    }
+    let Builder {
+        mut registry,
+        mut findings,
+    } = builder;
+    findings.extend(check::check(&registry));
+    for flow in &mut registry.dataflows {
+        if flow.switches.create_in_target && !check::unfilled_required(flow).is_empty() {
+            flow.switches.create_in_target = false;
+        }
+    }
+    findings.sort_by(|a, b| {
+        (a.severity, &a.location)
+            .cmp(&(b.severity, &b.location))
+            .then_with(|| a.message.cmp(&b.message))
+    });
+    Ok((registry, findings))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    seed: Option<Spanned<String>>,
+    #[serde(default)]
+    dataflow: Vec<Spanned<FlowDoc>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RuleDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlowDoc {
+    source: Spanned<String>,
+    target: Spanned<String>,
+    enabled: Option<bool>,
+    create_in_target: Option<bool>,
+    write_back_to_source: Option<bool>,
+    #[serde(default)]
+    property: Vec<Spanned<PropDoc>>,
+    merge: Option<Vec<Spanned<MergeDoc>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PropDoc {
+    source: String,
+    target: String,
+    #[serde(rename = "type")]
+    data_type: String,
+    reference: Option<RefDoc>,
+    #[serde(default)]
+    sync: SyncMode,
+    note: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefDoc {
+    source: Vec<String>,
+    target: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MergeDoc {
+    source: String,
+    target: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDoc {
+    entity: Spanned<String>,
+    property: String,
+    resolve: Spanned<String>,
+    owner: Option<String>,
+}
+
+fn parse(name: &str, text: &str) -> Result<FileDoc, RegistryError> {
+    toml::from_str(text).map_err(|e| RegistryError::Syntax {
+        file: name.to_owned(),
+        line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+        message: e.message().trim().to_owned(),
+    })
+}
+
+/// The 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+#[derive(Default)]
+struct Builder {
+    registry: Registry,
+    findings: Vec<Finding>,
+}
+
+impl Builder {
+    fn error(&mut self, location: Location, message: String) {
+        self.findings
+            .push(Finding::new(Severity::Error, Some(location), message));
+    }
+
+    fn add_file(&mut self, name: &str, text: &str, doc: FileDoc, overlay: bool) {
+        let at = |offset: usize| Location {
+            file: name.to_owned(),
+            line: line_of(text, offset),
+        };
+        if let (true, Some(seed)) = (overlay, &doc.seed) {
+            self.error(
+                at(seed.span().start),
+                "an overlay changes the shipped dataflows and has no `seed`; remove the key"
+                    .to_owned(),
+            );
+        }
+        for flow in doc.dataflow {
+            let flow_at = at(flow.span().start);
+            let flow = flow.into_inner();
+            let (Some(source), Some(target)) = (
+                self.entity(&flow.source, &at),
+                self.entity(&flow.target, &at),
+            ) else {
+                continue;
+            };
+            let id = Dataflow::id_for(&source, &target);
+            let properties = self.properties(&id, &flow.property, &at);
+            let merge = flow.merge.map(|criteria| {
+                let location = criteria
+                    .first()
+                    .map(|c| at(c.span().start))
+                    .unwrap_or_else(|| flow_at.clone());
+                let list = criteria
+                    .into_iter()
+                    .map(|c| {
+                        let c = c.into_inner();
+                        MergeCriterion {
+                            source: c.source,
+                            target: c.target,
+                        }
+                    })
+                    .collect::<Vec<_>>();
+                (list, location)
+            });
+            let existing = self.registry.dataflows.iter().position(|f| f.id == id);
+            match (overlay, existing) {
+                (false, Some(_)) => self.error(
+                    flow_at,
+                    format!("the dataflow {id} is declared twice; keep one of the two"),
+                ),
+                (true, None) => self.error(
+                    flow_at,
+                    format!(
+                        "the overlay names the dataflow {id}, which the registry does not have; an overlay changes the shipped dataflows and cannot add new ones (check the spelling of `source` and `target`)"
+                    ),
+                ),
+                (false, None) => {
+                    let defaults = FlowSwitches::default();
+                    let locations = &mut self.registry.locations;
+                    locations.flows.insert(id.clone(), flow_at);
+                    let mut merge_criteria = Vec::new();
+                    if let Some((list, location)) = merge {
+                        locations.merge_criteria.insert(id.clone(), location);
+                        merge_criteria = list;
+                    }
+                    let mut mappings = Vec::new();
+                    for (mapping, location) in properties {
+                        locations
+                            .properties
+                            .insert((id.clone(), mapping.target.clone()), location);
+                        mappings.push(mapping);
+                    }
+                    self.registry.dataflows.push(Dataflow {
+                        id,
+                        source,
+                        target,
+                        properties: mappings,
+                        merge_criteria,
+                        switches: FlowSwitches {
+                            enabled: flow.enabled.unwrap_or(defaults.enabled),
+                            create_in_target: flow
+                                .create_in_target
+                                .unwrap_or(defaults.create_in_target),
+                            write_back_to_source: flow
+                                .write_back_to_source
+                                .unwrap_or(defaults.write_back_to_source),
+                        },
+                    });
+                }
+                (true, Some(index)) => {
+                    let locations = &mut self.registry.locations;
+                    let existing = &mut self.registry.dataflows[index];
+                    let switches = &mut existing.switches;
+                    let changes_switches = flow.enabled.is_some()
+                        || flow.create_in_target.is_some()
+                        || flow.write_back_to_source.is_some();
+                    switches.enabled = flow.enabled.unwrap_or(switches.enabled);
+                    switches.create_in_target =
+                        flow.create_in_target.unwrap_or(switches.create_in_target);
+                    switches.write_back_to_source = flow
+                        .write_back_to_source
+                        .unwrap_or(switches.write_back_to_source);
+                    if changes_switches {
+                        locations.flows.insert(id.clone(), flow_at);
+                    }
+                    if let Some((list, location)) = merge {
+                        locations.merge_criteria.insert(id.clone(), location);
+                        existing.merge_criteria = list;
+                    }
+                    for (mapping, location) in properties {
+                        locations
+                            .properties
+                            .insert((id.clone(), mapping.target.clone()), location);
+                        match existing
+                            .properties
+                            .iter_mut()
+                            .find(|p| p.target == mapping.target)
+                        {
+                            Some(slot) => *slot = mapping,
+                            None => existing.properties.push(mapping),
+                        }
+                    }
+                }
+            }
+        }
+        for rule in doc.rule {
+            let rule_at = at(rule.span().start);
+            let rule = rule.into_inner();
+            let Some(entity) = self.entity(&rule.entity, &at) else {
+                continue;
+            };
+            let resolve = match (rule.resolve.get_ref().as_str(), rule.owner) {
+                ("latest_wins", None) => Resolution::LatestWins,
+                ("owner", Some(owner)) => Resolution::Owner(owner),
+                ("owner", None) => {
+                    self.error(
+                        at(rule.resolve.span().start),
+                        "`resolve = \"owner\"` needs `owner = \"<dataflow id>\"`, the flow that alone writes the property".to_owned(),
+                    );
+                    continue;
+                }
+                ("latest_wins", Some(_)) => {
+                    self.error(
+                        at(rule.resolve.span().start),
+                        "`owner` only goes with `resolve = \"owner\"`; remove it or change `resolve`".to_owned(),
+                    );
+                    continue;
+                }
+                (other, _) => {
+                    self.error(
+                        at(rule.resolve.span().start),
+                        format!(
+                            "`resolve = {other:?}` is not a rule; use \"latest_wins\" or \"owner\""
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let new = PropertyRule {
+                entity,
+                property: rule.property,
+                resolve,
+            };
+            match self
+                .registry
+                .rules
+                .iter()
+                .position(|r| r.entity == new.entity && r.property == new.property)
+            {
+                Some(i) if overlay => {
+                    self.registry.rules[i] = new;
+                    self.registry.locations.rules[i] = rule_at;
+                }
+                Some(_) => self.error(
+                    rule_at,
+                    format!(
+                        "a rule for {}.{} is declared twice; keep one",
+                        new.entity, new.property
+                    ),
+                ),
+                None => {
+                    self.registry.rules.push(new);
+                    self.registry.locations.rules.push(rule_at);
+                }
+            }
+        }
+    }
+
+    /// Parses `system.Type`; an unknown system or a malformed value is an error finding.
+    fn entity(
+        &mut self,
+        value: &Spanned<String>,
+        at: &impl Fn(usize) -> Location,
+    ) -> Option<EntityRef> {
+        let location = at(value.span().start);
+        let Some((system, entity_type)) = value.get_ref().split_once('.') else {
+            self.error(
+                location,
+                format!(
+                    "{:?} is not an entity type; write it as system.Type, e.g. \"zendesk.Organizations\"",
+                    value.get_ref()
+                ),
+            );
+            return None;
+        };
+        match system.parse() {
+            Ok(system) => Some(EntityRef::new(system, entity_type)),
+            Err(e) => {
+                self.error(location, format!("{e}"));
+                None
+            }
+        }
+    }
+
+    fn properties(
+        &mut self,
+        flow_id: &str,
+        docs: &[Spanned<PropDoc>],
+        at: &impl Fn(usize) -> Location,
+    ) -> Vec<(PropertyMapping, Location)> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for doc in docs {
+            let location = at(doc.span().start);
+            let p = doc.get_ref();
+            if !seen.insert(p.target.clone()) {
+                self.error(
+                    location,
+                    format!(
+                        "the dataflow {flow_id} maps the target property `{}` twice; one mapping per target property",
+                        p.target
+                    ),
+                );
+                continue;
+            }
+            out.push((
+                PropertyMapping {
+                    source: p.source.clone(),
+                    target: p.target.clone(),
+                    data_type: p.data_type.clone(),
+                    reference: p.reference.as_ref().map(|r| Reference {
+                        source_types: r.source.clone(),
+                        target_type: r.target.clone(),
+                    }),
+                    sync: p.sync,
+                    note: p.note.clone(),
+                },
+                location,
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::SystemId;
+
+    /// The seeds as data: (source, target, [(source property, target property, type)]).
+    /// Kept in code so the comparison means something where `../shared/seeds` is absent.
+    /// (source property, target property, data type).
+    type Row = (&'static str, &'static str, &'static str);
+
+    pub(crate) const SEEDS: &[(&str, &str, &[Row])] = &[
+        (
+            "exactonline.Accounts",
+            "zendesk.Organizations",
+            &[("Name", "name", "string")],
+        ),
+        ("exactonline.Departments", "zendesk.Organizations", &[]),
+        ("exactonline.Divisions", "zendesk.Organizations", &[]),
+        ("zendesk.Ticketcomments", "crmoffice.Activities", &[]),
+        (
+            "zendesk.Tickets",
+            "crmoffice.Activities",
+            &[
+                ("requester_id", "ownerId", "string"),
+                ("subject", "subject", "string"),
+            ],
+        ),
+        (
+            "zendesk.Users",
+            "crmoffice.Contacts",
+            &[("organization_id", "company.id", "string")],
+        ),
+        ("zendesk.Organizations", "customerp.Customer", &[]),
+        ("zendesk.Ticketcomments", "customerp.Project", &[]),
+        ("zendesk.Tickets", "customerp.Project", &[]),
+        ("zendesk.Users", "customerp.Contact", &[]),
+        (
+            "poweroffice.Contactperson",
+            "zendesk.Users",
+            &[("partyId", "organization_id", "string")],
+        ),
+        (
+            "poweroffice.Customers",
+            "zendesk.Organizations",
+            &[("Name", "name", "string"), ("WebsiteUrl", "url", "string")],
+        ),
+        (
+            "poweroffice.Departments",
+            "zendesk.Organizations",
+            &[("Name", "name", "string")],
+        ),
+        (
+            "poweroffice.Suppliers",
+            "zendesk.Organizations",
+            &[
+                ("LegalName", "name", "string"),
+                ("WebsiteUrl", "url", "string"),
+            ],
+        ),
+        (
+            "poweroffice.Employees",
+            "zendesk.Users",
+            &[("DepartmentId", "organization_id", "string")],
+        ),
+        ("zendesk.Organizations", "custompms.Customer", &[]),
+        ("zendesk.Ticketcomments", "custompms.Project", &[]),
+        ("zendesk.Tickets", "custompms.Project", &[]),
+    ];
+
+    type Flows = Vec<(String, String, Vec<(String, String, String)>)>;
+
+    fn expected() -> Flows {
+        SEEDS
+            .iter()
+            .map(|(s, t, props)| {
+                (
+                    s.to_string(),
+                    t.to_string(),
+                    props
+                        .iter()
+                        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn shipped() -> (Registry, Vec<Finding>) {
+        assemble(SHIPPED, None).expect("the shipped registry parses")
+    }
+
+    fn as_flows(registry: &Registry) -> Flows {
+        registry
+            .dataflows
+            .iter()
+            .map(|f| {
+                (
+                    f.source.to_string(),
+                    f.target.to_string(),
+                    f.properties
+                        .iter()
+                        .map(|p| (p.source.clone(), p.target.clone(), p.data_type.clone()))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Reads the seed documents (RST QA checklists): each section heading "<System> <Type> to
+    /// <System> <Type>" is a flow; its list-table rows after the header are the properties.
+    fn parse_seeds(dir: &Path) -> Flows {
+        const SYSTEMS: &[(&str, &str)] = &[
+            ("Exact Online", "exactonline"),
+            ("Zendesk", "zendesk"),
+            ("Crmoffice", "crmoffice"),
+            ("Customerp", "customerp"),
+            ("Custom PMS", "custompms"),
+            ("Powerofficego", "poweroffice"),
+        ];
+        let entity = |text: &str| -> String {
+            let (name, id) = SYSTEMS
+                .iter()
+                .find(|(name, _)| text.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("unknown system in {text:?}"));
+            let ty = text[name.len() + 1..].trim();
+            // Seed 003 spells the Zendesk type the British way.
+            let ty = if ty == "Organisations" {
+                "Organizations"
+            } else {
+                ty
+            };
+            format!("{id}.{ty}")
+        };
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+            .collect();
+        names.sort();
+        let mut flows: Flows = Vec::new();
+        for path in names {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            let mut cells: Vec<String> = Vec::new();
+            for (i, line) in lines.iter().enumerate() {
+                let underlined = lines
+                    .get(i + 1)
+                    .is_some_and(|next| !next.is_empty() && next.chars().all(|c| c == '-'));
+                if underlined && line.contains(" to ") && !line.contains("Dataflow") {
+                    let (s, t) = line.split_once(" to ").unwrap();
+                    flows.push((entity(s), entity(t), Vec::new()));
+                    cells.clear();
+                } else if let Some(cell) = line
+                    .trim_start()
+                    .strip_prefix("* - ")
+                    .or_else(|| line.trim_start().strip_prefix("- "))
+                {
+                    cells.push(cell.trim().trim_matches('"').to_owned());
+                    if cells.len() == 3 {
+                        let row = std::mem::take(&mut cells);
+                        // The first row of each table is its header.
+                        if !row[0].ends_with(" Property") {
+                            flows.last_mut().unwrap().2.push((
+                                row[0].clone(),
+                                row[1].clone(),
+                                row[2].clone(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        flows
+    }
+
+    #[test]
+    fn shipped_registry_matches_the_seeds_flow_for_flow_and_property_for_property() {
+        let (registry, _) = shipped();
+        let flows = as_flows(&registry);
+        assert_eq!(flows, expected());
+        assert_eq!(flows.len(), 18);
+        assert_eq!(flows.iter().map(|f| f.2.len()).sum::<usize>(), 11);
+
+        let dir = std::env::var_os("TETHER_SEEDS_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seeds"));
+        if dir.is_dir() {
+            assert_eq!(parse_seeds(&dir), flows, "seed files in {}", dir.display());
+        } else {
+            println!(
+                "note: {} is absent; compared with the in-code seed table only",
+                dir.display()
+            );
+        }
+    }
+
+    #[test]
+    fn shipped_references_and_switches_are_as_documented() {
+        let (registry, _) = shipped();
+        let mapping = |flow: &str, target: &str| {
+            registry
+                .flow(flow)
+                .unwrap()
+                .properties
+                .iter()
+                .find(|p| p.target == target)
+                .unwrap()
+                .clone()
+        };
+        let party = mapping(
+            "poweroffice.Contactperson->zendesk.Users",
+            "organization_id",
+        );
+        let r = party.reference.unwrap();
+        assert_eq!(r.source_types, ["Customers", "Suppliers"]);
+        assert_eq!(r.target_type, "Organizations");
+        assert_eq!(party.sync, SyncMode::ToTarget);
+        let dept = mapping("poweroffice.Employees->zendesk.Users", "organization_id");
+        assert_eq!(dept.reference.unwrap().source_types, ["Departments"]);
+        let owner = mapping("zendesk.Tickets->crmoffice.Activities", "ownerId");
+        assert_eq!(owner.reference.unwrap().target_type, "Contacts");
+        let company = mapping("zendesk.Users->crmoffice.Contacts", "company.id");
+        assert_eq!(company.reference.unwrap().target_type, "Companies");
+        let url = mapping("poweroffice.Customers->zendesk.Organizations", "url");
+        assert_eq!(url.sync, SyncMode::Off);
+        assert!(url.note.unwrap().contains("read-only"));
+        for flow in registry.flows_from(SystemId::Zendesk, "Ticketcomments") {
+            assert!(!flow.switches.write_back_to_source, "{}", flow.id);
+        }
+        // Flows whose target needs a field nothing maps do not create.
+        for id in [
+            "exactonline.Departments->zendesk.Organizations",
+            "exactonline.Divisions->zendesk.Organizations",
+            "poweroffice.Contactperson->zendesk.Users",
+            "poweroffice.Employees->zendesk.Users",
+        ] {
+            assert!(
+                !registry.flow(id).unwrap().switches.create_in_target,
+                "{id}"
+            );
+        }
+        assert!(
+            registry
+                .flow("poweroffice.Customers->zendesk.Organizations")
+                .unwrap()
+                .switches
+                .create_in_target
+        );
+    }
+
+    #[test]
+    fn shipped_registry_has_only_its_true_warnings() {
+        let (_, findings) = shipped();
+        let summary: Vec<(String, usize, &str)> = findings
+            .iter()
+            .map(|f| {
+                assert_eq!(f.severity, Severity::Warning, "{f}");
+                let at = f.location.clone().expect("located");
+                let kind = if f.message.contains("cannot create") {
+                    "required"
+                } else if f.message.contains("not synced") {
+                    "off"
+                } else if f.message.contains("no dataflow to translate") {
+                    "reference"
+                } else {
+                    "other"
+                };
+                (at.file, at.line, kind)
+            })
+            .collect();
+        let file = |n: &str| format!("registry/{n}");
+        assert_eq!(
+            summary,
+            vec![
+                (file("000_exactonline_zendesk.toml"), 23, "required"),
+                (file("000_exactonline_zendesk.toml"), 27, "required"),
+                (file("001_zendesk_crmoffice.toml"), 40, "reference"),
+                (file("003_poweroffice_zendesk.toml"), 11, "required"),
+                (file("003_poweroffice_zendesk.toml"), 39, "off"),
+                (file("003_poweroffice_zendesk.toml"), 65, "off"),
+                (file("003_poweroffice_zendesk.toml"), 74, "required"),
+            ]
+        );
+    }
+
+    const OVERLAY: &str = r#"
+[[dataflow]]
+source = "exactonline.Departments"
+target = "zendesk.Organizations"
+
+[[dataflow.property]]
+source = "Description"
+target = "name"
+type = "string"
+
+[[dataflow.merge]]
+source = "Description"
+target = "name"
+
+[[dataflow]]
+source = "poweroffice.Customers"
+target = "zendesk.Organizations"
+write_back_to_source = false
+
+[[dataflow.property]]
+source = "LegalName"
+target = "name"
+type = "string"
+
+[[dataflow]]
+source = "zendesk.Organizations"
+target = "customerp.Customer"
+enabled = false
+
+[[rule]]
+entity = "zendesk.Users"
+property = "organization_id"
+resolve = "owner"
+owner = "poweroffice.Employees->zendesk.Users"
+
+[[rule]]
+entity = "zendesk.Organizations"
+property = "name"
+resolve = "latest_wins"
+"#;
+
+    #[test]
+    fn overlay_wins_over_the_shipped_files() {
+        let (registry, findings) = assemble(SHIPPED, Some(("overlay.toml", OVERLAY))).unwrap();
+        assert!(
+            findings.iter().all(|f| f.severity == Severity::Warning),
+            "{findings:?}"
+        );
+        assert_eq!(registry.dataflows.len(), 18);
+
+        // An added mapping makes the flow able to create again; merge criteria are set.
+        let dept = registry
+            .flow("exactonline.Departments->zendesk.Organizations")
+            .unwrap();
+        assert_eq!(dept.properties.len(), 1);
+        assert!(dept.switches.create_in_target);
+        assert_eq!(dept.merge_criteria[0].source, "Description");
+        let at = &registry.locations.properties[&(dept.id.clone(), "name".to_owned())];
+        assert_eq!((at.file.as_str(), at.line), ("overlay.toml", 6));
+        assert!(!findings.iter().any(|f| f.message.contains(&dept.id)));
+
+        // A mapping with the same target replaces the shipped one; switches change.
+        let customers = registry
+            .flow("poweroffice.Customers->zendesk.Organizations")
+            .unwrap();
+        assert_eq!(customers.properties.len(), 2);
+        assert_eq!(customers.properties[0].source, "LegalName");
+        assert!(!customers.switches.write_back_to_source);
+        assert!(customers.switches.create_in_target);
+
+        // A disabled flow is out of the lookups.
+        assert_eq!(
+            registry
+                .flows_from(SystemId::Zendesk, "Organizations")
+                .count(),
+            1
+        );
+
+        // The overlay's rule replaces the shipped one.
+        let users = EntityRef::new(SystemId::Zendesk, "Users");
+        let employees = registry
+            .flow("poweroffice.Employees->zendesk.Users")
+            .unwrap();
+        let contacts = registry
+            .flow("poweroffice.Contactperson->zendesk.Users")
+            .unwrap();
+        assert_eq!(registry.rules.len(), 2);
+        assert!(matches!(
+            &registry.rule(&users, "organization_id").unwrap().resolve,
+            Resolution::Owner(o) if o == &employees.id
+        ));
+        assert!(registry.may_write(
+            employees,
+            super::super::Direction::ToTarget,
+            "organization_id"
+        ));
+        assert!(!registry.may_write(
+            contacts,
+            super::super::Direction::ToTarget,
+            "organization_id"
+        ));
+    }
+
+    #[test]
+    fn example_overlay_is_valid() {
+        let text = include_str!("../../registry/overlay.example.toml");
+        let (registry, findings) = assemble(SHIPPED, Some(("overlay.example.toml", text))).unwrap();
+        assert!(
+            findings.iter().all(|f| f.severity == Severity::Warning),
+            "{findings:?}"
+        );
+        let suppliers = registry
+            .flow("poweroffice.Suppliers->zendesk.Organizations")
+            .unwrap();
+        assert!(suppliers
+            .properties
+            .iter()
+            .any(|p| p.target == "organization_fields.website" && p.syncs_to_target()));
+    }
+
+    #[test]
+    fn overlay_cannot_add_dataflows() {
+        let overlay = "[[dataflow]]\nsource = \"zendesk.Users\"\ntarget = \"custompms.Customer\"\n";
+        let (_, findings) = assemble(SHIPPED, Some(("o.toml", overlay))).unwrap();
+        let f = findings
+            .iter()
+            .find(|f| f.severity == Severity::Error)
+            .unwrap();
+        assert_eq!(f.location.as_ref().unwrap().line, 1);
+        assert!(f.message.contains("cannot add new ones"), "{f}");
+
+        let overlay = "seed = \"x.txt\"\n";
+        let (_, findings) = assemble(SHIPPED, Some(("o.toml", overlay))).unwrap();
+        assert!(findings
+            .iter()
+            .any(|f| f.severity == Severity::Error && f.message.contains("has no `seed`")));
+    }
+
+    #[test]
+    fn malformed_files_name_file_and_line() {
+        let err = assemble(&[("r.toml", "[[dataflow]]\nsource = \"zendesk.Users\"\ntarget = \"custompms.Customer\"\nenabeld = true\n")], None)
+            .unwrap_err();
+        match err {
+            RegistryError::Syntax {
+                file,
+                line,
+                message,
+            } => {
+                assert_eq!((file.as_str(), line), ("r.toml", 4));
+                assert!(message.contains("enabeld"), "{message}");
+            }
+            other => panic!("{other}"),
+        }
+        let err = assemble(&[("r.toml", "[[dataflow]\n")], None).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Syntax { line: 1, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_refuses_errors_and_reads_the_overlay_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("overlay.toml");
+        std::fs::write(&path, OVERLAY).unwrap();
+        let (registry, warnings) = load(Some(&path)).unwrap();
+        assert!(
+            !registry
+                .flow("poweroffice.Customers->zendesk.Organizations")
+                .unwrap()
+                .switches
+                .write_back_to_source
+        );
+        assert!(warnings.iter().all(|f| f.severity == Severity::Warning));
+
+        std::fs::write(
+            &path,
+            "[[dataflow]]\nsource = \"zendesk.Nope\"\ntarget = \"custompms.Customer\"\n",
+        )
+        .unwrap();
+        let err = load(Some(&path)).unwrap_err();
+        assert!(matches!(err, RegistryError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("overlay.toml:1"), "{err}");
+
+        let err = load(Some(&dir.path().join("missing.toml"))).unwrap_err();
+        assert!(matches!(err, RegistryError::Unreadable { .. }), "{err}");
+    }
+}
