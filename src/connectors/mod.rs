@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod schema;
+pub mod zendesk;
 
 use std::time::Duration;
 

@@ -6,3 +6,4 @@
 //! Shared machinery lives in [`kit`]; each system has its own module.
 
 pub mod kit;
+pub mod zendesk;
