@@ -246,6 +246,24 @@ impl ZendeskSimHandle {
         Value::Object(record)
     }
 
+    /// Moves a record's `updated_at` (tests of the time-based export); its place in the change
+    /// order stays. Returns false if there is no such record.
+    pub fn set_updated_at(&self, kind: Kind, id: u64, unix_seconds: i64) -> bool {
+        let Some(at) = DateTime::from_timestamp(unix_seconds, 0) else {
+            return false;
+        };
+        let mut state = self.shared.state.lock().unwrap();
+        match state.table_mut(kind).get_mut(&id) {
+            Some(stored) => {
+                stored
+                    .body
+                    .insert("updated_at".into(), json!(timestamp(at)));
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn organization(&self, id: u64) -> Option<Value> {
         self.get(Kind::Organization, id)
     }

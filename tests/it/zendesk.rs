@@ -365,6 +365,48 @@ async fn change_cursors_page_through_exports_and_resume() {
 }
 
 #[tokio::test]
+async fn organization_export_pages_by_time_without_repeats_or_loops() {
+    let (_running, handle, zd) = sim().await;
+    let zd = zd.with_page_size(2);
+    // Two records share the first second; the page boundary falls on it.
+    for (i, second) in [1000, 1000, 1001, 1002, 1003].into_iter().enumerate() {
+        let org = handle.insert_organization(json!({"name": format!("Org {i}")}));
+        assert!(handle.set_updated_at(Kind::Organization, org["id"].as_u64().unwrap(), second));
+    }
+    let (records, cursor, pages) = drain(&zd, "Organizations", None).await;
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), 5, "repeats across the boundary second: {ids:?}");
+    assert_eq!(unique.len(), 5);
+    assert!(pages > 1, "one page only: {pages}");
+    let again = zd
+        .list_changed("Organizations", Some(&cursor))
+        .await
+        .unwrap();
+    assert!(again.records.is_empty(), "{:?}", again.records);
+
+    // More records than a page within one second arrive in one (extended) page.
+    for i in 0..3 {
+        let org = handle.insert_organization(json!({"name": format!("Same second {i}")}));
+        assert!(handle.set_updated_at(Kind::Organization, org["id"].as_u64().unwrap(), 2000));
+    }
+    let (later, cursor, _) = drain(&zd, "Organizations", Some(cursor)).await;
+    assert_eq!(later.len(), 3, "{later:?}");
+
+    // The cursor now sits on second 2000; a full page at that very second must not loop.
+    let late = handle.insert_organization(json!({"name": "Late in 2000"}));
+    handle.set_updated_at(Kind::Organization, late["id"].as_u64().unwrap(), 2000);
+    let next = handle.insert_organization(json!({"name": "In 2001"}));
+    handle.set_updated_at(Kind::Organization, next["id"].as_u64().unwrap(), 2001);
+    let (last, _, _) = drain(&zd, "Organizations", Some(cursor)).await;
+    let names: Vec<&str> = last
+        .iter()
+        .map(|r| r.fields["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Late in 2000", "In 2001"]);
+}
+
+#[tokio::test]
 async fn tickets_and_comments() {
     let (_running, handle, zd) = sim().await;
     let requester = handle.insert_user(json!({"name": "Req", "email": "req@example.com"}));
@@ -844,4 +886,31 @@ async fn wiremock_update_sends_only_changed_writable_fields() {
         "2024-02-01T00:00:00+00:00"
     );
     assert_eq!(zd.find_created("Organizations", "k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn wiremock_pagination_link_to_another_host_is_not_followed() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/organizations"))
+        .and(query_param("page[size]", "100"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "organizations": [{"id": 1, "name": "A", "notes": "x"}],
+            "meta": {"has_more": true, "after_cursor": "c"},
+            "links": {"next": "http://elsewhere.invalid/api/v2/organizations?page[after]=c"},
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let zd = connector(&server.uri());
+    let err = zd
+        .find_by("Organizations", &fields(json!({"notes": "x"})))
+        .await
+        .unwrap_err();
+    match err {
+        ConnectorError::Transient { message, .. } => {
+            assert!(message.contains("pagination link"), "{message}")
+        }
+        other => panic!("expected Transient, got {other:?}"),
+    }
 }
