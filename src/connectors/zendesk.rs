@@ -44,6 +44,8 @@ const MAX_EXPORT_PAGE: u32 = 1000;
 const EXTERNAL_ID_PREFIX: &str = "tether-";
 /// First comment of a ticket created without a description (Zendesk requires one).
 const DEFAULT_TICKET_NOTE: &str = "Created by Tether.";
+/// Incremental exports refuse a `start_time` younger than a minute (vendor-apis.md 1.6).
+const EXPORT_MIN_AGE_SECS: i64 = 61;
 /// Without a `ratelimit-reset` header, Zendesk's quota window is a minute.
 const QUOTA_WINDOW: Duration = Duration::from_secs(60);
 
@@ -456,10 +458,15 @@ impl ZendeskConnector {
     }
 
     async fn list_organizations(&self, cursor: ExportCursor) -> Result<ChangePage, ConnectorError> {
+        // Zendesk refuses a `start_time` less than a minute old; ask from a minute back and drop
+        // what the cursor already covers.
+        let sent_start = cursor
+            .start
+            .min(Utc::now().timestamp() - EXPORT_MIN_AGE_SECS);
         let url = self.url(
             "/api/v2/incremental/organizations",
             &[
-                ("start_time", cursor.start.to_string()),
+                ("start_time", sent_start.to_string()),
                 ("per_page", self.export_page_size.to_string()),
             ],
         );
@@ -468,14 +475,24 @@ impl ZendeskConnector {
             .await?
             .ok_or_else(|| malformed("the organizations export answered 404"))?;
         let end_of_stream = page["end_of_stream"].as_bool().unwrap_or(true);
-        let end_time = page["end_time"].as_i64().unwrap_or(cursor.start);
+        let end_time = page["end_time"].as_i64().unwrap_or(sent_start);
+        if end_time < cursor.start {
+            // The page lies wholly before the cursor (only when asking from a minute back): all
+            // of it was returned before. Caught up until the minute has passed.
+            return Ok(ChangePage {
+                records: Vec::new(),
+                next_cursor: Some(cursor.encode()),
+                has_more: false,
+            });
+        }
         let mut records = Vec::new();
         let mut at_end = Vec::new();
         for item in array(&page, "organizations")? {
             let record = record(Entity::Organizations, &item)?;
             let second = record.updated_at.map(|t| t.timestamp()).unwrap_or(0);
             // The export repeats records at the boundary second; skip those already returned.
-            if second == cursor.start && cursor.seen.contains(&record.id) {
+            if second < cursor.start || (second == cursor.start && cursor.seen.contains(&record.id))
+            {
                 continue;
             }
             if second == end_time {

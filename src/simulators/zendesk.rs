@@ -7,9 +7,9 @@
 //! May call: `simulators::kit` (faults, counters, 429s, webhook delivery) and `signing::zendesk`.
 //!
 //! Simplifications, on purpose: no deletes, no `create_many`/`update_many`/`show_many`; a ticket
-//! without `requester_id` keeps it null (Zendesk would use the API user); incremental exports accept
-//! any `start_time` (Zendesk wants it at least a minute old); user search understands `email:` and
-//! otherwise matches name or email substrings.
+//! without `requester_id` keeps it null (Zendesk would use the API user); user search understands
+//! `email:` and otherwise matches name or email substrings; an organization change without a
+//! Zendesk event type (`notes`, `details`, `domain_names`) sends no webhook, as in Zendesk.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -1120,6 +1120,19 @@ async fn list_comments(
     paginate("comments", items, &query, &origin(&headers), &path)
 }
 
+/// Zendesk refuses a `start_time` less than a minute old.
+fn too_recent(start: i64) -> Option<Response> {
+    (start > now().timestamp() - 60).then(|| {
+        kit::respond(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "error": "InvalidValue",
+                "description": "Too recent start_time. Use a start_time older than 1 minute",
+            }),
+        )
+    })
+}
+
 fn export_page_size(query: &[(String, String)]) -> usize {
     query_get(query, "per_page")
         .and_then(|v| v.parse::<usize>().ok())
@@ -1137,6 +1150,9 @@ async fn incremental_organizations(
     let Some(start) = query_get(&query, "start_time").and_then(|v| v.parse::<i64>().ok()) else {
         return bad_request("start_time is required (unix seconds)");
     };
+    if let Some(response) = too_recent(start) {
+        return response;
+    }
     let per_page = export_page_size(&query);
     let state = shared.state.lock().unwrap();
     let mut changed: Vec<&Stored> = state
@@ -1209,7 +1225,12 @@ async fn incremental_cursor(
             None => return bad_request("cursor is not valid"),
         },
         (None, Some(t)) => match t.parse::<i64>() {
-            Ok(t) => From::Time(t),
+            Ok(t) => {
+                if let Some(response) = too_recent(t) {
+                    return response;
+                }
+                From::Time(t)
+            }
             Err(_) => return bad_request("start_time must be unix seconds"),
         },
         (None, None) => return bad_request("start_time or cursor is required"),

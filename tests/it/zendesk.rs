@@ -524,7 +524,7 @@ async fn simulator_checks_credentials_and_accepts_bearer() {
 }
 
 #[tokio::test]
-async fn simulator_rate_limits_with_retry_after_and_quota_headers() {
+async fn simulator_rate_limits_refuses_recent_exports_and_sends_quota_headers() {
     let (running, handle, zd) = sim().await;
     handle.control().set_faults(Faults {
         rate_limit: Some(100),
@@ -539,6 +539,19 @@ async fn simulator_rate_limits_with_retry_after_and_quota_headers() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-rate-limit"], "100");
     assert_eq!(response.headers()["x-rate-limit-remaining"], "99");
+
+    // Exports refuse a start_time younger than a minute, as Zendesk does.
+    let recent = chrono::Utc::now().timestamp() - 5;
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v2/incremental/organizations?start_time={recent}",
+            running.base_url()
+        ))
+        .basic_auth(format!("{EMAIL}/token"), Some(TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
 
     handle.control().set_faults(Faults {
         rate_429: 1.0,
