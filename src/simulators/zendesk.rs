@@ -600,6 +600,18 @@ fn build(
     record.insert("created_at".into(), json!(at));
     record.insert("updated_at".into(), json!(at));
     if kind == Kind::Ticket {
+        // Zendesk files a ticket under its requester's organization unless told otherwise.
+        if record.get("organization_id").is_some_and(Value::is_null) {
+            let requester_org = record
+                .get("requester_id")
+                .and_then(Value::as_u64)
+                .and_then(|r| state.users.get(&r))
+                .and_then(|u| u.body.get("organization_id"))
+                .cloned();
+            if let Some(org) = requester_org {
+                record.insert("organization_id".into(), org);
+            }
+        }
         if let Some(Value::Object(comment)) = input.get("comment") {
             let body = comment_text(comment);
             record.insert("description".into(), json!(body));

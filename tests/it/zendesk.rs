@@ -248,6 +248,10 @@ async fn users_and_organizations_are_found_by_merge_criteria() {
     assert_eq!(by_email[0].fields["name"], "Kari");
     assert_no_read_only(&by_email[0]);
 
+    let kari = zd.fetch("Users", &by_email[0].id).await.unwrap().unwrap();
+    assert_eq!(kari.fields["email"], "Kari@Fjord.no");
+    assert_eq!(kari.fields["organization_id"], org["id"]);
+
     let by_external = zd
         .find_by("Users", &fields(json!({"external_id": "ERP-7"})))
         .await
@@ -409,7 +413,10 @@ async fn organization_export_pages_by_time_without_repeats_or_loops() {
 #[tokio::test]
 async fn tickets_and_comments() {
     let (_running, handle, zd) = sim().await;
-    let requester = handle.insert_user(json!({"name": "Req", "email": "req@example.com"}));
+    let org = handle.insert_organization(json!({"name": "Req Org"}));
+    let requester = handle.insert_user(
+        json!({"name": "Req", "email": "req@example.com", "organization_id": org["id"]}),
+    );
     let ticket = zd
         .create(
             "Tickets",
@@ -425,6 +432,20 @@ async fn tickets_and_comments() {
     let first = handle.comments(ticket_id);
     assert_eq!(first.len(), 1);
     assert_eq!(first[0]["body"], "Printer on fire");
+
+    // Zendesk files a ticket under its requester's organization.
+    assert_eq!(
+        ticket.fields["organization_id"],
+        requester["organization_id"]
+    );
+    let by_subject = zd
+        .find_by("Tickets", &fields(json!({"subject": "Printer on fire"})))
+        .await
+        .unwrap();
+    assert_eq!(by_subject.len(), 1);
+    assert_eq!(by_subject[0].id, ticket.id);
+    let fetched_ticket = zd.fetch("Tickets", &ticket.id).await.unwrap().unwrap();
+    assert_eq!(fetched_ticket.fields, ticket.fields);
 
     let updated = zd
         .update("Tickets", &ticket.id, &fields(json!({"status": "open"})))
@@ -926,4 +947,90 @@ async fn wiremock_pagination_link_to_another_host_is_not_followed() {
         }
         other => panic!("expected Transient, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn simulator_speaks_zendesk_status_codes_and_envelopes() {
+    let (running, _handle, _zd) = sim().await;
+    let base = running.base_url();
+    let client = reqwest::Client::new();
+    let send =
+        |req: reqwest::RequestBuilder| req.basic_auth(format!("{EMAIL}/token"), Some(TOKEN)).send();
+
+    let body = json!({"organization": {"name": "Env", "external_id": "e-1", "url": "x"}});
+    let created = send(
+        client
+            .post(format!("{base}/api/v2/organizations/create_or_update"))
+            .json(&body),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let id = created["organization"]["id"].as_u64().unwrap();
+    assert!(created["organization"]["url"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/api/v2/organizations/{id}.json")));
+    assert!(created["organization"]["created_at"].is_string());
+
+    let body = json!({"organization": {"name": "Env 2", "external_id": "E-1"}});
+    let updated = send(
+        client
+            .post(format!("{base}/api/v2/organizations/create_or_update"))
+            .json(&body),
+    )
+    .await
+    .unwrap();
+    assert_eq!(updated.status(), 200);
+    let updated: Value = updated.json().await.unwrap();
+    assert_eq!(updated["organization"]["id"], id);
+    assert_eq!(updated["organization"]["name"], "Env 2");
+
+    let missing = send(client.get(format!("{base}/api/v2/organizations/1.json")))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap(),
+        json!({"error": "RecordNotFound", "description": "Not found"})
+    );
+
+    let invalid = send(
+        client
+            .post(format!("{base}/api/v2/organizations"))
+            .json(&json!({"organization": {}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(invalid.status(), 422);
+    let invalid: Value = invalid.json().await.unwrap();
+    assert_eq!(invalid["error"], "RecordInvalid");
+    assert_eq!(invalid["details"]["name"][0]["error"], "BlankValue");
+
+    let no_comment = send(
+        client
+            .post(format!("{base}/api/v2/tickets"))
+            .json(&json!({"ticket": {"subject": "s"}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(no_comment.status(), 422);
+
+    let page: Value = send(client.get(format!("{base}/api/v2/organizations?page[size]=1")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["organizations"].as_array().unwrap().len(), 1);
+    assert_eq!(page["meta"]["has_more"], false);
+    assert!(page["links"]["next"].is_null());
+
+    let unauthorized = client
+        .get(format!("{base}/api/v2/organizations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
 }
