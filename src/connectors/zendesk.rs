@@ -775,9 +775,9 @@ fn matches_all(record: &Record, criteria: &Map<String, Value>) -> bool {
     })
 }
 
-fn criterion<'a>(criteria: &'a Map<String, Value>, key: &str) -> Option<String> {
-    let value: &'a Value = criteria.get(key)?;
-    match value {
+/// A criterion usable as a search term: a non-empty string or a number.
+fn criterion(criteria: &Map<String, Value>, key: &str) -> Option<String> {
+    match criteria.get(key)? {
         Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
