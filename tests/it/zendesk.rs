@@ -44,7 +44,9 @@ fn config(base: &str) -> ZendeskConfig {
 }
 
 fn connector(base: &str) -> ZendeskConnector {
-    ZendeskConnector::new(&config(base), Duration::from_secs(5)).unwrap()
+    ZendeskConnector::new(&config(base), Duration::from_secs(5))
+        .unwrap()
+        .with_export_rate_per_minute(60_000)
 }
 
 fn fields(value: Value) -> Map<String, Value> {
@@ -1033,4 +1035,35 @@ async fn simulator_speaks_zendesk_status_codes_and_envelopes() {
         .await
         .unwrap();
     assert_eq!(unauthorized.status(), 401);
+}
+
+#[tokio::test]
+async fn wiremock_exports_keep_their_own_lower_rate() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/incremental/users/cursor"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "users": [], "after_cursor": "c1", "end_of_stream": true,
+        })))
+        .expect(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v2/users/1"))
+        .respond_with(ResponseTemplate::new(404))
+        .expect(1)
+        .mount(&server)
+        .await;
+    // 60 exports a minute: one a second, while other calls go at the account rate.
+    let zd = ZendeskConnector::new(&config(&server.uri()), Duration::from_secs(5))
+        .unwrap()
+        .with_export_rate_per_minute(60);
+    let first = zd.list_changed("Users", None).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(zd.fetch("Users", "1").await.unwrap(), None);
+    assert!(started.elapsed() < Duration::from_millis(900));
+    zd.list_changed("Users", first.next_cursor.as_deref())
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
 }
