@@ -9,6 +9,7 @@ pub mod crmoffice;
 pub mod custom;
 pub mod http;
 pub mod schema;
+pub mod zendesk;
 
 use std::time::Duration;
 

@@ -119,6 +119,21 @@ impl SimControl {
         *self.inner.counters.lock().unwrap().entry(key).or_insert(0) += 1;
     }
 
+    /// The rate-limit window as a vendor reports it in headers: `(limit, remaining, seconds until
+    /// the window resets)`, or `None` when no limit is set.
+    pub fn rate_status(&self) -> Option<(u32, u32, u64)> {
+        let faults = self.faults();
+        let limit = faults.rate_limit?;
+        let window_len = Duration::from_millis(faults.rate_window_ms.unwrap_or(60_000));
+        let window = self.inner.window.lock().unwrap();
+        let elapsed = window.started.elapsed();
+        if elapsed >= window_len {
+            return Some((limit, limit, window_len.as_secs_f64().ceil() as u64));
+        }
+        let reset = (window_len - elapsed).as_secs_f64().ceil() as u64;
+        Some((limit, limit.saturating_sub(window.used), reset))
+    }
+
     /// Takes one request from the rate-limit window; `Err(seconds to wait)` when it is used up.
     fn take_rate(&self, faults: &Faults) -> Result<(), u64> {
         let Some(limit) = faults.rate_limit else {

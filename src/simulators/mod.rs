@@ -8,3 +8,4 @@
 pub mod crmoffice;
 pub mod custom;
 pub mod kit;
+pub mod zendesk;

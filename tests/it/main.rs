@@ -5,3 +5,4 @@ mod custom;
 mod foundation;
 mod polling;
 mod registry;
+mod zendesk;

@@ -1,0 +1,1116 @@
+//! The Zendesk Support client: Organizations, Users, Tickets and Ticketcomments.
+//!
+//! Owns: Zendesk auth (API token basic `{email}/token:{api_token}` or OAuth bearer), the request
+//! rate (a client-side limiter at the plan's per-minute limit, paused by `Retry-After` and slowed
+//! when `X-Rate-Limit-Remaining` runs low), cursor pagination, the incremental exports, and the
+//! translation between Zendesk JSON and [`Record`]. Facts: vendor-apis.md section 1.5 and 1.6.
+//! May call: `connectors::http` only.
+//!
+//! Read-only fields (`id`, `url`, `created_at`, `updated_at`) are never written and never
+//! presented as data: they are stripped from `Record.fields` (`updated_at` becomes
+//! `Record.updated_at`, the id becomes `Record.id`). A comment's id is `"{ticket_id}:{comment_id}"`
+//! and its fields carry `ticket_id`; comments are immutable once added.
+//!
+//! Idempotent creates: organizations and users go through `create_or_update` with
+//! `external_id = "tether-<idempotency key>"`, so a retried create updates the record the first
+//! attempt made; tickets carry the same `external_id` and a create first looks for it. Comments
+//! keep no trace of a key: `find_created` is `Unsupported` for them.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use reqwest::header::HeaderMap;
+use reqwest::{Method, Response, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use url::Url;
+
+use super::http::{self, RateLimiter};
+use super::{get_path, ChangePage, Connector, ConnectorError, Record};
+use crate::config::{Config, ZendeskConfig};
+use crate::domain::SystemId;
+
+const SYSTEM: SystemId = SystemId::Zendesk;
+/// Fields Zendesk sets itself; never sent, never presented as data.
+const READ_ONLY: [&str; 4] = ["id", "url", "created_at", "updated_at"];
+/// Zendesk's maximum `page[size]` for cursor pagination.
+const MAX_PAGE_SIZE: u32 = 100;
+/// Zendesk's maximum `per_page` for incremental exports.
+const MAX_EXPORT_PAGE: u32 = 1000;
+/// Prefix of the `external_id` that carries an idempotency key.
+const EXTERNAL_ID_PREFIX: &str = "tether-";
+/// First comment of a ticket created without a description (Zendesk requires one).
+const DEFAULT_TICKET_NOTE: &str = "Created by Tether.";
+/// Zendesk's limit on incremental export requests (developer.zendesk.com, Incremental Exports,
+/// "Rate limits").
+const EXPORT_RATE_PER_MINUTE: u32 = 10;
+/// Incremental exports refuse a `start_time` younger than a minute (vendor-apis.md 1.6).
+const EXPORT_MIN_AGE_SECS: i64 = 61;
+/// Without a `ratelimit-reset` header, Zendesk's quota window is a minute.
+const QUOTA_WINDOW: Duration = Duration::from_secs(60);
+
+/// The four entity types, by the registry's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entity {
+    Organizations,
+    Users,
+    Tickets,
+    Ticketcomments,
+}
+
+impl Entity {
+    fn parse(name: &str, operation: &'static str) -> Result<Entity, ConnectorError> {
+        match name {
+            "Organizations" => Ok(Entity::Organizations),
+            "Users" => Ok(Entity::Users),
+            "Tickets" => Ok(Entity::Tickets),
+            "Ticketcomments" => Ok(Entity::Ticketcomments),
+            other => Err(ConnectorError::Unsupported {
+                system: SYSTEM,
+                entity_type: other.to_owned(),
+                operation,
+            }),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Entity::Organizations => "Organizations",
+            Entity::Users => "Users",
+            Entity::Tickets => "Tickets",
+            Entity::Ticketcomments => "Ticketcomments",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Entity::Organizations => "organizations",
+            Entity::Users => "users",
+            Entity::Tickets => "tickets",
+            Entity::Ticketcomments => "comments",
+        }
+    }
+
+    fn singular(self) -> &'static str {
+        match self {
+            Entity::Organizations => "organization",
+            Entity::Users => "user",
+            Entity::Tickets => "ticket",
+            Entity::Ticketcomments => "comment",
+        }
+    }
+
+    fn unsupported(self, operation: &'static str) -> ConnectorError {
+        ConnectorError::Unsupported {
+            system: SYSTEM,
+            entity_type: self.name().to_owned(),
+            operation,
+        }
+    }
+}
+
+enum Auth {
+    ApiToken { email: String, token: SecretString },
+    OAuth(SecretString),
+}
+
+/// The Zendesk client. Debug output names the auth kind, never a secret.
+pub struct ZendeskConnector {
+    base: Url,
+    auth: Auth,
+    client: reqwest::Client,
+    limiter: RateLimiter,
+    /// Incremental exports have their own limit on top of the account's (10 a minute, 30 with
+    /// the High Volume add-on).
+    export_limiter: RateLimiter,
+    page_size: u32,
+    export_page_size: u32,
+}
+
+impl fmt::Debug for ZendeskConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = match &self.auth {
+            Auth::ApiToken { email, .. } => format!("api token of {email}"),
+            Auth::OAuth(_) => "oauth bearer".to_owned(),
+        };
+        f.debug_struct("ZendeskConnector")
+            .field("base", &self.base.as_str())
+            .field("auth", &auth)
+            .field("page_size", &self.page_size)
+            .field("export_page_size", &self.export_page_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A bad argument from the caller (not the vendor): reported as a 400-style rejection so the job
+/// is not retried.
+fn bad_input(message: String) -> ConnectorError {
+    ConnectorError::Rejected {
+        system: SYSTEM,
+        status: 400,
+        message,
+    }
+}
+
+fn malformed(message: impl fmt::Display) -> ConnectorError {
+    ConnectorError::Transient {
+        system: SYSTEM,
+        message: format!("malformed response: {message}"),
+    }
+}
+
+/// The `external_id` that carries an idempotency key.
+pub fn external_id_for(idempotency_key: &str) -> String {
+    format!("{EXTERNAL_ID_PREFIX}{idempotency_key}")
+}
+
+impl ZendeskConnector {
+    /// Builds the client from its configuration section; `timeout` bounds every call.
+    pub fn new(config: &ZendeskConfig, timeout: Duration) -> Result<Self, ConnectorError> {
+        let auth = match (&config.email, &config.api_token, &config.oauth_token) {
+            (Some(email), Some(token), _) => Auth::ApiToken {
+                email: email.clone(),
+                token: token.clone(),
+            },
+            (_, _, Some(token)) => Auth::OAuth(token.clone()),
+            _ => return Err(ConnectorError::NotConfigured { system: SYSTEM }),
+        };
+        Ok(ZendeskConnector {
+            base: config.base_url.clone(),
+            auth,
+            client: http::client(timeout),
+            limiter: RateLimiter::new(config.rate_limit_per_minute, Duration::from_secs(60)),
+            export_limiter: RateLimiter::new(EXPORT_RATE_PER_MINUTE, Duration::from_secs(60)),
+            page_size: MAX_PAGE_SIZE,
+            export_page_size: MAX_EXPORT_PAGE,
+        })
+    }
+
+    /// From the whole configuration: `NotConfigured` when there is no `[zendesk]` section.
+    pub fn from_config(config: &Config) -> Result<Self, ConnectorError> {
+        let section = config
+            .systems
+            .zendesk
+            .as_ref()
+            .ok_or(ConnectorError::NotConfigured { system: SYSTEM })?;
+        Self::new(section, config.outbound.timeout)
+    }
+
+    /// Smaller pages (cursor pages and export pages), mainly so tests can cross page boundaries.
+    pub fn with_page_size(mut self, size: u32) -> Self {
+        self.page_size = size.clamp(1, MAX_PAGE_SIZE);
+        self.export_page_size = size.clamp(1, MAX_EXPORT_PAGE);
+        self
+    }
+
+    /// The incremental-export limit, requests per minute (Zendesk: 10, or 30 with the High
+    /// Volume add-on).
+    pub fn with_export_rate_per_minute(mut self, per_minute: u32) -> Self {
+        self.export_limiter = RateLimiter::new(per_minute.max(1), Duration::from_secs(60));
+        self
+    }
+
+    /// A GET to an incremental export endpoint, within the export limit.
+    async fn get_export(&self, url: Url) -> Result<Value, ConnectorError> {
+        self.export_limiter.acquire().await;
+        let result = self.get_json(url).await;
+        if let Err(ConnectorError::RateLimited {
+            retry_after: Some(delay),
+            ..
+        }) = &result
+        {
+            self.export_limiter.pause_for(*delay).await;
+        }
+        result?.ok_or_else(|| malformed("the export answered 404"))
+    }
+
+    fn url(&self, path: &str, query: &[(&str, String)]) -> Url {
+        let mut url = self.base.clone();
+        let joined = format!("{}{path}", self.base.path().trim_end_matches('/'));
+        url.set_path(&joined);
+        url.set_query(None);
+        if !query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in query {
+                pairs.append_pair(k, v);
+            }
+        }
+        url
+    }
+
+    /// One call: waits for the limiter, authenticates, maps the answer. 404 comes back as `Ok`.
+    async fn call(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&Value>,
+    ) -> Result<Response, ConnectorError> {
+        self.limiter.acquire().await;
+        tracing::debug!(system = "zendesk", %method, path = url.path(), "call");
+        let mut request = self.client.request(method, url);
+        request = match &self.auth {
+            Auth::ApiToken { email, token } => {
+                request.basic_auth(format!("{email}/token"), Some(token.expose_secret()))
+            }
+            Auth::OAuth(token) => request.bearer_auth(token.expose_secret()),
+        };
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| http::send_error(SYSTEM, e))?;
+        self.observe_quota(response.headers()).await;
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            if let Some(delay) = http::retry_after(response.headers()) {
+                self.limiter.pause_for(delay).await;
+            }
+        }
+        http::check(SYSTEM, response).await
+    }
+
+    /// Slows down before a 429: when the remaining quota is low, spreads the calls left over the
+    /// time until the window resets (`ratelimit-reset`, else a minute).
+    async fn observe_quota(&self, headers: &HeaderMap) {
+        if let Some(pause) = quota_pause(headers) {
+            tracing::debug!(system = "zendesk", ?pause, "rate quota low; slowing down");
+            self.limiter.pause_for(pause).await;
+        }
+    }
+
+    async fn json(&self, response: Response) -> Result<Value, ConnectorError> {
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| http::send_error(SYSTEM, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| malformed(format!("not JSON ({e})")))
+    }
+
+    async fn get_json(&self, url: Url) -> Result<Option<Value>, ConnectorError> {
+        let response = self.call(Method::GET, url, None).await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        self.json(response).await.map(Some)
+    }
+
+    async fn send_json(
+        &self,
+        method: Method,
+        url: Url,
+        body: &Value,
+    ) -> Result<Value, ConnectorError> {
+        let response = self.call(method, url, Some(body)).await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(ConnectorError::Rejected {
+                system: SYSTEM,
+                status: 404,
+                message: "the record does not exist".to_owned(),
+            });
+        }
+        self.json(response).await
+    }
+
+    /// Every item of a cursor-paginated list, following `links.next` while `meta.has_more`.
+    /// `None` when the list's parent does not exist (404).
+    async fn list_all(
+        &self,
+        path: &str,
+        key: &str,
+        query: &[(&str, String)],
+    ) -> Result<Option<Vec<Value>>, ConnectorError> {
+        let mut params = query.to_vec();
+        params.push(("page[size]", self.page_size.to_string()));
+        let mut url = self.url(path, &params);
+        let mut items = Vec::new();
+        loop {
+            let Some(page) = self.get_json(url).await? else {
+                return Ok(None);
+            };
+            items.extend(array(&page, key)?);
+            let has_more = page["meta"]["has_more"].as_bool().unwrap_or(false);
+            let next = page["links"]["next"].as_str();
+            match (has_more, next) {
+                (true, Some(next)) => url = self.same_origin(next)?,
+                _ => return Ok(Some(items)),
+            }
+        }
+    }
+
+    /// A pagination link, accepted only if it points at the configured Zendesk (credentials
+    /// must not follow a link elsewhere).
+    fn same_origin(&self, link: &str) -> Result<Url, ConnectorError> {
+        let url = Url::parse(link).map_err(|e| malformed(format!("bad pagination link ({e})")))?;
+        if url.origin() != self.base.origin() {
+            return Err(malformed(
+                "pagination link points away from the Zendesk host",
+            ));
+        }
+        Ok(url)
+    }
+
+    fn ticket_comments_path(ticket_id: u64) -> String {
+        format!("/api/v2/tickets/{ticket_id}/comments")
+    }
+
+    async fn comments_of(&self, ticket_id: u64) -> Result<Option<Vec<Record>>, ConnectorError> {
+        let Some(items) = self
+            .list_all(&Self::ticket_comments_path(ticket_id), "comments", &[])
+            .await?
+        else {
+            return Ok(None);
+        };
+        items
+            .iter()
+            .map(|c| comment_record(ticket_id, c))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    async fn search(
+        &self,
+        entity: Entity,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Vec<Record>, ConnectorError> {
+        let page = self
+            .get_json(self.url(path, query))
+            .await?
+            .ok_or_else(|| malformed(format!("{path} answered 404")))?;
+        array(&page, entity.plural())?
+            .iter()
+            .map(|v| record(entity, v))
+            .collect()
+    }
+
+    async fn create_ticket(
+        &self,
+        fields: &Map<String, Value>,
+        external_id: String,
+    ) -> Result<Record, ConnectorError> {
+        // Ticket external ids are not unique in Zendesk, so no create_or_update: look first.
+        if let Some(existing) = self.find_ticket_by_external_id(&external_id).await? {
+            return Ok(existing);
+        }
+        let mut body = writable(fields);
+        let description = body
+            .remove("description")
+            .and_then(|d| d.as_str().map(str::to_owned));
+        if !body.get("comment").is_some_and(Value::is_object) {
+            let note = description
+                .or_else(|| {
+                    body.get("subject")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .filter(|s| !s.trim().is_empty())
+                .unwrap_or_else(|| DEFAULT_TICKET_NOTE.to_owned());
+            body.insert("comment".into(), json!({"body": note, "public": false}));
+        }
+        body.insert("external_id".into(), json!(external_id));
+        let answer = self
+            .send_json(
+                Method::POST,
+                self.url("/api/v2/tickets", &[]),
+                &json!({"ticket": body}),
+            )
+            .await?;
+        record(Entity::Tickets, envelope(&answer, "ticket")?)
+    }
+
+    async fn find_ticket_by_external_id(
+        &self,
+        external_id: &str,
+    ) -> Result<Option<Record>, ConnectorError> {
+        let items = self
+            .list_all(
+                "/api/v2/tickets",
+                "tickets",
+                &[("external_id", external_id.to_owned())],
+            )
+            .await?
+            .unwrap_or_default();
+        items
+            .iter()
+            .find(|t| t["external_id"].as_str() == Some(external_id))
+            .map(|t| record(Entity::Tickets, t))
+            .transpose()
+    }
+
+    async fn add_comment(&self, fields: &Map<String, Value>) -> Result<Record, ConnectorError> {
+        let ticket_id = fields.get("ticket_id").and_then(as_id).ok_or_else(|| {
+            bad_input("a Ticketcomments create needs a numeric `ticket_id`".into())
+        })?;
+        let mut comment = writable(fields);
+        comment.remove("ticket_id");
+        let has_text = ["body", "html_body"].iter().any(|k| {
+            comment
+                .get(*k)
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.trim().is_empty())
+        });
+        if !has_text {
+            return Err(bad_input(
+                "a Ticketcomments create needs a non-empty `body` or `html_body`".into(),
+            ));
+        }
+        let answer = self
+            .send_json(
+                Method::PUT,
+                self.url(&format!("/api/v2/tickets/{ticket_id}"), &[]),
+                &json!({"ticket": {"comment": comment}}),
+            )
+            .await?;
+        // The audit of the update holds the comment it added.
+        let event = answer["audit"]["events"]
+            .as_array()
+            .and_then(|events| events.iter().find(|e| e["type"] == "Comment"));
+        match event {
+            Some(event) => {
+                let mut event = event.clone();
+                if event.get("created_at").is_none() {
+                    event["created_at"] = answer["audit"]["created_at"].clone();
+                }
+                comment_record(ticket_id, &event)
+            }
+            None => self
+                .comments_of(ticket_id)
+                .await?
+                .and_then(|mut all| all.pop())
+                .ok_or_else(|| malformed("the ticket update returned no comment")),
+        }
+    }
+
+    async fn list_organizations(&self, cursor: ExportCursor) -> Result<ChangePage, ConnectorError> {
+        // Zendesk refuses a `start_time` less than a minute old; ask from a minute back and drop
+        // what the cursor already covers.
+        let sent_start = cursor
+            .start
+            .min(Utc::now().timestamp() - EXPORT_MIN_AGE_SECS);
+        let url = self.url(
+            "/api/v2/incremental/organizations",
+            &[
+                ("start_time", sent_start.to_string()),
+                ("per_page", self.export_page_size.to_string()),
+            ],
+        );
+        let page = self.get_export(url).await?;
+        let end_of_stream = page["end_of_stream"].as_bool().unwrap_or(true);
+        let end_time = page["end_time"].as_i64().unwrap_or(sent_start);
+        if end_time < cursor.start {
+            // The page lies wholly before the cursor (only when asking from a minute back): all
+            // of it was returned before. Caught up until the minute has passed.
+            return Ok(ChangePage {
+                records: Vec::new(),
+                next_cursor: Some(cursor.encode()),
+                has_more: false,
+            });
+        }
+        let mut records = Vec::new();
+        let mut at_end = Vec::new();
+        for item in array(&page, "organizations")? {
+            let record = record(Entity::Organizations, &item)?;
+            let second = record.updated_at.map(|t| t.timestamp()).unwrap_or(0);
+            // The export repeats records at the boundary second; skip those already returned.
+            if second < cursor.start || (second == cursor.start && cursor.seen.contains(&record.id))
+            {
+                continue;
+            }
+            if second == end_time {
+                at_end.push(record.id.clone());
+            }
+            records.push(record);
+        }
+        let next = if end_time == cursor.start {
+            if end_of_stream {
+                let mut seen = cursor.seen;
+                seen.extend(at_end);
+                ExportCursor {
+                    start: end_time,
+                    seen,
+                    ..ExportCursor::default()
+                }
+            } else {
+                // A full page within one second: Zendesk pages hold the whole last second, so
+                // the next page starts after it (and this cannot loop).
+                ExportCursor {
+                    start: end_time + 1,
+                    ..ExportCursor::default()
+                }
+            }
+        } else {
+            ExportCursor {
+                start: end_time,
+                seen: at_end,
+                ..ExportCursor::default()
+            }
+        };
+        Ok(ChangePage {
+            records,
+            next_cursor: Some(next.encode()),
+            has_more: !end_of_stream,
+        })
+    }
+
+    /// One page of a cursor-based export (users, tickets) and the cursor after it.
+    async fn export_page(
+        &self,
+        entity: Entity,
+        cursor: &ExportCursor,
+    ) -> Result<(Vec<Value>, ExportCursor, bool), ConnectorError> {
+        let mut query = vec![("per_page", self.export_page_size.to_string())];
+        match &cursor.after {
+            Some(after) => query.push(("cursor", after.clone())),
+            None => query.push(("start_time", cursor.start.to_string())),
+        }
+        let url = self.url(
+            &format!("/api/v2/incremental/{}/cursor", entity.plural()),
+            &query,
+        );
+        let page = self.get_export(url).await?;
+        let items = array(&page, entity.plural())?;
+        let end_of_stream = page["end_of_stream"].as_bool().unwrap_or(true);
+        let mut next = cursor.clone();
+        if let Some(after) = page["after_cursor"].as_str() {
+            next.after = Some(after.to_owned());
+        }
+        Ok((items, next, end_of_stream))
+    }
+
+    async fn list_comments_changed(
+        &self,
+        cursor: ExportCursor,
+    ) -> Result<ChangePage, ConnectorError> {
+        // Zendesk has no comment export; a comment changes its ticket's `updated_at`, so walk the
+        // ticket export and take each changed ticket's comments newer than the watermark of the
+        // passes already finished.
+        let (tickets, mut next, end_of_stream) = self.export_page(Entity::Tickets, &cursor).await?;
+        let mut records = Vec::new();
+        for ticket in &tickets {
+            let Some(ticket_id) = as_id(&ticket["id"]) else {
+                return Err(malformed("a ticket without a numeric id"));
+            };
+            for comment in self.comments_of(ticket_id).await?.unwrap_or_default() {
+                let second = comment.updated_at.map(|t| t.timestamp()).unwrap_or(0);
+                if second >= cursor.since {
+                    next.newest = next.newest.max(second);
+                    records.push(comment);
+                }
+            }
+        }
+        if end_of_stream {
+            next.since = next.since.max(next.newest);
+        }
+        Ok(ChangePage {
+            records,
+            next_cursor: Some(next.encode()),
+            has_more: !end_of_stream,
+        })
+    }
+}
+
+/// What an export cursor holds (serialized as JSON; opaque to callers).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct ExportCursor {
+    /// Time-based export (organizations): the next `start_time`; for cursor exports, the
+    /// `start_time` of the first page.
+    #[serde(default)]
+    start: i64,
+    /// Organizations already returned whose `updated_at` second is `start`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    seen: Vec<String>,
+    /// Cursor exports (users, tickets): Zendesk's `after_cursor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    after: Option<String>,
+    /// Comments: only comments created at or after this second are new.
+    #[serde(default)]
+    since: i64,
+    /// Comments: the newest comment second seen in the pass under way.
+    #[serde(default)]
+    newest: i64,
+}
+
+impl ExportCursor {
+    fn decode(raw: Option<&str>) -> Result<ExportCursor, ConnectorError> {
+        match raw {
+            None => Ok(ExportCursor::default()),
+            Some(raw) => serde_json::from_str(raw)
+                .map_err(|_| bad_input(format!("not a Zendesk change cursor: {raw:?}"))),
+        }
+    }
+
+    fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a cursor serializes")
+    }
+}
+
+/// How long to hold off when `X-Rate-Limit-Remaining` is low: the time until the window resets
+/// spread over the calls left. Low means at most a tenth of `X-Rate-Limit` (or 10 without it).
+fn quota_pause(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| -> Option<u64> {
+        headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok()
+    };
+    let remaining = number("x-rate-limit-remaining")?;
+    let low_mark = number("x-rate-limit")
+        .map(|l| (l / 10).max(1))
+        .unwrap_or(10);
+    if remaining > low_mark {
+        return None;
+    }
+    let window = number("ratelimit-reset")
+        .map(Duration::from_secs)
+        .unwrap_or(QUOTA_WINDOW);
+    Some(window / (remaining as u32 + 1))
+}
+
+fn array(page: &Value, key: &str) -> Result<Vec<Value>, ConnectorError> {
+    page.get(key)
+        .and_then(Value::as_array)
+        .cloned()
+        .ok_or_else(|| malformed(format!("no `{key}` list in the answer")))
+}
+
+fn envelope<'a>(answer: &'a Value, key: &str) -> Result<&'a Value, ConnectorError> {
+    answer
+        .get(key)
+        .filter(|v| v.is_object())
+        .ok_or_else(|| malformed(format!("no `{key}` object in the answer")))
+}
+
+/// A Zendesk id as a number: JSON numbers, or strings of digits.
+fn as_id(value: &Value) -> Option<u64> {
+    match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn parse_numeric_id(entity: Entity, id: &str) -> Result<u64, ConnectorError> {
+    id.trim().parse().map_err(|_| {
+        bad_input(format!(
+            "a Zendesk {} id is a number, got {id:?}",
+            entity.singular()
+        ))
+    })
+}
+
+/// `"{ticket_id}:{comment_id}"`.
+fn parse_comment_id(id: &str) -> Result<(u64, u64), ConnectorError> {
+    let parsed = id
+        .split_once(':')
+        .and_then(|(t, c)| Some((t.trim().parse().ok()?, c.trim().parse().ok()?)));
+    parsed.ok_or_else(|| {
+        bad_input(format!(
+            "a Ticketcomments id is \"{{ticket_id}}:{{comment_id}}\", got {id:?}"
+        ))
+    })
+}
+
+fn timestamp(value: Option<&Value>) -> Option<DateTime<Utc>> {
+    value
+        .and_then(Value::as_str)
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// The fields of a Zendesk object without its read-only ones.
+fn data_fields(object: &Map<String, Value>) -> Map<String, Value> {
+    object
+        .iter()
+        .filter(|(k, _)| !READ_ONLY.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// What may be sent: the given fields without the read-only ones.
+fn writable(fields: &Map<String, Value>) -> Map<String, Value> {
+    data_fields(fields)
+}
+
+fn record(entity: Entity, value: &Value) -> Result<Record, ConnectorError> {
+    let object = value
+        .as_object()
+        .ok_or_else(|| malformed(format!("a {} is not an object", entity.singular())))?;
+    let id = object
+        .get("id")
+        .and_then(as_id)
+        .ok_or_else(|| malformed(format!("a {} without a numeric id", entity.singular())))?;
+    Ok(Record {
+        id: id.to_string(),
+        updated_at: timestamp(object.get("updated_at")),
+        fields: data_fields(object),
+    })
+}
+
+fn comment_record(ticket_id: u64, value: &Value) -> Result<Record, ConnectorError> {
+    let object = value
+        .as_object()
+        .ok_or_else(|| malformed("a comment is not an object"))?;
+    let id = object
+        .get("id")
+        .and_then(as_id)
+        .ok_or_else(|| malformed("a comment without a numeric id"))?;
+    let mut fields = data_fields(object);
+    fields.insert("ticket_id".into(), json!(ticket_id));
+    Ok(Record {
+        id: format!("{ticket_id}:{id}"),
+        // Comments never change after they are added.
+        updated_at: timestamp(object.get("created_at")),
+        fields,
+    })
+}
+
+/// Zendesk compares names, emails and external ids case-insensitively.
+fn values_match(key: &str, actual: Option<&Value>, expected: &Value) -> bool {
+    let Some(actual) = actual else {
+        return expected.is_null();
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    match (text(actual), text(expected)) {
+        (Some(a), Some(e)) => {
+            let last = key.rsplit('.').next().unwrap_or(key);
+            if matches!(last, "name" | "email" | "external_id") {
+                a.to_lowercase() == e.to_lowercase()
+            } else {
+                a == e
+            }
+        }
+        _ => actual == expected,
+    }
+}
+
+fn matches_all(record: &Record, criteria: &Map<String, Value>) -> bool {
+    criteria.iter().all(|(path, expected)| {
+        if path == "id" {
+            return values_match(path, Some(&json!(record.id)), expected);
+        }
+        values_match(path, get_path(&record.fields, path), expected)
+    })
+}
+
+/// A criterion usable as a search term: a non-empty string or a number.
+fn criterion(criteria: &Map<String, Value>, key: &str) -> Option<String> {
+    match criteria.get(key)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Connector for ZendeskConnector {
+    fn system(&self) -> SystemId {
+        SYSTEM
+    }
+
+    async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
+        let entity = Entity::parse(entity_type, "fetch")?;
+        if entity == Entity::Ticketcomments {
+            // No GET for one comment: list the ticket's comments and pick it.
+            let (ticket_id, _) = parse_comment_id(id)?;
+            let wanted = id.replace(' ', "");
+            return Ok(self
+                .comments_of(ticket_id)
+                .await?
+                .and_then(|all| all.into_iter().find(|c| c.id == wanted)));
+        }
+        let id = parse_numeric_id(entity, id)?;
+        let url = self.url(&format!("/api/v2/{}/{id}", entity.plural()), &[]);
+        match self.get_json(url).await? {
+            None => Ok(None),
+            Some(answer) => record(entity, envelope(&answer, entity.singular())?).map(Some),
+        }
+    }
+
+    async fn create(
+        &self,
+        entity_type: &str,
+        fields: &Map<String, Value>,
+        idempotency_key: &str,
+    ) -> Result<Record, ConnectorError> {
+        let entity = Entity::parse(entity_type, "create")?;
+        if idempotency_key.trim().is_empty() {
+            return Err(bad_input("an idempotency key must not be empty".into()));
+        }
+        let external_id = external_id_for(idempotency_key);
+        match entity {
+            Entity::Organizations | Entity::Users => {
+                let mut body = writable(fields);
+                body.insert("external_id".into(), json!(external_id));
+                if entity == Entity::Users {
+                    // A synced user must not get a verification email from Zendesk.
+                    body.insert("skip_verify_email".into(), json!(true));
+                }
+                let path = format!("/api/v2/{}/create_or_update", entity.plural());
+                let answer = self
+                    .send_json(
+                        Method::POST,
+                        self.url(&path, &[]),
+                        &json!({ entity.singular(): body }),
+                    )
+                    .await?;
+                record(entity, envelope(&answer, entity.singular())?)
+            }
+            Entity::Tickets => self.create_ticket(fields, external_id).await,
+            Entity::Ticketcomments => self.add_comment(fields).await,
+        }
+    }
+
+    async fn find_created(
+        &self,
+        entity_type: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<Record>, ConnectorError> {
+        let entity = Entity::parse(entity_type, "find_created")?;
+        let external_id = external_id_for(idempotency_key);
+        let found = match entity {
+            Entity::Organizations => {
+                self.search(
+                    entity,
+                    "/api/v2/organizations/search",
+                    &[("external_id", external_id.clone())],
+                )
+                .await?
+            }
+            Entity::Users => {
+                self.search(
+                    entity,
+                    "/api/v2/users/search",
+                    &[("external_id", external_id.clone())],
+                )
+                .await?
+            }
+            Entity::Tickets => return self.find_ticket_by_external_id(&external_id).await,
+            Entity::Ticketcomments => return Err(entity.unsupported("find_created")),
+        };
+        Ok(found.into_iter().find(|r| {
+            values_match(
+                "external_id",
+                r.fields.get("external_id"),
+                &json!(external_id),
+            )
+        }))
+    }
+
+    async fn update(
+        &self,
+        entity_type: &str,
+        id: &str,
+        changed: &Map<String, Value>,
+    ) -> Result<Record, ConnectorError> {
+        let entity = Entity::parse(entity_type, "update")?;
+        if entity == Entity::Ticketcomments {
+            return Err(entity.unsupported("update"));
+        }
+        let numeric = parse_numeric_id(entity, id)?;
+        let body = writable(changed);
+        if body.is_empty() {
+            // Nothing writable changed: no call that could only bump `updated_at`.
+            return self
+                .fetch(entity_type, id)
+                .await?
+                .ok_or_else(|| ConnectorError::Rejected {
+                    system: SYSTEM,
+                    status: 404,
+                    message: "the record does not exist".to_owned(),
+                });
+        }
+        let url = self.url(&format!("/api/v2/{}/{numeric}", entity.plural()), &[]);
+        let answer = self
+            .send_json(Method::PUT, url, &json!({ entity.singular(): body }))
+            .await?;
+        record(entity, envelope(&answer, entity.singular())?)
+    }
+
+    async fn list_changed(
+        &self,
+        entity_type: &str,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError> {
+        let entity = Entity::parse(entity_type, "list_changed")?;
+        let cursor = ExportCursor::decode(cursor)?;
+        match entity {
+            Entity::Organizations => self.list_organizations(cursor).await,
+            Entity::Users | Entity::Tickets => {
+                let (items, next, end_of_stream) = self.export_page(entity, &cursor).await?;
+                let records = items
+                    .iter()
+                    .map(|v| record(entity, v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(ChangePage {
+                    records,
+                    next_cursor: Some(next.encode()),
+                    has_more: !end_of_stream,
+                })
+            }
+            Entity::Ticketcomments => self.list_comments_changed(cursor).await,
+        }
+    }
+
+    async fn find_by(
+        &self,
+        entity_type: &str,
+        criteria: &Map<String, Value>,
+    ) -> Result<Vec<Record>, ConnectorError> {
+        let entity = Entity::parse(entity_type, "find_by")?;
+        if criteria.is_empty() {
+            return Err(bad_input("find_by needs at least one criterion".into()));
+        }
+        let candidates = match entity {
+            Entity::Organizations => {
+                if let Some(external_id) = criterion(criteria, "external_id") {
+                    self.search(
+                        entity,
+                        "/api/v2/organizations/search",
+                        &[("external_id", external_id)],
+                    )
+                    .await?
+                } else if let Some(name) = criterion(criteria, "name") {
+                    self.search(entity, "/api/v2/organizations/search", &[("name", name)])
+                        .await?
+                } else {
+                    self.list_records(entity, &[]).await?
+                }
+            }
+            Entity::Users => {
+                if let Some(external_id) = criterion(criteria, "external_id") {
+                    self.search(
+                        entity,
+                        "/api/v2/users/search",
+                        &[("external_id", external_id)],
+                    )
+                    .await?
+                } else if let Some(email) = criterion(criteria, "email") {
+                    self.search(
+                        entity,
+                        "/api/v2/users/search",
+                        &[("query", format!("email:{email}"))],
+                    )
+                    .await?
+                } else {
+                    self.list_records(entity, &[]).await?
+                }
+            }
+            Entity::Tickets => {
+                let query: Vec<(&str, String)> = criterion(criteria, "external_id")
+                    .map(|e| vec![("external_id", e)])
+                    .unwrap_or_default();
+                self.list_records(entity, &query).await?
+            }
+            Entity::Ticketcomments => {
+                let ticket_id = criteria
+                    .get("ticket_id")
+                    .and_then(as_id)
+                    .ok_or_else(|| entity.unsupported("find_by without a ticket_id"))?;
+                self.comments_of(ticket_id).await?.unwrap_or_default()
+            }
+        };
+        Ok(candidates
+            .into_iter()
+            .filter(|r| matches_all(r, criteria))
+            .collect())
+    }
+}
+
+impl ZendeskConnector {
+    async fn list_records(
+        &self,
+        entity: Entity,
+        query: &[(&str, String)],
+    ) -> Result<Vec<Record>, ConnectorError> {
+        let path = format!("/api/v2/{}", entity.plural());
+        self.list_all(&path, entity.plural(), query)
+            .await?
+            .unwrap_or_default()
+            .iter()
+            .map(|v| record(entity, v))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn read_only_fields_are_stripped_and_updated_at_kept() {
+        let value = json!({
+            "id": 7, "url": "https://x/api/v2/organizations/7.json", "name": "Acme",
+            "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-02T00:00:00Z",
+        });
+        let r = record(Entity::Organizations, &value).unwrap();
+        assert_eq!(r.id, "7");
+        assert_eq!(
+            r.fields,
+            json!({"name": "Acme"}).as_object().unwrap().clone()
+        );
+        assert_eq!(
+            r.updated_at.unwrap().to_rfc3339(),
+            "2024-01-02T00:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn comment_ids_parse_or_fail_clearly() {
+        assert_eq!(parse_comment_id("12:34").unwrap(), (12, 34));
+        let err = parse_comment_id("12").unwrap_err();
+        assert!(matches!(err, ConnectorError::Rejected { status: 400, .. }));
+        assert!(err.to_string().contains("ticket_id"));
+    }
+
+    #[test]
+    fn quota_pause_spreads_remaining_calls() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-rate-limit", HeaderValue::from(700));
+        headers.insert("x-rate-limit-remaining", HeaderValue::from(500));
+        assert_eq!(quota_pause(&headers), None);
+        headers.insert("x-rate-limit-remaining", HeaderValue::from(9));
+        headers.insert("ratelimit-reset", HeaderValue::from(30));
+        assert_eq!(quota_pause(&headers), Some(Duration::from_secs(3)));
+        headers.insert("x-rate-limit-remaining", HeaderValue::from(0));
+        assert_eq!(quota_pause(&headers), Some(Duration::from_secs(30)));
+        headers.remove("ratelimit-reset");
+        assert_eq!(quota_pause(&headers), Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn criteria_compare_like_zendesk() {
+        let r = Record {
+            id: "5".into(),
+            updated_at: None,
+            fields: json!({"name": "ACME", "organization_id": 42, "notes": "x"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        };
+        let c = |v: Value| v.as_object().unwrap().clone();
+        assert!(matches_all(&r, &c(json!({"name": "acme"}))));
+        assert!(matches_all(&r, &c(json!({"organization_id": "42"}))));
+        assert!(matches_all(&r, &c(json!({"id": 5}))));
+        assert!(!matches_all(&r, &c(json!({"notes": "X"}))));
+    }
+
+    #[test]
+    fn cursor_is_opaque_but_round_trips() {
+        let c = ExportCursor {
+            start: 5,
+            seen: vec!["1".into()],
+            ..ExportCursor::default()
+        };
+        assert_eq!(ExportCursor::decode(Some(&c.encode())).unwrap(), c);
+        assert!(matches!(
+            ExportCursor::decode(Some("garbage")),
+            Err(ConnectorError::Rejected { status: 400, .. })
+        ));
+    }
+}

@@ -1,0 +1,1525 @@
+//! A Zendesk Support API of its own, in memory: organizations, users, tickets and ticket comments.
+//!
+//! Owns: the simulated records, the vendor's paths, JSON envelopes, error shapes and status codes
+//! (vendor-apis.md section 1.5), cursor and offset pagination (1.6), the incremental export
+//! endpoints, auth (API token basic and OAuth bearer), the `X-Rate-Limit` headers, and a signed
+//! event-subscription webhook (1.1, 1.4) for every change made through its API.
+//! May call: `simulators::kit` (faults, counters, 429s, webhook delivery) and `signing::zendesk`.
+//!
+//! Simplifications, on purpose: no deletes, no `create_many`/`update_many`/`show_many`; a ticket
+//! without `requester_id` keeps it null (Zendesk would use the API user); user search understands
+//! `email:` and otherwise matches name or email substrings; an organization change without a
+//! Zendesk event type (`notes`, `details`, `domain_names`) sends no webhook, as in Zendesk.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Map, Value};
+
+use super::kit::{self, Outgoing, RunningSim, SimControl, WebhookSender, WebhookStats};
+
+/// How the simulator is started.
+#[derive(Clone)]
+pub struct SimOptions {
+    /// Where to listen; port 0 picks a free one.
+    pub bind: SocketAddr,
+    pub credentials: SimCredentials,
+    /// Full URL the webhooks go to (e.g. `http://127.0.0.1:8080/webhooks/zendesk`); `None` sends none.
+    pub webhook_target: Option<String>,
+    /// The webhook signing secret.
+    pub webhook_secret: String,
+}
+
+/// The credentials the simulator accepts: `{email}/token:{api_token}` as basic auth, and, if set,
+/// an OAuth bearer token.
+#[derive(Clone)]
+pub struct SimCredentials {
+    pub email: String,
+    pub api_token: String,
+    pub oauth_token: Option<String>,
+}
+
+impl std::fmt::Debug for SimCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimCredentials")
+            .field("email", &self.email)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The account id the simulator reports in webhooks.
+pub const ACCOUNT_ID: u64 = 10_000_001;
+/// The id of the simulated webhook (sent as `X-Zendesk-Webhook-Id`).
+pub const WEBHOOK_ID: &str = "01HSIMZENDESKWEBHOOK000001";
+const EVENT_VERSION: &str = "2022-06-20";
+/// Cursor pages: Zendesk's maximum `page[size]` for most endpoints.
+const MAX_PAGE_SIZE: usize = 100;
+/// Incremental exports: Zendesk's default and maximum `per_page`.
+const MAX_EXPORT_PAGE: usize = 1000;
+
+/// The three kinds of top-level record; comments live under their ticket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Organization,
+    User,
+    Ticket,
+}
+
+impl Kind {
+    fn singular(self) -> &'static str {
+        match self {
+            Kind::Organization => "organization",
+            Kind::User => "user",
+            Kind::Ticket => "ticket",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Organization => "organizations",
+            Kind::User => "users",
+            Kind::Ticket => "tickets",
+        }
+    }
+
+    /// The record as the server creates it: every field with its default. Keys not in here are
+    /// ignored on writes, as Zendesk ignores unknown attributes.
+    fn template(self) -> Map<String, Value> {
+        let value = match self {
+            Kind::Organization => json!({
+                "name": null, "external_id": null, "details": null, "notes": null,
+                "domain_names": [], "group_id": null, "organization_fields": {},
+                "shared_comments": false, "shared_tickets": false, "tags": [],
+            }),
+            Kind::User => json!({
+                "name": null, "email": null, "external_id": null, "organization_id": null,
+                "role": "end-user", "phone": null, "details": "", "notes": "", "tags": [],
+                "user_fields": {}, "active": true, "verified": false, "suspended": false,
+                "time_zone": "Copenhagen", "locale": "en-US", "default_group_id": null,
+            }),
+            Kind::Ticket => json!({
+                "external_id": null, "type": null, "subject": null, "description": null,
+                "priority": null, "status": "new", "requester_id": null, "submitter_id": null,
+                "assignee_id": null, "organization_id": null, "group_id": null, "tags": [],
+                "custom_fields": [], "via": {"channel": "api"},
+            }),
+        };
+        match value {
+            Value::Object(map) => map,
+            _ => unreachable!("templates are objects"),
+        }
+    }
+
+    /// Fields the server owns beyond `id`, `url`, `created_at`, `updated_at`.
+    fn server_owned(self, key: &str) -> bool {
+        match self {
+            Kind::Ticket => matches!(key, "description" | "via"),
+            Kind::User => key == "active",
+            Kind::Organization => false,
+        }
+    }
+}
+
+const READ_ONLY: [&str; 4] = ["id", "url", "created_at", "updated_at"];
+
+struct Stored {
+    /// Position in the change order, for incremental exports.
+    seq: u64,
+    body: Map<String, Value>,
+}
+
+#[derive(Default)]
+struct Store {
+    next_id: u64,
+    next_seq: u64,
+    organizations: BTreeMap<u64, Stored>,
+    users: BTreeMap<u64, Stored>,
+    tickets: BTreeMap<u64, Stored>,
+    comments: BTreeMap<u64, Vec<Map<String, Value>>>,
+}
+
+impl Store {
+    fn table(&self, kind: Kind) -> &BTreeMap<u64, Stored> {
+        match kind {
+            Kind::Organization => &self.organizations,
+            Kind::User => &self.users,
+            Kind::Ticket => &self.tickets,
+        }
+    }
+
+    fn table_mut(&mut self, kind: Kind) -> &mut BTreeMap<u64, Stored> {
+        match kind {
+            Kind::Organization => &mut self.organizations,
+            Kind::User => &mut self.users,
+            Kind::Ticket => &mut self.tickets,
+        }
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+}
+
+struct Shared {
+    state: Mutex<Store>,
+    credentials: SimCredentials,
+    webhooks: WebhookSender,
+    webhook_secret: String,
+    control: SimControl,
+}
+
+/// Entry point: `ZendeskSim::start(options)`.
+pub struct ZendeskSim;
+
+impl ZendeskSim {
+    /// Starts serving and returns the server and a handle to its state and knobs.
+    pub async fn start(options: SimOptions) -> std::io::Result<(RunningSim, ZendeskSimHandle)> {
+        let control = SimControl::new(error_body);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Store {
+                // Zendesk ids are large; starting high catches code that assumes small ones.
+                next_id: 360_000_000_000,
+                ..Store::default()
+            }),
+            credentials: options.credentials,
+            webhooks: WebhookSender::new(options.webhook_target, control.clone()),
+            webhook_secret: options.webhook_secret,
+            control: control.clone(),
+        });
+        let router = kit::with_kit(router(shared.clone()), control);
+        let running = kit::serve(router, options.bind).await?;
+        Ok((running, ZendeskSimHandle { shared }))
+    }
+}
+
+/// Direct access for tests and the sandbox: seed records (no webhooks, as if they existed before
+/// the subscription), read state, turn knobs.
+#[derive(Clone)]
+pub struct ZendeskSimHandle {
+    shared: Arc<Shared>,
+}
+
+impl ZendeskSimHandle {
+    pub fn control(&self) -> &SimControl {
+        &self.shared.control
+    }
+
+    pub fn webhook_stats(&self) -> WebhookStats {
+        self.shared.webhooks.stats()
+    }
+
+    /// Seeds an organization (no validation, no webhook) and returns it as stored.
+    pub fn insert_organization(&self, fields: Value) -> Value {
+        self.insert(Kind::Organization, fields)
+    }
+
+    pub fn insert_user(&self, fields: Value) -> Value {
+        self.insert(Kind::User, fields)
+    }
+
+    /// Seeds a ticket; a `comment` object in `fields` becomes its first comment.
+    pub fn insert_ticket(&self, fields: Value) -> Value {
+        self.insert(Kind::Ticket, fields)
+    }
+
+    fn insert(&self, kind: Kind, fields: Value) -> Value {
+        let input = fields.as_object().cloned().unwrap_or_default();
+        let mut state = self.shared.state.lock().unwrap();
+        let record = build(&mut state, kind, &input, "http://zendesk.invalid");
+        Value::Object(record)
+    }
+
+    /// Moves a record's `updated_at` (tests of the time-based export); its place in the change
+    /// order stays. Returns false if there is no such record.
+    pub fn set_updated_at(&self, kind: Kind, id: u64, unix_seconds: i64) -> bool {
+        let Some(at) = DateTime::from_timestamp(unix_seconds, 0) else {
+            return false;
+        };
+        let mut state = self.shared.state.lock().unwrap();
+        match state.table_mut(kind).get_mut(&id) {
+            Some(stored) => {
+                stored
+                    .body
+                    .insert("updated_at".into(), json!(timestamp(at)));
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn organization(&self, id: u64) -> Option<Value> {
+        self.get(Kind::Organization, id)
+    }
+
+    pub fn user(&self, id: u64) -> Option<Value> {
+        self.get(Kind::User, id)
+    }
+
+    pub fn ticket(&self, id: u64) -> Option<Value> {
+        self.get(Kind::Ticket, id)
+    }
+
+    fn get(&self, kind: Kind, id: u64) -> Option<Value> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .table(kind)
+            .get(&id)
+            .map(|s| Value::Object(s.body.clone()))
+    }
+
+    /// All records of a kind, by id.
+    pub fn all(&self, kind: Kind) -> Vec<Value> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .table(kind)
+            .values()
+            .map(|s| Value::Object(s.body.clone()))
+            .collect()
+    }
+
+    pub fn comments(&self, ticket_id: u64) -> Vec<Value> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .comments
+            .get(&ticket_id)
+            .map(|c| c.iter().cloned().map(Value::Object).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    use Kind::*;
+    Router::new()
+        .route(
+            "/api/v2/organizations",
+            get(move |s, h, q| list(Organization, s, h, q))
+                .post(move |s, h, b| create(Organization, s, h, b)),
+        )
+        .route(
+            "/api/v2/organizations/create_or_update",
+            post(move |s, h, b| create_or_update(Organization, s, h, b)),
+        )
+        .route("/api/v2/organizations/search", get(search_organizations))
+        .route(
+            "/api/v2/organizations/{id}",
+            get(move |s, p| show(Organization, s, p))
+                .put(move |s, p, b| update(Organization, s, p, b)),
+        )
+        .route(
+            "/api/v2/users",
+            get(move |s, h, q| list(User, s, h, q)).post(move |s, h, b| create(User, s, h, b)),
+        )
+        .route(
+            "/api/v2/users/create_or_update",
+            post(move |s, h, b| create_or_update(User, s, h, b)),
+        )
+        .route("/api/v2/users/search", get(search_users))
+        .route(
+            "/api/v2/users/{id}",
+            get(move |s, p| show(User, s, p)).put(move |s, p, b| update(User, s, p, b)),
+        )
+        .route(
+            "/api/v2/tickets",
+            get(move |s, h, q| list(Ticket, s, h, q)).post(move |s, h, b| create(Ticket, s, h, b)),
+        )
+        .route(
+            "/api/v2/tickets/{id}",
+            get(move |s, p| show(Ticket, s, p)).put(move |s, p, b| update(Ticket, s, p, b)),
+        )
+        .route("/api/v2/tickets/{id}/comments", get(list_comments))
+        .route(
+            "/api/v2/incremental/organizations",
+            get(incremental_organizations),
+        )
+        .route(
+            "/api/v2/incremental/users/cursor",
+            get(move |s, h, q| incremental_cursor(User, s, h, q)),
+        )
+        .route(
+            "/api/v2/incremental/tickets/cursor",
+            get(move |s, h, q| incremental_cursor(Ticket, s, h, q)),
+        )
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            auth_and_headers,
+        ))
+        .with_state(shared)
+}
+
+/// Error bodies in Zendesk's shapes, for the statuses the kit produces.
+fn error_body(status: StatusCode, message: &str) -> Response {
+    let body = match status {
+        StatusCode::TOO_MANY_REQUESTS => {
+            json!({"error": "APIRateLimitExceeded", "description": message})
+        }
+        StatusCode::UNAUTHORIZED => json!({"error": "Couldn't authenticate you"}),
+        _ => json!({"error": "InternalServerError", "description": message}),
+    };
+    (status, Json(body)).into_response()
+}
+
+fn not_found() -> Response {
+    kit::respond(
+        StatusCode::NOT_FOUND,
+        json!({"error": "RecordNotFound", "description": "Not found"}),
+    )
+}
+
+fn invalid(field: &str, code: &str, description: String) -> Response {
+    kit::respond(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        json!({
+            "error": "RecordInvalid",
+            "description": "Record validation errors",
+            "details": { field: [{"description": description, "error": code}] },
+        }),
+    )
+}
+
+fn invalid_boxed(field: &str, code: &str, description: String) -> Box<Response> {
+    Box::new(invalid(field, code, description))
+}
+
+fn bad_request(message: &str) -> Response {
+    kit::respond(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "InvalidParameter", "description": message}),
+    )
+}
+
+/// Checks credentials, then adds Zendesk's rate-limit headers to the answer.
+async fn auth_and_headers(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !authorized(&shared.credentials, request.headers()) {
+        return error_body(StatusCode::UNAUTHORIZED, "");
+    }
+    let mut response = next.run(request).await;
+    if let Some((limit, remaining, reset)) = shared.control.rate_status() {
+        let headers = response.headers_mut();
+        headers.insert(
+            HeaderName::from_static("x-rate-limit"),
+            HeaderValue::from(limit),
+        );
+        headers.insert(
+            HeaderName::from_static("x-rate-limit-remaining"),
+            HeaderValue::from(remaining),
+        );
+        headers.insert(
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderValue::from(reset),
+        );
+    }
+    response
+}
+
+fn authorized(credentials: &SimCredentials, headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return credentials.oauth_token.as_deref() == Some(token.trim());
+    }
+    if let Some(encoded) = value.strip_prefix("Basic ") {
+        let expected = format!("{}/token:{}", credentials.email, credentials.api_token);
+        return BASE64
+            .decode(encoded.trim())
+            .is_ok_and(|decoded| decoded == expected.as_bytes());
+    }
+    false
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn seconds_of(record: &Map<String, Value>, key: &str) -> i64 {
+    record
+        .get(key)
+        .and_then(Value::as_str)
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.timestamp())
+        .unwrap_or(0)
+}
+
+/// `http://host` from the request, for `url` fields and pagination links.
+fn origin(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+/// Zendesk accepts `/organizations/1.json` as well as `/organizations/1`.
+fn parse_id(raw: &str) -> Option<u64> {
+    raw.strip_suffix(".json").unwrap_or(raw).parse().ok()
+}
+
+fn parse_body(bytes: &Bytes, envelope: &str) -> Result<Map<String, Value>, Box<Response>> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Box::new(bad_request(&format!("the body is not valid JSON: {e}"))))?;
+    match value.get(envelope) {
+        Some(Value::Object(map)) => Ok(map.clone()),
+        _ => Err(Box::new(bad_request(&format!(
+            "the body must be an object with a `{envelope}` object"
+        )))),
+    }
+}
+
+fn ci_eq(a: &Value, b: &Value) -> bool {
+    match (a.as_str(), b.as_str()) {
+        (Some(a), Some(b)) => a.to_lowercase() == b.to_lowercase(),
+        _ => a == b,
+    }
+}
+
+fn text(value: Option<&Value>) -> Option<&str> {
+    value
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// Checks required and unique fields of `candidate` (the record as it would be stored).
+fn validate(
+    state: &Store,
+    kind: Kind,
+    candidate: &Map<String, Value>,
+    own_id: Option<u64>,
+) -> Result<(), Box<Response>> {
+    let others = || {
+        state
+            .table(kind)
+            .iter()
+            .filter(move |(id, _)| Some(**id) != own_id)
+            .map(|(_, s)| &s.body)
+    };
+    let unique = |key: &str, label: &str| -> Result<(), Box<Response>> {
+        if let Some(value) = candidate.get(key).filter(|v| !v.is_null()) {
+            if others().any(|o| o.get(key).is_some_and(|v| ci_eq(v, value))) {
+                return Err(invalid_boxed(
+                    key,
+                    "DuplicateValue",
+                    format!("{label}: has already been taken"),
+                ));
+            }
+        }
+        Ok(())
+    };
+    match kind {
+        Kind::Organization => {
+            if text(candidate.get("name")).is_none() {
+                return Err(invalid_boxed(
+                    "name",
+                    "BlankValue",
+                    "Name: cannot be blank".into(),
+                ));
+            }
+            unique("name", "Name")?;
+            unique("external_id", "External ID")?;
+        }
+        Kind::User => {
+            if text(candidate.get("name")).is_none() {
+                return Err(invalid_boxed(
+                    "name",
+                    "BlankValue",
+                    "Name: cannot be blank".into(),
+                ));
+            }
+            let role = candidate.get("role").and_then(Value::as_str);
+            if !matches!(role, Some("end-user" | "agent" | "admin")) {
+                return Err(invalid_boxed(
+                    "role",
+                    "InvalidValue",
+                    "Role: is not included in the list".into(),
+                ));
+            }
+            unique("email", "Email")?;
+            unique("external_id", "External ID")?;
+        }
+        Kind::Ticket => {
+            if let Some(status) = candidate.get("status").and_then(Value::as_str) {
+                if !matches!(
+                    status,
+                    "new" | "open" | "pending" | "hold" | "solved" | "closed"
+                ) {
+                    return Err(invalid_boxed(
+                        "status",
+                        "InvalidValue",
+                        "Status: is not valid".into(),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores a new record built from `input` (writable keys only) and, for tickets, its first comment.
+fn build(
+    state: &mut Store,
+    kind: Kind,
+    input: &Map<String, Value>,
+    origin: &str,
+) -> Map<String, Value> {
+    let mut record = kind.template();
+    apply(kind, &mut record, input);
+    let id = state.id();
+    let at = timestamp(now());
+    record.insert("id".into(), json!(id));
+    record.insert(
+        "url".into(),
+        json!(format!("{origin}/api/v2/{}/{id}.json", kind.plural())),
+    );
+    record.insert("created_at".into(), json!(at));
+    record.insert("updated_at".into(), json!(at));
+    if kind == Kind::Ticket {
+        // Zendesk files a ticket under its requester's organization unless told otherwise.
+        if record.get("organization_id").is_some_and(Value::is_null) {
+            let requester_org = record
+                .get("requester_id")
+                .and_then(Value::as_u64)
+                .and_then(|r| state.users.get(&r))
+                .and_then(|u| u.body.get("organization_id"))
+                .cloned();
+            if let Some(org) = requester_org {
+                record.insert("organization_id".into(), org);
+            }
+        }
+        if let Some(Value::Object(comment)) = input.get("comment") {
+            let body = comment_text(comment);
+            record.insert("description".into(), json!(body));
+            if record.get("submitter_id").is_some_and(Value::is_null) {
+                let requester = record.get("requester_id").cloned().unwrap_or(Value::Null);
+                record.insert("submitter_id".into(), requester);
+            }
+            let author = record.get("submitter_id").cloned().unwrap_or(Value::Null);
+            add_comment(state, id, comment, author);
+        }
+    }
+    let seq = state.seq();
+    state.table_mut(kind).insert(
+        id,
+        Stored {
+            seq,
+            body: record.clone(),
+        },
+    );
+    record
+}
+
+/// Copies the writable keys of `input` onto `record`; returns the keys whose value changed.
+fn apply(kind: Kind, record: &mut Map<String, Value>, input: &Map<String, Value>) -> Vec<String> {
+    let template = kind.template();
+    let mut changed = Vec::new();
+    for (key, value) in input {
+        if READ_ONLY.contains(&key.as_str())
+            || kind.server_owned(key)
+            || !template.contains_key(key)
+        {
+            continue;
+        }
+        if record.get(key) != Some(value) {
+            record.insert(key.clone(), value.clone());
+            changed.push(key.clone());
+        }
+    }
+    changed
+}
+
+fn comment_text(comment: &Map<String, Value>) -> String {
+    text(comment.get("body"))
+        .or_else(|| text(comment.get("html_body")))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn add_comment(
+    state: &mut Store,
+    ticket_id: u64,
+    input: &Map<String, Value>,
+    default_author: Value,
+) -> (Map<String, Value>, u64) {
+    let id = state.id();
+    let audit_id = state.id();
+    let body = comment_text(input);
+    let author = input
+        .get("author_id")
+        .filter(|v| !v.is_null())
+        .cloned()
+        .unwrap_or(default_author);
+    let mut comment = Map::new();
+    comment.insert("id".into(), json!(id));
+    comment.insert("type".into(), json!("Comment"));
+    comment.insert("author_id".into(), author);
+    comment.insert("body".into(), json!(body));
+    comment.insert(
+        "html_body".into(),
+        json!(format!("<div class=\"zd-comment\"><p>{body}</p></div>")),
+    );
+    comment.insert("plain_body".into(), json!(body));
+    comment.insert(
+        "public".into(),
+        input.get("public").cloned().unwrap_or(json!(true)),
+    );
+    comment.insert("attachments".into(), json!([]));
+    comment.insert("audit_id".into(), json!(audit_id));
+    comment.insert("via".into(), json!({"channel": "api"}));
+    comment.insert("metadata".into(), json!({}));
+    comment.insert("created_at".into(), json!(timestamp(now())));
+    state
+        .comments
+        .entry(ticket_id)
+        .or_default()
+        .push(comment.clone());
+    (comment, audit_id)
+}
+
+fn envelope(kind: Kind, record: &Map<String, Value>) -> Value {
+    json!({ kind.singular(): record })
+}
+
+async fn show(kind: Kind, State(shared): State<Arc<Shared>>, Path(raw): Path<String>) -> Response {
+    let Some(id) = parse_id(&raw) else {
+        return not_found();
+    };
+    let state = shared.state.lock().unwrap();
+    match state.table(kind).get(&id) {
+        Some(stored) => kit::respond(StatusCode::OK, envelope(kind, &stored.body)),
+        None => not_found(),
+    }
+}
+
+async fn create(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let input = match parse_body(&body, kind.singular()) {
+        Ok(input) => input,
+        Err(response) => return *response,
+    };
+    if kind == Kind::Ticket {
+        match input.get("comment") {
+            Some(Value::Object(c)) if !comment_text(c).is_empty() => {}
+            _ => return invalid("base", "BlankValue", "Description: cannot be blank".into()),
+        }
+    }
+    let mut state = shared.state.lock().unwrap();
+    let mut candidate = kind.template();
+    apply(kind, &mut candidate, &input);
+    if let Err(response) = validate(&state, kind, &candidate, None) {
+        return *response;
+    }
+    let record = build(&mut state, kind, &input, &origin(&headers));
+    shared.emit_created(kind, &record);
+    let mut response = kit::respond(StatusCode::CREATED, envelope(kind, &record));
+    set_location(&mut response, kind, &record);
+    response
+}
+
+fn set_location(response: &mut Response, kind: Kind, record: &Map<String, Value>) {
+    if let Some(id) = record.get("id") {
+        if let Ok(value) = HeaderValue::from_str(&format!("/api/v2/{}/{id}.json", kind.plural())) {
+            response.headers_mut().insert(header::LOCATION, value);
+        }
+    }
+}
+
+/// `create_or_update`: organizations match by `id` or `external_id`; users by `external_id` or
+/// `email`. 200 when it updated an existing record, 201 when it created one.
+async fn create_or_update(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let input = match parse_body(&body, kind.singular()) {
+        Ok(input) => input,
+        Err(response) => return *response,
+    };
+    let existing = {
+        let state = shared.state.lock().unwrap();
+        let matches = |key: &str, record: &Map<String, Value>| {
+            input
+                .get(key)
+                .filter(|v| !v.is_null())
+                .is_some_and(|v| record.get(key).is_some_and(|r| ci_eq(r, v)))
+        };
+        let keys: &[&str] = match kind {
+            Kind::Organization => &["id", "external_id"],
+            _ => &["external_id", "email"],
+        };
+        keys.iter().find_map(|key| {
+            state
+                .table(kind)
+                .iter()
+                .find(|(_, s)| matches(key, &s.body))
+                .map(|(id, _)| *id)
+        })
+    };
+    match existing {
+        Some(id) => {
+            let mut response = write_update(&shared, kind, id, input);
+            if response.status() == StatusCode::OK {
+                if let Ok(value) =
+                    HeaderValue::from_str(&format!("/api/v2/{}/{id}.json", kind.plural()))
+                {
+                    response.headers_mut().insert(header::LOCATION, value);
+                }
+            }
+            response
+        }
+        None => create(kind, State(shared), headers, body).await,
+    }
+}
+
+async fn update(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(id) = parse_id(&raw) else {
+        return not_found();
+    };
+    let input = match parse_body(&body, kind.singular()) {
+        Ok(input) => input,
+        Err(response) => return *response,
+    };
+    write_update(&shared, kind, id, input)
+}
+
+fn write_update(shared: &Shared, kind: Kind, id: u64, input: Map<String, Value>) -> Response {
+    let mut state = shared.state.lock().unwrap();
+    let Some(stored) = state.table(kind).get(&id) else {
+        return not_found();
+    };
+    let before = stored.body.clone();
+    let mut after = before.clone();
+    let changed = apply(kind, &mut after, &input);
+    if let Err(response) = validate(&state, kind, &after, Some(id)) {
+        return *response;
+    }
+    let comment_input = match (kind, input.get("comment")) {
+        (Kind::Ticket, Some(Value::Object(c))) => {
+            if comment_text(c).is_empty() {
+                return invalid("base", "BlankValue", "Comment: body cannot be blank".into());
+            }
+            Some(c.clone())
+        }
+        (Kind::Ticket, Some(_)) => {
+            return bad_request("`comment` must be an object");
+        }
+        _ => None,
+    };
+    if changed.is_empty() && comment_input.is_none() {
+        return kit::respond(StatusCode::OK, envelope(kind, &before));
+    }
+    after.insert("updated_at".into(), json!(timestamp(now())));
+    let added = comment_input.map(|c| {
+        let author = c
+            .get("author_id")
+            .cloned()
+            .unwrap_or_else(|| after.get("requester_id").cloned().unwrap_or(Value::Null));
+        add_comment(&mut state, id, &c, author)
+    });
+    let seq = state.seq();
+    state.table_mut(kind).insert(
+        id,
+        Stored {
+            seq,
+            body: after.clone(),
+        },
+    );
+    for key in &changed {
+        shared.emit_change(kind, &after, key, &before[key], &after[key]);
+    }
+    let mut body = json!({ kind.singular(): after });
+    if let Some((comment, audit_id)) = &added {
+        shared.emit(
+            kind,
+            &after,
+            "ticket.comment_added",
+            json!({"comment": {
+                "id": comment["id"].to_string(),
+                "body": comment["body"],
+                "is_public": comment["public"],
+                "author": {"id": id_string(&comment["author_id"])},
+            }}),
+        );
+        let mut event = comment.clone();
+        event.remove("created_at");
+        body["audit"] = json!({
+            "id": audit_id,
+            "ticket_id": id,
+            "created_at": comment["created_at"],
+            "author_id": comment["author_id"],
+            "events": [event],
+        });
+    }
+    drop(state);
+    kit::respond(StatusCode::OK, body)
+}
+
+fn query_get<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    query
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+fn page_size(query: &[(String, String)]) -> Result<Option<usize>, Box<Response>> {
+    match query_get(query, "page[size]") {
+        None => Ok(None),
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(Some(n.min(MAX_PAGE_SIZE))),
+            _ => Err(Box::new(bad_request(
+                "page[size] must be a positive number",
+            ))),
+        },
+    }
+}
+
+/// Opaque cursor: base64 of the last id on the page.
+fn encode_cursor(id: u64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("id:{id}"))
+}
+
+fn decode_cursor(raw: &str) -> Option<u64> {
+    let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
+    String::from_utf8(bytes)
+        .ok()?
+        .strip_prefix("id:")?
+        .parse()
+        .ok()
+}
+
+fn link(origin: &str, path: &str, query: &[(String, String)], extra: &[(&str, String)]) -> String {
+    let mut url = url::Url::parse(&format!("{origin}{path}")).expect("origin and path form a URL");
+    {
+        let mut pairs = url.query_pairs_mut();
+        for (k, v) in query {
+            if extra.iter().any(|(e, _)| e == k) || k == "page[before]" {
+                continue;
+            }
+            pairs.append_pair(k, v);
+        }
+        for (k, v) in extra {
+            pairs.append_pair(k, v);
+        }
+    }
+    url.to_string()
+}
+
+/// One page of `items` (sorted by id): cursor pagination when `page[size]` is given, offset
+/// pagination (`page`, `per_page`) otherwise.
+fn paginate(
+    plural: &str,
+    items: Vec<(u64, Value)>,
+    query: &[(String, String)],
+    origin: &str,
+    path: &str,
+) -> Response {
+    let size = match page_size(query) {
+        Ok(size) => size,
+        Err(response) => return *response,
+    };
+    if let Some(size) = size {
+        let after = match query_get(query, "page[after]") {
+            None => None,
+            Some(raw) => match decode_cursor(raw) {
+                Some(id) => Some(id),
+                None => return bad_request("page[after] is not a valid cursor"),
+            },
+        };
+        let rest: Vec<(u64, Value)> = items
+            .into_iter()
+            .filter(|(id, _)| after.is_none_or(|a| *id > a))
+            .collect();
+        let has_more = rest.len() > size;
+        let page: Vec<(u64, Value)> = rest.into_iter().take(size).collect();
+        let after_cursor = page.last().map(|(id, _)| encode_cursor(*id));
+        let before_cursor = page.first().map(|(id, _)| encode_cursor(*id));
+        let next = match (&after_cursor, has_more) {
+            (Some(cursor), true) => Some(link(
+                origin,
+                path,
+                query,
+                &[("page[after]", cursor.clone())],
+            )),
+            _ => None,
+        };
+        let records: Vec<Value> = page.into_iter().map(|(_, v)| v).collect();
+        return kit::respond(
+            StatusCode::OK,
+            json!({
+                plural: records,
+                "meta": {"has_more": has_more, "after_cursor": after_cursor, "before_cursor": before_cursor},
+                "links": {"next": next, "prev": null},
+            }),
+        );
+    }
+    let per_page = query_get(query, "per_page")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(100)
+        .clamp(1, 100);
+    let page = query_get(query, "page")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let count = items.len();
+    let records: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .map(|(_, v)| v)
+        .collect();
+    let next = (page * per_page < count)
+        .then(|| link(origin, path, query, &[("page", (page + 1).to_string())]));
+    let previous =
+        (page > 1).then(|| link(origin, path, query, &[("page", (page - 1).to_string())]));
+    kit::respond(
+        StatusCode::OK,
+        json!({plural: records, "next_page": next, "previous_page": previous, "count": count}),
+    )
+}
+
+async fn list(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let external_id = query_get(&query, "external_id").map(|v| json!(v));
+    let items: Vec<(u64, Value)> = {
+        let state = shared.state.lock().unwrap();
+        state
+            .table(kind)
+            .iter()
+            .filter(|(_, s)| {
+                kind == Kind::Organization
+                    || external_id
+                        .as_ref()
+                        .is_none_or(|e| s.body.get("external_id").is_some_and(|v| ci_eq(v, e)))
+            })
+            .map(|(id, s)| (*id, Value::Object(s.body.clone())))
+            .collect()
+    };
+    let path = format!("/api/v2/{}", kind.plural());
+    paginate(kind.plural(), items, &query, &origin(&headers), &path)
+}
+
+/// Search results are not cursor-paged in Zendesk: one offset-style page.
+fn search_results(plural: &str, records: Vec<Value>) -> Response {
+    kit::respond(
+        StatusCode::OK,
+        json!({plural: records, "count": records.len(), "next_page": null, "previous_page": null}),
+    )
+}
+
+async fn search_organizations(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let (key, value) = match (query_get(&query, "external_id"), query_get(&query, "name")) {
+        (Some(e), None) => ("external_id", e),
+        (None, Some(n)) => ("name", n),
+        _ => return bad_request("give exactly one of `external_id` and `name`"),
+    };
+    let wanted = json!(value);
+    let state = shared.state.lock().unwrap();
+    let records = state
+        .organizations
+        .values()
+        .filter(|s| s.body.get(key).is_some_and(|v| ci_eq(v, &wanted)))
+        .map(|s| Value::Object(s.body.clone()))
+        .collect();
+    search_results("organizations", records)
+}
+
+async fn search_users(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let state = shared.state.lock().unwrap();
+    let users = state.users.values().map(|s| &s.body);
+    let records: Vec<Value> = if let Some(external_id) = query_get(&query, "external_id") {
+        let wanted = json!(external_id);
+        users
+            .filter(|u| u.get("external_id").is_some_and(|v| ci_eq(v, &wanted)))
+            .map(|u| Value::Object(u.clone()))
+            .collect()
+    } else if let Some(q) = query_get(&query, "query") {
+        let q = q.trim();
+        if let Some(email) = q.strip_prefix("email:") {
+            let wanted = json!(email.trim_matches('"'));
+            users
+                .filter(|u| u.get("email").is_some_and(|v| ci_eq(v, &wanted)))
+                .map(|u| Value::Object(u.clone()))
+                .collect()
+        } else {
+            let needle = q.to_lowercase();
+            users
+                .filter(|u| {
+                    ["name", "email"].iter().any(|k| {
+                        u.get(*k)
+                            .and_then(Value::as_str)
+                            .is_some_and(|v| v.to_lowercase().contains(&needle))
+                    })
+                })
+                .map(|u| Value::Object(u.clone()))
+                .collect()
+        }
+    } else {
+        return bad_request("give `query` or `external_id`");
+    };
+    search_results("users", records)
+}
+
+async fn list_comments(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let Some(ticket_id) = parse_id(&raw) else {
+        return not_found();
+    };
+    let items: Vec<(u64, Value)> = {
+        let state = shared.state.lock().unwrap();
+        if !state.tickets.contains_key(&ticket_id) {
+            return not_found();
+        }
+        state
+            .comments
+            .get(&ticket_id)
+            .map(|c| {
+                c.iter()
+                    .map(|m| (m["id"].as_u64().unwrap_or(0), Value::Object(m.clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let path = format!("/api/v2/tickets/{ticket_id}/comments");
+    paginate("comments", items, &query, &origin(&headers), &path)
+}
+
+/// Zendesk refuses a `start_time` less than a minute old.
+fn too_recent(start: i64) -> Option<Response> {
+    (start > now().timestamp() - 60).then(|| {
+        kit::respond(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "error": "InvalidValue",
+                "description": "Too recent start_time. Use a start_time older than 1 minute",
+            }),
+        )
+    })
+}
+
+fn export_page_size(query: &[(String, String)]) -> usize {
+    query_get(query, "per_page")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(MAX_EXPORT_PAGE)
+        .clamp(1, MAX_EXPORT_PAGE)
+}
+
+/// Time-based export: records updated at or after `start_time`, oldest change first. A page is
+/// extended to hold every record sharing its last second, so `end_time` can be the next start.
+async fn incremental_organizations(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let Some(start) = query_get(&query, "start_time").and_then(|v| v.parse::<i64>().ok()) else {
+        return bad_request("start_time is required (unix seconds)");
+    };
+    if let Some(response) = too_recent(start) {
+        return response;
+    }
+    let per_page = export_page_size(&query);
+    let state = shared.state.lock().unwrap();
+    let mut changed: Vec<&Stored> = state
+        .organizations
+        .values()
+        .filter(|s| seconds_of(&s.body, "updated_at") >= start)
+        .collect();
+    changed.sort_by_key(|s| s.seq);
+    let mut take = changed.len().min(per_page);
+    if take > 0 {
+        let last = seconds_of(&changed[take - 1].body, "updated_at");
+        while take < changed.len() && seconds_of(&changed[take].body, "updated_at") == last {
+            take += 1;
+        }
+    }
+    let end_of_stream = take == changed.len();
+    let end_time = changed[..take]
+        .last()
+        .map(|s| seconds_of(&s.body, "updated_at"))
+        .unwrap_or(start);
+    let records: Vec<Value> = changed[..take]
+        .iter()
+        .map(|s| Value::Object(s.body.clone()))
+        .collect();
+    let next = link(
+        &origin(&headers),
+        "/api/v2/incremental/organizations",
+        &query,
+        &[("start_time", end_time.to_string())],
+    );
+    kit::respond(
+        StatusCode::OK,
+        json!({
+            "organizations": records,
+            "count": take,
+            "end_time": end_time,
+            "end_of_stream": end_of_stream,
+            "next_page": next,
+        }),
+    )
+}
+
+fn encode_seq(seq: u64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("seq:{seq}"))
+}
+
+fn decode_seq(raw: &str) -> Option<u64> {
+    let bytes = URL_SAFE_NO_PAD.decode(raw).ok()?;
+    String::from_utf8(bytes)
+        .ok()?
+        .strip_prefix("seq:")?
+        .parse()
+        .ok()
+}
+
+/// Cursor-based export (users, tickets): `start_time` for the first page, then `cursor`.
+async fn incremental_cursor(
+    kind: Kind,
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    enum From {
+        Time(i64),
+        Seq(u64),
+    }
+    let from = match (query_get(&query, "cursor"), query_get(&query, "start_time")) {
+        (Some(c), _) => match decode_seq(c) {
+            Some(seq) => From::Seq(seq),
+            None => return bad_request("cursor is not valid"),
+        },
+        (None, Some(t)) => match t.parse::<i64>() {
+            Ok(t) => {
+                if let Some(response) = too_recent(t) {
+                    return response;
+                }
+                From::Time(t)
+            }
+            Err(_) => return bad_request("start_time must be unix seconds"),
+        },
+        (None, None) => return bad_request("start_time or cursor is required"),
+    };
+    let per_page = export_page_size(&query);
+    let state = shared.state.lock().unwrap();
+    let mut changed: Vec<&Stored> = state
+        .table(kind)
+        .values()
+        .filter(|s| match from {
+            From::Time(t) => seconds_of(&s.body, "updated_at") >= t,
+            From::Seq(seq) => s.seq > seq,
+        })
+        .collect();
+    changed.sort_by_key(|s| s.seq);
+    let end_of_stream = changed.len() <= per_page;
+    let page = &changed[..changed.len().min(per_page)];
+    let after_seq = page.last().map(|s| s.seq).unwrap_or(match from {
+        From::Seq(seq) => seq,
+        // Nothing changed since that time: continue after everything older.
+        From::Time(_) => state.next_seq,
+    });
+    let after_cursor = encode_seq(after_seq);
+    let path = format!("/api/v2/incremental/{}/cursor", kind.plural());
+    let base = origin(&headers);
+    let plain: Vec<(String, String)> = query
+        .iter()
+        .filter(|(k, _)| k != "start_time" && k != "cursor")
+        .cloned()
+        .collect();
+    let after_url = link(&base, &path, &plain, &[("cursor", after_cursor.clone())]);
+    let records: Vec<Value> = page.iter().map(|s| Value::Object(s.body.clone())).collect();
+    kit::respond(
+        StatusCode::OK,
+        json!({
+            kind.plural(): records,
+            "after_cursor": after_cursor,
+            "after_url": after_url,
+            "before_cursor": null,
+            "before_url": null,
+            "end_of_stream": end_of_stream,
+        }),
+    )
+}
+
+fn id_string(value: &Value) -> Value {
+    match value {
+        Value::Number(n) => Value::String(n.to_string()),
+        other => other.clone(),
+    }
+}
+
+/// The `detail` snapshot of an event: the documented properties, ids as strings.
+fn detail(kind: Kind, record: &Map<String, Value>) -> Value {
+    let keys: &[&str] = match kind {
+        Kind::Organization => &[
+            "created_at",
+            "external_id",
+            "group_id",
+            "id",
+            "name",
+            "shared_comments",
+            "shared_tickets",
+            "updated_at",
+        ],
+        Kind::User => &[
+            "created_at",
+            "email",
+            "external_id",
+            "default_group_id",
+            "id",
+            "organization_id",
+            "role",
+            "updated_at",
+        ],
+        Kind::Ticket => &[
+            "assignee_id",
+            "created_at",
+            "description",
+            "external_id",
+            "group_id",
+            "id",
+            "organization_id",
+            "priority",
+            "requester_id",
+            "status",
+            "subject",
+            "submitter_id",
+            "tags",
+            "type",
+            "updated_at",
+        ],
+    };
+    let mut out = Map::new();
+    for key in keys {
+        let value = record.get(*key).cloned().unwrap_or(Value::Null);
+        let value = if *key == "id" || key.ends_with("_id") && *key != "external_id" {
+            id_string(&value)
+        } else {
+            value
+        };
+        out.insert((*key).to_owned(), value);
+    }
+    if kind == Kind::Ticket {
+        out.insert("is_public".into(), json!(true));
+        out.insert("via".into(), json!({"channel": "api_call"}));
+        out.insert("actor_id".into(), json!("-1"));
+    }
+    Value::Object(out)
+}
+
+impl Shared {
+    fn emit_created(&self, kind: Kind, record: &Map<String, Value>) {
+        self.emit(
+            kind,
+            record,
+            &format!("{}.created", kind.singular()),
+            json!({}),
+        );
+    }
+
+    /// The event (if Zendesk has one) for one changed field. Fields without an event type
+    /// (an organization's `notes`, say) change silently, as they do in Zendesk.
+    fn emit_change(
+        &self,
+        kind: Kind,
+        record: &Map<String, Value>,
+        key: &str,
+        before: &Value,
+        after: &Value,
+    ) {
+        let current_previous = json!({"current": after, "previous": before});
+        let tags = || {
+            let list = |v: &Value| -> Vec<Value> { v.as_array().cloned().unwrap_or_default() };
+            let (old, new) = (list(before), list(after));
+            json!({
+                "tags_added": new.iter().filter(|t| !old.contains(t)).collect::<Vec<_>>(),
+                "tags_removed": old.iter().filter(|t| !new.contains(t)).collect::<Vec<_>>(),
+            })
+        };
+        let events: Vec<(&str, Value)> = match (kind, key) {
+            (Kind::Organization, "name") => vec![("name_changed", current_previous)],
+            (Kind::Organization, "external_id") => vec![("external_id_changed", current_previous)],
+            (Kind::Organization, "tags") => vec![("tags_changed", tags())],
+            (Kind::Organization, "organization_fields") => {
+                vec![("custom_field_changed", current_previous)]
+            }
+            (Kind::User, "organization_id") => {
+                let mut events = Vec::new();
+                if !before.is_null() {
+                    events.push((
+                        "organization_membership_deleted",
+                        json!({"organization": {"id": id_string(before)}}),
+                    ));
+                }
+                if !after.is_null() {
+                    events.push((
+                        "organization_membership_created",
+                        json!({"organization": {"id": id_string(after)}}),
+                    ));
+                }
+                events
+            }
+            (Kind::User, "tags") => vec![("tags_changed", tags())],
+            (Kind::User, key) => match key {
+                "name" => vec![("name_changed", current_previous)],
+                "email" | "phone" => vec![("identity_changed", current_previous)],
+                "external_id" => vec![("external_id_changed", current_previous)],
+                "role" => vec![("role_changed", current_previous)],
+                "details" => vec![("details_changed", current_previous)],
+                "notes" => vec![("notes_changed", current_previous)],
+                "default_group_id" => vec![("default_group_changed", current_previous)],
+                "suspended" => vec![("suspended_changed", current_previous)],
+                "time_zone" => vec![("time_zone_changed", current_previous)],
+                "user_fields" => vec![("custom_field_changed", current_previous)],
+                _ => vec![],
+            },
+            (Kind::Ticket, "tags") => vec![("tags_changed", tags())],
+            (Kind::Ticket, key) => match key {
+                "status" => vec![("status_changed", current_previous)],
+                "priority" => vec![("priority_changed", current_previous)],
+                "subject" => vec![("subject_changed", current_previous)],
+                "assignee_id" => vec![("agent_assignment_changed", current_previous)],
+                "group_id" => vec![("group_assignment_changed", current_previous)],
+                "organization_id" => vec![("organization_changed", current_previous)],
+                "requester_id" => vec![("requester_changed", current_previous)],
+                "external_id" => vec![("external_id_changed", current_previous)],
+                "type" => vec![("type_changed", current_previous)],
+                "custom_fields" => vec![("custom_field_changed", current_previous)],
+                _ => vec![],
+            },
+            _ => vec![],
+        };
+        for (name, event) in events {
+            self.emit(kind, record, &format!("{}.{name}", kind.singular()), event);
+        }
+    }
+
+    /// Signs and queues one event-subscription delivery. Called with the state lock held so that
+    /// webhooks leave in the order the changes were made.
+    fn emit(&self, kind: Kind, record: &Map<String, Value>, event_type: &str, event: Value) {
+        let id = record.get("id").map(id_string).unwrap_or(Value::Null);
+        let id_text = id.as_str().unwrap_or_default().to_owned();
+        let at = now();
+        let envelope = json!({
+            "account_id": ACCOUNT_ID,
+            "detail": detail(kind, record),
+            "event": event,
+            "id": uuid::Uuid::new_v4().to_string(),
+            "subject": format!("zen:{}:{id_text}", kind.singular()),
+            "time": at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            "type": format!("zen:event-type:{event_type}"),
+            "zendesk_event_version": EVENT_VERSION,
+        });
+        let body = serde_json::to_vec(&envelope).expect("JSON values serialize");
+        let signed_at = timestamp(at);
+        let signature = crate::signing::zendesk::sign(&self.webhook_secret, &signed_at, &body);
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &'static str, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        };
+        put("x-zendesk-webhook-signature", &signature);
+        put("x-zendesk-webhook-signature-timestamp", &signed_at);
+        put("x-zendesk-webhook-id", WEBHOOK_ID);
+        put(
+            "x-zendesk-webhook-invocation-id",
+            &uuid::Uuid::new_v4().to_string(),
+        );
+        put("x-zendesk-account-id", &ACCOUNT_ID.to_string());
+        self.webhooks.send(Outgoing { body, headers });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        assert_eq!(decode_cursor(&encode_cursor(42)), Some(42));
+        assert_eq!(decode_seq(&encode_seq(7)), Some(7));
+        assert_eq!(decode_cursor("not-a-cursor"), None);
+        assert_eq!(decode_seq(&encode_cursor(7)), None);
+    }
+
+    #[test]
+    fn basic_and_bearer_auth() {
+        let creds = SimCredentials {
+            email: "a@b.c".into(),
+            api_token: "tok".into(),
+            oauth_token: Some("oauth".into()),
+        };
+        let mut headers = HeaderMap::new();
+        let basic = format!("Basic {}", BASE64.encode("a@b.c/token:tok"));
+        headers.insert(header::AUTHORIZATION, basic.parse().unwrap());
+        assert!(authorized(&creds, &headers));
+        headers.insert(header::AUTHORIZATION, "Bearer oauth".parse().unwrap());
+        assert!(authorized(&creds, &headers));
+        headers.insert(header::AUTHORIZATION, "Bearer nope".parse().unwrap());
+        assert!(!authorized(&creds, &headers));
+        let wrong = format!("Basic {}", BASE64.encode("a@b.c:tok"));
+        headers.insert(header::AUTHORIZATION, wrong.parse().unwrap());
+        assert!(!authorized(&creds, &headers));
+        assert!(!format!("{creds:?}").contains("tok"));
+    }
+
+    #[test]
+    fn detail_has_ids_as_strings() {
+        let mut record = Kind::User.template();
+        record.insert("id".into(), json!(5));
+        record.insert("organization_id".into(), json!(9));
+        record.insert("external_id".into(), json!("x"));
+        let d = detail(Kind::User, &record);
+        assert_eq!(d["id"], json!("5"));
+        assert_eq!(d["organization_id"], json!("9"));
+        assert_eq!(d["external_id"], json!("x"));
+    }
+}
