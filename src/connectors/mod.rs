@@ -5,7 +5,9 @@
 //! (for example PowerOffice v2's `ContactId` is presented as the seed's `partyId`).
 //! May call: `db` (token storage, poll cursors). Must not call: `sync`, `queue`, `http`.
 
+pub mod exactonline;
 pub mod http;
+pub mod poweroffice;
 pub mod schema;
 
 use std::time::Duration;
