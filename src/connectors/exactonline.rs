@@ -89,10 +89,12 @@ impl EntityDef {
     /// `crm/Accounts(guid'…')` or `hrm/Divisions(123)`, after checking the id has the key's form.
     fn keyed_path(&self, id: &str) -> Result<String, ConnectorError> {
         if self.guid_key {
-            let guid = uuid::Uuid::parse_str(id).map_err(|_| bad_input(format!(
-                "`{id}` is not an Exact Online GUID key for {}",
-                self.path
-            )))?;
+            let guid = uuid::Uuid::parse_str(id).map_err(|_| {
+                bad_input(format!(
+                    "`{id}` is not an Exact Online GUID key for {}",
+                    self.path
+                ))
+            })?;
             Ok(format!("{}(guid'{}')", self.path, guid.hyphenated()))
         } else {
             let code: i64 = id.parse().map_err(|_| {
@@ -135,7 +137,9 @@ pub fn odata_date(at: DateTime<Utc>) -> String {
 
 /// Turns one OData entity into a [`Record`].
 fn to_record(def: &EntityDef, entity: &Value) -> Result<Record, ConnectorError> {
-    let object = entity.as_object().ok_or_else(|| malformed("an entity is not an object"))?;
+    let object = entity
+        .as_object()
+        .ok_or_else(|| malformed("an entity is not an object"))?;
     let id = match object.get(def.key) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
@@ -221,8 +225,9 @@ impl Budget {
         {
             self.recent.pop_front();
         }
-        if let (Some(0..), Some(reset)) = (self.daily_remaining, self.daily_reset) {
-            if self.daily_remaining == Some(0) && reset > wall {
+        if let (Some(remaining), Some(reset)) = (self.daily_remaining, self.daily_reset) {
+            if remaining <= 0 && reset > wall {
+                // The day's quota is gone: say when it comes back instead of sleeping for hours.
                 return Err(ConnectorError::RateLimited {
                     system: SYSTEM,
                     retry_after: (reset - wall).to_std().ok(),
@@ -257,7 +262,8 @@ impl Budget {
     }
 
     fn observe(&mut self, headers: &reqwest::header::HeaderMap) {
-        let int = |name: &str| -> Option<i64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
+        let int =
+            |name: &str| -> Option<i64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
         if let Some(v) = int("x-ratelimit-minutely-remaining") {
             self.minutely_remaining = Some(v);
         }
@@ -588,8 +594,11 @@ impl ExactOnline {
                 continue;
             }
             if status == StatusCode::TOO_MANY_REQUESTS {
-                let retry_after = super::http::retry_after(response.headers())
-                    .or(self.budget.lock().await.retry_after());
+                let retry_after = super::http::retry_after(response.headers()).or(self
+                    .budget
+                    .lock()
+                    .await
+                    .retry_after());
                 return Err(ConnectorError::RateLimited {
                     system: SYSTEM,
                     retry_after,
@@ -602,15 +611,12 @@ impl ExactOnline {
             if response.status() == StatusCode::NO_CONTENT {
                 return Ok(Some(Value::Null));
             }
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| send_error(SYSTEM, e))?;
+            let bytes = response.bytes().await.map_err(|e| send_error(SYSTEM, e))?;
             if bytes.is_empty() {
                 return Ok(Some(Value::Null));
             }
-            let value: Value = serde_json::from_slice(&bytes)
-                .map_err(|_| malformed("the body is not JSON"))?;
+            let value: Value =
+                serde_json::from_slice(&bytes).map_err(|_| malformed("the body is not JSON"))?;
             return Ok(Some(value));
         }
     }
@@ -687,7 +693,9 @@ impl Connector for ExactOnline {
         let body = Value::Object(fields.clone());
         match self.call(Method::POST, &url, Some(&body)).await? {
             Some(Value::Object(o)) => to_record(&def, &Self::single(Value::Object(o))?),
-            _ => Err(malformed("create returned no entity despite Prefer: return=representation")),
+            _ => Err(malformed(
+                "create returned no entity despite Prefer: return=representation",
+            )),
         }
     }
 

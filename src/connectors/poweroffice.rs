@@ -88,7 +88,10 @@ impl Kind {
             Ok(format!("ContactPersons/{contact}/{person}"))
         } else {
             let n: i64 = id.parse().map_err(|_| {
-                bad_input(format!("`{id}` is not a PowerOffice id for {}", self.collection()))
+                bad_input(format!(
+                    "`{id}` is not a PowerOffice id for {}",
+                    self.collection()
+                ))
             })?;
             Ok(format!("{}/{n}", self.collection()))
         }
@@ -131,7 +134,9 @@ fn id_text(value: Option<&Value>) -> Option<String> {
 
 /// A v2 DTO as a [`Record`].
 fn to_record(kind: Kind, dto: &Value) -> Result<Record, ConnectorError> {
-    let object = dto.as_object().ok_or_else(|| malformed("a record is not an object"))?;
+    let object = dto
+        .as_object()
+        .ok_or_else(|| malformed("a record is not an object"))?;
     let own_id = id_text(object.get("Id")).ok_or_else(|| malformed("a record has no Id"))?;
     let mut fields = object.clone();
     let id = if kind == Kind::ContactPersons {
@@ -354,8 +359,8 @@ impl PowerOffice {
             }
             if status == StatusCode::TOO_MANY_REQUESTS {
                 // The limit is shared by every client of the subscription key: pause everyone here.
-                let wait = super::http::retry_after(response.headers())
-                    .unwrap_or(Duration::from_secs(1));
+                let wait =
+                    super::http::retry_after(response.headers()).unwrap_or(Duration::from_secs(1));
                 self.limiter.pause_for(wait).await;
                 return Err(ConnectorError::RateLimited {
                     system: SYSTEM,
@@ -366,10 +371,7 @@ impl PowerOffice {
             if response.status() == StatusCode::NOT_FOUND {
                 return Ok(None);
             }
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| send_error(SYSTEM, e))?;
+            let bytes = response.bytes().await.map_err(|e| send_error(SYSTEM, e))?;
             if bytes.is_empty() {
                 return Ok(Some(Value::Null));
             }
@@ -379,7 +381,11 @@ impl PowerOffice {
         }
     }
 
-    async fn list(&self, kind: Kind, query: &[(&str, String)]) -> Result<Vec<Value>, ConnectorError> {
+    async fn list(
+        &self,
+        kind: Kind,
+        query: &[(&str, String)],
+    ) -> Result<Vec<Value>, ConnectorError> {
         let mut url = url::Url::parse(&self.url(kind.collection()))
             .map_err(|_| bad_input("poweroffice.base_url does not form a valid URL".to_owned()))?;
         {
@@ -436,7 +442,11 @@ impl Connector for PowerOffice {
         }
         let url = self.url(&path);
         match self
-            .call(Method::POST, &url, Some((&Value::Object(body), "application/json")))
+            .call(
+                Method::POST,
+                &url,
+                Some((&Value::Object(body), "application/json")),
+            )
             .await?
         {
             Some(dto @ Value::Object(_)) => to_record(kind, &dto),
@@ -484,13 +494,14 @@ impl Connector for PowerOffice {
             ));
         }
         if changed.is_empty() {
-            return self.fetch(entity_type, id).await?.ok_or_else(|| {
-                ConnectorError::Rejected {
+            return self
+                .fetch(entity_type, id)
+                .await?
+                .ok_or_else(|| ConnectorError::Rejected {
                     system: SYSTEM,
                     status: 404,
                     message: format!("{entity_type} {id} does not exist"),
-                }
-            });
+                });
         }
         let mut ops = Vec::new();
         patch_ops("", changed, &mut ops);
@@ -509,12 +520,14 @@ impl Connector for PowerOffice {
                 message: format!("{entity_type} {id} does not exist"),
             }),
             Some(dto @ Value::Object(_)) => to_record(kind, &dto),
-            Some(_) => self.fetch(entity_type, id).await?.ok_or_else(|| {
-                ConnectorError::Transient {
-                    system: SYSTEM,
-                    message: format!("{entity_type} {id} vanished right after its update"),
-                }
-            }),
+            Some(_) => {
+                self.fetch(entity_type, id)
+                    .await?
+                    .ok_or_else(|| ConnectorError::Transient {
+                        system: SYSTEM,
+                        message: format!("{entity_type} {id} vanished right after its update"),
+                    })
+            }
         }
     }
 
@@ -662,7 +675,9 @@ mod tests {
         let mut ops = Vec::new();
         patch_ops("", changed.as_object().unwrap(), &mut ops);
         assert!(ops.contains(&json!({"op": "replace", "path": "/Name", "value": "A"})));
-        assert!(ops.contains(&json!({"op": "replace", "path": "/MailAddress/City", "value": "Oslo"})));
+        assert!(
+            ops.contains(&json!({"op": "replace", "path": "/MailAddress/City", "value": "Oslo"}))
+        );
         assert!(ops.contains(&json!({"op": "replace", "path": "/a~1b", "value": 1})));
     }
 

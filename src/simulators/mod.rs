@@ -5,4 +5,6 @@
 //!
 //! Shared machinery lives in [`kit`]; each system has its own module.
 
+pub mod exactonline;
 pub mod kit;
+pub mod poweroffice;
