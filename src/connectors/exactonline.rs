@@ -757,8 +757,9 @@ impl Connector for ExactOnline {
         let def = entity(entity_type, "list_changed")?;
         if entity_type == "Accounts" {
             // Sync API: `Timestamp` is a row version; everything above the stored one is new.
+            // Exact's row versions start at 1, so `gt 0` is "everything".
             let from: i64 = match cursor {
-                None => 1,
+                None => 0,
                 Some(c) => c
                     .parse()
                     .map_err(|_| bad_input(format!("`{c}` is not an Exact sync cursor")))?,

@@ -257,6 +257,7 @@ impl Inner {
         );
         props.remove("Modified");
         props.remove("Timestamp");
+        props.insert("Division".to_owned(), json!(self.config.division));
         let now = Utc::now().timestamp_millis();
         self.row_version += 1;
         let key = (set, id.clone());

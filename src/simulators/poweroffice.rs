@@ -61,8 +61,10 @@ struct Inner {
     next_id: i64,
     frozen: Option<DateTime<Utc>>,
     tokens: BTreeMap<String, Instant>,
-    second_start: Instant,
-    second_used: u32,
+    /// Token bucket of the per-second limit (as the vendor's API gateway: a burst of at most
+    /// `per_second`, refilled continuously).
+    bucket: f64,
+    bucket_at: Instant,
     token_calls: u64,
 }
 
@@ -246,18 +248,18 @@ async fn guard(State(sim): State<PowerOfficeSim>, request: Request, next: Next) 
         if !bearer_ok {
             return po_error(StatusCode::UNAUTHORIZED, "invalid or expired token");
         }
-        if inner.second_start.elapsed() >= Duration::from_secs(1) {
-            inner.second_start = Instant::now();
-            inner.second_used = 0;
-        }
-        if inner.second_used >= inner.config.per_second {
+        let rate = f64::from(inner.config.per_second);
+        let refill = inner.bucket_at.elapsed().as_secs_f64() * rate;
+        inner.bucket = (inner.bucket + refill).min(rate);
+        inner.bucket_at = Instant::now();
+        if inner.bucket < 1.0 {
             let mut response = po_error(StatusCode::TOO_MANY_REQUESTS, "");
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));
             return response;
         }
-        inner.second_used += 1;
+        inner.bucket -= 1.0;
     }
     next.run(request).await
 }
@@ -585,6 +587,7 @@ pub async fn start(
     config: PowerOfficeSimConfig,
     bind: SocketAddr,
 ) -> std::io::Result<(PowerOfficeSim, RunningSim)> {
+    let full = f64::from(config.per_second);
     let sim = PowerOfficeSim {
         inner: Arc::new(Mutex::new(Inner {
             config,
@@ -592,8 +595,8 @@ pub async fn start(
             next_id: 1000,
             frozen: None,
             tokens: BTreeMap::new(),
-            second_start: Instant::now(),
-            second_used: 0,
+            bucket: full,
+            bucket_at: Instant::now(),
             token_calls: 0,
         })),
         control: SimControl::new(po_error),

@@ -1,3 +1,5 @@
 //! One integration-test binary with a module per feature (engineering.md item 3).
 
+mod exactonline;
 mod foundation;
+mod poweroffice;
