@@ -180,6 +180,10 @@ fn malformed(what: &str) -> ConnectorError {
 /// An OData string literal with quotes doubled.
 fn odata_literal(value: &Value) -> Result<String, ConnectorError> {
     Ok(match value {
+        // GUID-typed properties (`Parent`, `MainContact`) need the `guid'…'` literal.
+        Value::String(s) if uuid::Uuid::parse_str(s).is_ok() && s.len() == 36 => {
+            format!("guid'{s}'")
+        }
         Value::String(s) => format!("'{}'", s.replace('\'', "''")),
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
@@ -251,7 +255,8 @@ impl Budget {
             });
         }
         self.recent.push_back(now + wait);
-        // The headers describe the state before this call; count it against them.
+        // Count this call at once, so calls made before its response arrives (other tasks of
+        // this replica) see it too; the response's headers then replace the estimate.
         if let Some(r) = self.minutely_remaining.as_mut() {
             *r -= 1;
         }

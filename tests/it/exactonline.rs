@@ -553,3 +553,94 @@ async fn exact_simulator_refuses_reused_and_early_refreshes() {
     assert_eq!(body["error"], json!("invalid_request"));
     assert_eq!(exact.token_calls(), 2);
 }
+
+#[tokio::test]
+async fn exact_budget_stops_before_the_division_limit_is_hit() {
+    let db = testing::database().await;
+    let (exact, running) = sim::start(
+        ExactSimConfig {
+            minutely_limit: 5,
+            ..ExactSimConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let id = exact.seed_account(json!({"Name": "Budget BV"}));
+    let connector = ExactOnline::new(
+        config(&running.base_url(), "sim-refresh-0"),
+        db.pool.clone(),
+        Duration::from_secs(10),
+    );
+    for _ in 0..5 {
+        connector.fetch("Accounts", &id).await.unwrap().unwrap();
+    }
+    // The last answer said no calls are left this minute: the connector reports back-pressure
+    // with the time to the reset instead of calling and earning a 429.
+    match connector.fetch("Accounts", &id).await {
+        Err(ConnectorError::RateLimited {
+            retry_after: Some(wait),
+            ..
+        }) => assert!(wait <= Duration::from_secs(60), "{wait:?}"),
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+    assert_eq!(
+        exact
+            .control
+            .count("GET /api/v1/{division}/{module}/{segment}"),
+        5,
+        "the sixth call never reached Exact"
+    );
+}
+
+#[tokio::test]
+async fn exact_simulator_rotates_refresh_tokens() {
+    let (_exact, running) = sim::start(
+        ExactSimConfig {
+            min_refresh_interval: Duration::ZERO,
+            ..ExactSimConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/oauth2/token", running.base_url());
+    let refresh = |token: String| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let response = http
+                .post(url)
+                .form(&[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", token.as_str()),
+                    ("client_id", "sim-client"),
+                    ("client_secret", "sim-client-secret"),
+                ])
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    let token = |body: &Value| body["refresh_token"].as_str().unwrap().to_owned();
+    let (_, first) = refresh("sim-refresh-0".to_owned()).await;
+    let r1 = token(&first);
+    // A lost response: the old token still works while its successor is unused.
+    let (status, retried) = refresh("sim-refresh-0".to_owned()).await;
+    assert_eq!(status, 200);
+    let r1b = token(&retried);
+    assert_ne!(r1, r1b);
+    // Using the newest token retires everything before it.
+    let (status, _) = refresh(r1b.clone()).await;
+    assert_eq!(status, 200);
+    for old in ["sim-refresh-0".to_owned(), r1] {
+        let (status, body) = refresh(old).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"], json!("invalid_grant"));
+    }
+}
