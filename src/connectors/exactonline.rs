@@ -891,6 +891,8 @@ impl Connector for ExactOnline {
 mod tests {
     use super::*;
 
+    const GUID_TEXT: &str = "11111111-1111-1111-1111-111111111111";
+
     #[test]
     fn odata_dates_round_trip() {
         let at = parse_odata_date("/Date(1700000000123)/").unwrap();
@@ -921,8 +923,38 @@ mod tests {
     }
 
     #[test]
+    fn budget_reads_the_headers_and_keeps_a_local_window() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let in_an_hour = (Utc::now() + chrono::Duration::hours(1)).timestamp_millis();
+        headers.insert("x-ratelimit-remaining", "0".parse().unwrap());
+        headers.insert("x-ratelimit-reset", in_an_hour.to_string().parse().unwrap());
+        let mut budget = Budget::default();
+        budget.observe(&headers);
+        match budget.take() {
+            Err(ConnectorError::RateLimited {
+                retry_after: Some(wait),
+                ..
+            }) => assert!(wait > Duration::from_secs(3500)),
+            other => panic!("the day's quota is gone, got {other:?}"),
+        }
+
+        let mut local = Budget::default();
+        for _ in 0..MINUTE_LIMIT {
+            assert_eq!(local.take().unwrap(), Duration::ZERO);
+        }
+        assert!(
+            matches!(local.take(), Err(ConnectorError::RateLimited { .. })),
+            "the 61st call in a minute waits"
+        );
+    }
+
+    #[test]
     fn literals_escape_quotes() {
         assert_eq!(odata_literal(&Value::from("O'Neil")).unwrap(), "'O''Neil'");
         assert_eq!(odata_literal(&Value::from(3)).unwrap(), "3");
+        assert_eq!(
+            odata_literal(&Value::from(GUID_TEXT)).unwrap(),
+            format!("guid'{GUID_TEXT}'")
+        );
     }
 }

@@ -10,7 +10,7 @@
 //! owning contact (`ContactId`) is presented as the registry's `partyId` (v1's name). A contact
 //! person's record id is `"{contactId}:{id}"`, because v2 addresses it under its owner.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -193,13 +193,20 @@ fn loosely_equal(a: &Value, b: &Value) -> bool {
     matches!((text(a), text(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// The `list_changed` cursor. The vendor's filter is exclusive and several records can share a
-/// timestamp, so the cursor keeps the last timestamp and the ids already emitted at it, and asks
-/// for everything after a time just below it.
+/// How far below the cursor's time each poll looks again. The vendor stamps
+/// `LastChangedDateTimeOffset` when a write starts, so a slow write can become visible after a
+/// later one was already polled; looking back a little catches it. Also covers the exclusive
+/// filter: records at exactly the cursor's time are inside the window.
+const LOOKBACK: chrono::Duration = chrono::Duration::seconds(2);
+
+/// The `list_changed` cursor: the highest last-changed time seen, and every record already
+/// emitted whose time is inside the look-back window below it (id -> the time it was emitted
+/// at). A record re-read from the window with the same time is not emitted again; one with a
+/// new time has changed and is.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct ChangeCursor {
     at: Option<DateTime<Utc>>,
-    seen: BTreeSet<String>,
+    seen: BTreeMap<String, DateTime<Utc>>,
 }
 
 struct CachedToken {
@@ -542,22 +549,21 @@ impl Connector for PowerOffice {
             Some(c) => serde_json::from_str(c)
                 .map_err(|_| bad_input(format!("`{c}` is not a PowerOffice change cursor")))?,
         };
-        // Always page 1 of a fresh query: the cursor is the position. While a run of equal
-        // timestamps is longer than a page, the page grows by the ids already seen, so records
-        // at that time are re-read rather than skipped (a record updated meanwhile moves to a
-        // later time and is found there).
+        // Always page 1 of a fresh query: the cursor is the position. The page is larger by
+        // the records already seen in the window, so a run of equal timestamps longer than a
+        // page is re-read from its start and extended, never skipped (a record updated
+        // meanwhile moves to a later time and is found there).
         let size = (self.page_size + state.seen.len()).min(MAX_PAGE_SIZE);
         let mut query = vec![
             ("OrderBy", CHANGED_FIELD.to_owned()),
             ("PageNumber", "1".to_owned()),
             ("PageSize", size.to_string()),
         ];
-        if let Some(at) = state.at {
-            // Just below the cursor's time, because the filter is exclusive.
-            let below = at - chrono::Duration::milliseconds(1);
+        let window_start = state.at.map(|at| at - LOOKBACK);
+        if let Some(start) = window_start {
             query.push((
                 "lastChangedDateTimeOffsetGreaterThan",
-                below.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                start.to_rfc3339_opts(SecondsFormat::AutoSi, true),
             ));
         }
         let items = self.list(kind, &query).await?;
@@ -568,41 +574,36 @@ impl Connector for PowerOffice {
         }
         parsed.sort_by(|a, b| a.updated_at.cmp(&b.updated_at).then(a.id.cmp(&b.id)));
         let page_max = parsed.iter().filter_map(|r| r.updated_at).max();
-        let mut next = ChangeCursor {
-            at: state.at.max(page_max),
-            seen: if page_max > state.at {
-                BTreeSet::new()
-            } else {
-                state.seen.clone()
-            },
-        };
+        let mut seen = state.seen.clone();
         let mut records = Vec::new();
         for record in parsed {
             let Some(at) = record.updated_at else {
                 continue;
             };
-            if Some(at) == next.at {
-                next.seen.insert(record.id.clone());
+            if window_start.is_some_and(|start| at <= start) {
+                continue;
             }
-            let is_new = match state.at {
-                None => true,
-                Some(cursor_at) => {
-                    at > cursor_at || (at == cursor_at && !state.seen.contains(&record.id))
-                }
-            };
-            if is_new {
-                records.push(record);
+            if seen.get(&record.id) == Some(&at) {
+                continue;
             }
+            seen.insert(record.id.clone(), at);
+            records.push(record);
+        }
+        let next_at = state.at.max(page_max);
+        if let Some(at) = next_at {
+            seen.retain(|_, t| *t > at - LOOKBACK);
         }
         if size >= MAX_PAGE_SIZE && full && page_max <= state.at {
             return Err(ConnectorError::Transient {
                 system: SYSTEM,
                 message: format!(
-                    "more than {MAX_PAGE_SIZE} {entity_type} share one last-changed time; \
-                     the change list cannot page past them"
+                    "more than {MAX_PAGE_SIZE} {entity_type} changed within {}s of one another; \
+                     the change list cannot page past them",
+                    LOOKBACK.num_seconds()
                 ),
             });
         }
+        let next = ChangeCursor { at: next_at, seen };
         Ok(ChangePage {
             records,
             next_cursor: Some(serde_json::to_string(&next).expect("cursor serialises")),
