@@ -384,19 +384,6 @@ impl ExactOnline {
     async fn access_token(&self, rejected: Option<&str>) -> Result<String, ConnectorError> {
         let account = self.account();
         let seed = self.seed_hash();
-        // The configured refresh token seeds the row only when none exists yet.
-        sqlx::query(
-            "INSERT INTO oauth_tokens (system, account, refresh_token, seed_sha256) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (system, account) DO NOTHING",
-        )
-        .bind(SYSTEM.as_str())
-        .bind(&account)
-        .bind(self.config.refresh_token.expose_secret())
-        .bind(&seed)
-        .execute(&self.pool)
-        .await
-        .map_err(Self::db_error)?;
-
         let usable = |row: &TokenRow| -> Option<String> {
             let token = row.access_token.as_ref()?;
             let expires = row.access_expires_at?;
@@ -405,22 +392,45 @@ impl ExactOnline {
         };
 
         // Fast path without a lock: most calls find a valid token.
-        let row: TokenRow = sqlx::query_as(
+        let row: Option<TokenRow> = sqlx::query_as(
             "SELECT access_token, access_expires_at, refresh_token, refreshed_at, seed_sha256, \
              stopped_reason FROM oauth_tokens WHERE system = $1 AND account = $2",
         )
         .bind(SYSTEM.as_str())
         .bind(&account)
-        .fetch_one(&self.pool)
+        .fetch_optional(&self.pool)
         .await
         .map_err(Self::db_error)?;
-        if let Some(reason) = &row.stopped_reason {
-            if row.seed_sha256 == seed {
-                return Err(Self::stopped_error(reason));
+        match &row {
+            Some(row) => {
+                if let Some(reason) = &row.stopped_reason {
+                    if row.seed_sha256 == seed {
+                        return Err(Self::stopped_error(reason));
+                    }
+                } else if let Some(token) = usable(row) {
+                    return Ok(token);
+                }
             }
-        } else if let Some(token) = usable(&row) {
-            return Ok(token);
+            None => {
+                // The configured refresh token seeds the row only when none exists yet.
+                sqlx::query(
+                    "INSERT INTO oauth_tokens (system, account, refresh_token, seed_sha256) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (system, account) DO NOTHING",
+                )
+                .bind(SYSTEM.as_str())
+                .bind(&account)
+                .bind(self.config.refresh_token.expose_secret())
+                .bind(&seed)
+                .execute(&self.pool)
+                .await
+                .map_err(Self::db_error)?;
+            }
         }
+
+        // Slow path: take the row lock. Holding it across the token call is what makes one
+        // replica the only user of the refresh token; the others wait here and then find the new
+        // access token. If the call times out or the commit fails after Exact rotated, nothing
+        // is lost: Exact keeps the old refresh token valid until the new one is used.
 
         let mut tx = self.pool.begin().await.map_err(Self::db_error)?;
         let mut row: TokenRow = sqlx::query_as(
