@@ -181,6 +181,39 @@ impl ExactSim {
         inner.insert(set, props, None).0
     }
 
+    /// Changes an account as a user in Exact would: new `Modified` and sync `Timestamp`, and an
+    /// `Update` webhook. Returns `false` if there is no such account.
+    pub fn change_account(&self, id: &str, changes: Value) -> bool {
+        let id = id.to_lowercase();
+        {
+            let mut inner = self.lock();
+            let Some(row) = inner.rows.get(&(Set::Accounts, id.clone())) else {
+                return false;
+            };
+            let mut props = row.props.clone();
+            if let Value::Object(changes) = changes {
+                props.extend(changes);
+            }
+            inner.insert(Set::Accounts, props, Some(id.clone()));
+        }
+        self.notify("Update", &id);
+        true
+    }
+
+    /// Deletes an account as a user in Exact would, with a `Delete` webhook.
+    pub fn delete_account(&self, id: &str) -> bool {
+        let id = id.to_lowercase();
+        let removed = self
+            .lock()
+            .rows
+            .remove(&(Set::Accounts, id.clone()))
+            .is_some();
+        if removed {
+            self.notify("Delete", &id);
+        }
+        removed
+    }
+
     /// An account's current properties (test assertions).
     pub fn account(&self, id: &str) -> Option<Value> {
         let inner = self.lock();

@@ -644,3 +644,48 @@ async fn exact_simulator_rotates_refresh_tokens() {
         assert_eq!(body["error"], json!("invalid_grant"));
     }
 }
+
+#[tokio::test]
+async fn exact_simulator_signs_webhooks_for_user_changes_and_deletes() {
+    let hooks = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/webhooks/exactonline"))
+        .respond_with(ResponseTemplate::new(200))
+        .expect(2)
+        .mount(&hooks)
+        .await;
+    let (exact, _running) = sim::start(
+        ExactSimConfig {
+            webhook_target: Some(format!("{}/webhooks/exactonline", hooks.uri())),
+            ..ExactSimConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let id = exact.seed_account(json!({"Name": "Quiet seed"}));
+    assert!(exact.change_account(&id, json!({"Name": "Edited in Exact"})));
+    assert!(exact.delete_account(&id));
+    assert!(!exact.delete_account(&id));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while exact.webhook_stats().delivered < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "webhooks not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let actions: Vec<String> = hooks
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(body["Content"]["Key"], json!(id));
+            assert_eq!(body["HashCode"].as_str().unwrap().len(), 64);
+            body["Content"]["Action"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(actions, ["Update", "Delete"]);
+}
