@@ -654,6 +654,13 @@ impl ExactOnline {
             ),
             _ => return Err(malformed("`d` is neither a list nor an object")),
         };
+        // The bearer token goes wherever `__next` points: only follow links to our own base.
+        if let Some(link) = &next {
+            let base = self.config.base_url.as_str().trim_end_matches('/');
+            if !link.starts_with(&format!("{base}/")) {
+                return Err(malformed("`__next` points outside exactonline.base_url"));
+            }
+        }
         Ok((results, next))
     }
 
