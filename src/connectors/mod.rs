@@ -7,7 +7,9 @@
 
 pub mod crmoffice;
 pub mod custom;
+pub mod exactonline;
 pub mod http;
+pub mod poweroffice;
 pub mod schema;
 pub mod zendesk;
 

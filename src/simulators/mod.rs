@@ -7,5 +7,7 @@
 
 pub mod crmoffice;
 pub mod custom;
+pub mod exactonline;
 pub mod kit;
+pub mod poweroffice;
 pub mod zendesk;

@@ -2,7 +2,9 @@
 
 mod crmoffice;
 mod custom;
+mod exactonline;
 mod foundation;
 mod polling;
+mod poweroffice;
 mod registry;
 mod zendesk;

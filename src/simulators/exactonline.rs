@@ -1,0 +1,866 @@
+//! Exact Online simulator: the token endpoint with rotating refresh tokens, `crm/Accounts`,
+//! `hrm/Departments`, `hrm/Divisions` and `sync/CRM/Accounts` of one division in OData v2 JSON,
+//! the per-division minute and day limits with `X-RateLimit-*` headers, and HashCode-signed
+//! webhooks (topic `Accounts`) for every account change made through the API.
+//!
+//! Token rules as Exact applies them: each refresh returns a new refresh token; the previous one
+//! still works until the new one has been used (a lost response can be retried), after that it
+//! is invalid (`400 invalid_grant`). A refresh sooner than `min_refresh_interval` after the last
+//! one is refused with `400 invalid_request`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use serde_json::{json, Map, Value};
+
+use super::kit::{self, Outgoing, RunningSim, SimControl, WebhookSender};
+use crate::signing;
+
+/// How the simulated tenant is set up.
+#[derive(Debug, Clone)]
+pub struct ExactSimConfig {
+    pub division: i64,
+    pub client_id: String,
+    pub client_secret: String,
+    /// The refresh token the first refresh must use (what an operator would configure).
+    pub refresh_token: String,
+    pub access_token_ttl: Duration,
+    pub min_refresh_interval: Duration,
+    pub minutely_limit: u32,
+    pub daily_limit: u32,
+    pub page_size: usize,
+    /// Key of the webhook HashCode; with `webhook_target`, account changes are sent there.
+    pub webhook_secret: String,
+    pub webhook_target: Option<String>,
+}
+
+impl Default for ExactSimConfig {
+    fn default() -> Self {
+        ExactSimConfig {
+            division: 123456,
+            client_id: "sim-client".to_owned(),
+            client_secret: "sim-client-secret".to_owned(),
+            refresh_token: "sim-refresh-0".to_owned(),
+            access_token_ttl: Duration::from_secs(600),
+            min_refresh_interval: Duration::from_secs(570),
+            minutely_limit: 60,
+            daily_limit: 5000,
+            page_size: 60,
+            webhook_secret: "sim-webhook-secret".to_owned(),
+            webhook_target: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Set {
+    Accounts,
+    Departments,
+    Divisions,
+}
+
+struct Row {
+    /// The entity's properties, dates as milliseconds in `Created`/`Modified` below.
+    props: Map<String, Value>,
+    modified_ms: i64,
+    /// Sync API row version.
+    timestamp: i64,
+}
+
+struct Tokens {
+    current: String,
+    previous: Option<String>,
+    generation: u64,
+    last_refresh: Option<Instant>,
+    access: BTreeMap<String, Instant>,
+}
+
+struct Limits {
+    minute_start: DateTime<Utc>,
+    minute_used: u32,
+    day_start: DateTime<Utc>,
+    day_used: u32,
+}
+
+struct Inner {
+    config: ExactSimConfig,
+    rows: BTreeMap<(Set, String), Row>,
+    row_version: i64,
+    tokens: Tokens,
+    limits: Limits,
+    public_base: String,
+    token_calls: u64,
+}
+
+/// Handle to a running Exact simulator's state.
+#[derive(Clone)]
+pub struct ExactSim {
+    inner: Arc<Mutex<Inner>>,
+    pub control: SimControl,
+    webhooks: WebhookSender,
+}
+
+/// Exact's error envelope.
+fn exact_error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": "", "message": {"lang": "", "value": message}}})),
+    )
+        .into_response()
+}
+
+fn odata_date(ms: i64) -> Value {
+    Value::String(format!("/Date({ms})/"))
+}
+
+impl ExactSim {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap()
+    }
+
+    /// Calls to the token endpoint so far.
+    pub fn token_calls(&self) -> u64 {
+        self.lock().token_calls
+    }
+
+    /// The refresh token that currently works (what a re-authorisation would hand out).
+    pub fn current_refresh_token(&self) -> String {
+        self.lock().tokens.current.clone()
+    }
+
+    /// Makes every access token expire now, as if ten minutes had passed.
+    pub fn expire_access_tokens(&self) {
+        let now = Instant::now();
+        for until in self.lock().tokens.access.values_mut() {
+            *until = now;
+        }
+    }
+
+    /// Adds or replaces an account without a webhook (test and sandbox seeding). Returns its ID.
+    pub fn seed_account(&self, props: Value) -> String {
+        self.seed(Set::Accounts, props)
+    }
+
+    pub fn seed_department(&self, props: Value) -> String {
+        self.seed(Set::Departments, props)
+    }
+
+    /// Divisions are keyed by their integer `Code`, which `props` must contain.
+    pub fn seed_division(&self, props: Value) -> String {
+        self.seed(Set::Divisions, props)
+    }
+
+    /// Seeds with a given `Modified` time (milliseconds), for equal-timestamp tests.
+    pub fn seed_at(&self, entity_set: &str, props: Value, modified_ms: i64) -> String {
+        let set = match entity_set {
+            "Accounts" => Set::Accounts,
+            "Departments" => Set::Departments,
+            _ => Set::Divisions,
+        };
+        let id = self.seed(set, props);
+        if let Some(row) = self.lock().rows.get_mut(&(set, id.clone())) {
+            row.modified_ms = modified_ms;
+        }
+        id
+    }
+
+    fn seed(&self, set: Set, props: Value) -> String {
+        let mut inner = self.lock();
+        let Value::Object(props) = props else {
+            panic!("seed properties must be a JSON object");
+        };
+        inner.insert(set, props, None).0
+    }
+
+    /// Changes an account as a user in Exact would: new `Modified` and sync `Timestamp`, and an
+    /// `Update` webhook. Returns `false` if there is no such account.
+    pub fn change_account(&self, id: &str, changes: Value) -> bool {
+        let id = id.to_lowercase();
+        {
+            let mut inner = self.lock();
+            let Some(row) = inner.rows.get(&(Set::Accounts, id.clone())) else {
+                return false;
+            };
+            let mut props = row.props.clone();
+            if let Value::Object(changes) = changes {
+                props.extend(changes);
+            }
+            inner.insert(Set::Accounts, props, Some(id.clone()));
+        }
+        self.notify("Update", &id);
+        true
+    }
+
+    /// Deletes an account as a user in Exact would, with a `Delete` webhook.
+    pub fn delete_account(&self, id: &str) -> bool {
+        let id = id.to_lowercase();
+        let removed = self
+            .lock()
+            .rows
+            .remove(&(Set::Accounts, id.clone()))
+            .is_some();
+        if removed {
+            self.notify("Delete", &id);
+        }
+        removed
+    }
+
+    /// An account's current properties (test assertions).
+    pub fn account(&self, id: &str) -> Option<Value> {
+        let inner = self.lock();
+        inner
+            .rows
+            .get(&(Set::Accounts, id.to_owned()))
+            .map(|row| inner.render(Set::Accounts, row))
+    }
+
+    pub fn webhook_stats(&self) -> kit::WebhookStats {
+        self.webhooks.stats()
+    }
+
+    fn notify(&self, action: &str, id: &str) {
+        let (content, secret) = {
+            let inner = self.lock();
+            if inner.config.webhook_target.is_none() {
+                return;
+            }
+            let endpoint = format!(
+                "{}/api/v1/{}/crm/Accounts(guid'{id}')",
+                inner.public_base, inner.config.division
+            );
+            let content = json!({
+                "Topic": "Accounts",
+                "ClientId": inner.config.client_id,
+                "Division": inner.config.division,
+                "Action": action,
+                "Key": id,
+                "ExactOnlineEndpoint": endpoint,
+                "EventCreatedOn": Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f").to_string(),
+            })
+            .to_string();
+            (content, inner.config.webhook_secret.clone())
+        };
+        let hash = signing::exact::sign(&secret, content.as_bytes());
+        let body = format!("{{\"Content\":{content},\"HashCode\":\"{hash}\"}}");
+        self.webhooks.send(Outgoing {
+            body: body.into_bytes(),
+            headers: HeaderMap::new(),
+        });
+    }
+}
+
+impl Inner {
+    fn key_field(set: Set) -> &'static str {
+        match set {
+            Set::Divisions => "Code",
+            _ => "ID",
+        }
+    }
+
+    /// Inserts or replaces; returns the key and whether it was new.
+    fn insert(
+        &mut self,
+        set: Set,
+        mut props: Map<String, Value>,
+        id: Option<String>,
+    ) -> (String, bool) {
+        let key_field = Self::key_field(set);
+        let id = match (id, props.get(key_field)) {
+            (Some(id), _) => id,
+            (None, Some(Value::String(s))) => s.to_lowercase(),
+            (None, Some(Value::Number(n))) => n.to_string(),
+            _ => uuid::Uuid::new_v4().to_string(),
+        };
+        props.insert(
+            key_field.to_owned(),
+            if set == Set::Divisions {
+                json!(id.parse::<i64>().unwrap_or_default())
+            } else {
+                json!(id)
+            },
+        );
+        props.remove("Modified");
+        props.remove("Timestamp");
+        props.insert("Division".to_owned(), json!(self.config.division));
+        let now = Utc::now().timestamp_millis();
+        self.row_version += 1;
+        let key = (set, id.clone());
+        let created = !self.rows.contains_key(&key);
+        if created {
+            props.entry("Created").or_insert(odata_date(now));
+        }
+        self.rows.insert(
+            key,
+            Row {
+                props,
+                modified_ms: now,
+                timestamp: self.row_version,
+            },
+        );
+        (id, created)
+    }
+
+    fn render(&self, _set: Set, row: &Row) -> Value {
+        let mut props = row.props.clone();
+        props.insert("Modified".to_owned(), odata_date(row.modified_ms));
+        props.insert("Division".to_owned(), json!(self.config.division));
+        Value::Object(props)
+    }
+
+    fn check_bearer(&mut self, headers: &HeaderMap) -> bool {
+        let Some(token) = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        matches!(self.tokens.access.get(token), Some(until) if *until > Instant::now())
+    }
+
+    /// Counts a call against the minute and day windows; `Err` is a 429.
+    fn take_limits(&mut self) -> Result<(), ()> {
+        let now = Utc::now();
+        if now - self.limits.minute_start >= chrono::Duration::minutes(1) {
+            self.limits.minute_start = now;
+            self.limits.minute_used = 0;
+        }
+        if now - self.limits.day_start >= chrono::Duration::days(1) {
+            self.limits.day_start = now;
+            self.limits.day_used = 0;
+        }
+        if self.limits.minute_used >= self.config.minutely_limit
+            || self.limits.day_used >= self.config.daily_limit
+        {
+            return Err(());
+        }
+        self.limits.minute_used += 1;
+        self.limits.day_used += 1;
+        Ok(())
+    }
+
+    fn limit_headers(&self) -> Vec<(&'static str, String)> {
+        let minute_reset = self.limits.minute_start + chrono::Duration::minutes(1);
+        let day_reset = self.limits.day_start + chrono::Duration::days(1);
+        vec![
+            ("x-ratelimit-limit", self.config.daily_limit.to_string()),
+            (
+                "x-ratelimit-remaining",
+                self.config
+                    .daily_limit
+                    .saturating_sub(self.limits.day_used)
+                    .to_string(),
+            ),
+            (
+                "x-ratelimit-reset",
+                day_reset.timestamp_millis().to_string(),
+            ),
+            (
+                "x-ratelimit-minutely-limit",
+                self.config.minutely_limit.to_string(),
+            ),
+            (
+                "x-ratelimit-minutely-remaining",
+                self.config
+                    .minutely_limit
+                    .saturating_sub(self.limits.minute_used)
+                    .to_string(),
+            ),
+            (
+                "x-ratelimit-minutely-reset",
+                minute_reset.timestamp_millis().to_string(),
+            ),
+        ]
+    }
+}
+
+/// Auth and the per-division limits, with the headers on every answer (429 included).
+async fn api_guard(State(sim): State<ExactSim>, request: Request, next: Next) -> Response {
+    let (authorised, limited, headers) = {
+        let mut inner = sim.lock();
+        let authorised = inner.check_bearer(request.headers());
+        let limited = authorised && inner.take_limits().is_err();
+        (authorised, limited, inner.limit_headers())
+    };
+    let mut response = if !authorised {
+        exact_error(StatusCode::UNAUTHORIZED, "Unauthorized")
+    } else if limited {
+        exact_error(StatusCode::TOO_MANY_REQUESTS, "API rate limit exceeded")
+    } else {
+        next.run(request).await
+    };
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
+    }
+    response
+}
+
+async fn token(
+    State(sim): State<ExactSim>,
+    Form(form): Form<BTreeMap<String, String>>,
+) -> Response {
+    let mut inner = sim.lock();
+    inner.token_calls += 1;
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    if field("client_id") != inner.config.client_id
+        || field("client_secret") != inner.config.client_secret
+    {
+        return kit::respond(StatusCode::BAD_REQUEST, json!({"error": "invalid_client"}));
+    }
+    if field("grant_type") != "refresh_token" {
+        return kit::respond(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "unsupported_grant_type"}),
+        );
+    }
+    let presented = field("refresh_token").to_owned();
+    let tokens = &inner.tokens;
+    let valid =
+        presented == tokens.current || tokens.previous.as_deref() == Some(presented.as_str());
+    if !valid {
+        return kit::respond(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_grant", "error_description": "Old or invalid refresh token."}),
+        );
+    }
+    if let Some(last) = tokens.last_refresh {
+        if last.elapsed() < inner.config.min_refresh_interval {
+            return kit::respond(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_request", "error_description": "Access token requested too soon; wait until the current one is about to expire."}),
+            );
+        }
+    }
+    let ttl = inner.config.access_token_ttl;
+    let tokens = &mut inner.tokens;
+    if presented == tokens.current {
+        // Using the newest token retires the one before it; it stays valid itself until its
+        // successor is used, so a lost response can be retried.
+        tokens.previous = Some(presented);
+    }
+    // Presenting the previous token discards its unused successor and keeps `previous` as is.
+    tokens.generation += 1;
+    tokens.current = format!(
+        "sim-refresh-{}-{}",
+        tokens.generation,
+        uuid::Uuid::new_v4().simple()
+    );
+    tokens.last_refresh = Some(Instant::now());
+    let access = format!("sim-access-{}", uuid::Uuid::new_v4().simple());
+    tokens.access.insert(access.clone(), Instant::now() + ttl);
+    let refresh = tokens.current.clone();
+    kit::respond(
+        StatusCode::OK,
+        json!({
+            "access_token": access,
+            "token_type": "bearer",
+            "expires_in": ttl.as_secs().to_string(),
+            "refresh_token": refresh,
+        }),
+    )
+}
+
+/// `Accounts`, `Accounts(guid'…')`, `Divisions(12)`.
+fn parse_segment(segment: &str) -> Option<(&str, Option<String>)> {
+    match segment.split_once('(') {
+        None => Some((segment, None)),
+        Some((name, rest)) => {
+            let key = rest.strip_suffix(')')?;
+            let key = key
+                .strip_prefix("guid'")
+                .and_then(|k| k.strip_suffix('\''))
+                .unwrap_or(key);
+            Some((name, Some(key.to_lowercase())))
+        }
+    }
+}
+
+fn set_of(module: &str, name: &str) -> Option<Set> {
+    match (module, name) {
+        ("crm", "Accounts") => Some(Set::Accounts),
+        ("hrm", "Departments") => Some(Set::Departments),
+        ("hrm", "Divisions") => Some(Set::Divisions),
+        _ => None,
+    }
+}
+
+/// One `$filter` clause: `Name eq 'x'`, `Timestamp gt 5`, `Modified ge datetime'…'`.
+struct Clause {
+    field: String,
+    op: String,
+    value: Value,
+}
+
+fn parse_filter(filter: &str) -> Result<Vec<Clause>, String> {
+    let mut clauses = Vec::new();
+    for part in split_and(filter) {
+        let part = part.trim();
+        let mut pieces = part.splitn(3, ' ');
+        let (Some(field), Some(op), Some(literal)) = (pieces.next(), pieces.next(), pieces.next())
+        else {
+            return Err(format!("cannot parse filter clause `{part}`"));
+        };
+        let literal = literal.trim();
+        let value = if let Some(s) = literal
+            .strip_prefix("datetime'")
+            .and_then(|s| s.strip_suffix('\''))
+        {
+            let at = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .map_err(|_| format!("bad datetime `{s}`"))?;
+            json!(Utc.from_utc_datetime(&at).timestamp_millis())
+        } else if let Some(s) = literal
+            .strip_prefix("guid'")
+            .and_then(|s| s.strip_suffix('\''))
+        {
+            json!(s.to_lowercase())
+        } else if let Some(s) = literal
+            .strip_prefix('\'')
+            .and_then(|s| s.strip_suffix('\''))
+        {
+            json!(s.replace("''", "'"))
+        } else if literal == "true" || literal == "false" {
+            json!(literal == "true")
+        } else if literal == "null" {
+            Value::Null
+        } else {
+            json!(literal
+                .parse::<f64>()
+                .map_err(|_| format!("bad literal `{literal}`"))?)
+        };
+        if !matches!(op, "eq" | "gt" | "ge" | "lt" | "le" | "ne") {
+            return Err(format!("unsupported operator `{op}`"));
+        }
+        clauses.push(Clause {
+            field: field.to_owned(),
+            op: op.to_owned(),
+            value,
+        });
+    }
+    Ok(clauses)
+}
+
+/// Splits on ` and ` outside quotes.
+fn split_and(filter: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let chars: Vec<char> = filter.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if !quoted && chars[i..].iter().collect::<String>().starts_with(" and ") {
+            parts.push(std::mem::take(&mut current));
+            i += 5;
+            continue;
+        }
+        current.push(c);
+        i += 1;
+    }
+    parts.push(current);
+    parts
+}
+
+fn compare(have: &Value, op: &str, want: &Value) -> bool {
+    let ordering = match (have, want) {
+        (Value::Number(a), Value::Number(b)) => a.as_f64().partial_cmp(&b.as_f64()),
+        (Value::String(a), Value::String(b)) => Some(a.to_lowercase().cmp(&b.to_lowercase())),
+        (Value::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
+        (Value::Null, Value::Null) => Some(std::cmp::Ordering::Equal),
+        _ => None,
+    };
+    use std::cmp::Ordering::*;
+    match (op, ordering) {
+        ("eq", Some(Equal)) => true,
+        ("ne", o) => o != Some(Equal),
+        ("gt", Some(Greater)) => true,
+        ("ge", Some(Greater | Equal)) => true,
+        ("lt", Some(Less)) => true,
+        ("le", Some(Less | Equal)) => true,
+        _ => false,
+    }
+}
+
+fn matches(row: &Row, clauses: &[Clause]) -> bool {
+    clauses.iter().all(|c| {
+        let have = match c.field.as_str() {
+            "Modified" => json!(row.modified_ms),
+            "Timestamp" => json!(row.timestamp),
+            f => row.props.get(f).cloned().unwrap_or(Value::Null),
+        };
+        compare(&have, &c.op, &c.value)
+    })
+}
+
+fn next_link(base: &str, path: &str, query: &BTreeMap<String, String>, skip: usize) -> String {
+    let mut url = url::Url::parse(&format!("{base}{path}")).expect("simulator URL");
+    {
+        let mut pairs = url.query_pairs_mut();
+        for (k, v) in query {
+            if k != "$skiptoken" {
+                pairs.append_pair(k, v);
+            }
+        }
+        pairs.append_pair("$skiptoken", &skip.to_string());
+    }
+    url.to_string()
+}
+
+fn list(
+    inner: &Inner,
+    set: Set,
+    path: &str,
+    query: &BTreeMap<String, String>,
+    sync: bool,
+) -> Response {
+    let clauses = match query.get("$filter").map(|f| parse_filter(f)).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(message) => return exact_error(StatusCode::BAD_REQUEST, &message),
+    };
+    let mut rows: Vec<(&String, &Row)> = inner
+        .rows
+        .iter()
+        .filter(|((s, _), row)| *s == set && matches(row, &clauses))
+        .map(|((_, id), row)| (id, row))
+        .collect();
+    match query.get("$orderby").map(String::as_str) {
+        Some("Modified") => {
+            rows.sort_by(|a, b| a.1.modified_ms.cmp(&b.1.modified_ms).then(a.0.cmp(b.0)))
+        }
+        Some("Timestamp") => rows.sort_by_key(|r| r.1.timestamp),
+        _ if sync => rows.sort_by_key(|r| r.1.timestamp),
+        _ => {}
+    }
+    let skip: usize = query
+        .get("$skiptoken")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let page = if sync { 1000 } else { inner.config.page_size };
+    let results: Vec<Value> = rows
+        .iter()
+        .skip(skip)
+        .take(page)
+        .map(|(_, row)| {
+            let mut v = inner.render(set, row);
+            if sync {
+                v["Timestamp"] = json!(row.timestamp);
+            }
+            v
+        })
+        .collect();
+    let mut d = json!({ "results": results });
+    if rows.len() > skip + page {
+        d["__next"] = json!(next_link(&inner.public_base, path, query, skip + page));
+    }
+    kit::respond(StatusCode::OK, json!({ "d": d }))
+}
+
+async fn entity_get(
+    State(sim): State<ExactSim>,
+    Path((_division, module, segment)): Path<(i64, String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+    request_path: axum::http::Uri,
+) -> Response {
+    let inner = sim.lock();
+    let Some((name, key)) = parse_segment(&segment) else {
+        return exact_error(StatusCode::BAD_REQUEST, "bad resource segment");
+    };
+    let Some(set) = set_of(&module, name) else {
+        return exact_error(StatusCode::NOT_FOUND, "unknown resource");
+    };
+    match key {
+        None => list(&inner, set, request_path.path(), &query, false),
+        Some(key) => match inner.rows.get(&(set, key)) {
+            Some(row) => kit::respond(StatusCode::OK, json!({"d": inner.render(set, row)})),
+            None => exact_error(StatusCode::NOT_FOUND, "Not found"),
+        },
+    }
+}
+
+async fn sync_accounts(
+    State(sim): State<ExactSim>,
+    Query(query): Query<BTreeMap<String, String>>,
+    uri: axum::http::Uri,
+) -> Response {
+    let inner = sim.lock();
+    if !query
+        .get("$filter")
+        .is_some_and(|f| f.contains("Timestamp"))
+    {
+        return exact_error(
+            StatusCode::BAD_REQUEST,
+            "The sync API requires a filter on Timestamp",
+        );
+    }
+    list(&inner, Set::Accounts, uri.path(), &query, true)
+}
+
+async fn entity_post(
+    State(sim): State<ExactSim>,
+    Path((_division, module, segment)): Path<(i64, String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(set) = parse_segment(&segment)
+        .and_then(|(n, k)| k.is_none().then_some(()).and(set_of(&module, n)))
+    else {
+        return exact_error(StatusCode::NOT_FOUND, "unknown resource");
+    };
+    if set == Set::Divisions {
+        return exact_error(StatusCode::METHOD_NOT_ALLOWED, "Divisions are read-only");
+    }
+    let Value::Object(props) = body else {
+        return exact_error(StatusCode::BAD_REQUEST, "body must be an object");
+    };
+    if set == Set::Accounts
+        && props
+            .get("Name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+    {
+        return exact_error(StatusCode::BAD_REQUEST, "Mandatory: Name");
+    }
+    let (id, rendered) = {
+        let mut inner = sim.lock();
+        let (id, _) = inner.insert(set, props, Some(uuid::Uuid::new_v4().to_string()));
+        let rendered = inner.render(set, &inner.rows[&(set, id.clone())]);
+        (id, rendered)
+    };
+    if set == Set::Accounts {
+        sim.notify("Create", &id);
+    }
+    let wants_body = headers
+        .get("prefer")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("return=representation"));
+    if wants_body {
+        kit::respond(StatusCode::CREATED, json!({"d": rendered}))
+    } else {
+        kit::empty(StatusCode::CREATED)
+    }
+}
+
+async fn entity_put(
+    State(sim): State<ExactSim>,
+    Path((_division, module, segment)): Path<(i64, String, String)>,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some((name, Some(key))) = parse_segment(&segment) else {
+        return exact_error(StatusCode::BAD_REQUEST, "PUT needs a key");
+    };
+    let Some(set) = set_of(&module, name) else {
+        return exact_error(StatusCode::NOT_FOUND, "unknown resource");
+    };
+    if set == Set::Divisions {
+        return exact_error(StatusCode::METHOD_NOT_ALLOWED, "Divisions are read-only");
+    }
+    let Value::Object(changes) = body else {
+        return exact_error(StatusCode::BAD_REQUEST, "body must be an object");
+    };
+    {
+        let mut inner = sim.lock();
+        let Some(row) = inner.rows.get(&(set, key.clone())) else {
+            return exact_error(StatusCode::NOT_FOUND, "Not found");
+        };
+        let mut props = row.props.clone();
+        for (k, v) in changes {
+            if k != Inner::key_field(set) {
+                props.insert(k, v);
+            }
+        }
+        inner.insert(set, props, Some(key.clone()));
+    }
+    if set == Set::Accounts {
+        sim.notify("Update", &key);
+    }
+    kit::empty(StatusCode::NO_CONTENT)
+}
+
+async fn entity_delete(
+    State(sim): State<ExactSim>,
+    Path((_division, module, segment)): Path<(i64, String, String)>,
+) -> Response {
+    let Some((name, Some(key))) = parse_segment(&segment) else {
+        return exact_error(StatusCode::BAD_REQUEST, "DELETE needs a key");
+    };
+    let Some(set) = set_of(&module, name) else {
+        return exact_error(StatusCode::NOT_FOUND, "unknown resource");
+    };
+    let removed = sim.lock().rows.remove(&(set, key.clone())).is_some();
+    if !removed {
+        return exact_error(StatusCode::NOT_FOUND, "Not found");
+    }
+    if set == Set::Accounts {
+        sim.notify("Delete", &key);
+    }
+    kit::empty(StatusCode::NO_CONTENT)
+}
+
+/// Builds the router (API under the kit's fault layer, token endpoint outside the API limits).
+pub fn router(sim: ExactSim) -> Router {
+    let api = Router::new()
+        .route(
+            "/api/v1/{division}/{module}/{segment}",
+            get(entity_get)
+                .post(entity_post)
+                .put(entity_put)
+                .delete(entity_delete),
+        )
+        .route("/api/v1/{division}/sync/CRM/Accounts", get(sync_accounts))
+        .layer(middleware::from_fn_with_state(sim.clone(), api_guard))
+        .route("/api/oauth2/token", post(token))
+        .with_state(sim.clone());
+    kit::with_kit(api, sim.control.clone())
+}
+
+/// Starts the simulator on `bind` (port 0: any free port).
+pub async fn start(
+    config: ExactSimConfig,
+    bind: SocketAddr,
+) -> std::io::Result<(ExactSim, RunningSim)> {
+    let control = SimControl::new(exact_error);
+    let webhooks = WebhookSender::new(config.webhook_target.clone(), control.clone());
+    let now = Utc::now();
+    let sim = ExactSim {
+        inner: Arc::new(Mutex::new(Inner {
+            tokens: Tokens {
+                current: config.refresh_token.clone(),
+                previous: None,
+                generation: 0,
+                last_refresh: None,
+                access: BTreeMap::new(),
+            },
+            limits: Limits {
+                minute_start: now,
+                minute_used: 0,
+                day_start: now,
+                day_used: 0,
+            },
+            config,
+            rows: BTreeMap::new(),
+            row_version: 0,
+            public_base: String::new(),
+            token_calls: 0,
+        })),
+        control,
+        webhooks,
+    };
+    let running = kit::serve(router(sim.clone()), bind).await?;
+    sim.lock().public_base = running.base_url();
+    Ok((sim, running))
+}
