@@ -32,6 +32,23 @@ pub enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Inspect links between records.
+    Links {
+        #[command(subcommand)]
+        command: LinksCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinksCommand {
+    /// A record's links (active and ended) and their whole history of sync decisions.
+    Show {
+        /// zendesk, exactonline, poweroffice, crmoffice, customerp or custompms.
+        system: crate::domain::SystemId,
+        /// The registry's entity type (`Organizations`, `Customers`, ...).
+        entity_type: String,
+        id: String,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -52,6 +69,14 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
+            Command::Links {
+                command:
+                    LinksCommand::Show {
+                        system,
+                        entity_type,
+                        id,
+                    },
+            } => links_show(config, system, entity_type, id).await,
         }
     });
     match result {
@@ -72,6 +97,24 @@ async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
     db.close().await;
     result?;
     tracing::info!("migrations applied");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn links_show(
+    config: Config,
+    system: crate::domain::SystemId,
+    entity_type: String,
+    id: String,
+) -> anyhow::Result<ExitCode> {
+    let db = Database::open(&config).await?;
+    let key = crate::domain::RecordKey {
+        system,
+        entity_type,
+        record_id: id,
+    };
+    let result = crate::sync::history::render(&db.pool, &key).await;
+    db.close().await;
+    print!("{}", result.context("cannot read the record's links")?);
     Ok(ExitCode::SUCCESS)
 }
 

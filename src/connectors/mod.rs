@@ -6,6 +6,7 @@
 //! May call: `db` (token storage, poll cursors). Must not call: `sync`, `queue`, `http`.
 
 pub mod http;
+pub mod memory;
 pub mod schema;
 
 use std::time::Duration;
