@@ -290,27 +290,28 @@ impl Connector for MemoryConnector {
         id: &str,
         changed: &Map<String, Value>,
     ) -> Result<Record, ConnectorError> {
-        let mut st = self.begin("update")?;
-        if st.read_only_types.iter().any(|t| t == entity_type) {
-            return Err(ConnectorError::Unsupported {
-                system: self.system,
-                entity_type: entity_type.to_owned(),
-                operation: "update",
-            });
-        }
-        let now = tick(&mut st);
-        let Some(record) = st.records.get_mut(entity_type).and_then(|m| m.get_mut(id)) else {
-            return Err(ConnectorError::Rejected {
-                system: self.system,
-                status: 404,
-                message: format!("no {entity_type} {id}"),
-            });
+        let (stored, pause) = {
+            let mut st = self.begin("update")?;
+            if st.read_only_types.iter().any(|t| t == entity_type) {
+                return Err(ConnectorError::Unsupported {
+                    system: self.system,
+                    entity_type: entity_type.to_owned(),
+                    operation: "update",
+                });
+            }
+            let now = tick(&mut st);
+            let Some(record) = st.records.get_mut(entity_type).and_then(|m| m.get_mut(id)) else {
+                return Err(ConnectorError::Rejected {
+                    system: self.system,
+                    status: 404,
+                    message: format!("no {entity_type} {id}"),
+                });
+            };
+            merge_into(&mut record.fields, changed);
+            record.updated_at = Some(now);
+            let stored = record.clone();
+            (stored, st.pause_after_update.take())
         };
-        merge_into(&mut record.fields, changed);
-        record.updated_at = Some(now);
-        let stored = record.clone();
-        let pause = st.pause_after_update.take();
-        drop(st);
         if let Some((reached, release)) = pause {
             let _ = reached.send(());
             let _ = release.await;
