@@ -71,7 +71,10 @@ impl MemoryConnector {
         MemoryConnector {
             system,
             state: Mutex::new(State {
-                next_id: 1000,
+                // Each system numbers from its own range, so a foreign id written by mistake
+                // never happens to be a valid id on the other side.
+                next_id: 100_000
+                    * (SystemId::ALL.iter().position(|s| *s == system).unwrap_or(0) as u64 + 1),
                 ..State::default()
             }),
         }

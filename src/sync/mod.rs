@@ -411,8 +411,14 @@ impl SyncEngine {
         tconn: &Arc<dyn Connector>,
     ) -> Result<Step, Fail> {
         match self.find_link(flow, Side::Source, &src.id).await? {
-            Some(link) => match tconn.fetch(&flow.target.entity_type, &link.target_id).await? {
-                Some(tgt) => self.sync_linked(job, flow, link, src, &tgt, Side::Source).await,
+            Some(link) => match tconn
+                .fetch(&flow.target.entity_type, &link.target_id)
+                .await?
+            {
+                Some(tgt) => {
+                    self.sync_linked(job, flow, link, src, &tgt, Side::Source)
+                        .await
+                }
                 None => self.counterpart_gone(job, flow, &link, Side::Target).await,
             },
             None => self.create_or_link(job, flow, src, tconn).await,
@@ -428,8 +434,14 @@ impl SyncEngine {
         sconn: &Arc<dyn Connector>,
     ) -> Result<Step, Fail> {
         match self.find_link(flow, Side::Target, &tgt.id).await? {
-            Some(link) => match sconn.fetch(&flow.source.entity_type, &link.source_id).await? {
-                Some(src) => self.sync_linked(job, flow, link, &src, tgt, Side::Target).await,
+            Some(link) => match sconn
+                .fetch(&flow.source.entity_type, &link.source_id)
+                .await?
+            {
+                Some(src) => {
+                    self.sync_linked(job, flow, link, &src, tgt, Side::Target)
+                        .await
+                }
                 None => self.counterpart_gone(job, flow, &link, Side::Source).await,
             },
             None => {
@@ -509,7 +521,12 @@ impl SyncEngine {
             return Ok(Translation::Found(found));
         }
         let mut candidates: Vec<RecordKey> = Vec::new();
-        for f in self.registry.dataflows.iter().filter(|f| f.switches.enabled) {
+        for f in self
+            .registry
+            .dataflows
+            .iter()
+            .filter(|f| f.switches.enabled)
+        {
             let from_type = if f.source.system == from
                 && from_types.contains(&f.source.entity_type)
                 && f.target.system == to
@@ -599,9 +616,10 @@ impl SyncEngine {
 
     /// The record of `e` written by `flow` takes part in other flows: it is processed next.
     fn fan_out_key(&self, flow: &Dataflow, e: &EntityRef, id: &str) -> Option<RecordKey> {
-        let other_flows = self.registry.dataflows.iter().any(|f| {
-            f.id != flow.id && f.switches.enabled && (&f.source == e || &f.target == e)
-        });
+        let other_flows =
+            self.registry.dataflows.iter().any(|f| {
+                f.id != flow.id && f.switches.enabled && (&f.source == e || &f.target == e)
+            });
         other_flows.then(|| RecordKey {
             system: e.system,
             entity_type: e.entity_type.clone(),
@@ -726,7 +744,15 @@ impl SyncEngine {
                 match tconn.find_created(tt, &key.to_string()).await {
                     Ok(Some(found)) => {
                         return self
-                            .link_existing(job, flow, src, found, Some(id), built.snapshot, "linked_after_retry")
+                            .link_existing(
+                                job,
+                                flow,
+                                src,
+                                found,
+                                Some(id),
+                                built.snapshot,
+                                "linked_after_retry",
+                            )
                             .await;
                     }
                     Ok(None) | Err(ConnectorError::Unsupported { .. }) => {}
@@ -746,7 +772,11 @@ impl SyncEngine {
             }
             if complete {
                 for found in tconn.find_by(tt, &criteria).await? {
-                    if self.find_link(flow, Side::Target, &found.id).await?.is_none() {
+                    if self
+                        .find_link(flow, Side::Target, &found.id)
+                        .await?
+                        .is_none()
+                    {
                         return self
                             .link_existing(
                                 job,
@@ -1151,8 +1181,9 @@ impl SyncEngine {
             .await?;
             if updated.rows_affected() == 0 {
                 drop(tx);
-                let reason = "the link changed while this event was processed; re-reading both sides"
-                    .to_owned();
+                let reason =
+                    "the link changed while this event was processed; re-reading both sides"
+                        .to_owned();
                 self.log(
                     job,
                     Entry {
@@ -1176,8 +1207,7 @@ impl SyncEngine {
             "updated"
         } else if converged {
             "converged"
-        } else if notes.is_empty() && link.last_write_side.as_deref() == Some(event_side.as_str())
-        {
+        } else if notes.is_empty() && link.last_write_side.as_deref() == Some(event_side.as_str()) {
             "echo"
         } else {
             "unchanged"
