@@ -271,8 +271,8 @@ impl SyncEngine {
                 continue;
             };
             let step = match side {
-                Side::Source => self.from_source(job, flow, &current, other_conn).await?,
-                Side::Target => self.from_target(job, flow, &current, other_conn).await?,
+                Side::Source => self.on_source_record(job, flow, &current, other_conn).await?,
+                Side::Target => self.on_target_record(job, flow, &current, other_conn).await?,
             };
             if let Step::Later(reason) = step {
                 later.push(format!("{}: {reason}", flow.id));
@@ -403,7 +403,7 @@ impl SyncEngine {
     }
 
     /// The event's record is the flow's source.
-    async fn from_source(
+    async fn on_source_record(
         &self,
         job: &ClaimedJob,
         flow: &Dataflow,
@@ -426,7 +426,7 @@ impl SyncEngine {
     }
 
     /// The event's record is the flow's target.
-    async fn from_target(
+    async fn on_target_record(
         &self,
         job: &ClaimedJob,
         flow: &Dataflow,
