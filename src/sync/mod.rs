@@ -271,8 +271,14 @@ impl SyncEngine {
                 continue;
             };
             let step = match side {
-                Side::Source => self.on_source_record(job, flow, &current, other_conn).await?,
-                Side::Target => self.on_target_record(job, flow, &current, other_conn).await?,
+                Side::Source => {
+                    self.on_source_record(job, flow, &current, other_conn)
+                        .await?
+                }
+                Side::Target => {
+                    self.on_target_record(job, flow, &current, other_conn)
+                        .await?
+                }
             };
             if let Step::Later(reason) = step {
                 later.push(format!("{}: {reason}", flow.id));
