@@ -1015,3 +1015,62 @@ async fn connector_errors_map_to_job_outcomes() {
     .unwrap();
     assert_eq!(errors, 5);
 }
+
+// ---- benchmark (figures only, never pass/fail on time) -----------------------------------------
+
+/// Linked updates per second through the engine with in-memory connectors and a real PostgreSQL.
+/// Run: `cargo test --release --test it sync::bench -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures"]
+async fn bench_linked_updates_per_second() {
+    const RECORDS: usize = 500;
+    const CONCURRENCY: usize = 8;
+    let h = Arc::new(Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await);
+    let mut ids = Vec::new();
+    for i in 0..RECORDS {
+        let c = h.m(PowerOffice).insert(
+            "Customers",
+            fields(json!({"Name": format!("Customer {i}")})),
+        );
+        let job = h.event(PowerOffice, "Customers", &c.id).await;
+        assert_eq!(h.handle(&job).await, JobOutcome::Done);
+        ids.push(c.id);
+    }
+    for round in 0..3 {
+        let mut jobs = Vec::new();
+        for id in &ids {
+            h.m(PowerOffice).edit(
+                "Customers",
+                id,
+                fields(json!({"Name": format!("Customer {id} r{round}")})),
+            );
+            jobs.push(h.event(PowerOffice, "Customers", id).await);
+        }
+        h.reset_counters();
+        let jobs = Arc::new(std::sync::Mutex::new(jobs));
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..CONCURRENCY {
+            let (h, jobs) = (h.clone(), jobs.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Some(job) = jobs.lock().unwrap().pop() else {
+                        break;
+                    };
+                    assert_eq!(h.engine.handle(&job).await, JobOutcome::Done);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(h.m(Zendesk).count("update"), RECORDS as u64);
+        println!(
+            "round {round}: {RECORDS} linked updates in {:.3}s = {:.0} updates/s \
+             (concurrency {CONCURRENCY}, in-memory connectors, PostgreSQL on this machine)",
+            elapsed.as_secs_f64(),
+            RECORDS as f64 / elapsed.as_secs_f64()
+        );
+    }
+}
