@@ -160,6 +160,30 @@ fn ref_part(base: Option<&Value>, part: &str) -> Option<String> {
     base.and_then(|b| b.get(part)).and_then(|v| ref_id(Some(v)))
 }
 
+/// The snapshot of a counterpart an earlier attempt created: its own values, and for references
+/// the pair the source would give now if it still translates to the counterpart's id.
+fn base_from_created(
+    flow: &Dataflow,
+    built: &Map<String, Value>,
+    created: &Record,
+) -> Map<String, Value> {
+    let mut base = Map::new();
+    for p in &flow.properties {
+        let k = key(p);
+        if p.reference.is_none() {
+            base.insert(k, normalize(created.get_path(&p.target)));
+            continue;
+        }
+        let t = ref_id(created.get_path(&p.target));
+        let pair = match built.get(&k) {
+            Some(pair) if ref_part(Some(pair), "t") == t => pair.clone(),
+            _ => ref_pair(None, t.as_deref()),
+        };
+        base.insert(k, pair);
+    }
+    base
+}
+
 /// `seen` is newer than what was just read: the read is stale.
 fn stale(read: Option<DateTime<Utc>>, seen: Option<DateTime<Utc>>) -> bool {
     matches!((read, seen), (Some(r), Some(s)) if r < s)
@@ -749,6 +773,9 @@ impl SyncEngine {
                 // An earlier attempt may have created the record and died before the link.
                 match tconn.find_created(tt, &key.to_string()).await {
                     Ok(Some(found)) => {
+                        // The base is what the earlier attempt created, so a source edit made
+                        // since then is a source change (written), never reverted.
+                        let base = base_from_created(flow, &built.snapshot, &found);
                         return self
                             .link_existing(
                                 job,
@@ -756,7 +783,7 @@ impl SyncEngine {
                                 src,
                                 found,
                                 Some(id),
-                                built.snapshot,
+                                base,
                                 "linked_after_retry",
                             )
                             .await;
@@ -847,9 +874,18 @@ impl SyncEngine {
                 .fetch_optional(&self.pool)
                 .await?;
                 let Some(id) = id else {
-                    return Ok(Step::Later(
-                        "another job recorded a create intent for this record first".into(),
-                    ));
+                    let reason = "another job recorded a create intent for this record first";
+                    self.log(
+                        job,
+                        Entry {
+                            flow: Some(&flow.id),
+                            decision: "waiting_for_create",
+                            detail: Some(reason.into()),
+                            ..Entry::default()
+                        },
+                    )
+                    .await?;
+                    return Ok(Step::Later(reason.into()));
                 };
                 (id, key)
             }

@@ -866,6 +866,31 @@ async fn rule8_crash_between_vendor_create_and_link_commit_makes_no_second_count
 }
 
 #[tokio::test]
+async fn rule8_source_edited_between_crash_and_retry_is_written_not_reverted() {
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let c = h
+        .m(PowerOffice)
+        .insert("Customers", fields(json!({"Name": "Before"})));
+    h.m(Zendesk).crash_after_next_create();
+    let job = h.event(PowerOffice, "Customers", &c.id).await;
+    assert!(matches!(h.handle(&job).await, JobOutcome::Later { .. }));
+    h.m(PowerOffice)
+        .edit("Customers", &c.id, fields(json!({"Name": "After"})));
+    assert_eq!(
+        h.handle(&ClaimedJob { attempt: 2, ..job }).await,
+        JobOutcome::Done
+    );
+    let orgs = h.m(Zendesk).all("Organizations");
+    assert_eq!(orgs.len(), 1);
+    assert_eq!(orgs[0].fields["name"], json!("After"));
+    assert_eq!(
+        h.m(PowerOffice).get("Customers", &c.id).unwrap().fields["Name"],
+        json!("After")
+    );
+    assert_eq!(h.m(PowerOffice).count("update"), 0);
+}
+
+#[tokio::test]
 async fn rule8_another_job_holding_the_intent_makes_a_second_job_wait() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let c = h
