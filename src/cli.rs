@@ -47,6 +47,7 @@ pub enum LinksCommand {
         system: crate::domain::SystemId,
         /// The registry's entity type (`Organizations`, `Customers`, ...).
         entity_type: String,
+        /// The record's id in that system.
         id: String,
     },
 }
@@ -112,7 +113,17 @@ async fn links_show(
         entity_type,
         record_id: id,
     };
-    let result = crate::sync::history::render(&db.pool, &key).await;
+    let result = async {
+        // A read-only command: it never migrates, it says what to do instead.
+        let migrated: bool = sqlx::query_scalar("SELECT to_regclass('links') IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await?;
+        if !migrated {
+            anyhow::bail!("the database is not migrated: run `tether migrate` first");
+        }
+        Ok(crate::sync::history::render(&db.pool, &key).await?)
+    }
+    .await;
     db.close().await;
     print!("{}", result.context("cannot read the record's links")?);
     Ok(ExitCode::SUCCESS)
