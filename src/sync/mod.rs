@@ -352,8 +352,12 @@ impl SyncEngine {
             self.log(
                 job,
                 Entry {
-                    decision: "deleted",
-                    detail: Some("record not found at its system; it had no active links".into()),
+                    decision: "not_found",
+                    detail: Some(
+                        "record not found at its system (deleted, or never of this type); \
+                         it had no active links"
+                            .into(),
+                    ),
                     ..Entry::default()
                 },
             )
@@ -607,22 +611,30 @@ impl SyncEngine {
     }
 
     /// Enqueues a synthetic event per record (rule 5: sync the referenced record first; rule 6:
-    /// process a written record's other flows without waiting for its webhook).
+    /// process a written record's other flows without waiting for its webhook). `once_per` makes
+    /// the delivery id deterministic (`tether:{why}:{once_per}:{record}`), so a job that waits and
+    /// retries enqueues its referenced records once, not on every retry; `None` makes it unique.
     async fn enqueue_records(
         conn: &mut PgConnection,
         keys: &[RecordKey],
         why: &str,
+        once_per: Option<i64>,
     ) -> Result<(), sqlx::Error> {
         for key in keys {
+            let delivery_id = match once_per {
+                Some(scope) => format!("tether:{why}:{scope}:{key}"),
+                None => format!("tether:{why}:{}", Uuid::new_v4()),
+            };
             let event = ChangeEvent {
                 record: key.clone(),
                 action: Action::Updated,
                 occurred_at: Some(Utc::now()),
-                delivery_id: format!("tether:{why}:{}", Uuid::new_v4()),
+                delivery_id,
             };
-            let event_id: i64 = sqlx::query_scalar(
+            let event_id: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (system, delivery_id) DO NOTHING RETURNING id",
             )
             .bind(key.system.as_str())
             .bind(&key.entity_type)
@@ -630,8 +642,11 @@ impl SyncEngine {
             .bind(event.action.as_str())
             .bind(event.occurred_at)
             .bind(&event.delivery_id)
-            .fetch_one(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
+            let Some(event_id) = event_id else {
+                continue; // already enqueued for this scope
+            };
             queue::enqueue(
                 conn,
                 &[NewJob {
@@ -665,7 +680,7 @@ impl SyncEngine {
         pending: &[RecordKey],
     ) -> Result<Step, Fail> {
         let mut tx = self.pool.begin().await?;
-        Self::enqueue_records(&mut tx, pending, "reference").await?;
+        Self::enqueue_records(&mut tx, pending, "reference", Some(job.event_id)).await?;
         tx.commit().await?;
         let names: Vec<String> = pending.iter().map(ToString::to_string).collect();
         let detail = format!(
@@ -952,7 +967,7 @@ impl SyncEngine {
                 .await?;
         }
         if let Some(k) = self.fan_out_key(flow, &flow.target, &tgt.id) {
-            Self::enqueue_records(&mut tx, &[k], "fan-out").await?;
+            Self::enqueue_records(&mut tx, &[k], "fan-out", None).await?;
         }
         tx.commit().await?;
         Ok(link_id)
@@ -1241,7 +1256,7 @@ impl SyncEngine {
                 .await?;
                 return Ok(Step::Later(reason));
             }
-            Self::enqueue_records(&mut tx, &fan_out, "fan-out").await?;
+            Self::enqueue_records(&mut tx, &fan_out, "fan-out", None).await?;
             tx.commit().await?;
         }
 

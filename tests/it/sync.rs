@@ -674,6 +674,19 @@ async fn rule5_reference_synced_later_waits_then_gets_the_translated_id() {
         h.m(Zendesk).all("Users").is_empty(),
         "no user with a foreign id"
     );
+    // Waiting again does not enqueue the referenced record again. partyId may be a customer or
+    // a supplier: both candidates are enqueued once.
+    assert!(matches!(h.handle(&job).await, JobOutcome::Later { .. }));
+    let synthetic: Vec<String> = sqlx::query_scalar(
+        "SELECT entity_type FROM events WHERE delivery_id LIKE 'tether:reference:%' ORDER BY id",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        synthetic,
+        vec!["Customers".to_string(), "Suppliers".to_string()]
+    );
     // The queue runs the customer (enqueued by the engine) and the retried contact.
     h.drain().await;
     let orgs = h.m(Zendesk).all("Organizations");
