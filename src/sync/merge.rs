@@ -36,8 +36,8 @@ pub enum Decision {
     Converged,
     /// Write the winner's value to the given side.
     WriteTo(Side),
-    /// The winning value is empty and the other side's is not: nothing is written (an empty value
-    /// never overwrites a non-empty one) and the snapshot keeps its base.
+    /// Only one side changed, to an empty value, and the other side's is not empty: nothing is
+    /// written (an empty value never overwrites a non-empty one) and the snapshot keeps its base.
     KeepNonEmpty,
 }
 
@@ -66,6 +66,15 @@ pub fn decide(f: &PropertyFacts) -> Decision {
     let winner = match (f.source_changed, f.target_changed) {
         (true, false) => Side::Source,
         (false, true) => Side::Target,
+        // Changed on both sides (or no base yet) and only one side holds a value: that value
+        // wins whatever the times, since an empty value never overwrites a non-empty one.
+        _ if f.source_empty != f.target_empty => {
+            if f.source_empty {
+                Side::Target
+            } else {
+                Side::Source
+            }
+        }
         _ => match f.source_updated_at.cmp(&f.target_updated_at) {
             std::cmp::Ordering::Greater => Side::Source,
             std::cmp::Ordering::Less => Side::Target,
@@ -151,6 +160,16 @@ mod tests {
         assert_eq!(decide(&f), Decision::KeepNonEmpty);
         f.target_empty = true;
         assert_eq!(decide(&f), Decision::WriteTo(Side::Target));
+    }
+
+    #[test]
+    fn changed_on_both_sides_the_non_empty_value_wins() {
+        let early = Utc::now();
+        let mut f = facts(true, true);
+        f.source_empty = true;
+        f.source_updated_at = Some(early + chrono::Duration::seconds(1));
+        f.target_updated_at = Some(early);
+        assert_eq!(decide(&f), Decision::WriteTo(Side::Source));
     }
 
     #[test]

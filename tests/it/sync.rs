@@ -378,6 +378,33 @@ async fn rule1_merge_criteria_link_the_existing_record_instead_of_creating() {
 }
 
 #[tokio::test]
+async fn rule4_merge_linked_pair_fills_empty_values_from_the_other_side() {
+    let mut f = customers_to_orgs();
+    f.merge_criteria = vec![MergeCriterion {
+        source: "Name".into(),
+        target: "name".into(),
+    }];
+    let h = Harness::new(vec![f], &[PowerOffice, Zendesk]).await;
+    let c = h.m(PowerOffice).insert(
+        "Customers",
+        fields(json!({"Name": "Acme AS", "WebsiteUrl": "https://acme.no"})),
+    );
+    // The Zendesk record is newer but has no url: the customer's url still fills it.
+    let org = h
+        .m(Zendesk)
+        .insert("Organizations", fields(json!({"name": "Acme AS"})));
+    assert_eq!(
+        h.run(PowerOffice, "Customers", &c.id).await,
+        JobOutcome::Done
+    );
+    assert_eq!(
+        h.m(Zendesk).get("Organizations", &org.id).unwrap().fields["url"],
+        json!("https://acme.no")
+    );
+    assert_eq!(h.m(PowerOffice).count("update"), 0);
+}
+
+#[tokio::test]
 async fn rule1_no_match_and_creation_off_creates_nothing() {
     let mut f = customers_to_orgs();
     f.merge_criteria = vec![MergeCriterion {
