@@ -207,6 +207,17 @@ impl SyncEngine {
     }
 
     async fn log(&self, job: &ClaimedJob, e: Entry<'_>) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        Self::log_in(&mut conn, job, e).await
+    }
+
+    /// Logs inside the caller's transaction, so a decision and the state it produced commit
+    /// together (and a linked update costs one commit, not two).
+    async fn log_in(
+        conn: &mut PgConnection,
+        job: &ClaimedJob,
+        e: Entry<'_>,
+    ) -> Result<(), sqlx::Error> {
         let r = &job.event.record;
         sqlx::query(
             "INSERT INTO sync_log (event_id, job_id, attempt, system, entity_type, record_id, \
@@ -226,7 +237,7 @@ impl SyncEngine {
         .bind(e.written)
         .bind(e.detail)
         .bind(e.error)
-        .execute(&self.pool)
+        .execute(conn)
         .await?;
         Ok(())
     }
@@ -1219,47 +1230,6 @@ impl SyncEngine {
             }
         }
 
-        let changed_snapshot = snapshot != link.snapshot;
-        let seen_moved = seen[0] != link.source_seen_at || seen[1] != link.target_seen_at;
-        if changed_snapshot || seen_moved || !written.is_empty() {
-            let mut tx = self.pool.begin().await?;
-            let updated = sqlx::query(
-                "UPDATE links SET snapshot = $3, source_seen_at = $4, target_seen_at = $5, \
-                 last_write_side = COALESCE($6, last_write_side), version = version + 1, \
-                 updated_at = now() WHERE id = $1 AND version = $2 AND state = 'active'",
-            )
-            .bind(link.id)
-            .bind(link.version)
-            .bind(Value::Object(snapshot))
-            .bind(seen[0])
-            .bind(seen[1])
-            .bind(last_write.map(Side::as_str))
-            .execute(&mut *tx)
-            .await?;
-            if updated.rows_affected() == 0 {
-                drop(tx);
-                let reason =
-                    "the link changed while this event was processed; re-reading both sides"
-                        .to_owned();
-                self.log(
-                    job,
-                    Entry {
-                        flow: Some(&flow.id),
-                        link: Some(link.id),
-                        decision: "conflict",
-                        read: Some(read),
-                        written: (!written.is_empty()).then_some(Value::Object(written)),
-                        detail: Some(reason.clone()),
-                        ..Entry::default()
-                    },
-                )
-                .await?;
-                return Ok(Step::Later(reason));
-            }
-            Self::enqueue_records(&mut tx, &fan_out, "fan-out", None).await?;
-            tx.commit().await?;
-        }
-
         let decision = if !written.is_empty() {
             "updated"
         } else if converged {
@@ -1269,19 +1239,54 @@ impl SyncEngine {
         } else {
             "unchanged"
         };
-        self.log(
-            job,
-            Entry {
-                flow: Some(&flow.id),
-                link: Some(link.id),
-                decision,
-                read: Some(read),
-                written: (!written.is_empty()).then_some(Value::Object(written)),
-                detail: (!notes.is_empty()).then(|| notes.join("; ")),
-                ..Entry::default()
-            },
+        let written = (!written.is_empty()).then_some(Value::Object(written));
+        let entry = Entry {
+            flow: Some(&flow.id),
+            link: Some(link.id),
+            decision,
+            read: Some(read),
+            written,
+            detail: (!notes.is_empty()).then(|| notes.join("; ")),
+            ..Entry::default()
+        };
+        let changed_snapshot = snapshot != link.snapshot;
+        let seen_moved = seen[0] != link.source_seen_at || seen[1] != link.target_seen_at;
+        if !(changed_snapshot || seen_moved || entry.written.is_some()) {
+            self.log(job, entry).await?;
+            return Ok(Step::Done);
+        }
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE links SET snapshot = $3, source_seen_at = $4, target_seen_at = $5, \
+             last_write_side = COALESCE($6, last_write_side), version = version + 1, \
+             updated_at = now() WHERE id = $1 AND version = $2 AND state = 'active'",
         )
+        .bind(link.id)
+        .bind(link.version)
+        .bind(Value::Object(snapshot))
+        .bind(seen[0])
+        .bind(seen[1])
+        .bind(last_write.map(Side::as_str))
+        .execute(&mut *tx)
         .await?;
+        if updated.rows_affected() == 0 {
+            drop(tx);
+            let reason =
+                "the link changed while this event was processed; re-reading both sides".to_owned();
+            self.log(
+                job,
+                Entry {
+                    decision: "conflict",
+                    detail: Some(reason.clone()),
+                    ..entry
+                },
+            )
+            .await?;
+            return Ok(Step::Later(reason));
+        }
+        Self::enqueue_records(&mut tx, &fan_out, "fan-out", None).await?;
+        Self::log_in(&mut tx, job, entry).await?;
+        tx.commit().await?;
         Ok(Step::Done)
     }
 }
