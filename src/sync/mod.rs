@@ -758,6 +758,33 @@ impl SyncEngine {
         tconn: &Arc<dyn Connector>,
     ) -> Result<Step, Fail> {
         let tt = &flow.target.entity_type;
+        // A flow running the other way may already link this record to one of the target type
+        // (rule 1: "unless a dataflow runs that way too" must not make a second counterpart).
+        if let Translation::Found(other) = self
+            .translate(
+                flow.source.system,
+                std::slice::from_ref(&flow.source.entity_type),
+                &src.id,
+                flow.target.system,
+                std::slice::from_ref(tt),
+            )
+            .await?
+        {
+            self.log(
+                job,
+                Entry {
+                    flow: Some(&flow.id),
+                    decision: "linked_by_other_flow",
+                    detail: Some(format!(
+                        "already linked to {}/{tt}/{other} by another dataflow; not created again",
+                        flow.target.system
+                    )),
+                    ..Entry::default()
+                },
+            )
+            .await?;
+            return Ok(Step::Done);
+        }
         let built = self.build_create(flow, src).await?;
         if !built.pending.is_empty() {
             return self

@@ -405,6 +405,38 @@ async fn rule4_merge_linked_pair_fills_empty_values_from_the_other_side() {
 }
 
 #[tokio::test]
+async fn rule1_flows_both_ways_make_one_counterpart() {
+    let back = flow(
+        (Zendesk, "Organizations"),
+        (PowerOffice, "Customers"),
+        vec![prop("name", "Name")],
+    );
+    let h = Harness::new(vec![customers_to_orgs(), back], &[PowerOffice, Zendesk]).await;
+    let (_, org) = h.linked_customer("Both Ways AS", "").await;
+    assert_eq!(
+        h.run(Zendesk, "Organizations", &org.id).await,
+        JobOutcome::Done
+    );
+    assert_eq!(h.m(PowerOffice).all("Customers").len(), 1);
+    assert_eq!(h.m(Zendesk).all("Organizations").len(), 1);
+    assert!(h
+        .decisions()
+        .await
+        .contains(&"linked_by_other_flow".to_string()));
+
+    // A Zendesk-native organization does flow to PowerOffice through the reverse flow.
+    let native = h
+        .m(Zendesk)
+        .insert("Organizations", fields(json!({"name": "Zendesk first"})));
+    assert_eq!(
+        h.run(Zendesk, "Organizations", &native.id).await,
+        JobOutcome::Done
+    );
+    assert_eq!(h.m(PowerOffice).all("Customers").len(), 2);
+    assert_eq!(h.m(Zendesk).all("Organizations").len(), 2);
+}
+
+#[tokio::test]
 async fn rule1_no_match_and_creation_off_creates_nothing() {
     let mut f = customers_to_orgs();
     f.merge_criteria = vec![MergeCriterion {
