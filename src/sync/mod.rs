@@ -952,28 +952,33 @@ impl SyncEngine {
                 built.unset.join(", ")
             ));
         }
-        let link_id = self
-            .store_link(flow, src, &created, &built.snapshot, Some(intent_id))
-            .await?;
-        self.log(
+        let entry = Entry {
+            flow: Some(&flow.id),
+            decision: "created",
+            read: Some(mapped(flow, Side::Source, src)),
+            written: Some(json!({ "target": built.fields })),
+            detail: Some(detail),
+            ..Entry::default()
+        };
+        self.store_link(
             job,
-            Entry {
-                flow: Some(&flow.id),
-                link: Some(link_id),
-                decision: "created",
-                read: Some(mapped(flow, Side::Source, src)),
-                written: Some(json!({ "target": built.fields })),
-                detail: Some(detail),
-                ..Entry::default()
-            },
+            entry,
+            flow,
+            src,
+            &created,
+            &built.snapshot,
+            Some(intent_id),
         )
         .await?;
         Ok(Step::Done)
     }
 
-    /// Stores a new link (and closes the intent, and fans out) in one transaction.
+    /// Stores a new link, closes the intent, fans out and logs `entry` in one transaction.
+    #[allow(clippy::too_many_arguments)]
     async fn store_link(
         &self,
+        job: &ClaimedJob,
+        mut entry: Entry<'_>,
         flow: &Dataflow,
         src: &Record,
         tgt: &Record,
@@ -1007,6 +1012,8 @@ impl SyncEngine {
         if let Some(k) = self.fan_out_key(flow, &flow.target, &tgt.id) {
             Self::enqueue_records(&mut tx, &[k], "fan-out", None).await?;
         }
+        entry.link = Some(link_id);
+        Self::log_in(&mut tx, job, entry).await?;
         tx.commit().await?;
         Ok(link_id)
     }
@@ -1024,25 +1031,22 @@ impl SyncEngine {
         base: Map<String, Value>,
         decision: &str,
     ) -> Result<Step, Fail> {
-        let link_id = self.store_link(flow, src, &tgt, &base, intent).await?;
-        self.log(
-            job,
-            Entry {
-                flow: Some(&flow.id),
-                link: Some(link_id),
-                decision,
-                read: Some(json!({
-                    "source": mapped(flow, Side::Source, src),
-                    "target": mapped(flow, Side::Target, &tgt),
-                })),
-                detail: Some(format!(
-                    "linked to existing {}/{}/{}",
-                    flow.target.system, flow.target.entity_type, tgt.id
-                )),
-                ..Entry::default()
-            },
-        )
-        .await?;
+        let entry = Entry {
+            flow: Some(&flow.id),
+            decision,
+            read: Some(json!({
+                "source": mapped(flow, Side::Source, src),
+                "target": mapped(flow, Side::Target, &tgt),
+            })),
+            detail: Some(format!(
+                "linked to existing {}/{}/{}",
+                flow.target.system, flow.target.entity_type, tgt.id
+            )),
+            ..Entry::default()
+        };
+        let link_id = self
+            .store_link(job, entry, flow, src, &tgt, &base, intent)
+            .await?;
         let link = Link {
             id: link_id,
             source_id: src.id.clone(),
