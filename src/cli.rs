@@ -39,6 +39,11 @@ pub enum Command {
         #[command(subcommand)]
         command: RegistryCommand,
     },
+    /// Inspect links between records.
+    Links {
+        #[command(subcommand)]
+        command: LinksCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,6 +53,19 @@ pub enum RegistryCommand {
     Check,
     /// Print the effective registry as JSON.
     Export,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinksCommand {
+    /// A record's links (active and ended) and their whole history of sync decisions.
+    Show {
+        /// zendesk, exactonline, poweroffice, crmoffice, customerp or custompms.
+        system: crate::domain::SystemId,
+        /// The registry's entity type (`Organizations`, `Customers`, ...).
+        entity_type: String,
+        /// The record's id in that system.
+        id: String,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -72,6 +90,14 @@ pub fn main() -> ExitCode {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
             Command::Registry { .. } => unreachable!("handled before the runtime starts"),
+            Command::Links {
+                command:
+                    LinksCommand::Show {
+                        system,
+                        entity_type,
+                        id,
+                    },
+            } => links_show(config, system, entity_type, id).await,
         }
     });
     match result {
@@ -159,6 +185,34 @@ fn registry_command(command: &RegistryCommand, config: &Config) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+async fn links_show(
+    config: Config,
+    system: crate::domain::SystemId,
+    entity_type: String,
+    id: String,
+) -> anyhow::Result<ExitCode> {
+    let db = Database::open(&config).await?;
+    let key = crate::domain::RecordKey {
+        system,
+        entity_type,
+        record_id: id,
+    };
+    let result = async {
+        // A read-only command: it never migrates, it says what to do instead.
+        let migrated: bool = sqlx::query_scalar("SELECT to_regclass('links') IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await?;
+        if !migrated {
+            anyhow::bail!("the database is not migrated: run `tether migrate` first");
+        }
+        Ok(crate::sync::history::render(&db.pool, &key).await?)
+    }
+    .await;
+    db.close().await;
+    print!("{}", result.context("cannot read the record's links")?);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `tether serve`: runs until SIGTERM/SIGINT, then shuts down within `shutdown_timeout`.

@@ -8,13 +8,13 @@ use std::path::Path;
 use base64::Engine as _;
 use serde_json::json;
 
-use crate::simulators::custom::{CustomSim, CustomSimConfig};
+use crate::domain::SystemId;
 use crate::simulators::crmoffice::CrmOfficeSim;
+use crate::simulators::custom::{CustomSim, CustomSimConfig};
 use crate::simulators::exactonline::{self, ExactSim, ExactSimConfig};
 use crate::simulators::kit::RunningSim;
 use crate::simulators::poweroffice::{self, PowerOfficeSim, PowerOfficeSimConfig};
 use crate::simulators::zendesk::{SimCredentials, SimOptions, ZendeskSim, ZendeskSimHandle};
-use crate::domain::SystemId;
 
 /// The sandbox's credentials. They only open the local simulators.
 pub mod credentials {
@@ -72,7 +72,8 @@ impl Simulators {
         let (exact, exact_running) = exactonline::start(exact_config.clone(), any).await?;
         let poweroffice_config = PowerOfficeSimConfig::default();
         let (poweroffice, po_running) = poweroffice::start(poweroffice_config.clone(), any).await?;
-        let (crmoffice, crm_running) = CrmOfficeSim::start(credentials::CRMOFFICE_TOKEN, any).await?;
+        let (crmoffice, crm_running) =
+            CrmOfficeSim::start(credentials::CRMOFFICE_TOKEN, any).await?;
         let customerp_secret = whsec("customerp");
         let custompms_secret = whsec("custompms");
         let (customerp, erp_running) = CustomSim::start(
@@ -217,8 +218,10 @@ webhook_secret = "{pms_secret}"
             "Suppliers",
             json!({"Name": "Nordlys Supply", "LegalName": "Nordlys Supply AS", "WebsiteUrl": "https://nordlys.example"}),
         );
-        self.poweroffice
-            .seed("Departments", json!({"Name": "Bergen office", "Code": "BGO"}));
+        self.poweroffice.seed(
+            "Departments",
+            json!({"Name": "Bergen office", "Code": "BGO"}),
+        );
         self.exact
             .seed_account(json!({"Name": "Amstel Trading BV", "Code": "                 1"}));
     }

@@ -9,6 +9,7 @@ pub mod crmoffice;
 pub mod custom;
 pub mod exactonline;
 pub mod http;
+pub mod memory;
 pub mod poweroffice;
 pub mod schema;
 pub mod zendesk;

@@ -7,4 +7,5 @@ mod foundation;
 mod polling;
 mod poweroffice;
 mod registry;
+mod sync;
 mod zendesk;
