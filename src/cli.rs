@@ -132,7 +132,9 @@ async fn dead_letters_on(pool: &sqlx::PgPool, cmd: DeadLetters) -> anyhow::Resul
                 .context("cannot retry dead letters")?;
             match (id, ids.len()) {
                 (Some(id), 0) => {
-                    eprintln!("tether: job {id} is not a dead letter (see `tether dead-letters list`)");
+                    eprintln!(
+                        "tether: job {id} is not a dead letter (see `tether dead-letters list`)"
+                    );
                     Ok(ExitCode::from(1))
                 }
                 (_, n) => {

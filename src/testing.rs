@@ -157,11 +157,13 @@ async fn prepare_server() -> Result<Server, String> {
 /// Starts or joins the run's shared cluster and returns its base URL.
 async fn shared_cluster() -> Result<String, String> {
     let dir = shared_dir();
-    std::fs::create_dir_all(dir.join("clients")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // World-traversable, so the unprivileged postgres user can reach the cluster inside.
     set_mode(&dir, 0o755);
     let lock = std::fs::File::create(dir.join("lock")).map_err(|e| e.to_string())?;
     lock.lock().map_err(|e| format!("lock: {e}"))?;
+    // Only under the lock: the previous run's watchdog may just have removed `clients`.
+    std::fs::create_dir_all(dir.join("clients")).map_err(|e| e.to_string())?;
     std::fs::write(
         dir.join("clients").join(std::process::id().to_string()),
         b"",

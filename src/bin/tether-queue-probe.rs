@@ -106,13 +106,8 @@ async fn main() -> anyhow::Result<()> {
     });
     let shutdown = CancellationToken::new();
     tether::shutdown::cancel_on_signal(shutdown.clone());
-    let workers = tether::queue::start_workers(
-        pool.clone(),
-        cfg,
-        handler,
-        shutdown,
-        Duration::from_secs(5),
-    );
+    let workers =
+        tether::queue::start_workers(pool.clone(), cfg, handler, shutdown, Duration::from_secs(5));
     workers.await?;
     pool.close().await;
     Ok(())

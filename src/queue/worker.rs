@@ -171,7 +171,13 @@ impl Queue {
         }
         helpers_stop.cancel();
         while helpers.join_next().await.is_some() {}
-        let left: Vec<Lease> = shared.held.lock().expect("lock").values().copied().collect();
+        let left: Vec<Lease> = shared
+            .held
+            .lock()
+            .expect("lock")
+            .values()
+            .copied()
+            .collect();
         if !left.is_empty() {
             // Outcomes that could not be written (the database is away): their leases expire and
             // the jobs run again elsewhere.
@@ -278,16 +284,17 @@ async fn dispatch(
     if !unstarted.is_empty() {
         match store::release(&q.pool, q.owner, &unstarted).await {
             Ok(n) => tracing::info!(jobs = n, "released claimed jobs that had not started"),
-            Err(e) => tracing::warn!(error = %e, "could not release unstarted jobs; their leases will expire"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release unstarted jobs; their leases will expire")
+            }
         }
         forget(&shared, &unstarted);
     }
     // In-flight jobs get the drain bound to finish.
-    let finished_in_time = tokio::time::timeout(drain, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await
-    .is_ok();
+    let finished_in_time =
+        tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_ok();
     if !finished_in_time {
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
@@ -301,7 +308,9 @@ async fn dispatch(
         tracing::warn!(jobs = cut.len(), bound = ?drain, "jobs still running at the shutdown bound; releasing them");
         match store::release(&q.pool, q.owner, &cut).await {
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not release cut-off jobs; their leases will expire"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release cut-off jobs; their leases will expire")
+            }
         }
         forget(&shared, &cut);
     }
@@ -399,7 +408,13 @@ async fn extend_leases(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let leases: Vec<Lease> = shared.held.lock().expect("lock").values().copied().collect();
+        let leases: Vec<Lease> = shared
+            .held
+            .lock()
+            .expect("lock")
+            .values()
+            .copied()
+            .collect();
         if leases.is_empty() {
             continue;
         }

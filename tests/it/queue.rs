@@ -56,8 +56,18 @@ async fn enqueue(pool: &PgPool, items: &[(String, i64)], chunk: usize) -> Vec<i6
              FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u(r, d, n) ORDER BY n
              RETURNING id",
         )
-        .bind(events.iter().map(|e| e.record.record_id.clone()).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.delivery_id.clone()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.record.record_id.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.delivery_id.clone())
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut *tx)
         .await
         .unwrap();
@@ -249,7 +259,10 @@ async fn retries_then_dead_letter_then_retry_from_dead() {
     );
     assert_eq!(store::counts(&db.pool).await.unwrap().dead, 1);
 
-    assert_eq!(store::retry_dead(&db.pool, Some(id)).await.unwrap(), vec![id]);
+    assert_eq!(
+        store::retry_dead(&db.pool, Some(id)).await.unwrap(),
+        vec![id]
+    );
     assert_eq!(
         store::retry_dead(&db.pool, Some(id)).await.unwrap(),
         Vec::<i64>::new()
@@ -273,7 +286,10 @@ async fn retry_waits_for_its_scheduled_time() {
     let failing = Fixed::new(JobOutcome::Retry {
         error: "boom".into(),
     });
-    assert!(matches!(q.run_once(&failing).await.unwrap(), RunOnce::Ran { .. }));
+    assert!(matches!(
+        q.run_once(&failing).await.unwrap(),
+        RunOnce::Ran { .. }
+    ));
     assert_eq!(q.run_once(&failing).await.unwrap(), RunOnce::Empty);
     let counts = store::counts(&db.pool).await.unwrap();
     assert_eq!((counts.retrying, counts.ready), (1, 0));
@@ -292,7 +308,10 @@ async fn later_reschedules_without_using_an_attempt_up_to_the_bound() {
     for deferral in 1..=3 {
         q.run_once(&later).await.unwrap();
         let (state, attempts, deferrals, _) = job_row(&db.pool, id).await;
-        assert_eq!((state.as_str(), attempts, deferrals), ("ready", 0, deferral));
+        assert_eq!(
+            (state.as_str(), attempts, deferrals),
+            ("ready", 0, deferral)
+        );
     }
     // The next one is a failed attempt (the schedule still has retries).
     q.run_once(&later).await.unwrap();
@@ -339,9 +358,21 @@ impl JobHandler for OrderProbe {
         }
         let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_concurrent.fetch_max(now, Ordering::SeqCst);
-        let seq: i64 = job.event.delivery_id.rsplit(':').next().unwrap().parse().unwrap();
+        let seq: i64 = job
+            .event
+            .delivery_id
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
-        self.seen.lock().unwrap().entry(key.clone()).or_default().push(seq);
+        self.seen
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .push(seq);
         self.concurrent.fetch_sub(1, Ordering::SeqCst);
         self.active.lock().unwrap().remove(&key);
         JobOutcome::Done
@@ -371,7 +402,11 @@ async fn per_record_order_holds_and_keys_run_in_parallel() {
     .await;
     shutdown.cancel();
     workers.await.unwrap();
-    assert_eq!(probe.overlap.load(Ordering::SeqCst), 0, "one key ran twice at once");
+    assert_eq!(
+        probe.overlap.load(Ordering::SeqCst),
+        0,
+        "one key ran twice at once"
+    );
     let seen = probe.seen.lock().unwrap();
     assert_eq!(seen.len(), 20);
     for (key, seqs) in seen.iter() {
@@ -617,9 +652,11 @@ async fn kill_9_of_a_worker_holding_jobs_loses_nothing_and_completes_each_once()
             ("PROBE_LEASE_MS", "1500"),
         ],
     );
-    eventually(Duration::from_secs(60), "the victim to hold jobs", || async {
-        store::counts(&db.pool).await.unwrap().running >= 4
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the victim to hold jobs",
+        || async { store::counts(&db.pool).await.unwrap().running >= 4 },
+    )
     .await;
     let held: Vec<i64> = sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running'")
         .fetch_all(&db.pool)
@@ -643,7 +680,11 @@ async fn kill_9_of_a_worker_holding_jobs_loses_nothing_and_completes_each_once()
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(reclaimed, held.len() as i64, "the victim's jobs were taken over");
+    assert_eq!(
+        reclaimed,
+        held.len() as i64,
+        "the victim's jobs were taken over"
+    );
 }
 
 #[tokio::test]
@@ -678,7 +719,14 @@ struct Recorder(PgPool);
 #[async_trait::async_trait]
 impl JobHandler for Recorder {
     async fn handle(&self, job: &ClaimedJob) -> JobOutcome {
-        let seq: i64 = job.event.delivery_id.rsplit(':').next().unwrap().parse().unwrap();
+        let seq: i64 = job
+            .event
+            .delivery_id
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;
         match sqlx::query("INSERT INTO probe_log (job_id, record_key, seq) VALUES ($1, $2, $3)")
             .bind(job.job_id)
@@ -728,20 +776,26 @@ async fn workers_recover_on_their_own_when_the_database_restarts() {
         shutdown.clone(),
         Duration::from_secs(5),
     );
-    eventually(Duration::from_secs(120), "a few hundred jobs to run", || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_log")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        n >= 300
-    })
+    eventually(
+        Duration::from_secs(120),
+        "a few hundred jobs to run",
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_log")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n >= 300
+        },
+    )
     .await;
     pg.stop().await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.restart().await.unwrap();
-    eventually(Duration::from_secs(300), "every job to complete after the restart", || {
-        all_done(&pool, items.len() as i64)
-    })
+    eventually(
+        Duration::from_secs(300),
+        "every job to complete after the restart",
+        || all_done(&pool, items.len() as i64),
+    )
     .await;
     shutdown.cancel();
     workers.await.unwrap();
