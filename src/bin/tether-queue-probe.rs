@@ -5,7 +5,7 @@
 //! Runs until SIGTERM/SIGINT.
 //!
 //! Settings (environment): `PROBE_CONCURRENCY` (4), `PROBE_BATCH` (20), `PROBE_LEASE_MS` (3000),
-//! `PROBE_POLL_MS` (200), `PROBE_SLEEP_MS` (0), `PROBE_NOOP` (0).
+//! `PROBE_POLL_MS` (200), `PROBE_SLEEP_MS` (0), `PROBE_NOOP` (0), `PROBE_RETENTION_MS` (3600000).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         retry_schedule: vec![Duration::from_millis(100); 10],
         max_deferrals: 1000,
         max_retry_after: Duration::from_secs(5),
-        retention: Duration::from_secs(3600),
+        retention: Duration::from_millis(env_u64("PROBE_RETENTION_MS", 3_600_000)?),
     };
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(concurrency as u32 + 4)
