@@ -803,3 +803,52 @@ async fn workers_recover_on_their_own_when_the_database_restarts() {
     pool.close().await;
     pg.stop().await.unwrap();
 }
+
+async fn tether_cli(url: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("TETHER_LOG_FORMAT", "pretty")
+        .env("TETHER_LOG_LEVEL", "warn")
+        .output()
+        .await
+        .expect("tether runs")
+}
+
+#[tokio::test]
+async fn dead_letters_cli_lists_and_retries() {
+    let db = testing::database().await;
+    let ids = enqueue(&db.pool, &[("a".into(), 1), ("b".into(), 1)], 10).await;
+    let q = Queue::new(db.pool.clone(), cfg());
+    let dead = Fixed::new(JobOutcome::Dead {
+        error: "rejected: unknown country code".into(),
+    });
+    q.drain(&dead).await.unwrap();
+    let url = db.url.expose_secret().to_owned();
+
+    let out = tether_cli(&url, &["dead-letters", "list"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    assert!(
+        listing.contains("rejected: unknown country code"),
+        "{listing}"
+    );
+    assert!(listing.contains("customerp/Customer/a"), "{listing}");
+
+    let out = tether_cli(&url, &["dead-letters", "retry", &ids[0].to_string()]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(job_row(&db.pool, ids[0]).await.0, "ready");
+    assert_eq!(job_row(&db.pool, ids[1]).await.0, "dead");
+
+    let out = tether_cli(&url, &["dead-letters", "retry", "999999"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a dead letter"));
+
+    let out = tether_cli(&url, &["dead-letters", "retry", "--all"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(store::counts(&db.pool).await.unwrap().dead, 0);
+
+    let out = tether_cli(&url, &["dead-letters", "retry"]).await;
+    assert_eq!(out.status.code(), Some(2), "an id or --all is required");
+}
