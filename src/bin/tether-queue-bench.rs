@@ -5,7 +5,7 @@
 //!
 //! Uses `DATABASE_URL` if set (the database is used as is: run it on a scratch database), else a
 //! private cluster in the temp directory. Run: `cargo run --release --bin tether-queue-bench`.
-//! `BENCH_JOBS` (100000) and `BENCH_TOTAL` (1000000) change the sizes.
+//! `BENCH_JOBS` (100000), `BENCH_TOTAL` (1000000) and `BENCH_BATCH` (200) change the sizes.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ fn worker_config(tasks: usize) -> WorkerConfig {
     WorkerConfig {
         enabled: true,
         concurrency: tasks,
-        batch_size: 200,
+        batch_size: batch(),
         lease: Duration::from_secs(60),
         poll_interval: Duration::from_millis(200),
         retry_schedule: vec![Duration::from_secs(1)],
@@ -44,6 +44,11 @@ fn worker_config(tasks: usize) -> WorkerConfig {
         // Finished rows go at once (the pruner runs every second), so the table stays small.
         retention: Duration::ZERO,
     }
+}
+
+/// Jobs claimed per query (`BENCH_BATCH`, default 200).
+fn batch() -> usize {
+    env_usize("BENCH_BATCH", 200).unwrap_or(200)
 }
 
 fn env_usize(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -120,7 +125,7 @@ async fn drain(
                     .env("DATABASE_URL", url.expose_secret())
                     .env("PROBE_NOOP", "1")
                     .env("PROBE_CONCURRENCY", tasks.to_string())
-                    .env("PROBE_BATCH", "200")
+                    .env("PROBE_BATCH", batch().to_string())
                     .env("PROBE_RETENTION_MS", "0")
                     .kill_on_drop(true)
                     .spawn()
@@ -261,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
         samples[samples.len() * 9 / 10].as_secs_f64() * 1e3
     );
 
-    println!("{jobs} no-op jobs per run (batch 200):");
+    println!("{jobs} no-op jobs per run (batch {}):", batch());
     println!("processes  tasks/process  jobs/s   | jobs rows after  jobs table bytes  passed");
     let mut passed = 0usize;
     let mut round = 0usize;

@@ -173,6 +173,19 @@ pub async fn finish(
     let errors: Vec<Option<String>> = transitions.iter().map(|t| t.error.clone()).collect();
     sqlx::query_scalar(
         r#"
+        WITH u AS (
+            SELECT * FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::bigint[], $5::int[],
+                                 $6::int[], $7::text[])
+                AS u(id, claims, state, delay_ms, attempt_delta, deferral_delta, error)
+        ), locked AS (
+            -- Rows are locked in id order, as the claim and the lease extension lock them:
+            -- a multi-row UPDATE alone locks in join order, and two such statements of one
+            -- process (finishing and extending) deadlocked.
+            SELECT j.id FROM jobs j JOIN u ON u.id = j.id
+            WHERE j.claims = u.claims AND j.lease_owner = $8 AND j.state = 'running'
+            ORDER BY j.id
+            FOR UPDATE OF j
+        )
         UPDATE jobs j
         SET state = u.state,
             run_at = CASE WHEN u.state = 'ready'
@@ -184,10 +197,8 @@ pub async fn finish(
             finished_at = CASE WHEN u.state IN ('done', 'dead') THEN now() END,
             lease_owner = NULL,
             lease_until = NULL
-        FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::bigint[], $5::int[], $6::int[],
-                    $7::text[])
-             AS u(id, claims, state, delay_ms, attempt_delta, deferral_delta, error)
-        WHERE j.id = u.id AND j.claims = u.claims AND j.lease_owner = $8
+        FROM locked l JOIN u ON u.id = l.id
+        WHERE j.id = l.id AND j.claims = u.claims AND j.lease_owner = $8
           AND j.state = 'running'
         RETURNING j.id
         "#,
@@ -218,10 +229,17 @@ pub async fn extend(
     let claims: Vec<i32> = leases.iter().map(|l| l.claims).collect();
     sqlx::query_scalar(
         r#"
+        WITH locked AS (
+            -- In id order, like every multi-row lock of this table (see `finish`).
+            SELECT j.id FROM jobs j JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims)
+                 ON u.id = j.id
+            WHERE j.claims = u.claims AND j.lease_owner = $4 AND j.state = 'running'
+            ORDER BY j.id
+            FOR UPDATE OF j
+        )
         UPDATE jobs j SET lease_until = now() + $3 * interval '1 millisecond'
-        FROM UNNEST($1::bigint[], $2::int[]) AS u(id, claims)
-        WHERE j.id = u.id AND j.claims = u.claims AND j.lease_owner = $4
-          AND j.state = 'running'
+        FROM locked l
+        WHERE j.id = l.id AND j.lease_owner = $4 AND j.state = 'running'
         RETURNING j.id
         "#,
     )
@@ -243,11 +261,19 @@ pub async fn release(pool: &PgPool, owner: Uuid, leases: &[Lease]) -> Result<u64
     let claims: Vec<i32> = leases.iter().map(|l| l.claims).collect();
     let done = sqlx::query(
         r#"
+        WITH locked AS (
+            -- In id order, like every multi-row lock of this table (see `finish`).
+            SELECT j.id, u.claims FROM jobs j
+                 JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims) ON u.id = j.id
+            WHERE j.claims = u.claims AND j.lease_owner = $3 AND j.state = 'running'
+            ORDER BY j.id
+            FOR UPDATE OF j
+        )
         UPDATE jobs j
         SET state = 'ready', run_at = now(), attempts = greatest(j.attempts - 1, 0),
             lease_owner = NULL, lease_until = NULL
-        FROM UNNEST($1::bigint[], $2::int[]) AS u(id, claims)
-        WHERE j.id = u.id AND j.claims = u.claims AND j.lease_owner = $3
+        FROM locked l
+        WHERE j.id = l.id AND j.claims = l.claims AND j.lease_owner = $3
           AND j.state = 'running'
         "#,
     )
@@ -319,54 +345,64 @@ pub struct Pruned {
 /// Deletes finished jobs older than `retention`, then events older than `retention` that no live
 /// (ready, running or dead) job needs, `batch` rows per statement so no statement holds many
 /// locks or runs long. Events are the deduplication window, so they go by age too.
+///
+/// One pruner at a time across all processes (a transaction-level advisory lock; a process that
+/// does not get it skips the round): two pruners would delete the same rows from both ends (jobs
+/// directly, and jobs through the events' cascade) and deadlock.
 pub async fn prune(pool: &PgPool, retention: Duration, batch: i64) -> Result<Pruned, sqlx::Error> {
     let retention_ms = retention.as_millis() as i64;
-    let mut pruned = Pruned::default();
-    loop {
-        let n = sqlx::query(
-            r#"
-            DELETE FROM jobs WHERE id IN (
-                SELECT id FROM jobs
-                WHERE state = 'done'
-                  AND finished_at < now() - $1 * interval '1 millisecond'
-                LIMIT $2)
-            "#,
-        )
-        .bind(retention_ms)
-        .bind(batch)
-        .execute(pool)
-        .await?
-        .rows_affected();
-        pruned.jobs += n;
-        if n < batch as u64 {
-            break;
+    // [finished jobs, events]
+    let mut removed = [0u64; 2];
+    for (which, statement) in [PRUNE_JOBS, PRUNE_EVENTS].into_iter().enumerate() {
+        loop {
+            let mut tx = pool.begin().await?;
+            let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(PRUNE_LOCK)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !ours {
+                break;
+            }
+            let n = sqlx::query(statement)
+                .bind(retention_ms)
+                .bind(batch)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            removed[which] += n;
+            if n < batch as u64 {
+                break;
+            }
         }
     }
-    loop {
-        // Deleting an event cascades to its finished jobs younger than the retention, if any
-        // (a job is never older than its event).
-        let n = sqlx::query(
-            r#"
-            DELETE FROM events WHERE id IN (
-                SELECT e.id FROM events e
-                WHERE e.received_at < now() - $1 * interval '1 millisecond'
-                  AND NOT EXISTS (SELECT 1 FROM jobs j
-                                  WHERE j.event_id = e.id AND j.state <> 'done')
-                LIMIT $2)
-            "#,
-        )
-        .bind(retention_ms)
-        .bind(batch)
-        .execute(pool)
-        .await?
-        .rows_affected();
-        pruned.events += n;
-        if n < batch as u64 {
-            break;
-        }
-    }
-    Ok(pruned)
+    Ok(Pruned {
+        jobs: removed[0],
+        events: removed[1],
+    })
 }
+
+const PRUNE_JOBS: &str = r#"
+    DELETE FROM jobs WHERE id IN (
+        SELECT id FROM jobs
+        WHERE state = 'done'
+          AND finished_at < now() - $1 * interval '1 millisecond'
+        LIMIT $2)
+"#;
+
+/// Deleting an event cascades to its finished jobs younger than the retention, if any (a job is
+/// never older than its event).
+const PRUNE_EVENTS: &str = r#"
+    DELETE FROM events WHERE id IN (
+        SELECT e.id FROM events e
+        WHERE e.received_at < now() - $1 * interval '1 millisecond'
+          AND NOT EXISTS (SELECT 1 FROM jobs j
+                          WHERE j.event_id = e.id AND j.state <> 'done')
+        LIMIT $2)
+"#;
+
+/// The advisory lock key of the pruner ("tether prune").
+const PRUNE_LOCK: i64 = 0x7465_7468_7072_756e;
 
 /// A dead letter as `tether dead-letters list` shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
