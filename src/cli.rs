@@ -44,6 +44,9 @@ pub enum Command {
         #[command(subcommand)]
         command: LinksCommand,
     },
+    /// Jobs that failed for good: list them, or put them back in the queue.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLetters),
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +68,21 @@ pub enum LinksCommand {
         entity_type: String,
         /// The record's id in that system.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetters {
+    /// List dead-lettered jobs with their last error.
+    List,
+    /// Put dead-lettered jobs back in the queue with all their attempts.
+    Retry {
+        /// The job id (from `tether dead-letters list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Retry every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -98,6 +116,7 @@ pub fn main() -> ExitCode {
                         id,
                     },
             } => links_show(config, system, entity_type, id).await,
+            Command::DeadLetters(cmd) => dead_letters(config, cmd).await,
         }
     });
     match result {
@@ -215,6 +234,58 @@ async fn links_show(
     Ok(ExitCode::SUCCESS)
 }
 
+async fn dead_letters(config: Config, cmd: DeadLetters) -> anyhow::Result<ExitCode> {
+    let db = Database::open(&config).await?;
+    let result = dead_letters_on(&db.pool, cmd).await;
+    db.close().await;
+    result
+}
+
+async fn dead_letters_on(pool: &sqlx::PgPool, cmd: DeadLetters) -> anyhow::Result<ExitCode> {
+    use crate::queue::store;
+    match cmd {
+        DeadLetters::List => {
+            let letters = store::dead_letters(pool)
+                .await
+                .context("cannot read the dead letters")?;
+            if letters.is_empty() {
+                println!("no dead letters");
+            }
+            for d in letters {
+                println!(
+                    "{}\tevent {}\t{}\tattempts {}\tdeferrals {}\t{}\t{}",
+                    d.id,
+                    d.event_id,
+                    d.record_key,
+                    d.attempts,
+                    d.deferrals,
+                    d.finished_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    d.last_error.unwrap_or_default().replace('\n', " ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLetters::Retry { id, all } => {
+            let id = if all { None } else { id };
+            let ids = store::retry_dead(pool, id)
+                .await
+                .context("cannot retry dead letters")?;
+            match (id, ids.len()) {
+                (Some(id), 0) => {
+                    eprintln!(
+                        "tether: job {id} is not a dead letter (see `tether dead-letters list`)"
+                    );
+                    Ok(ExitCode::from(1))
+                }
+                (_, n) => {
+                    println!("{n} dead letter(s) put back in the queue");
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+    }
+}
+
 /// `tether serve`: runs until SIGTERM/SIGINT, then shuts down within `shutdown_timeout`.
 pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     // The registry first: a registry with errors must not run, and that needs no database.
@@ -228,8 +299,6 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             .map_or_else(|| "configuration".to_owned(), |l| l.to_string());
         tracing::warn!(%location, "registry: {}", finding.message);
     }
-    // Handed to the sync workers once they are wired in.
-    let _registry = Arc::new(registry);
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
@@ -238,38 +307,25 @@ pub async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     crate::db::migrate(&db.pool)
         .await
         .context("migrations failed")?;
-
-    let mut tasks = tokio::task::JoinSet::new();
-    if config.http.enabled {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        tracing::info!(address = %listener.local_addr()?, "listening");
-        let state = crate::http::AppState {
-            pool: db.pool.clone(),
-            config: config.clone(),
-            shutdown: shutdown.clone(),
-        };
-        tasks.spawn(async move {
-            if let Err(e) = crate::http::serve(listener, state).await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
-    }
-
-    shutdown.cancelled().await;
-    let drained = tokio::time::timeout(config.shutdown_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
+    let listener = if config.http.enabled {
+        Some(
+            tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        )
+    } else {
+        None
+    };
+    let result = crate::service::run(
+        config.clone(),
+        db.pool.clone(),
+        Arc::new(registry),
+        listener,
+        shutdown,
+    )
     .await;
-    if drained.is_err() {
-        tracing::warn!(
-            timeout = ?config.shutdown_timeout,
-            "shutdown bound reached; leaving the rest (unfinished jobs are released by their leases)"
-        );
-        tasks.abort_all();
-    }
     db.close().await;
+    result?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -18,6 +18,7 @@ pub mod polling;
 pub mod queue;
 pub mod registry;
 pub mod sandbox;
+pub mod service;
 pub mod shutdown;
 pub mod signing;
 pub mod simulators;

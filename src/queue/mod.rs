@@ -2,7 +2,23 @@
 //! `FOR UPDATE SKIP LOCKED`, leased to an owner, retried with backoff, dead-lettered at the end.
 //!
 //! Owns: the `jobs` table and everything that claims, completes, retries or prunes it.
-//! May call: `db`. Called by: `intake` and pollers (enqueue), `sync` (as the [`JobHandler`]).
+//! May call: `db`. Called by: `intake` and pollers (enqueue), `sync` (as the [`JobHandler`]),
+//! `cli` (`tether serve` starts the workers; `tether dead-letters`).
+//!
+//! - [`store`]: the SQL (claim, finish, extend, release, counts, prune, dead letters).
+//! - [`worker`]: [`start_workers`] and the one-job [`Queue::run_once`] that tests drain with.
+//!
+//! Guarantees: a job is claimed with a lease `(owner, claims)`; only that lease's holder can finish
+//! or extend it, and an expired lease lets another worker take the job (so a dead worker's jobs
+//! run again). Jobs of one record key never run at once and run in id order (a dead-lettered job
+//! stops blocking its successors). Execution is at least once: a worker killed after its handler's
+//! effects but before writing the outcome leaves the job to run again, so handlers are idempotent.
+
+pub mod store;
+pub mod worker;
+
+pub use store::{DeadLetter, QueueCounts};
+pub use worker::{start_workers, Queue, RunOnce};
 
 use std::time::Duration;
 

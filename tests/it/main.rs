@@ -6,6 +6,7 @@ mod exactonline;
 mod foundation;
 mod polling;
 mod poweroffice;
+mod queue;
 mod registry;
 mod sync;
 mod zendesk;

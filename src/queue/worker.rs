@@ -1,0 +1,633 @@
+//! Workers: a dispatcher that claims batches into a small local buffer and runs them on up to
+//! `workers.concurrency` tasks, a completer that writes outcomes back in batches, a lease extender,
+//! a LISTEN task for wake-ups, and a pruner. One cancellation token stops them all.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt as _;
+use rand::Rng as _;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::store::{self, Claim, Lease, Transition};
+use super::{JobHandler, JobOutcome};
+use crate::config::WorkerConfig;
+
+/// Rows per pruning statement.
+const PRUNE_BATCH: i64 = 1000;
+/// Outcomes written back per statement at most.
+const FINISH_BATCH: usize = 1000;
+
+/// The queue as one worker process sees it: the pool, the settings and this process's lease owner
+/// id.
+#[derive(Clone)]
+pub struct Queue {
+    pool: PgPool,
+    cfg: Arc<WorkerConfig>,
+    owner: Uuid,
+}
+
+/// What [`Queue::run_once`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOnce {
+    /// Nothing was due.
+    Empty,
+    /// One job ran. `applied` is false if its lease had been taken over before it finished (its
+    /// outcome was then discarded).
+    Ran {
+        job_id: i64,
+        outcome: JobOutcome,
+        applied: bool,
+    },
+}
+
+impl Queue {
+    /// A queue handle with a fresh lease owner id.
+    pub fn new(pool: PgPool, cfg: WorkerConfig) -> Queue {
+        Queue {
+            pool,
+            cfg: Arc::new(cfg),
+            owner: Uuid::new_v4(),
+        }
+    }
+
+    /// The lease owner id of this handle (one per worker process).
+    pub fn owner(&self) -> Uuid {
+        self.owner
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Claims one due job, runs it and records the outcome: one unit of work, so tests can drain
+    /// the queue deterministically (engineering.md item 4).
+    pub async fn run_once(&self, handler: &dyn JobHandler) -> Result<RunOnce, sqlx::Error> {
+        let (claims, unreadable) = store::claim(&self.pool, self.owner, 1, self.cfg.lease).await?;
+        if let Some(bad) = unreadable.into_iter().next() {
+            let outcome = JobOutcome::Dead { error: bad.error };
+            let t = transition(&self.cfg, bad.lease, &outcome, jitter());
+            let applied = store::finish(&self.pool, self.owner, &[t]).await?;
+            return Ok(RunOnce::Ran {
+                job_id: bad.lease.job_id,
+                outcome,
+                applied: !applied.is_empty(),
+            });
+        }
+        let Some(claim) = claims.into_iter().next() else {
+            return Ok(RunOnce::Empty);
+        };
+        let outcome = run_handler(handler, &claim).await;
+        let t = transition(&self.cfg, claim.lease, &outcome, jitter());
+        let applied = store::finish(&self.pool, self.owner, &[t]).await?;
+        Ok(RunOnce::Ran {
+            job_id: claim.lease.job_id,
+            outcome,
+            applied: !applied.is_empty(),
+        })
+    }
+
+    /// Runs [`Queue::run_once`] until nothing is due; returns the runs.
+    pub async fn drain(&self, handler: &dyn JobHandler) -> Result<Vec<RunOnce>, sqlx::Error> {
+        let mut runs = Vec::new();
+        loop {
+            match self.run_once(handler).await? {
+                RunOnce::Empty => return Ok(runs),
+                ran => runs.push(ran),
+            }
+        }
+    }
+}
+
+/// Starts the workers of this process; they run until `shutdown` is cancelled, then stop
+/// claiming, give in-flight jobs up to `drain` to finish, release the leases of the rest (and of
+/// claimed jobs not yet started), write back what finished, and return.
+pub fn start_workers(
+    pool: PgPool,
+    cfg: WorkerConfig,
+    handler: Arc<dyn JobHandler>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> JoinHandle<()> {
+    let queue = Queue::new(pool, cfg);
+    tokio::spawn(queue.run(handler, shutdown, drain))
+}
+
+/// A finished run on its way to the database.
+struct Finished {
+    lease: Lease,
+    outcome: JobOutcome,
+}
+
+/// State shared by the dispatcher and its helpers.
+struct Shared {
+    queue: Queue,
+    /// Every lease this process holds (buffered, running, or waiting for its outcome to be
+    /// written): the extender renews exactly these.
+    held: Mutex<HashMap<i64, Lease>>,
+    /// Jobs whose handler is running, so that the ones cut off at shutdown can be released.
+    running: Mutex<HashMap<i64, Lease>>,
+    /// Wakes the dispatcher: a NOTIFY arrived, capacity freed, or outcomes were written.
+    wake: Notify,
+}
+
+impl Queue {
+    async fn run(self, handler: Arc<dyn JobHandler>, shutdown: CancellationToken, drain: Duration) {
+        let cfg = self.cfg.clone();
+        tracing::info!(
+            owner = %self.owner,
+            concurrency = cfg.concurrency,
+            batch_size = cfg.batch_size,
+            "queue workers started"
+        );
+        let shared = Arc::new(Shared {
+            queue: self,
+            held: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+        });
+        // Helpers stop on their own token, cancelled after the dispatcher has drained, so that
+        // leases keep being extended while in-flight jobs finish.
+        let helpers_stop = CancellationToken::new();
+        let mut helpers = JoinSet::new();
+        helpers.spawn(listen(shared.clone(), helpers_stop.clone()));
+        helpers.spawn(extend_leases(shared.clone(), helpers_stop.clone()));
+        helpers.spawn(prune(shared.clone(), helpers_stop.clone()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let completer = tokio::spawn(complete(shared.clone(), rx, shutdown.clone(), drain));
+
+        dispatch(shared.clone(), handler, tx, shutdown, drain).await;
+
+        // The dispatcher dropped its sender; the completer ends once it has written everything.
+        if let Err(e) = completer.await {
+            tracing::error!(error = %e, "queue completer failed");
+        }
+        helpers_stop.cancel();
+        while helpers.join_next().await.is_some() {}
+        let left: Vec<Lease> = shared
+            .held
+            .lock()
+            .expect("lock")
+            .values()
+            .copied()
+            .collect();
+        if !left.is_empty() {
+            // Outcomes that could not be written (the database is away): their leases expire and
+            // the jobs run again elsewhere.
+            tracing::warn!(
+                jobs = left.len(),
+                "stopping with unwritten outcomes; those jobs run again after their lease"
+            );
+        }
+        tracing::info!("queue workers stopped");
+    }
+}
+
+async fn dispatch(
+    shared: Arc<Shared>,
+    handler: Arc<dyn JobHandler>,
+    tx: mpsc::UnboundedSender<Finished>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let cfg = shared.queue.cfg.clone();
+    let permits = Arc::new(Semaphore::new(cfg.concurrency));
+    let mut buffer: VecDeque<Claim> = VecDeque::new();
+    let mut tasks = JoinSet::new();
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        while tasks.try_join_next().is_some() {}
+        // Refill the local buffer when it runs low: one claim query serves many jobs
+        // (engineering.md item 9); `batch_size` bounds how many leases wait here unstarted.
+        let mut claimed_full = false;
+        if buffer.len() <= cfg.batch_size / 2 {
+            let want = cfg.batch_size - buffer.len();
+            let q = &shared.queue;
+            match store::claim(&q.pool, q.owner, want, cfg.lease).await {
+                Ok((claims, unreadable)) => {
+                    backoff = Duration::from_millis(100);
+                    claimed_full = claims.len() + unreadable.len() == want;
+                    let mut held = shared.held.lock().expect("lock");
+                    for bad in unreadable {
+                        held.insert(bad.lease.job_id, bad.lease);
+                        let _ = tx.send(Finished {
+                            lease: bad.lease,
+                            outcome: JobOutcome::Dead { error: bad.error },
+                        });
+                    }
+                    for claim in claims {
+                        held.insert(claim.lease.job_id, claim.lease);
+                        buffer.push_back(claim);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "claiming jobs failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        // Start what capacity allows.
+        while !buffer.is_empty() {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let claim = buffer.pop_front().expect("not empty");
+            shared
+                .running
+                .lock()
+                .expect("lock")
+                .insert(claim.lease.job_id, claim.lease);
+            let (shared, handler, tx) = (shared.clone(), handler.clone(), tx.clone());
+            tasks.spawn(async move {
+                let outcome = run_handler(handler.as_ref(), &claim).await;
+                // No await between these two: an abort at shutdown either finds the job in
+                // `running` (and releases it) or finds its outcome sent, never both or neither.
+                shared
+                    .running
+                    .lock()
+                    .expect("lock")
+                    .remove(&claim.lease.job_id);
+                let _ = tx.send(Finished {
+                    lease: claim.lease,
+                    outcome,
+                });
+                drop(permit);
+                shared.wake.notify_one();
+            });
+        }
+        if claimed_full && buffer.len() <= cfg.batch_size / 2 {
+            // More is probably due right now.
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(cfg.poll_interval) => {}
+        }
+    }
+
+    // Shutdown: claimed jobs that never started go back at once.
+    let q = &shared.queue;
+    let unstarted: Vec<Lease> = buffer.iter().map(|c| c.lease).collect();
+    if !unstarted.is_empty() {
+        match store::release(&q.pool, q.owner, &unstarted).await {
+            Ok(n) => tracing::info!(jobs = n, "released claimed jobs that had not started"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release unstarted jobs; their leases will expire")
+            }
+        }
+        forget(&shared, &unstarted);
+    }
+    // In-flight jobs get the drain bound to finish.
+    let finished_in_time =
+        tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_ok();
+    if !finished_in_time {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let cut: Vec<Lease> = shared
+            .running
+            .lock()
+            .expect("lock")
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        tracing::warn!(jobs = cut.len(), bound = ?drain, "jobs still running at the shutdown bound; releasing them");
+        match store::release(&q.pool, q.owner, &cut).await {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release cut-off jobs; their leases will expire")
+            }
+        }
+        forget(&shared, &cut);
+    }
+}
+
+fn forget(shared: &Shared, leases: &[Lease]) {
+    let mut held = shared.held.lock().expect("lock");
+    for l in leases {
+        held.remove(&l.job_id);
+    }
+}
+
+/// Runs the handler, turning a panic into a failed attempt.
+async fn run_handler(handler: &dyn JobHandler, claim: &Claim) -> JobOutcome {
+    match AssertUnwindSafe(handler.handle(&claim.job))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            tracing::error!(job_id = claim.job.job_id, "the job handler panicked");
+            JobOutcome::Retry {
+                error: "the job handler panicked".to_owned(),
+            }
+        }
+    }
+}
+
+/// Writes outcomes back in batches. A failed write is retried (the database may be restarting);
+/// after shutdown it gives up at the drain bound, and the leases expire instead.
+async fn complete(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Finished>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let cfg = shared.queue.cfg.clone();
+    let q = &shared.queue;
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < FINISH_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let transitions: Vec<Transition> = batch
+            .iter()
+            .map(|f| transition(&cfg, f.lease, &f.outcome, jitter()))
+            .collect();
+        let mut backoff = Duration::from_millis(50);
+        let mut given_up_at: Option<Instant> = None;
+        loop {
+            match store::finish(&q.pool, q.owner, &transitions).await {
+                Ok(applied) => {
+                    if applied.len() < transitions.len() {
+                        tracing::warn!(
+                            lost = transitions.len() - applied.len(),
+                            "some leases were taken over before their jobs finished; their outcomes were discarded"
+                        );
+                    }
+                    forget(
+                        &shared,
+                        &transitions.iter().map(|t| t.lease).collect::<Vec<_>>(),
+                    );
+                    break;
+                }
+                Err(e) => {
+                    if shutdown.is_cancelled() {
+                        let since = *given_up_at.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= drain {
+                            tracing::warn!(error = %e, jobs = transitions.len(), "giving up writing outcomes at shutdown");
+                            break;
+                        }
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "writing job outcomes failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        batch.clear();
+        // Finished jobs may unblock the next job of their record key.
+        shared.wake.notify_one();
+    }
+}
+
+/// Renews every held lease at a third of the lease length, so long jobs keep theirs.
+async fn extend_leases(shared: Arc<Shared>, stop: CancellationToken) {
+    let q = &shared.queue;
+    let every = q.cfg.lease / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let leases: Vec<Lease> = shared
+            .held
+            .lock()
+            .expect("lock")
+            .values()
+            .copied()
+            .collect();
+        if leases.is_empty() {
+            continue;
+        }
+        match store::extend(&q.pool, q.owner, &leases, q.cfg.lease).await {
+            // Leases not extended were either finished meanwhile (the usual case: the snapshot
+            // above races the completer) or taken over; the completer warns about the latter.
+            Ok(ids) if ids.len() < leases.len() => tracing::debug!(
+                not_extended = leases.len() - ids.len(),
+                "some leases were finished or taken over before they could be extended"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "extending leases failed"),
+        }
+    }
+}
+
+/// LISTENs for the enqueue trigger's notifications; reconnects on its own. Every (re)connection
+/// wakes the dispatcher, since notifications sent meanwhile are lost.
+async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let mut listener = match PgListener::connect_with(&shared.queue.pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "LISTEN connection failed; polling meanwhile");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if let Err(e) = listener.listen(store::CHANNEL).await {
+            tracing::debug!(error = %e, "LISTEN failed; polling meanwhile");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        }
+        shared.wake.notify_one();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                received = listener.try_recv() => match received {
+                    Ok(_) => shared.wake.notify_one(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "LISTEN connection lost; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Prunes finished jobs and old events periodically.
+async fn prune(shared: Arc<Shared>, stop: CancellationToken) {
+    let q = &shared.queue;
+    let every = (q.cfg.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match store::prune(&q.pool, q.cfg.retention, PRUNE_BATCH).await {
+            Ok(p) if p.jobs + p.events > 0 => {
+                tracing::debug!(jobs = p.jobs, events = p.events, "pruned")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning failed"),
+        }
+    }
+}
+
+/// A jitter factor in 0.8..1.2, so retries of a burst do not all come back at once.
+fn jitter() -> f64 {
+    rand::thread_rng().gen_range(0.8..1.2)
+}
+
+/// What an outcome does to a job, given its lease: the retry schedule, the deferral bound and the
+/// `Retry-After` cap.
+pub fn transition(
+    cfg: &WorkerConfig,
+    lease: Lease,
+    outcome: &JobOutcome,
+    jitter: f64,
+) -> Transition {
+    let failed = |error: String| {
+        // `attempts` includes the run that just failed; the schedule has one entry per retry.
+        let used = lease.attempts.max(1) as usize;
+        match cfg.retry_schedule.get(used - 1) {
+            Some(delay) => Transition {
+                lease,
+                state: "ready",
+                delay: delay.mul_f64(jitter),
+                attempt_delta: 0,
+                deferral_delta: 0,
+                error: Some(error),
+            },
+            None => Transition {
+                lease,
+                state: "dead",
+                delay: Duration::ZERO,
+                attempt_delta: 0,
+                deferral_delta: 0,
+                error: Some(error),
+            },
+        }
+    };
+    match outcome {
+        JobOutcome::Done => Transition {
+            lease,
+            state: "done",
+            delay: Duration::ZERO,
+            attempt_delta: 0,
+            deferral_delta: 0,
+            error: None,
+        },
+        JobOutcome::Dead { error } => Transition {
+            lease,
+            state: "dead",
+            delay: Duration::ZERO,
+            attempt_delta: 0,
+            deferral_delta: 0,
+            error: Some(error.clone()),
+        },
+        JobOutcome::Retry { error } => failed(error.clone()),
+        JobOutcome::Later { after, reason } => {
+            if lease.deferrals >= cfg.max_deferrals as i32 {
+                return failed(format!(
+                    "deferred {} times (the limit); last reason: {reason}",
+                    lease.deferrals
+                ));
+            }
+            let delay = match after {
+                Some(after) => *after,
+                None => cfg
+                    .retry_schedule
+                    .first()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(1))
+                    .mul_f64(jitter),
+            };
+            Transition {
+                lease,
+                state: "ready",
+                delay: delay.min(cfg.max_retry_after),
+                // Back-pressure is not the job's fault: give back the attempt the claim took.
+                attempt_delta: -1,
+                deferral_delta: 1,
+                error: Some(reason.clone()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> WorkerConfig {
+        WorkerConfig {
+            enabled: true,
+            concurrency: 1,
+            batch_size: 10,
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            retry_schedule: vec![Duration::from_secs(1), Duration::from_secs(10)],
+            max_deferrals: 2,
+            max_retry_after: Duration::from_secs(60),
+            retention: Duration::from_secs(3600),
+        }
+    }
+
+    fn lease(attempts: i32, deferrals: i32) -> Lease {
+        Lease {
+            job_id: 1,
+            claims: 1,
+            attempts,
+            deferrals,
+        }
+    }
+
+    fn retry() -> JobOutcome {
+        JobOutcome::Retry {
+            error: "boom".into(),
+        }
+    }
+
+    #[test]
+    fn retries_follow_the_schedule_with_jitter_then_dead() {
+        let c = cfg();
+        let t = transition(&c, lease(1, 0), &retry(), 1.1);
+        assert_eq!((t.state, t.delay), ("ready", Duration::from_millis(1100)));
+        let t = transition(&c, lease(2, 0), &retry(), 0.9);
+        assert_eq!((t.state, t.delay), ("ready", Duration::from_secs(9)));
+        let t = transition(&c, lease(3, 0), &retry(), 1.0);
+        assert_eq!(t.state, "dead");
+        assert_eq!(t.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn later_gives_back_the_attempt_and_caps_retry_after() {
+        let c = cfg();
+        let later = JobOutcome::Later {
+            after: Some(Duration::from_secs(3600)),
+            reason: "429".into(),
+        };
+        let t = transition(&c, lease(1, 0), &later, 1.0);
+        assert_eq!(t.state, "ready");
+        assert_eq!(t.delay, c.max_retry_after);
+        assert_eq!((t.attempt_delta, t.deferral_delta), (-1, 1));
+        // At the deferral bound it counts as a failure.
+        let t = transition(&c, lease(3, 2), &later, 1.0);
+        assert_eq!(t.state, "dead");
+        assert!(t.error.unwrap().contains("deferred 2 times"));
+    }
+}

@@ -1,0 +1,180 @@
+//! The running service, assembled: connectors built from the configuration, the sync engine as
+//! the queue's job handler, pollers for what sends no webhooks, and the HTTP side.
+//!
+//! `tether serve` and `tether sandbox` both run [`run`]; they differ only in where the
+//! configuration and the database come from.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::connectors::{self, Connector};
+use crate::domain::SystemId;
+use crate::polling::PollerSpec;
+use crate::registry::Registry;
+
+/// One client per connected system (a system without a configuration section has none).
+pub fn build_connectors(
+    config: &Config,
+    pool: &PgPool,
+) -> anyhow::Result<HashMap<SystemId, Arc<dyn Connector>>> {
+    let timeout = config.outbound.timeout;
+    let systems = &config.systems;
+    let mut out: HashMap<SystemId, Arc<dyn Connector>> = HashMap::new();
+    if let Some(zendesk) = &systems.zendesk {
+        out.insert(
+            SystemId::Zendesk,
+            Arc::new(connectors::zendesk::ZendeskConnector::new(
+                zendesk, timeout,
+            )?),
+        );
+    }
+    if let Some(exact) = &systems.exactonline {
+        out.insert(
+            SystemId::ExactOnline,
+            Arc::new(connectors::exactonline::ExactOnline::new(
+                exact.clone(),
+                pool.clone(),
+                timeout,
+            )),
+        );
+    }
+    if let Some(poweroffice) = &systems.poweroffice {
+        out.insert(
+            SystemId::PowerOffice,
+            Arc::new(connectors::poweroffice::PowerOffice::new(
+                poweroffice.clone(),
+                timeout,
+            )),
+        );
+    }
+    if let Some(crm) = &systems.crmoffice {
+        out.insert(
+            SystemId::CrmOffice,
+            Arc::new(connectors::crmoffice::CrmOfficeConnector::new(crm, timeout)),
+        );
+    }
+    for (system, section) in [
+        (SystemId::CustomErp, &systems.customerp),
+        (SystemId::CustomPms, &systems.custompms),
+    ] {
+        if let Some(section) = section {
+            out.insert(
+                system,
+                Arc::new(connectors::custom::CustomConnector::new(
+                    system, section, timeout,
+                )?),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The entity types to poll: every type a dataflow touches whose changes do not arrive as
+/// webhooks (PowerOffice Go v2 and CRMOffice send none; Exact has a webhook topic only for
+/// Accounts; custom systems are polled only when a reconciliation `poll_interval` is set).
+pub fn poller_specs(
+    config: &Config,
+    registry: &Registry,
+    connectors: &HashMap<SystemId, Arc<dyn Connector>>,
+) -> Vec<PollerSpec> {
+    let systems = &config.systems;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut specs = Vec::new();
+    for flow in registry.dataflows.iter().filter(|f| f.switches.enabled) {
+        for side in [&flow.source, &flow.target] {
+            let interval = match side.system {
+                SystemId::Zendesk => None,
+                SystemId::PowerOffice => systems.poweroffice.as_ref().map(|c| c.poll_interval),
+                SystemId::CrmOffice => systems.crmoffice.as_ref().map(|c| c.poll_interval),
+                SystemId::ExactOnline if side.entity_type != "Accounts" => {
+                    systems.exactonline.as_ref().map(|c| c.poll_interval)
+                }
+                SystemId::ExactOnline => None,
+                SystemId::CustomErp => systems.customerp.as_ref().and_then(|c| c.poll_interval),
+                SystemId::CustomPms => systems.custompms.as_ref().and_then(|c| c.poll_interval),
+            };
+            let (Some(interval), Some(connector)) = (interval, connectors.get(&side.system)) else {
+                continue;
+            };
+            if seen.insert((side.system, side.entity_type.clone())) {
+                specs.push(PollerSpec {
+                    connector: connector.clone(),
+                    entity_type: side.entity_type.clone(),
+                    interval,
+                });
+            }
+        }
+    }
+    specs
+}
+
+/// Runs HTTP (if enabled and a listener is given), workers (if enabled) and pollers until
+/// `shutdown` is cancelled, then waits for them within `shutdown_timeout`.
+pub async fn run(
+    config: Arc<Config>,
+    pool: PgPool,
+    registry: Arc<Registry>,
+    listener: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let connectors = build_connectors(&config, &pool)?;
+    let mut tasks = tokio::task::JoinSet::new();
+
+    if let Some(listener) = listener.filter(|_| config.http.enabled) {
+        tracing::info!(address = %listener.local_addr()?, "listening");
+        let state = crate::http::AppState {
+            pool: pool.clone(),
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(async move {
+            if let Err(e) = crate::http::serve(listener, state).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+
+    if config.workers.enabled {
+        let pollers = poller_specs(&config, &registry, &connectors);
+        tracing::info!(
+            pollers = pollers.len(),
+            connected = connectors.len(),
+            "starting workers"
+        );
+        let engine = crate::sync::SyncEngine::new(pool.clone(), registry.clone(), connectors);
+        // The workers get most of the shutdown bound to drain in-flight jobs, keeping some to
+        // release the leases of the rest and write outcomes back.
+        let workers = crate::queue::start_workers(
+            pool.clone(),
+            config.workers.clone(),
+            Arc::new(engine),
+            shutdown.clone(),
+            config.shutdown_timeout.mul_f64(0.8),
+        );
+        let pollers = crate::polling::start_pollers(pool.clone(), pollers, shutdown.clone());
+        tasks.spawn(async move {
+            let _ = workers.await;
+        });
+        tasks.spawn(async move {
+            let _ = pollers.await;
+        });
+    }
+
+    shutdown.cancelled().await;
+    let drained = tokio::time::timeout(config.shutdown_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            timeout = ?config.shutdown_timeout,
+            "shutdown bound reached; leaving the rest (unfinished jobs are released by their leases)"
+        );
+        tasks.abort_all();
+    }
+    Ok(())
+}
