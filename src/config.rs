@@ -60,6 +60,13 @@ pub struct Source {
 }
 
 impl Source {
+    /// Nothing set: every key at its default until values are added.
+    pub fn empty() -> Self {
+        Source {
+            values: BTreeMap::new(),
+        }
+    }
+
     /// Reads the file (if any) and the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut source = Source {

@@ -2,6 +2,7 @@
 
 mod crmoffice;
 mod custom;
+mod e2e;
 mod exactonline;
 mod foundation;
 mod polling;
