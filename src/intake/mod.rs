@@ -115,9 +115,10 @@ impl IntoResponse for Reply {
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, Reply> {
     match headers.get(name) {
         None => Ok(None),
-        Some(v) => v.to_str().map(Some).map_err(|_| {
-            unauthorized(verify::Unauthentic::BadHeader(name))
-        }),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| unauthorized(verify::Unauthentic::BadHeader(name))),
     }
 }
 
@@ -189,7 +190,11 @@ async fn handle(
                 ),
             )
         } else {
-            Reply::error(status, "unreadable_body", "the request body could not be read")
+            Reply::error(
+                status,
+                "unreadable_body",
+                "the request body could not be read",
+            )
         }
     })?;
     let config = &intake.inner.config;
@@ -274,7 +279,10 @@ async fn handle(
             return Err(Reply::error(
                 StatusCode::BAD_REQUEST,
                 "invalid_payload",
-                format!("signed body is not the {} format: {e}", system.display_name()),
+                format!(
+                    "signed body is not the {} format: {e}",
+                    system.display_name()
+                ),
             ))
         }
     };

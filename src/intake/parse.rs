@@ -120,9 +120,10 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
             e.classify_str()
         ))
     })?;
-    let name = ev.kind.strip_prefix("zen:event-type:").ok_or_else(|| {
-        format_error("`type` is not a Zendesk event type (`zen:event-type:...`)")
-    })?;
+    let name = ev
+        .kind
+        .strip_prefix("zen:event-type:")
+        .ok_or_else(|| format_error("`type` is not a Zendesk event type (`zen:event-type:...`)"))?;
     let (resource, change) = name
         .split_once('.')
         .filter(|(r, c)| !r.is_empty() && !c.is_empty())
@@ -403,15 +404,27 @@ mod tests {
     #[test]
     fn zendesk_changes_and_deletes() {
         let e = event(
-            zendesk(br#"{"type":"zen:event-type:user.name_changed","id":"d2","subject":"zen:user:5"}"#)
-                .unwrap(),
+            zendesk(
+                br#"{"type":"zen:event-type:user.name_changed","id":"d2","subject":"zen:user:5"}"#,
+            )
+            .unwrap(),
         );
-        assert_eq!((e.record.entity_type.as_str(), e.record.record_id.as_str(), e.action), ("Users", "5", Action::Updated));
+        assert_eq!(
+            (
+                e.record.entity_type.as_str(),
+                e.record.record_id.as_str(),
+                e.action
+            ),
+            ("Users", "5", Action::Updated)
+        );
         let e = event(
             zendesk(br#"{"type":"zen:event-type:ticket.deleted","id":"d3","detail":{"id":8}}"#)
                 .unwrap(),
         );
-        assert_eq!((e.record.entity_type.as_str(), e.action), ("Tickets", Action::Deleted));
+        assert_eq!(
+            (e.record.entity_type.as_str(), e.action),
+            ("Tickets", Action::Deleted)
+        );
     }
 
     #[test]
@@ -474,19 +487,40 @@ mod tests {
     #[test]
     fn custom_types() {
         let e = event(
-            custom(SystemId::CustomErp, "msg_1", br#"{"type":"contact.deleted","data":{"id":"c1"}}"#)
-                .unwrap(),
+            custom(
+                SystemId::CustomErp,
+                "msg_1",
+                br#"{"type":"contact.deleted","data":{"id":"c1"}}"#,
+            )
+            .unwrap(),
         );
-        assert_eq!((e.record.entity_type.as_str(), e.action), ("Contact", Action::Deleted));
+        assert_eq!(
+            (e.record.entity_type.as_str(), e.action),
+            ("Contact", Action::Deleted)
+        );
         assert_eq!(e.delivery_id, "msg_1");
         // Custom PMS has no contacts in any dataflow.
         assert!(matches!(
-            custom(SystemId::CustomPms, "m", br#"{"type":"contact.updated","data":{"id":"c1"}}"#)
-                .unwrap(),
+            custom(
+                SystemId::CustomPms,
+                "m",
+                br#"{"type":"contact.updated","data":{"id":"c1"}}"#
+            )
+            .unwrap(),
             Parsed::Ignored(_)
         ));
-        assert!(custom(SystemId::CustomPms, "m", br#"{"type":"customer.renamed","data":{"id":"1"}}"#).is_err());
+        assert!(custom(
+            SystemId::CustomPms,
+            "m",
+            br#"{"type":"customer.renamed","data":{"id":"1"}}"#
+        )
+        .is_err());
         assert!(custom(SystemId::CustomPms, "m", br#"{"type":"customer.updated"}"#).is_err());
-        assert!(custom(SystemId::CustomPms, "m", br#"{"type":"customer","data":{"id":"1"}}"#).is_err());
+        assert!(custom(
+            SystemId::CustomPms,
+            "m",
+            br#"{"type":"customer","data":{"id":"1"}}"#
+        )
+        .is_err());
     }
 }

@@ -210,12 +210,12 @@ pub async fn insert_batch(
         .collect();
     let results: Vec<Stored> = events
         .iter()
-        .map(|e| {
-            match new_ids.remove(&(e.record.system.as_str(), e.delivery_id.as_str())) {
+        .map(
+            |e| match new_ids.remove(&(e.record.system.as_str(), e.delivery_id.as_str())) {
                 Some(id) => Stored::New(id),
                 None => Stored::Duplicate,
-            }
-        })
+            },
+        )
         .collect();
     let jobs: Vec<NewJob<'_>> = events
         .iter()

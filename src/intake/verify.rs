@@ -50,8 +50,9 @@ pub fn zendesk(
     const TS: &str = "x-zendesk-webhook-signature-timestamp";
     let signature = signature.ok_or(Unauthentic::MissingHeader(SIG))?;
     let timestamp = timestamp.ok_or(Unauthentic::MissingHeader(TS))?;
-    let at = DateTime::parse_from_rfc3339(timestamp.trim())
-        .map_err(|_| Unauthentic::BadTimestamp(TS, "expected ISO-8601, e.g. 2024-01-01T00:00:00Z"))?;
+    let at = DateTime::parse_from_rfc3339(timestamp.trim()).map_err(|_| {
+        Unauthentic::BadTimestamp(TS, "expected ISO-8601, e.g. 2024-01-01T00:00:00Z")
+    })?;
     check_window(at.timestamp(), now, tolerance)?;
     if secrets
         .iter()
@@ -130,7 +131,14 @@ mod tests {
         let right = SecretString::from("dGhpc19zZWNyZXRfaXNfZm9yX3Rlc3Rpbmdfb25seQ==");
         let old = SecretString::from("old");
         assert_eq!(
-            zendesk(&[old.clone(), right.clone()], Some(ts), Some(sig), body, now, FIVE_MIN),
+            zendesk(
+                &[old.clone(), right.clone()],
+                Some(ts),
+                Some(sig),
+                body,
+                now,
+                FIVE_MIN
+            ),
             Ok(())
         );
         assert_eq!(
@@ -138,16 +146,39 @@ mod tests {
             Err(Unauthentic::BadSignature)
         );
         assert!(matches!(
-            zendesk(&[right.clone()], Some(ts), Some(sig), body, at("2024-01-01T00:06:00Z"), FIVE_MIN),
+            zendesk(
+                std::slice::from_ref(&right),
+                Some(ts),
+                Some(sig),
+                body,
+                at("2024-01-01T00:06:00Z"),
+                FIVE_MIN
+            ),
             Err(Unauthentic::TimestampOutOfWindow(360, 300))
         ));
         assert!(matches!(
-            zendesk(&[right.clone()], Some(ts), Some(sig), body, at("2023-12-31T23:54:00Z"), FIVE_MIN),
+            zendesk(
+                std::slice::from_ref(&right),
+                Some(ts),
+                Some(sig),
+                body,
+                at("2023-12-31T23:54:00Z"),
+                FIVE_MIN
+            ),
             Err(Unauthentic::TimestampOutOfWindow(-360, 300))
         ));
         assert_eq!(
-            zendesk(&[right.clone()], None, Some(sig), body, now, FIVE_MIN),
-            Err(Unauthentic::MissingHeader("x-zendesk-webhook-signature-timestamp"))
+            zendesk(
+                std::slice::from_ref(&right),
+                None,
+                Some(sig),
+                body,
+                now,
+                FIVE_MIN
+            ),
+            Err(Unauthentic::MissingHeader(
+                "x-zendesk-webhook-signature-timestamp"
+            ))
         );
         assert!(matches!(
             zendesk(&[right], Some("1234"), Some(sig), body, now, FIVE_MIN),
@@ -185,7 +216,10 @@ mod tests {
         );
         let late = DateTime::from_timestamp(1614265330 + 301, 0).unwrap();
         assert!(standard(&key, headers, body, late, FIVE_MIN).is_err());
-        let no_id = StandardHeaders { id: None, ..headers };
+        let no_id = StandardHeaders {
+            id: None,
+            ..headers
+        };
         assert_eq!(
             standard(&key, no_id, body, now, FIVE_MIN),
             Err(Unauthentic::MissingHeader("webhook-id"))
