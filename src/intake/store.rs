@@ -23,9 +23,9 @@ use crate::queue::{self, NewJob};
 /// The most events in one transaction: a bound on statement size and on the latency one commit
 /// adds to the first request of its batch.
 pub const MAX_BATCH: usize = 512;
-/// Transactions in flight at once: overlaps one batch's round trips with the next batch's
+/// Transactions in flight at once (each needs a pool connection): overlaps one batch's round trips with the next batch's
 /// collection, and lets a commit's fsync overlap with the next insert.
-pub const COMMITTERS: usize = 4;
+pub const COMMITTERS: usize = 8;
 /// Requests waiting for a batch, beyond which new requests wait to enqueue (back-pressure).
 const QUEUE_DEPTH: usize = 8192;
 
