@@ -2,7 +2,7 @@
 //! transaction, and each request is answered only after that transaction committed.
 //!
 //! Requests hand their event to a channel. A dispatcher takes whatever has queued up (at least
-//! one, at most [`MAX_BATCH`]) and commits it on one of [`COMMITTERS`] concurrent transactions;
+//! one, at most [`MAX_BATCH`]) and commits it on one of up to [`COMMITTERS`] concurrent transactions;
 //! while those are in flight the next batch accumulates, so the batch size follows the load with
 //! no added waiting when idle. Each request learns through its own oneshot whether its event was
 //! new (202) or a duplicate (200).
@@ -23,8 +23,9 @@ use crate::queue::{self, NewJob};
 /// The most events in one transaction: a bound on statement size and on the latency one commit
 /// adds to the first request of its batch.
 pub const MAX_BATCH: usize = 512;
-/// Transactions in flight at once (each needs a pool connection): overlaps one batch's round trips with the next batch's
-/// collection, and lets a commit's fsync overlap with the next insert.
+/// Most transactions in flight at once: overlaps one batch's round trips with the next batch's
+/// collection, and lets PostgreSQL share one WAL flush among several commits. Each holds a pool
+/// connection, so at most half the pool is used (the rest serves workers and health checks).
 pub const COMMITTERS: usize = 8;
 /// Requests waiting for a batch, beyond which new requests wait to enqueue (back-pressure).
 const QUEUE_DEPTH: usize = 8192;
@@ -83,7 +84,8 @@ impl GroupCommit {
 }
 
 async fn dispatch(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
-    let permits = Arc::new(Semaphore::new(COMMITTERS));
+    let committers = (pool.options().get_max_connections() as usize / 2).clamp(1, COMMITTERS);
+    let permits = Arc::new(Semaphore::new(committers));
     loop {
         // Take a committer slot first, so requests keep accumulating while all are busy.
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -92,7 +94,7 @@ async fn dispatch(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
         let mut batch = Vec::with_capacity(16);
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             // Every handle dropped and the channel drained; wait for running commits.
-            let _ = permits.acquire_many(COMMITTERS as u32).await;
+            let _ = permits.acquire_many(committers as u32).await;
             return;
         }
         let pool = pool.clone();
