@@ -5,6 +5,7 @@ mod custom;
 mod e2e;
 mod exactonline;
 mod foundation;
+mod intake;
 mod polling;
 mod poweroffice;
 mod queue;
