@@ -81,13 +81,11 @@ impl Harness {
     }
 
     async fn active_links(&self, flow_like: &str) -> i64 {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM links WHERE state = 'active' AND flow_id LIKE $1",
-        )
-        .bind(flow_like)
-        .fetch_one(&self.db.pool)
-        .await
-        .unwrap()
+        sqlx::query_scalar("SELECT count(*) FROM links WHERE state = 'active' AND flow_id LIKE $1")
+            .bind(flow_like)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
     }
 }
 
@@ -127,7 +125,11 @@ async fn chain_poweroffice_customer_to_zendesk_to_custom_systems_and_back() {
     let customer_id = customer["Id"].as_i64().unwrap();
 
     let org = eventually("the Zendesk organization", WAIT, || {
-        find_by_field(h.sims.zendesk.all(Kind::Organization), "name", "Chain Test AS")
+        find_by_field(
+            h.sims.zendesk.all(Kind::Organization),
+            "name",
+            "Chain Test AS",
+        )
     })
     .await;
     // `url` is Zendesk's own read-only API address: the seed's WebsiteUrl -> url is not synced.
@@ -140,8 +142,7 @@ async fn chain_poweroffice_customer_to_zendesk_to_custom_systems_and_back() {
         (h.sims.custompms.len("customer") == 1).then_some(())
     })
     .await;
-    eventually("three links from the chain", WAIT, || Some(()))
-        .await;
+    eventually("three links from the chain", WAIT, || Some(())).await;
     let links = h.active_links("%").await;
     assert!(links >= 3, "links: {links}");
 
@@ -220,10 +221,14 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
         activity["ownerId"], contact_id,
         "requester_id arrives translated to the linked contact's id"
     );
-    eventually("Customerp and Custom PMS projects for the ticket", WAIT, || {
-        (h.sims.customerp.len("project") >= 1 && h.sims.custompms.len("project") >= 1)
-            .then_some(())
-    })
+    eventually(
+        "Customerp and Custom PMS projects for the ticket",
+        WAIT,
+        || {
+            (h.sims.customerp.len("project") >= 1 && h.sims.custompms.len("project") >= 1)
+                .then_some(())
+        },
+    )
     .await;
     let _ = ticket;
     h.stop().await;
