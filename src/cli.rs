@@ -34,6 +34,13 @@ pub enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Everything on one machine: embedded PostgreSQL, a simulator of each of the six systems,
+    /// and the service wired to them, with a few records already in the source systems.
+    Sandbox {
+        /// Walk every dataflow once, print a report and exit (0 only if every flow behaved).
+        #[arg(long)]
+        demo: bool,
+    },
     /// Inspect the mapping registry (the shipped dataflows plus `registry.overlay`). Needs no database.
     Registry {
         #[command(subcommand)]
@@ -107,6 +114,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
+            Command::Sandbox { demo } => crate::sandbox::run(&config, demo).await,
             Command::Registry { .. } => unreachable!("handled before the runtime starts"),
             Command::Links {
                 command:

@@ -226,3 +226,400 @@ webhook_secret = "{pms_secret}"
             .seed_account(json!({"Name": "Amstel Trading BV", "Code": "                 1"}));
     }
 }
+
+/// `tether sandbox [--demo]`: runs everything on one machine until Ctrl-C; with `demo`, walks
+/// every dataflow once, prints a report and exits (0 only if every flow behaved as the registry
+/// says).
+pub async fn run(
+    outer: &crate::config::Config,
+    demo: bool,
+) -> anyhow::Result<std::process::ExitCode> {
+    use anyhow::Context as _;
+    use std::sync::Arc;
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    crate::shutdown::cancel_on_signal(shutdown.clone());
+
+    // Tether's own port first: the simulators need it as their webhook target.
+    let wanted = std::net::SocketAddr::from(([127, 0, 0, 1], outer.listen.port()));
+    let listener = match tokio::net::TcpListener::bind(wanted).await {
+        Ok(l) => l,
+        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let addr = listener.local_addr()?;
+    let tether_url = format!("http://{addr}");
+    let sims = Simulators::start(addr.ip(), &tether_url)
+        .await
+        .context("the simulators could not start")?;
+
+    let mut source = crate::config::Source::empty();
+    source.add_toml(
+        &sims.config_toml(addr, &outer.data_dir, "1s"),
+        Path::new("(sandbox)"),
+    )?;
+    let mut config = crate::config::Config::from_source(source)?;
+    config.database = outer.database.clone();
+    config.log_format = outer.log_format;
+    config.registry = outer.registry.clone();
+    let config = Arc::new(config);
+
+    let overlay_file;
+    let overlay = if demo && config.registry.overlay.is_none() {
+        overlay_file = outer.data_dir.join("sandbox-demo-overlay.toml");
+        std::fs::create_dir_all(&outer.data_dir)?;
+        std::fs::write(&overlay_file, demo::OVERLAY)?;
+        Some(overlay_file.as_path())
+    } else {
+        config.registry.overlay.as_deref()
+    };
+    let (registry, _warnings) =
+        crate::registry::load(overlay).context("the mapping registry cannot be used")?;
+    let db = crate::db::Database::open(&config).await?;
+    crate::db::migrate(&db.pool)
+        .await
+        .context("migrations failed")?;
+    // A sandbox starts from a clean slate each time: the simulators are new, so old links and
+    // queued events would point at records that no longer exist.
+    sqlx::query(
+        "TRUNCATE events, jobs, links, link_intents, sync_log, poll_cursors, oauth_tokens CASCADE",
+    )
+    .execute(&db.pool)
+    .await
+    .context("cannot reset the sandbox database")?;
+
+    let service = tokio::spawn(crate::service::run(
+        config.clone(),
+        db.pool.clone(),
+        Arc::new(registry),
+        Some(listener),
+        shutdown.clone(),
+    ));
+
+    let code = if demo {
+        let report = demo::run(&sims, &db.pool).await;
+        print!("{}", report.render());
+        shutdown.cancel();
+        if report.ok() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        }
+    } else {
+        sims.seed();
+        print_welcome(&sims, &tether_url);
+        shutdown.cancelled().await;
+        std::process::ExitCode::SUCCESS
+    };
+    let result = service.await;
+    db.close().await;
+    result??;
+    Ok(code)
+}
+
+fn print_welcome(sims: &Simulators, tether_url: &str) {
+    let zd = sims.url(SystemId::Zendesk);
+    let po = sims.url(SystemId::PowerOffice);
+    let erp = sims.url(SystemId::CustomErp);
+    println!(
+        r#"
+Tether sandbox is running. Ctrl-C stops everything.
+
+  tether           {tether_url}   (GET /readyz, POST /webhooks/{{system}})
+  Zendesk          {zd}
+  Exact Online     {exact}
+  PowerOffice Go   {po}
+  CRMOffice        {crm}
+  Custom ERP       {erp}
+  Custom PMS       {pms}
+
+A few records are already in PowerOffice and Exact; within seconds they appear in Zendesk and,
+from there, in the Custom ERP and PMS. Try:
+
+  # 1. the organizations Tether created in Zendesk
+  curl -s -u '{email}/token:{token}' {zd}/api/v2/organizations.json
+
+  # 2. create one in Zendesk: it appears in the Custom ERP as a customer
+  curl -s -u '{email}/token:{token}' -H 'content-type: application/json' \
+       -d '{{"organization":{{"name":"Made in Zendesk"}}}}' {zd}/api/v2/organizations.json
+  curl -s -H 'authorization: Bearer {erp_token}' {erp}/customer
+
+  # 3. what Tether decided, per record
+  cargo run -q -- links show zendesk Organizations <id>
+"#,
+        exact = sims.url(SystemId::ExactOnline),
+        crm = sims.url(SystemId::CrmOffice),
+        pms = sims.url(SystemId::CustomPms),
+        email = credentials::ZENDESK_EMAIL,
+        token = credentials::ZENDESK_TOKEN,
+        erp_token = credentials::CUSTOMERP_TOKEN,
+    );
+    let _ = po;
+}
+
+/// The scripted walk through every dataflow (`tether sandbox --demo`).
+pub mod demo {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    use std::time::{Duration, Instant};
+
+    use serde_json::{json, Map, Value};
+    use sqlx::PgPool;
+
+    use super::{credentials, Simulators};
+    use crate::connectors::Connector as _;
+    use crate::domain::SystemId;
+
+    /// The demo maps the fields the shipped seeds leave unmapped (a Zendesk organization needs a
+    /// `name`, a user a `name` and an `email`), so every flow can create its counterpart.
+    pub const OVERLAY: &str = r#"# Written by `tether sandbox --demo`: lets the link-only flows of the seeds create records.
+[[dataflow]]
+source = "exactonline.Departments"
+target = "zendesk.Organizations"
+[[dataflow.property]]
+source = "Description"
+target = "name"
+type = "string"
+
+[[dataflow]]
+source = "exactonline.Divisions"
+target = "zendesk.Organizations"
+[[dataflow.property]]
+source = "Description"
+target = "name"
+type = "string"
+
+[[dataflow]]
+source = "poweroffice.Contactperson"
+target = "zendesk.Users"
+[[dataflow.property]]
+source = "FirstName"
+target = "name"
+type = "string"
+[[dataflow.property]]
+source = "EmailAddress"
+target = "email"
+type = "string"
+
+[[dataflow]]
+source = "poweroffice.Employees"
+target = "zendesk.Users"
+[[dataflow.property]]
+source = "FirstName"
+target = "name"
+type = "string"
+[[dataflow.property]]
+source = "EmailAddress"
+target = "email"
+type = "string"
+
+[[rule]]
+entity = "zendesk.Users"
+property = "name"
+resolve = "latest_wins"
+
+[[rule]]
+entity = "zendesk.Users"
+property = "email"
+resolve = "latest_wins"
+"#;
+
+    /// What happened per dataflow.
+    #[derive(Debug, Default)]
+    pub struct Report {
+        pub flows: BTreeMap<String, FlowFigures>,
+        pub dead_jobs: i64,
+        pub problems: Vec<String>,
+    }
+
+    #[derive(Debug, Default, Clone)]
+    pub struct FlowFigures {
+        pub links: i64,
+        pub created: i64,
+        pub writes: i64,
+        pub echoes: i64,
+        pub errors: i64,
+    }
+
+    impl Report {
+        /// Every flow linked at least one record, nothing errored, nothing was dead-lettered.
+        pub fn ok(&self) -> bool {
+            self.problems.is_empty()
+                && self.dead_jobs == 0
+                && self.flows.len() == 18
+                && self.flows.values().all(|f| f.links > 0 && f.errors == 0)
+        }
+
+        pub fn render(&self) -> String {
+            let mut out = String::new();
+            let _ = writeln!(
+                out,
+                "\n{:<62} {:>5} {:>7} {:>6} {:>6} {:>6}",
+                "dataflow", "links", "created", "writes", "echoes", "errors"
+            );
+            for (flow, f) in &self.flows {
+                let _ = writeln!(
+                    out,
+                    "{flow:<62} {:>5} {:>7} {:>6} {:>6} {:>6}",
+                    f.links, f.created, f.writes, f.echoes, f.errors
+                );
+            }
+            let _ = writeln!(out, "dead-lettered jobs: {}", self.dead_jobs);
+            for p in &self.problems {
+                let _ = writeln!(out, "problem: {p}");
+            }
+            let _ = writeln!(
+                out,
+                "{}",
+                if self.ok() {
+                    "every dataflow behaved as the registry says"
+                } else {
+                    "SOME DATAFLOWS DID NOT BEHAVE AS THE REGISTRY SAYS"
+                }
+            );
+            out
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    /// Creates one record per source type, the way users would, then waits for every flow to
+    /// link (90 s at most) and reads the figures from the sync log.
+    pub async fn run(sims: &Simulators, pool: &PgPool) -> Report {
+        let mut report = Report::default();
+        let customer = sims.poweroffice.seed(
+            "Customers",
+            json!({"Name": "Demo Customer AS", "WebsiteUrl": "https://customer.example"}),
+        );
+        sims.poweroffice.seed(
+            "Suppliers",
+            json!({"Name": "Demo Supplier", "LegalName": "Demo Supplier AS"}),
+        );
+        let department = sims.poweroffice.seed(
+            "Departments",
+            json!({"Name": "Demo Department", "Code": "DD"}),
+        );
+        sims.poweroffice.seed(
+            "ContactPersons",
+            json!({"ContactId": customer["Id"], "FirstName": "Cora", "LastName": "Contact", "EmailAddress": "cora@customer.example"}),
+        );
+        sims.poweroffice.seed(
+            "Employees",
+            json!({"FirstName": "Emil", "LastName": "Employee", "EmailAddress": "emil@demo.example", "DepartmentId": department["Id"]}),
+        );
+        let account = sims
+            .exact
+            .seed_account(json!({"Name": "Demo Account BV", "Code": "                42"}));
+        sims.exact
+            .change_account(&account, json!({"Name": "Demo Account BV"}));
+        sims.exact
+            .seed_department(json!({"Code": "D1", "Description": "Demo Exact Department"}));
+        sims.exact
+            .seed_division(json!({"Code": 424242, "Description": "Demo Exact Division"}));
+
+        // Zendesk changes go through its API, which sends the webhooks.
+        let zendesk = crate::connectors::zendesk::ZendeskConnector::new(
+            &crate::config::ZendeskConfig {
+                base_url: url::Url::parse(&sims.url(SystemId::Zendesk)).expect("a URL"),
+                email: Some(credentials::ZENDESK_EMAIL.to_owned()),
+                api_token: Some(credentials::ZENDESK_TOKEN.to_owned().into()),
+                oauth_token: None,
+                webhook_secrets: Vec::new(),
+                rate_limit_per_minute: 6000,
+            },
+            Duration::from_secs(10),
+        );
+        match zendesk {
+            Err(e) => report.problems.push(format!("zendesk client: {e}")),
+            Ok(zd) => {
+                let walk = async {
+                    let user = zd
+                        .create(
+                            "Users",
+                            &obj(json!({"name": "Ada Agent", "email": "ada@demo.example"})),
+                            "demo-user",
+                        )
+                        .await?;
+                    let ticket = zd
+                        .create(
+                            "Tickets",
+                            &obj(json!({"subject": "Demo ticket", "requester_id": user.id.parse::<u64>().unwrap_or_default()})),
+                            "demo-ticket",
+                        )
+                        .await?;
+                    zd.create(
+                        "Ticketcomments",
+                        &obj(json!({"ticket_id": ticket.id.parse::<u64>().unwrap_or_default(), "body": "A demo comment"})),
+                        "demo-comment",
+                    )
+                    .await?;
+                    Ok::<_, crate::connectors::ConnectorError>(())
+                };
+                if let Err(e) = walk.await {
+                    report.problems.push(format!("zendesk: {e}"));
+                }
+            }
+        }
+
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let linked: i64 = sqlx::query_scalar(
+                "SELECT count(DISTINCT flow_id) FROM links WHERE state = 'active'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+            if linked >= 18 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // Let echoes arrive and be recognised.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        fill_figures(pool, &mut report).await;
+        report
+    }
+
+    async fn fill_figures(pool: &PgPool, report: &mut Report) {
+        let registry = crate::registry::load::read(None).map(|(r, _)| r);
+        if let Ok(registry) = registry {
+            for flow in &registry.dataflows {
+                report.flows.insert(flow.id.clone(), FlowFigures::default());
+            }
+        }
+        let links: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT flow_id, count(*) FROM links WHERE state = 'active' GROUP BY flow_id",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+        for (flow, n) in links {
+            report.flows.entry(flow).or_default().links = n;
+        }
+        let decisions: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT flow_id, decision, count(*) FROM sync_log WHERE flow_id IS NOT NULL \
+             GROUP BY flow_id, decision",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+        for (flow, decision, n) in decisions {
+            let f = report.flows.entry(flow).or_default();
+            match decision.as_str() {
+                "created" => {
+                    f.created += n;
+                    f.writes += n;
+                }
+                "updated" => f.writes += n,
+                "echo" | "unchanged" => f.echoes += n,
+                "error" => f.errors += n,
+                _ => {}
+            }
+        }
+        report.dead_jobs = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'dead'")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+    }
+}

@@ -203,3 +203,31 @@ async fn serve_with_embedded_postgres_stops_cleanly_on_sigterm() {
     }
     assert!(gone(), "postgres still running");
 }
+
+/// `tether sandbox --demo` walks all 18 dataflows through the real service, simulators and an
+/// embedded PostgreSQL, and exits 0 only if every flow linked a record without errors.
+#[tokio::test]
+async fn sandbox_demo_walks_every_dataflow() {
+    let dir = testing::shared_tempdir();
+    let out = tokio::time::timeout(
+        Duration::from_secs(240),
+        tokio::process::Command::new(BIN)
+            .args(["sandbox", "--demo"])
+            .env_remove("DATABASE_URL")
+            .env("TETHER_DATA_DIR", dir.path().join("data"))
+            .env("TETHER_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .output(),
+    )
+    .await
+    .expect("the demo finishes")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("every dataflow behaved as the registry says"));
+    assert_eq!(stdout.matches("->").count(), 18, "{stdout}");
+}
