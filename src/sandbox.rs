@@ -336,11 +336,11 @@ A few records are already in PowerOffice and Exact; within seconds they appear i
 from there, in the Custom ERP and PMS. Try:
 
   # 1. the organizations Tether created in Zendesk
-  curl -s -u '{email}/token:{token}' {zd}/api/v2/organizations.json
+  curl -s -u '{email}/token:{token}' {zd}/api/v2/organizations
 
   # 2. create one in Zendesk: it appears in the Custom ERP as a customer
   curl -s -u '{email}/token:{token}' -H 'content-type: application/json' \
-       -d '{{"organization":{{"name":"Made in Zendesk"}}}}' {zd}/api/v2/organizations.json
+       -d '{{"organization":{{"name":"Made in Zendesk"}}}}' {zd}/api/v2/organizations
   curl -s -H 'authorization: Bearer {erp_token}' {erp}/customer
 
   # 3. what Tether decided, per record
