@@ -241,12 +241,13 @@ pub async fn run(
     crate::shutdown::cancel_on_signal(shutdown.clone());
 
     // Tether's own port first: the simulators need it as their webhook target.
-    let wanted = std::net::SocketAddr::from(([127, 0, 0, 1], outer.listen.port()));
-    let listener = match tokio::net::TcpListener::bind(wanted).await {
+    // `listen` as configured (a container publishes 0.0.0.0:8080); a port in use falls back to
+    // any free one. The simulators reach tether over loopback.
+    let listener = match tokio::net::TcpListener::bind(outer.listen).await {
         Ok(l) => l,
         Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
     };
-    let addr = listener.local_addr()?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listener.local_addr()?.port()));
     let tether_url = format!("http://{addr}");
     let sims = Simulators::start(addr.ip(), &tether_url)
         .await
