@@ -69,3 +69,57 @@ $$;
 
 CREATE TRIGGER jobs_notify AFTER INSERT ON jobs
     FOR EACH STATEMENT EXECUTE FUNCTION jobs_notify();
+
+-- The claim, as a function so that its planner settings travel with it in one round trip. The
+-- statistics of this table are stale whenever a burst arrives (it looked empty at the last
+-- ANALYZE); the planner then reads every unfinished job through a bitmap scan and sorts them, on
+-- every claim (seen: 100,000 rows read per claim of 500). Walking `jobs_unfinished` in id order
+-- and stopping at the LIMIT is right at every table size, so the other plans are switched off.
+--
+-- The CTE selects candidates FOR UPDATE SKIP LOCKED with a LIMIT and the UPDATE touches only
+-- those (without the CTE the planner may update more rows than the limit). A candidate is a ready
+-- job that is due, or a running job whose lease expired (its worker died), and only if no other
+-- unfinished job of the same record key is running or older: one key's jobs run one at a time
+-- and in id order, while other keys run in parallel. The check reads the statement's snapshot: a
+-- job seen unfinished blocks its successors, and a job only leaves ready/running by being
+-- finished, so a successor is never claimed early.
+CREATE FUNCTION jobs_claim(p_owner UUID, p_limit INT, p_lease_ms BIGINT)
+RETURNS TABLE (job_id BIGINT, job_event_id BIGINT, job_attempts INT, job_deferrals INT,
+               job_claims INT, ev_system TEXT, ev_entity_type TEXT, ev_record_id TEXT,
+               ev_action TEXT, ev_occurred_at TIMESTAMPTZ, ev_delivery_id TEXT)
+LANGUAGE sql
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET enable_sort = off
+AS $$
+    WITH candidates AS (
+        SELECT j.id
+        FROM jobs j
+        WHERE j.state IN ('ready', 'running')
+          AND ((j.state = 'ready' AND j.run_at <= now())
+               OR (j.state = 'running' AND j.lease_until < now()))
+          AND NOT EXISTS (
+              SELECT 1 FROM jobs o
+              WHERE o.record_key = j.record_key
+                AND o.state IN ('ready', 'running')
+                AND o.id <> j.id
+                AND (o.state = 'running' OR o.id < j.id))
+        ORDER BY j.id
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE jobs j
+        SET state = 'running',
+            lease_owner = p_owner,
+            lease_until = now() + p_lease_ms * interval '1 millisecond',
+            attempts = j.attempts + 1,
+            claims = j.claims + 1
+        FROM candidates c
+        WHERE j.id = c.id
+        RETURNING j.id, j.event_id, j.attempts, j.deferrals, j.claims
+    )
+    SELECT c.id, c.event_id, c.attempts, c.deferrals, c.claims,
+           e.system, e.entity_type, e.record_id, e.action, e.occurred_at, e.delivery_id
+    FROM claimed c JOIN events e ON e.id = c.event_id
+    ORDER BY c.id
+$$;
