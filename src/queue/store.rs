@@ -54,8 +54,40 @@ pub async fn claim(
     limit: usize,
     lease: Duration,
 ) -> Result<(Vec<Claim>, Vec<Unreadable>), sqlx::Error> {
-    // The statement is the `jobs_claim` function of the migration (with its planner settings).
-    let rows = sqlx::query("SELECT * FROM jobs_claim($2, $1::int, $3)")
+    let rows = sqlx::query(
+        r#"
+        WITH candidates AS (
+            SELECT j.id
+            FROM jobs j
+            WHERE j.state IN ('ready', 'running')
+              AND ((j.state = 'ready' AND j.run_at <= now())
+                   OR (j.state = 'running' AND j.lease_until < now()))
+              AND NOT EXISTS (
+                  SELECT 1 FROM jobs o
+                  WHERE o.record_key = j.record_key
+                    AND o.state IN ('ready', 'running')
+                    AND o.id <> j.id
+                    AND (o.state = 'running' OR o.id < j.id))
+            ORDER BY j.id
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        ), claimed AS (
+            UPDATE jobs j
+            SET state = 'running',
+                lease_owner = $2,
+                lease_until = now() + $3 * interval '1 millisecond',
+                attempts = j.attempts + 1,
+                claims = j.claims + 1
+            FROM candidates c
+            WHERE j.id = c.id
+            RETURNING j.id, j.event_id, j.attempts, j.deferrals, j.claims
+        )
+        SELECT c.id, c.event_id, c.attempts, c.deferrals, c.claims,
+               e.system, e.entity_type, e.record_id, e.action, e.occurred_at, e.delivery_id
+        FROM claimed c JOIN events e ON e.id = c.event_id
+        ORDER BY c.id
+        "#,
+    )
     .bind(limit as i64)
     .bind(owner)
     .bind(lease.as_millis() as i64)
@@ -66,14 +98,14 @@ pub async fn claim(
     let mut unreadable = Vec::new();
     for row in rows {
         let lease = Lease {
-            job_id: row.try_get("job_id")?,
-            claims: row.try_get("job_claims")?,
-            attempts: row.try_get("job_attempts")?,
-            deferrals: row.try_get("job_deferrals")?,
+            job_id: row.try_get("id")?,
+            claims: row.try_get("claims")?,
+            attempts: row.try_get("attempts")?,
+            deferrals: row.try_get("deferrals")?,
         };
-        let event_id: i64 = row.try_get("job_event_id")?;
-        let system: String = row.try_get("ev_system")?;
-        let action: String = row.try_get("ev_action")?;
+        let event_id: i64 = row.try_get("event_id")?;
+        let system: String = row.try_get("system")?;
+        let action: String = row.try_get("action")?;
         let parsed = system
             .parse()
             .map_err(|e: crate::domain::UnknownSystem| e.to_string())
@@ -86,12 +118,12 @@ pub async fn claim(
                     event: ChangeEvent {
                         record: RecordKey {
                             system,
-                            entity_type: row.try_get("ev_entity_type")?,
-                            record_id: row.try_get("ev_record_id")?,
+                            entity_type: row.try_get("entity_type")?,
+                            record_id: row.try_get("record_id")?,
                         },
                         action,
-                        occurred_at: row.try_get::<Option<DateTime<Utc>>, _>("ev_occurred_at")?,
-                        delivery_id: row.try_get("ev_delivery_id")?,
+                        occurred_at: row.try_get::<Option<DateTime<Utc>>, _>("occurred_at")?,
+                        delivery_id: row.try_get("delivery_id")?,
                     },
                     attempt: lease.attempts,
                 },
