@@ -477,7 +477,12 @@ async fn prune(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match store::prune(&q.pool, q.cfg.retention, PRUNE_BATCH).await {
+        // Shutdown does not wait for a pruning pass; it is safe to cut one short.
+        let pruned = tokio::select! {
+            _ = stop.cancelled() => return,
+            pruned = store::prune(&q.pool, q.cfg.retention, PRUNE_BATCH) => pruned,
+        };
+        match pruned {
             Ok(p) if p.jobs + p.events > 0 => {
                 tracing::debug!(jobs = p.jobs, events = p.events, "pruned")
             }
