@@ -14,8 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sqlx::pool::PoolConnection;
-use sqlx::{Acquire as _, PgConnection, PgPool, Postgres};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::domain::ChangeEvent;
@@ -87,7 +86,6 @@ impl GroupCommit {
 async fn dispatch(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
     let committers = (pool.options().get_max_connections() as usize / 2).clamp(1, COMMITTERS);
     let permits = Arc::new(Semaphore::new(committers));
-    let stash: Stash = Arc::new(std::sync::Mutex::new(Vec::with_capacity(committers)));
     loop {
         // Take a committer slot first, so requests keep accumulating while all are busy.
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -100,21 +98,14 @@ async fn dispatch(pool: PgPool, mut rx: mpsc::Receiver<Pending>) {
             return;
         }
         let pool = pool.clone();
-        let stash = stash.clone();
         tokio::spawn(async move {
-            commit_and_reply(&pool, &stash, batch).await;
+            commit_and_reply(&pool, batch).await;
             drop(permit);
         });
     }
 }
 
-/// Connections kept by the committers between batches. Taking one from the pool costs a ping
-/// round trip (the pool tests connections before handing them out); a connection that just
-/// committed is known good. After any error the connection goes back to the pool instead, which
-/// tests it before its next use.
-type Stash = Arc<std::sync::Mutex<Vec<PoolConnection<Postgres>>>>;
-
-async fn commit_and_reply(pool: &PgPool, stash: &Stash, mut batch: Vec<Pending>) {
+async fn commit_and_reply(pool: &PgPool, mut batch: Vec<Pending>) {
     // A fixed lock order (by key) keeps two concurrent batches holding the same delivery ids
     // from deadlocking on each other's unique-index entries.
     batch.sort_unstable_by(|a, b| {
@@ -122,22 +113,7 @@ async fn commit_and_reply(pool: &PgPool, stash: &Stash, mut batch: Vec<Pending>)
             .cmp(&(b.event.record.system, &b.event.delivery_id))
     });
     let events: Vec<&ChangeEvent> = batch.iter().map(|p| &p.event).collect();
-    let kept = stash.lock().expect("stash lock").pop();
-    let conn = match kept {
-        Some(conn) => Ok(conn),
-        None => pool.acquire().await,
-    };
-    let result = match conn {
-        Ok(mut conn) => {
-            let result = insert_batch(&mut conn, &events).await;
-            if result.is_ok() {
-                stash.lock().expect("stash lock").push(conn);
-            }
-            result
-        }
-        Err(e) => Err(e),
-    };
-    match result {
+    match insert_batch(pool, &events).await {
         Ok(results) => reply_all(batch, results),
         Err(e) if is_unavailable(&e) => {
             tracing::warn!(error.cause_chain = ?e, size = batch.len(), "group commit failed: database unavailable");
@@ -150,11 +126,7 @@ async fn commit_and_reply(pool: &PgPool, stash: &Stash, mut batch: Vec<Pending>)
             // each request gets its own true answer.
             tracing::warn!(error.cause_chain = ?e, size = batch.len(), "group commit failed; retrying its events one by one");
             for p in batch {
-                let one = async {
-                    let mut conn = pool.acquire().await?;
-                    insert_batch(&mut conn, &[&p.event]).await
-                };
-                let result = match one.await {
+                let result = match insert_batch(pool, &[&p.event]).await {
                     Ok(mut r) => Ok(r.pop().expect("one result per event")),
                     Err(e) if is_unavailable(&e) => Err(StoreError::Unavailable),
                     Err(e) => {
@@ -198,7 +170,7 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 /// each new one, in one transaction. Returns one result per event, in order. Within the batch,
 /// the first copy of a delivery id is the new one and later copies are duplicates.
 pub async fn insert_batch(
-    conn: &mut PgConnection,
+    pool: &PgPool,
     events: &[&ChangeEvent],
 ) -> Result<Vec<Stored>, sqlx::Error> {
     let n = events.len();
@@ -216,7 +188,7 @@ pub async fn insert_batch(
         times.push(e.occurred_at);
         deliveries.push(e.delivery_id.as_str());
     }
-    let mut tx = conn.begin().await?;
+    let mut tx = pool.begin().await?;
     // ON CONFLICT DO NOTHING also skips a later row of the same statement that conflicts with an
     // earlier one, so in-batch copies are stored once; concurrent transactions inserting the same
     // key wait on each other and the loser skips.

@@ -925,6 +925,10 @@ async fn served_over_tcp_the_answer_comes_after_commit() {
     stored(&db.pool, "zendesk", "tcp-1").await;
     shutdown.cancel();
     server.await.unwrap().unwrap();
+    // The intake gives every connection back once the server stopped (the pool can close).
+    tokio::time::timeout(Duration::from_secs(20), db.pool.close())
+        .await
+        .expect("the pool closes after the server stopped");
 }
 
 #[tokio::test]
