@@ -556,11 +556,13 @@ target = "email"
     // The references arrive translated: DepartmentId -> the department's organization, partyId
     // (the supplier) -> the supplier's organization.
     eventually("the employee's organization_id", WAIT, || {
-        (id_text(&zd.user(emp_user_id)?["organization_id"]) == dept_org).then_some(())
+        (zd.user(emp_user_id)?["organization_id"] == json!(dept_org.parse::<u64>().unwrap()))
+            .then_some(())
     })
     .await;
     eventually("the contact person's organization_id", WAIT, || {
-        (id_text(&zd.user(cp_user_id)?["organization_id"]) == supplier_org).then_some(())
+        (zd.user(cp_user_id)?["organization_id"] == json!(supplier_org.parse::<u64>().unwrap()))
+            .then_some(())
     })
     .await;
     assert_eq!(zd.all(Kind::User).len(), users_before, "no user created");
