@@ -250,12 +250,14 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
         .await
         .unwrap();
     for flow in [
-        "zendesk.Ticketcomments->crmoffice.Activities",
         "zendesk.Ticketcomments->customerp.Project",
         "zendesk.Ticketcomments->custompms.Project",
     ] {
         h.linked_target(flow, &comment.id).await;
     }
+    let comment_activity = h
+        .linked_target("zendesk.Ticketcomments->crmoffice.Activities", &comment.id)
+        .await;
     assert!(h.sims.crmoffice.len("activities") > activities);
     assert!(h.sims.customerp.len("project") > projects.0);
     assert!(h.sims.custompms.len("project") > projects.1);
@@ -309,6 +311,31 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
     })
     .await;
     h.assert_settles().await;
+
+    // Ticket comments are not written back (`write_back_to_source = false`): an edit of the
+    // comment's activity in CRMOffice writes nothing to Zendesk.
+    let zendesk_writes = h.sims.zendesk.control().count_method("PUT")
+        + h.sims.zendesk.control().count_method("POST");
+    let seen_before = h.log_entries("crmoffice", &comment_activity).await;
+    h.sims.crmoffice.touch(
+        "activities",
+        &comment_activity,
+        obj(json!({"subject": "Edited in CRMOffice"})),
+        None,
+    );
+    // The edit was read (the engine logged a decision about it) ...
+    let start = Instant::now();
+    while h.log_entries("crmoffice", &comment_activity).await == seen_before {
+        assert!(start.elapsed() < WAIT, "the activity edit was never polled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and wrote nothing back.
+    h.assert_settles().await;
+    assert_eq!(
+        h.sims.zendesk.control().count_method("PUT")
+            + h.sims.zendesk.control().count_method("POST"),
+        zendesk_writes
+    );
     h.stop().await;
 }
 
@@ -334,6 +361,16 @@ impl Harness {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// How many sync decisions were logged about a record.
+    async fn log_entries(&self, system: &str, record_id: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM sync_log WHERE system = $1 AND record_id = $2")
+            .bind(system)
+            .bind(record_id)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
     }
 
     /// Write counters of every simulator API (creates and updates), for the no-echo checks.
