@@ -1,6 +1,17 @@
 //! End to end: the whole service (HTTP intake, queue workers, pollers, sync engine, connectors)
 //! against the six simulators and a real PostgreSQL, through real HTTP. Changes are made the way
 //! users make them: through a vendor's API (which sends its webhook) or in a polled system.
+//!
+//! Each of the registry's 18 dataflows is covered (several per test, to keep the run short):
+//! - `chain_poweroffice_customer_to_zendesk_to_custom_systems_and_back`: poweroffice.Customers ->
+//!   zendesk.Organizations -> customerp.Customer and custompms.Customer.
+//! - `zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems`: zendesk.Users ->
+//!   crmoffice.Contacts / customerp.Contact; zendesk.Tickets and zendesk.Ticketcomments ->
+//!   crmoffice.Activities / customerp.Project / custompms.Project.
+//! - `exact_accounts_departments_and_divisions_reach_zendesk_organizations`: the three Exact flows
+//!   (departments and divisions link-only, by merge criteria from the test's overlay).
+//! - `poweroffice_suppliers_departments_employees_and_contact_persons_reach_zendesk`: the other
+//!   four PowerOffice flows (employees and contact persons link-only, by email from the overlay).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -181,7 +192,9 @@ async fn chain_poweroffice_customer_to_zendesk_to_custom_systems_and_back() {
 /// Zendesk users and tickets: a user becomes a CRMOffice contact and a Customerp contact; a
 /// ticket becomes a CRMOffice activity whose `ownerId` is the requester's linked contact (a
 /// translated reference), and a Customerp and Custom PMS project; a comment becomes an activity
-/// and projects too.
+/// and projects too. A user's `organization_id` stays unset in CRMOffice (no flow links companies);
+/// an activity edit comes back to the ticket (subject, and owner translated to `requester_id`),
+/// while a comment's activity edit does not (write-back off).
 #[tokio::test]
 async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems() {
     let h = Harness::start(None).await;
@@ -302,13 +315,20 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
     h.sims.crmoffice.touch(
         "activities",
         &activity_id,
-        obj(json!({"subject": "Printer extinguished"})),
+        obj(json!({"subject": "Printer extinguished", "ownerId": member_contact["id"].clone()})),
         None,
     );
-    eventually("the subject to reach the Zendesk ticket", WAIT, || {
-        (h.sims.zendesk.ticket(ticket_id)?["subject"] == json!("Printer extinguished"))
-            .then_some(())
-    })
+    // Both come back: the subject, and the owner translated back to the member's Zendesk user.
+    let member_id: u64 = member.id.parse().unwrap();
+    eventually(
+        "the subject and requester to reach the Zendesk ticket",
+        WAIT,
+        || {
+            let t = h.sims.zendesk.ticket(ticket_id)?;
+            (t["subject"] == json!("Printer extinguished") && t["requester_id"] == json!(member_id))
+                .then_some(())
+        },
+    )
     .await;
     h.assert_settles().await;
 
