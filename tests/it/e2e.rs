@@ -646,6 +646,7 @@ target = "email"
         )
         .await
         .unwrap();
+    let cp_user_seen = h.log_entries("zendesk", &cp_user_id.to_string()).await;
     client
         .update(
             "Users",
@@ -686,6 +687,10 @@ target = "email"
     })
     .await;
     h.assert_settles().await;
+    assert!(
+        h.log_entries("zendesk", &cp_user_id.to_string()).await > cp_user_seen,
+        "the contact person's user change was never synced"
+    );
     let person_now = po
         .get("ContactPersons", person["Id"].as_i64().unwrap())
         .unwrap();
