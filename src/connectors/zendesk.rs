@@ -727,9 +727,29 @@ fn data_fields(object: &Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
-/// What may be sent: the given fields without the read-only ones.
+/// Zendesk's reference fields, which its API types as integers.
+const ID_FIELDS: &[&str] = &[
+    "organization_id",
+    "requester_id",
+    "submitter_id",
+    "assignee_id",
+    "group_id",
+    "default_group_id",
+];
+
+/// What may be sent: the given fields without the read-only ones. A reference arrives from the
+/// sync engine as the registry's `string` (a translated id such as `"360000000001"`); Zendesk
+/// types these fields as integers, so a numeric string is sent as the number it is.
 fn writable(fields: &Map<String, Value>) -> Map<String, Value> {
-    data_fields(fields)
+    let mut out = data_fields(fields);
+    for key in ID_FIELDS {
+        if let Some(Value::String(text)) = out.get(*key) {
+            if let Ok(number) = text.parse::<u64>() {
+                out.insert((*key).to_owned(), json!(number));
+            }
+        }
+    }
+    out
 }
 
 fn record(entity: Entity, value: &Value) -> Result<Record, ConnectorError> {
@@ -1112,5 +1132,18 @@ mod tests {
             ExportCursor::decode(Some("garbage")),
             Err(ConnectorError::Rejected { status: 400, .. })
         ));
+    }
+
+    #[test]
+    fn reference_ids_are_sent_as_integers() {
+        let body = writable(
+            &json!({"organization_id": "360000000001", "requester_id": 7, "name": "12"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        assert_eq!(body["organization_id"], json!(360000000001u64));
+        assert_eq!(body["requester_id"], json!(7));
+        assert_eq!(body["name"], json!("12"));
     }
 }
