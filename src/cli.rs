@@ -150,15 +150,7 @@ async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
 
 /// Whether the configuration connects a system (has its section).
 fn connected(config: &Config, system: SystemId) -> bool {
-    let s = &config.systems;
-    match system {
-        SystemId::Zendesk => s.zendesk.is_some(),
-        SystemId::ExactOnline => s.exactonline.is_some(),
-        SystemId::PowerOffice => s.poweroffice.is_some(),
-        SystemId::CrmOffice => s.crmoffice.is_some(),
-        SystemId::CustomErp => s.customerp.is_some(),
-        SystemId::CustomPms => s.custompms.is_some(),
-    }
+    config.systems.is_connected(system)
 }
 
 /// `tether registry check|export`: pure file work, no runtime and no database.

@@ -484,6 +484,21 @@ pub struct SystemsConfig {
     pub custompms: Option<CustomSystemConfig>,
 }
 
+impl SystemsConfig {
+    /// Whether the configuration connects this system (has its section).
+    pub fn is_connected(&self, system: crate::domain::SystemId) -> bool {
+        use crate::domain::SystemId;
+        match system {
+            SystemId::Zendesk => self.zendesk.is_some(),
+            SystemId::ExactOnline => self.exactonline.is_some(),
+            SystemId::PowerOffice => self.poweroffice.is_some(),
+            SystemId::CrmOffice => self.crmoffice.is_some(),
+            SystemId::CustomErp => self.customerp.is_some(),
+            SystemId::CustomPms => self.custompms.is_some(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ZendeskConfig {
     pub base_url: url::Url,

@@ -84,14 +84,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let systems: serde_json::Map<String, serde_json::Value> = crate::domain::SystemId::ALL
         .iter()
         .map(|s| {
-            let connected = match s {
-                crate::domain::SystemId::Zendesk => state.config.systems.zendesk.is_some(),
-                crate::domain::SystemId::ExactOnline => state.config.systems.exactonline.is_some(),
-                crate::domain::SystemId::PowerOffice => state.config.systems.poweroffice.is_some(),
-                crate::domain::SystemId::CrmOffice => state.config.systems.crmoffice.is_some(),
-                crate::domain::SystemId::CustomErp => state.config.systems.customerp.is_some(),
-                crate::domain::SystemId::CustomPms => state.config.systems.custompms.is_some(),
-            };
+            let connected = state.config.systems.is_connected(*s);
             (
                 s.as_str().to_owned(),
                 json!(if connected {
