@@ -161,20 +161,11 @@ impl CrmOfficeSim {
 }
 
 fn next_stamp(state: &mut SimState) -> DateTime<Utc> {
-    let now = Utc::now();
-    let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-    let t = now.max(state.last_stamp + chrono::Duration::microseconds(1));
-    state.last_stamp = t;
-    t
+    kit::next_stamp(&mut state.last_stamp)
 }
 
 async fn auth(State(sim): State<CrmOfficeSim>, request: Request, next: Next) -> Response {
-    let ok = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == sim.inner.token);
+    let ok = kit::has_bearer(request.headers(), &sim.inner.token);
     if !ok {
         return json_error(StatusCode::UNAUTHORIZED, "invalid_token");
     }

@@ -278,22 +278,11 @@ impl CustomSim {
 }
 
 fn next_stamp(state: &mut State_) -> DateTime<Utc> {
-    let now = Utc::now();
-    let step = state.last_stamp + chrono::Duration::microseconds(1);
-    // Truncate to microseconds: that is what the API shows.
-    let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-    let t = now.max(step);
-    state.last_stamp = t;
-    t
+    kit::next_stamp(&mut state.last_stamp)
 }
 
 async fn auth(State(sim): State<CustomSim>, request: Request, next: Next) -> Response {
-    let ok = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == sim.inner.token);
+    let ok = kit::has_bearer(request.headers(), &sim.inner.token);
     if !ok {
         return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }

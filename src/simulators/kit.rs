@@ -377,3 +377,22 @@ pub fn respond(status: StatusCode, body: serde_json::Value) -> Response {
 pub fn empty(status: StatusCode) -> Response {
     (status, Body::empty()).into_response()
 }
+
+/// A strictly increasing change time in microseconds (what the simulated APIs show): now, or one
+/// microsecond after the previous stamp when the clock has not moved on.
+pub fn next_stamp(last: &mut chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    let now = chrono::Utc::now();
+    let now = chrono::DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
+    let stamp = now.max(*last + chrono::Duration::microseconds(1));
+    *last = stamp;
+    stamp
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`.
+pub fn has_bearer(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == token)
+}
