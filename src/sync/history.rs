@@ -4,12 +4,12 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::domain::RecordKey;
 
 /// One link of a record, active or ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct LinkView {
     pub id: i64,
     pub flow_id: String,
@@ -23,7 +23,7 @@ pub struct LinkView {
 }
 
 /// One `sync_log` row.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct LogView {
     pub at: DateTime<Utc>,
     pub record: String,
@@ -38,7 +38,7 @@ pub struct LogView {
 
 /// The record's links (either side, any state).
 pub async fn links_of(pool: &PgPool, key: &RecordKey) -> Result<Vec<LinkView>, sqlx::Error> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT id, flow_id, source_system || '/' || source_type || '/' || source_id AS source, \
          target_system || '/' || target_type || '/' || target_id AS target, state, end_reason, \
          snapshot, created_at, ended_at FROM links \
@@ -49,22 +49,7 @@ pub async fn links_of(pool: &PgPool, key: &RecordKey) -> Result<Vec<LinkView>, s
     .bind(&key.entity_type)
     .bind(&key.record_id)
     .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(LinkView {
-                id: r.try_get("id")?,
-                flow_id: r.try_get("flow_id")?,
-                source: r.try_get("source")?,
-                target: r.try_get("target")?,
-                state: r.try_get("state")?,
-                end_reason: r.try_get("end_reason")?,
-                snapshot: r.try_get("snapshot")?,
-                created_at: r.try_get("created_at")?,
-                ended_at: r.try_get("ended_at")?,
-            })
-        })
-        .collect()
+    .await
 }
 
 /// Every decision about the record itself or about any of its links, oldest first.
@@ -73,7 +58,7 @@ pub async fn history_of(
     key: &RecordKey,
     link_ids: &[i64],
 ) -> Result<Vec<LogView>, sqlx::Error> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT at, system || '/' || entity_type || '/' || record_id AS record, flow_id, link_id, \
          decision, read, written, detail, error FROM sync_log \
          WHERE (system = $1 AND entity_type = $2 AND record_id = $3) OR link_id = ANY($4) \
@@ -84,22 +69,7 @@ pub async fn history_of(
     .bind(&key.record_id)
     .bind(link_ids)
     .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(LogView {
-                at: r.try_get("at")?,
-                record: r.try_get("record")?,
-                flow_id: r.try_get("flow_id")?,
-                link_id: r.try_get("link_id")?,
-                decision: r.try_get("decision")?,
-                read: r.try_get("read")?,
-                written: r.try_get("written")?,
-                detail: r.try_get("detail")?,
-                error: r.try_get("error")?,
-            })
-        })
-        .collect()
+    .await
 }
 
 /// The text `tether links show` prints.
