@@ -55,6 +55,7 @@ impl Simulators {
         let any = SocketAddr::new(host, 0);
         let hook = |system: &str| Some(format!("{tether_url}/webhooks/{system}"));
         let (zd_running, zendesk) = ZendeskSim::start(SimOptions {
+            webhook_lanes: 1,
             bind: any,
             credentials: SimCredentials {
                 email: credentials::ZENDESK_EMAIL.to_owned(),
@@ -78,6 +79,7 @@ impl Simulators {
         let custompms_secret = whsec("custompms");
         let (customerp, erp_running) = CustomSim::start(
             CustomSimConfig {
+                webhook_lanes: 1,
                 system: SystemId::CustomErp,
                 api_token: credentials::CUSTOMERP_TOKEN.to_owned(),
                 webhook_secret: Some(customerp_secret.clone()),
@@ -88,6 +90,7 @@ impl Simulators {
         .await?;
         let (custompms, pms_running) = CustomSim::start(
             CustomSimConfig {
+                webhook_lanes: 1,
                 system: SystemId::CustomPms,
                 api_token: credentials::CUSTOMPMS_TOKEN.to_owned(),
                 webhook_secret: Some(custompms_secret.clone()),

@@ -51,6 +51,8 @@ pub struct CustomSimConfig {
     pub webhook_secret: Option<String>,
     /// Full URL webhooks are posted to (e.g. `http://127.0.0.1:8080/webhooks/customerp`).
     pub webhook_target: Option<String>,
+    /// Webhooks delivered at once (in order per record); 1 keeps every webhook in order.
+    pub webhook_lanes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -141,7 +143,11 @@ impl CustomSim {
             .as_deref()
             .map(standard::secret_key)
             .transpose()?;
-        let webhooks = WebhookSender::new(config.webhook_target.clone(), control.clone());
+        let webhooks = WebhookSender::with_lanes(
+            config.webhook_target.clone(),
+            control.clone(),
+            config.webhook_lanes,
+        );
         let records = types_of(config.system)
             .iter()
             .map(|t| (t.to_string(), BTreeMap::new()))
@@ -273,6 +279,7 @@ impl CustomSim {
         self.inner.webhooks.send(Outgoing {
             body: body.into_bytes(),
             headers,
+            record: format!("{kind}/{id}"),
         });
     }
 }

@@ -254,6 +254,7 @@ impl ExactSim {
         self.webhooks.send(Outgoing {
             body: body.into_bytes(),
             headers: HeaderMap::new(),
+            record: format!("Accounts/{id}"),
         });
     }
 }

@@ -286,14 +286,19 @@ pub async fn serve(router: Router, bind: SocketAddr) -> std::io::Result<RunningS
 pub struct Outgoing {
     pub body: Vec<u8>,
     pub headers: HeaderMap,
+    /// The record the webhook is about (e.g. `"organization/42"`). Webhooks of one record leave
+    /// in the order they were made, whatever the number of lanes.
+    pub record: String,
 }
 
-/// Sends a simulator's webhooks to a target URL, in the order they were made, from one
-/// background task. A failed delivery (connection error or 5xx/429) is retried a few times with a
+/// Sends a simulator's webhooks to a target URL from background tasks ("lanes"). With one lane
+/// (the default) every webhook leaves in the order it was made; with more, webhooks of one record
+/// still do, while different records are delivered concurrently, as a vendor's delivery fleet
+/// does under load. A failed delivery (connection error or 5xx/429) is retried a few times with a
 /// short pause, as vendors do; after that it is given up and counted.
 #[derive(Clone)]
 pub struct WebhookSender {
-    queue: mpsc::UnboundedSender<Outgoing>,
+    lanes: Vec<mpsc::UnboundedSender<Outgoing>>,
     stats: Arc<Mutex<WebhookStats>>,
 }
 
@@ -306,60 +311,89 @@ pub struct WebhookStats {
 }
 
 impl WebhookSender {
-    /// `target`: the full URL (e.g. `http://127.0.0.1:8080/webhooks/zendesk`); `None` sends nothing.
+    /// One lane: strictly in order. `target`: the full URL (e.g.
+    /// `http://127.0.0.1:8080/webhooks/zendesk`); `None` sends nothing.
     pub fn new(target: Option<String>, control: SimControl) -> Self {
-        let (queue, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+        Self::with_lanes(target, control, 1)
+    }
+
+    /// `lanes` concurrent deliveries (at least one), in order per record.
+    pub fn with_lanes(target: Option<String>, control: SimControl, lanes: usize) -> Self {
         let stats = Arc::new(Mutex::new(WebhookStats::default()));
-        let task_stats = stats.clone();
-        tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .expect("a plain HTTP client builds");
-            while let Some(outgoing) = rx.recv().await {
-                let Some(url) = target.as_deref() else {
-                    continue;
-                };
-                if control.should_drop_webhook() {
-                    task_stats.lock().unwrap().dropped += 1;
-                    continue;
-                }
-                let mut delivered = false;
-                for attempt in 0..4u32 {
-                    let result = client
-                        .post(url)
-                        .headers(outgoing.headers.clone())
-                        .header("content-type", "application/json")
-                        .body(outgoing.body.clone())
-                        .send()
-                        .await;
-                    match result {
-                        Ok(r) if r.status().is_success() => {
-                            delivered = true;
-                            break;
-                        }
-                        Ok(r) if r.status().is_client_error() && r.status() != 429 => break,
-                        _ => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
-                    }
-                }
-                let mut stats = task_stats.lock().unwrap();
-                if delivered {
-                    stats.delivered += 1;
-                } else {
-                    stats.failed += 1;
-                }
-            }
-        });
-        WebhookSender { queue, stats }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("a plain HTTP client builds");
+        let lanes = (0..lanes.max(1))
+            .map(|_| {
+                let (queue, rx) = mpsc::unbounded_channel::<Outgoing>();
+                tokio::spawn(deliver_lane(
+                    rx,
+                    target.clone(),
+                    client.clone(),
+                    control.clone(),
+                    stats.clone(),
+                ));
+                queue
+            })
+            .collect();
+        WebhookSender { lanes, stats }
     }
 
     pub fn send(&self, outgoing: Outgoing) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        outgoing.record.hash(&mut hasher);
+        let lane = &self.lanes[(hasher.finish() % self.lanes.len() as u64) as usize];
         // The receiver lives as long as the runtime; a send error only means shutdown.
-        let _ = self.queue.send(outgoing);
+        let _ = lane.send(outgoing);
     }
 
     pub fn stats(&self) -> WebhookStats {
         self.stats.lock().unwrap().clone()
+    }
+}
+
+/// Delivers one lane's webhooks one after the other.
+async fn deliver_lane(
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    target: Option<String>,
+    client: reqwest::Client,
+    control: SimControl,
+    stats: Arc<Mutex<WebhookStats>>,
+) {
+    while let Some(outgoing) = rx.recv().await {
+        let Some(url) = target.as_deref() else {
+            continue;
+        };
+        if control.should_drop_webhook() {
+            stats.lock().unwrap().dropped += 1;
+            continue;
+        }
+        let mut delivered = false;
+        for attempt in 0..4u32 {
+            let result = client
+                .post(url)
+                .headers(outgoing.headers.clone())
+                .header("content-type", "application/json")
+                .body(outgoing.body.clone())
+                .send()
+                .await;
+            match result {
+                Ok(r) if r.status().is_success() => {
+                    delivered = true;
+                    break;
+                }
+                Ok(r) if r.status().is_client_error() && r.status() != 429 => break,
+                _ => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
+            }
+        }
+        let mut stats = stats.lock().unwrap();
+        if delivered {
+            stats.delivered += 1;
+        } else {
+            stats.failed += 1;
+        }
     }
 }
 

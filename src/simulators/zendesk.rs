@@ -39,6 +39,8 @@ pub struct SimOptions {
     pub webhook_target: Option<String>,
     /// The webhook signing secret.
     pub webhook_secret: String,
+    /// Webhooks delivered at once (in order per record); 1 keeps every webhook in order.
+    pub webhook_lanes: usize,
 }
 
 /// The credentials the simulator accepts: `{email}/token:{api_token}` as basic auth, and, if set,
@@ -199,7 +201,11 @@ impl ZendeskSim {
                 ..Store::default()
             }),
             credentials: options.credentials,
-            webhooks: WebhookSender::new(options.webhook_target, control.clone()),
+            webhooks: WebhookSender::with_lanes(
+                options.webhook_target,
+                control.clone(),
+                options.webhook_lanes,
+            ),
             webhook_secret: options.webhook_secret,
             control: control.clone(),
         });
@@ -244,6 +250,20 @@ impl ZendeskSimHandle {
         let mut state = self.shared.state.lock().unwrap();
         let record = build(&mut state, kind, &input, "http://zendesk.invalid");
         Value::Object(record)
+    }
+
+    /// Creates a record as an agent would in Zendesk: validated, stamped and announced by
+    /// webhook. Answers what the API would (201 with the record, or the error).
+    pub fn create(&self, kind: Kind, fields: Value) -> Response {
+        let input = fields.as_object().cloned().unwrap_or_default();
+        write_create(&self.shared, kind, input, "http://zendesk.invalid")
+    }
+
+    /// Changes a record as an agent would in Zendesk: validated, stamped and announced by one
+    /// webhook per changed field. Answers what the API would.
+    pub fn update(&self, kind: Kind, id: u64, fields: Value) -> Response {
+        let input = fields.as_object().cloned().unwrap_or_default();
+        write_update(&self.shared, kind, id, input)
     }
 
     /// Moves a record's `updated_at` (tests of the time-based export); its place in the change
@@ -726,6 +746,10 @@ async fn create(
         Ok(input) => input,
         Err(response) => return *response,
     };
+    write_create(&shared, kind, input, &origin(&headers))
+}
+
+fn write_create(shared: &Shared, kind: Kind, input: Map<String, Value>, origin: &str) -> Response {
     if kind == Kind::Ticket {
         match input.get("comment") {
             Some(Value::Object(c)) if !comment_text(c).is_empty() => {}
@@ -738,7 +762,7 @@ async fn create(
     if let Err(response) = validate(&state, kind, &candidate, None) {
         return *response;
     }
-    let record = build(&mut state, kind, &input, &origin(&headers));
+    let record = build(&mut state, kind, &input, origin);
     shared.emit_created(kind, &record);
     let mut response = kit::respond(StatusCode::CREATED, envelope(kind, &record));
     set_location(&mut response, kind, &record);
@@ -1474,7 +1498,11 @@ impl Shared {
             &uuid::Uuid::new_v4().to_string(),
         );
         put("x-zendesk-account-id", &ACCOUNT_ID.to_string());
-        self.webhooks.send(Outgoing { body, headers });
+        self.webhooks.send(Outgoing {
+            body,
+            headers,
+            record: format!("{}/{id_text}", kind.singular()),
+        });
     }
 }
 

@@ -190,6 +190,28 @@ fn base_from_created(
     base
 }
 
+/// Whether a linked record, just read, shows every synced property as the link's snapshot has it,
+/// so it has nothing to send (rule 3; usually the echo of Tether's own write). Then the other side
+/// need not be read: a change there is that record's own event, handled when it arrives. A read
+/// older than the state last synced is not trusted here; the full comparison retries it.
+fn matches_snapshot(flow: &Dataflow, link: &Link, record: &Record, side: Side) -> bool {
+    let (seen, part) = match side {
+        Side::Source => (link.source_seen_at, "s"),
+        Side::Target => (link.target_seen_at, "t"),
+    };
+    if stale(record.updated_at, seen) {
+        return false;
+    }
+    synced(flow).all(|p| {
+        let base = link.snapshot.get(&key(p));
+        let value = record.get_path(path(p, side));
+        match &p.reference {
+            None => base == Some(&normalize(value)),
+            Some(_) => base.is_some() && ref_part(base, part) == ref_id(value),
+        }
+    })
+}
+
 /// `seen` is newer than what was just read: the read is stale.
 fn stale(read: Option<DateTime<Utc>>, seen: Option<DateTime<Utc>>) -> bool {
     matches!((read, seen), (Some(r), Some(s)) if r < s)
@@ -280,10 +302,40 @@ impl SyncEngine {
             .await?;
             return Ok(None);
         }
-        let Some(conn) = self.connector(rec.system) else {
-            for (flow, _) in &involved {
-                self.log_not_connected(job, flow, rec.system).await?;
+        // Flows that cannot run (switched off, or a side not connected) are set aside first, so
+        // that an event only they would handle costs no API call and one log line.
+        let mut idle: Vec<String> = Vec::new();
+        let mut active: Vec<(&Dataflow, Side, &Arc<dyn Connector>)> = Vec::new();
+        for (flow, side) in involved {
+            let other = entity(flow, side.other()).system;
+            if !flow.switches.enabled {
+                idle.push(format!("{} is switched off", flow.id));
+            } else if let Some(missing) = [rec.system, other]
+                .into_iter()
+                .find(|s| self.connector(*s).is_none())
+            {
+                idle.push(format!(
+                    "{} ({} is not connected)",
+                    flow.id,
+                    missing.display_name()
+                ));
+            } else if let Some(other_conn) = self.connector(other) {
+                active.push((flow, side, other_conn));
             }
+        }
+        let (Some(conn), false) = (self.connector(rec.system), active.is_empty()) else {
+            self.log(
+                job,
+                Entry {
+                    decision: "idle",
+                    detail: Some(format!(
+                        "every dataflow of this record is idle: {}",
+                        idle.join("; ")
+                    )),
+                    ..Entry::default()
+                },
+            )
+            .await?;
             return Ok(None);
         };
         // Rule 7: the current state, never the event's data.
@@ -293,24 +345,7 @@ impl SyncEngine {
             return Ok(None);
         };
         let mut later: Vec<String> = Vec::new();
-        for (flow, side) in involved {
-            if !flow.switches.enabled {
-                self.log(
-                    job,
-                    Entry {
-                        flow: Some(&flow.id),
-                        decision: "flow_disabled",
-                        ..Entry::default()
-                    },
-                )
-                .await?;
-                continue;
-            }
-            let other = entity(flow, side.other()).system;
-            let Some(other_conn) = self.connector(other) else {
-                self.log_not_connected(job, flow, other).await?;
-                continue;
-            };
+        for (flow, side, other_conn) in active {
             let step = match side {
                 Side::Source => {
                     self.on_source_record(job, flow, &current, other_conn)
@@ -326,27 +361,6 @@ impl SyncEngine {
             }
         }
         Ok((!later.is_empty()).then(|| later.join("; ")))
-    }
-
-    async fn log_not_connected(
-        &self,
-        job: &ClaimedJob,
-        flow: &Dataflow,
-        system: SystemId,
-    ) -> Result<(), sqlx::Error> {
-        self.log(
-            job,
-            Entry {
-                flow: Some(&flow.id),
-                decision: "not_connected",
-                detail: Some(format!(
-                    "{} is not connected: the flow is idle",
-                    system.display_name()
-                )),
-                ..Entry::default()
-            },
-        )
-        .await
     }
 
     /// Rule 9: a deleted record's links end; the counterparts stay.
@@ -462,6 +476,10 @@ impl SyncEngine {
         tconn: &Arc<dyn Connector>,
     ) -> Result<Step, Fail> {
         match self.find_link(flow, Side::Source, &src.id).await? {
+            Some(link) if matches_snapshot(flow, &link, src, Side::Source) => {
+                self.nothing_to_send(job, flow, &link, src, Side::Source)
+                    .await
+            }
             Some(link) => match tconn
                 .fetch(&flow.target.entity_type, &link.target_id)
                 .await?
@@ -485,6 +503,10 @@ impl SyncEngine {
         sconn: &Arc<dyn Connector>,
     ) -> Result<Step, Fail> {
         match self.find_link(flow, Side::Target, &tgt.id).await? {
+            Some(link) if matches_snapshot(flow, &link, tgt, Side::Target) => {
+                self.nothing_to_send(job, flow, &link, tgt, Side::Target)
+                    .await
+            }
             Some(link) => match sconn
                 .fetch(&flow.source.entity_type, &link.source_id)
                 .await?
@@ -514,6 +536,34 @@ impl SyncEngine {
                 Ok(Step::Done)
             }
         }
+    }
+
+    /// Logs the event of a linked record that [`matches_snapshot`]: an echo of Tether's own write
+    /// when Tether last wrote this side, otherwise a change outside the mapping.
+    async fn nothing_to_send(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        link: &Link,
+        record: &Record,
+        side: Side,
+    ) -> Result<Step, Fail> {
+        let echo = link.last_write_side.as_deref() == Some(side.as_str());
+        self.log(
+            job,
+            Entry {
+                flow: Some(&flow.id),
+                link: Some(link.id),
+                decision: if echo { "echo" } else { "unchanged" },
+                read: Some(json!({ side.as_str(): mapped(flow, side, record) })),
+                detail: Some(
+                    "every mapped value is as last synced; the other side was not read".into(),
+                ),
+                ..Entry::default()
+            },
+        )
+        .await?;
+        Ok(Step::Done)
     }
 
     async fn counterpart_gone(

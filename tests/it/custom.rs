@@ -41,6 +41,7 @@ fn connector(system: SystemId, base: &str, timeout: Duration) -> CustomConnector
 async fn sim(system: SystemId, target: Option<String>) -> (CustomSim, RunningSim) {
     CustomSim::start(
         CustomSimConfig {
+            webhook_lanes: 1,
             system,
             api_token: TOKEN.to_owned(),
             webhook_secret: Some(SECRET.to_owned()),

@@ -297,6 +297,7 @@ async fn custom_system_reconciliation_poll_emits_changes_once() {
     let db = tether::testing::database().await;
     let (sim, running) = CustomSim::start(
         CustomSimConfig {
+            webhook_lanes: 1,
             system: SystemId::CustomErp,
             api_token: "t".to_owned(),
             webhook_secret: None,

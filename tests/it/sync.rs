@@ -577,7 +577,8 @@ async fn rule3_echo_and_unchanged_values_cause_no_write_and_calls_are_minimal() 
         0
     );
 
-    // The echo of that write: reads, but zero writes.
+    // The echo of that write: one read of the echoing record only (it matches the snapshot, so
+    // the other side is not read) and zero writes.
     h.reset_counters();
     assert_eq!(
         h.run(Zendesk, "Organizations", &org.id).await,
@@ -587,6 +588,8 @@ async fn rule3_echo_and_unchanged_values_cause_no_write_and_calls_are_minimal() 
         h.m(Zendesk).count("update") + h.m(PowerOffice).count("update"),
         0
     );
+    assert_eq!(h.m(Zendesk).count("fetch"), 1);
+    assert_eq!(h.m(PowerOffice).count("fetch"), 0);
     assert_eq!(h.decisions().await.last().unwrap(), "echo");
 
     // An event with nothing changed (a field outside the mapping, or a duplicate): zero writes.
@@ -1053,17 +1056,20 @@ async fn rule10_every_decision_is_recorded_and_shown_per_record() {
 }
 
 #[tokio::test]
-async fn idle_flows_are_recorded_not_errors() {
+async fn idle_flows_are_recorded_once_without_reading_the_record() {
     // Zendesk not connected.
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice]).await;
     let c = h
         .m(PowerOffice)
         .insert("Customers", fields(json!({"Name": "Idle"})));
+    h.reset_counters();
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
     );
-    assert_eq!(h.decisions().await, vec!["not_connected".to_string()]);
+    assert_eq!(h.decisions().await, vec!["idle".to_string()]);
+    assert!(h.detail_of("idle").await[0].contains("Zendesk is not connected"));
+    assert_eq!(h.m(PowerOffice).count("fetch"), 0);
 
     // A disabled flow.
     let mut f = customers_to_orgs();
@@ -1076,7 +1082,8 @@ async fn idle_flows_are_recorded_not_errors() {
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
     );
-    assert_eq!(h.decisions().await, vec!["flow_disabled".to_string()]);
+    assert_eq!(h.decisions().await, vec!["idle".to_string()]);
+    assert!(h.detail_of("idle").await[0].contains("is switched off"));
     assert!(h.m(Zendesk).all("Organizations").is_empty());
 }
 

@@ -55,6 +55,7 @@ fn fields(value: Value) -> Map<String, Value> {
 
 async fn sim_with(target: Option<String>) -> (RunningSim, ZendeskSimHandle) {
     ZendeskSim::start(SimOptions {
+        webhook_lanes: 1,
         bind: any_port(),
         credentials: SimCredentials {
             email: EMAIL.to_owned(),

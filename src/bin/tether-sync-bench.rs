@@ -1,0 +1,609 @@
+//! End-to-end benchmark of linked updates: an organization renamed in the Zendesk simulator
+//! becomes a signed webhook to a real `tether serve` process, which reads the organization back,
+//! writes the linked Custom ERP customer, and then recognises that customer's own webhook as the
+//! echo of its write. Measured per round: linked updates per second (rename issued to counterpart
+//! written), end-to-end latency, API calls per update, the engine's decisions, and the CPU split
+//! between tether, PostgreSQL and the simulators (plus what else ran on the machine).
+//!
+//! Three kinds of process, so the CPU split can be read from `/proc`:
+//! - this process: the Zendesk and Custom ERP simulators and the driver (renames, checks);
+//! - `tether serve` (the release binary beside this one), with its log level at `warn`;
+//! - a private PostgreSQL cluster started for the run (the postmaster and its backends).
+//!
+//! Figures, not a pass/fail test: see the README's "Benchmarks" section.
+//! Run: `cargo build --release --bins && ./target/release/tether-sync-bench`
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use secrecy::ExposeSecret;
+use serde_json::json;
+use sqlx::PgPool;
+
+use tether::db::embedded::EmbeddedPostgres;
+use tether::domain::SystemId;
+use tether::simulators::custom::{CustomSim, CustomSimConfig};
+use tether::simulators::kit::RunningSim;
+use tether::simulators::zendesk::{Kind, SimCredentials, SimOptions, ZendeskSim, ZendeskSimHandle};
+
+const FLOW: &str = "zendesk.Organizations->customerp.Customer";
+const ZENDESK_EMAIL: &str = "bench@tether.test";
+const ZENDESK_TOKEN: &str = "bench-zendesk-token";
+const ZENDESK_SECRET: &str = "bench-zendesk-webhook-secret";
+const ERP_TOKEN: &str = "bench-customerp-token";
+/// Linux reports process CPU time in USER_HZ ticks, 100 a second on every mainstream architecture.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The seed of this flow maps no properties; the benchmark carries the organization's name.
+const OVERLAY: &str = r#"# Written by tether-sync-bench.
+[[dataflow]]
+source = "zendesk.Organizations"
+target = "customerp.Customer"
+[[dataflow.property]]
+source = "name"
+target = "name"
+type = "string"
+
+# Five flows can write an organization's name; the registry asks which one wins.
+[[rule]]
+entity = "zendesk.Organizations"
+property = "name"
+resolve = "latest_wins"
+"#;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether-sync-bench",
+    about = "Linked updates per second end to end: Zendesk simulator -> tether -> Custom ERP simulator."
+)]
+struct Args {
+    /// Linked organization/customer pairs; each round renames every organization once.
+    #[arg(long, default_value_t = 2000)]
+    records: usize,
+    /// Measured rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Webhooks each simulator delivers at once (in order per record), as a vendor's fleet does.
+    #[arg(long, default_value_t = 64)]
+    webhook_lanes: usize,
+    /// tether's `workers.concurrency`.
+    #[arg(long, default_value_t = 32)]
+    worker_concurrency: usize,
+    /// tether's `database.max_connections`.
+    #[arg(long, default_value_t = 32)]
+    max_connections: usize,
+    /// The tether binary (default: `tether` beside this binary).
+    #[arg(long)]
+    tether: Option<PathBuf>,
+}
+
+/// CPU time used so far, in ticks, by each group of processes.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuTicks {
+    tether: u64,
+    postgres: u64,
+    simulators: u64,
+    machine_busy: u64,
+}
+
+impl CpuTicks {
+    fn read(tether_pid: u32, postmaster_pid: u32) -> CpuTicks {
+        let own = |pid: u32| proc_stat(pid).map_or(0, |s| s.utime + s.stime);
+        // Exited backends are counted in the postmaster's cutime/cstime once it has reaped them.
+        let mut postgres =
+            proc_stat(postmaster_pid).map_or(0, |s| s.utime + s.stime + s.cutime + s.cstime);
+        for pid in all_pids() {
+            if pid != postmaster_pid && proc_stat(pid).is_some_and(|s| s.ppid == postmaster_pid) {
+                postgres += own(pid);
+            }
+        }
+        CpuTicks {
+            tether: own(tether_pid),
+            postgres,
+            simulators: own(std::process::id()),
+            machine_busy: machine_busy_ticks(),
+        }
+    }
+
+    fn since(self, earlier: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            tether: self.tether.saturating_sub(earlier.tether),
+            postgres: self.postgres.saturating_sub(earlier.postgres),
+            simulators: self.simulators.saturating_sub(earlier.simulators),
+            machine_busy: self.machine_busy.saturating_sub(earlier.machine_busy),
+        }
+    }
+}
+
+struct ProcStat {
+    ppid: u32,
+    utime: u64,
+    stime: u64,
+    cutime: u64,
+    cstime: u64,
+}
+
+/// Fields of `/proc/<pid>/stat` (proc(5)); the command name may hold spaces, so fields are counted
+/// from the closing parenthesis.
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        ppid: n(1)? as u32,
+        utime: n(11)?,
+        stime: n(12)?,
+        cutime: n(13)?,
+        cstime: n(14)?,
+    })
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Busy ticks of the whole machine (all CPUs) from `/proc/stat`: everything but idle and iowait.
+fn machine_busy_ticks() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+}
+
+struct Bench {
+    args: Args,
+    zendesk: ZendeskSimHandle,
+    erp: CustomSim,
+    pool: PgPool,
+    tether_pid: u32,
+    postmaster_pid: u32,
+    /// Zendesk organization id -> Custom ERP customer id.
+    links: Vec<(u64, String)>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let work = std::env::temp_dir().join(format!("tether-sync-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = run(args, &work).await;
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
+    let pg = EmbeddedPostgres::start(&work.join("pg"))
+        .await
+        .context("cannot start PostgreSQL")?;
+    let postmaster_pid = pg.postmaster_pid().context("no postmaster pid")? as u32;
+    let url = pg.url().expose_secret().to_owned();
+
+    let tether_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?
+    };
+    let tether_url = format!("http://{tether_addr}");
+    let (zd_running, zendesk) = ZendeskSim::start(SimOptions {
+        bind: "127.0.0.1:0".parse()?,
+        credentials: SimCredentials {
+            email: ZENDESK_EMAIL.to_owned(),
+            api_token: ZENDESK_TOKEN.to_owned(),
+            oauth_token: None,
+        },
+        webhook_target: Some(format!("{tether_url}/webhooks/zendesk")),
+        webhook_secret: ZENDESK_SECRET.to_owned(),
+        webhook_lanes: args.webhook_lanes,
+    })
+    .await?;
+    let erp_secret = format!(
+        "whsec_{}",
+        base64_standard(b"tether-sync-bench-customerp-secret")
+    );
+    let (erp, erp_running) = CustomSim::start(
+        CustomSimConfig {
+            webhook_lanes: args.webhook_lanes,
+            system: SystemId::CustomErp,
+            api_token: ERP_TOKEN.to_owned(),
+            webhook_secret: Some(erp_secret.clone()),
+            webhook_target: Some(format!("{tether_url}/webhooks/customerp")),
+        },
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+
+    let config_path = write_config(
+        work,
+        &args,
+        tether_addr,
+        &zd_running,
+        &erp_running,
+        &erp_secret,
+    )?;
+    let tether_bin = match &args.tether {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("tether"),
+    };
+    // tether's own log (warnings and errors) goes to a file kept after the run.
+    let log_path = std::env::temp_dir().join("tether-sync-bench-tether.log");
+    let log = std::fs::File::create(&log_path)?;
+    println!("tether's log: {}", log_path.display());
+    let mut tether = tokio::process::Command::new(&tether_bin)
+        .arg("serve")
+        .env("TETHER_CONFIG", &config_path)
+        .env("DATABASE_URL", &url)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", tether_bin.display()))?;
+    let tether_pid = tether.id().context("tether exited at once")?;
+
+    let outcome = async {
+        wait_ready(&tether_url, &mut tether).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await?;
+        let mut bench = Bench {
+            args,
+            zendesk,
+            erp,
+            pool,
+            tether_pid,
+            postmaster_pid,
+            links: Vec::new(),
+        };
+        bench.seed().await?;
+        bench.print_header();
+        for round in 1..=bench.args.rounds {
+            bench.round(round).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tether_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(30), tether.wait()).await;
+    zd_running.stop().await;
+    erp_running.stop().await;
+    let _ = pg.stop().await;
+    outcome
+}
+
+fn base64_standard(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn write_config(
+    work: &Path,
+    args: &Args,
+    listen: std::net::SocketAddr,
+    zendesk: &RunningSim,
+    erp: &RunningSim,
+    erp_secret: &str,
+) -> anyhow::Result<PathBuf> {
+    let overlay = work.join("overlay.toml");
+    std::fs::write(&overlay, OVERLAY)?;
+    // Only the two systems of the measured flow are connected, so no other flow adds work. The
+    // Zendesk limiter is set to its highest value: the simulator has no limit, and the point is
+    // tether's own capacity (a real Zendesk account allows 200 to 2,500 requests a minute).
+    let config = format!(
+        r#"listen = "{listen}"
+log_format = "json"
+log_level = "warn"
+
+[database]
+max_connections = {max_connections}
+
+[workers]
+concurrency = {concurrency}
+
+[registry]
+overlay = {overlay:?}
+
+[zendesk]
+base_url = "{zendesk}"
+email = "{ZENDESK_EMAIL}"
+api_token = "{ZENDESK_TOKEN}"
+webhook_secrets = ["{ZENDESK_SECRET}"]
+rate_limit_per_minute = 100000
+
+[customerp]
+base_url = "{erp}"
+api_token = "{ERP_TOKEN}"
+webhook_secret = "{erp_secret}"
+"#,
+        max_connections = args.max_connections,
+        concurrency = args.worker_concurrency,
+        overlay = overlay.display().to_string(),
+        zendesk = zendesk.base_url(),
+        erp = erp.base_url(),
+    );
+    let path = work.join("tether.toml");
+    std::fs::write(&path, config)?;
+    Ok(path)
+}
+
+async fn wait_ready(tether_url: &str, tether: &mut tokio::process::Child) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(status) = tether.try_wait()? {
+            bail!("tether exited before it was ready ({status})");
+        }
+        if let Ok(r) = client.get(format!("{tether_url}/readyz")).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("tether was not ready within 60 s")
+}
+
+async fn wait_until<F>(what: &str, limit: Duration, mut done: F) -> anyhow::Result<()>
+where
+    F: AsyncFnMut() -> anyhow::Result<bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if done().await? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Bench {
+    /// Creates the organizations in Zendesk (as agents would, with webhooks) and waits until tether
+    /// has created and linked every Custom ERP customer and the queue is empty.
+    async fn seed(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        for i in 0..self.args.records {
+            let response = self.zendesk.create(
+                Kind::Organization,
+                json!({"name": format!("Bench organization {i}")}),
+            );
+            if !response.status().is_success() {
+                bail!(
+                    "the Zendesk simulator refused an organization: {}",
+                    response.status()
+                );
+            }
+        }
+        let expected = self.args.records as i64;
+        let pool = self.pool.clone();
+        wait_until(
+            "every organization to be linked",
+            Duration::from_secs(600),
+            async || {
+                let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM links WHERE flow_id = $1")
+                    .bind(FLOW)
+                    .fetch_one(&pool)
+                    .await?;
+                Ok(n == expected)
+            },
+        )
+        .await?;
+        self.settle().await?;
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT source_id, target_id FROM links WHERE flow_id = $1 ORDER BY id")
+                .bind(FLOW)
+                .fetch_all(&self.pool)
+                .await?;
+        self.links = rows
+            .into_iter()
+            .map(|(s, t)| Ok((s.parse()?, t)))
+            .collect::<anyhow::Result<_>>()?;
+        println!(
+            "seeded {} linked organization/customer pairs in {:.1} s (creates through the same path)",
+            self.links.len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// Waits until no job is unfinished and both simulators have delivered every webhook.
+    async fn settle(&self) -> anyhow::Result<()> {
+        let pool = self.pool.clone();
+        let zendesk = self.zendesk.clone();
+        let erp = self.erp.clone();
+        let mut last = (0, 0);
+        let mut quiet_checks = 0;
+        wait_until("the queue to drain", Duration::from_secs(600), async || {
+            let (open,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM jobs WHERE state IN ('ready', 'running')")
+                    .fetch_one(&pool)
+                    .await?;
+            let sent = (
+                zendesk.webhook_stats().delivered,
+                erp.webhook_stats().delivered,
+            );
+            quiet_checks = if open == 0 && sent == last {
+                quiet_checks + 1
+            } else {
+                0
+            };
+            last = sent;
+            // Five quiet checks in a row (100 ms): no webhook was still on its way to tether.
+            Ok(quiet_checks >= 5)
+        })
+        .await
+    }
+
+    fn print_header(&self) {
+        println!(
+            "tether: workers.concurrency {}, database.max_connections {}, log_level warn; webhook lanes per simulator {}",
+            self.args.worker_concurrency, self.args.max_connections, self.args.webhook_lanes
+        );
+        println!(
+            "{:>5} {:>8} {:>10} {:>10} {:>8} {:>8} | {:>7} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} {:>6}",
+            "round", "updates", "written/s", "settled/s", "p50 ms", "p99 ms",
+            "tether", "pg", "sims", "other",
+            "zdGET", "erpW", "erpGET", "zdW"
+        );
+    }
+
+    /// Renames every organization once, as fast as the driver can, and measures until every
+    /// counterpart carries the new name and the echoes have been handled.
+    async fn round(&self, round: usize) -> anyhow::Result<()> {
+        let counters_before = (
+            self.zendesk.control().counters(),
+            self.erp.control.counters(),
+        );
+        let (log_before,): (i64,) = sqlx::query_as("SELECT coalesce(max(id), 0) FROM sync_log")
+            .fetch_one(&self.pool)
+            .await?;
+        let cpu_before = CpuTicks::read(self.tether_pid, self.postmaster_pid);
+        let started = Instant::now();
+        let mut issued: HashMap<&str, (DateTime<Utc>, String)> = HashMap::new();
+        for (i, (org, customer)) in self.links.iter().enumerate() {
+            let name = format!("Bench organization {i} round {round}");
+            let at = Utc::now();
+            let response =
+                self.zendesk
+                    .update(Kind::Organization, *org, json!({"name": name.clone()}));
+            if !response.status().is_success() {
+                bail!(
+                    "the Zendesk simulator refused a rename: {}",
+                    response.status()
+                );
+            }
+            issued.insert(customer.as_str(), (at, name));
+        }
+        let issue_time = started.elapsed();
+
+        // Latency: the customer's change stamp (set by the simulator when tether's write arrived)
+        // minus the moment the rename was made.
+        let mut latencies_ms: Vec<f64> = Vec::with_capacity(issued.len());
+        let mut last_write = started;
+        let erp = self.erp.clone();
+        wait_until(
+            "every counterpart to be written",
+            Duration::from_secs(600),
+            async || {
+                let mut done = Vec::new();
+                for (customer, (at, name)) in &issued {
+                    let Some(record) = erp.get("customer", customer) else {
+                        continue;
+                    };
+                    if record.get("name").and_then(|v| v.as_str()) == Some(name.as_str()) {
+                        let stamped: Option<DateTime<Utc>> = record
+                            .get("updated_at")
+                            .and_then(|v| v.as_str())
+                            .and_then(|s| s.parse().ok());
+                        if let Some(stamped) = stamped {
+                            latencies_ms.push(
+                                (stamped - *at).num_microseconds().unwrap_or(0) as f64 / 1000.0,
+                            );
+                        }
+                        done.push(*customer);
+                    }
+                }
+                if !done.is_empty() {
+                    last_write = Instant::now();
+                }
+                for customer in done {
+                    issued.remove(customer);
+                }
+                Ok(issued.is_empty())
+            },
+        )
+        .await?;
+        let written = last_write.duration_since(started);
+        self.settle().await?;
+        let settled = started.elapsed();
+        let cpu = CpuTicks::read(self.tether_pid, self.postmaster_pid).since(cpu_before);
+
+        let n = self.links.len() as f64;
+        let calls = |after: &std::collections::BTreeMap<String, u64>,
+                     before: &std::collections::BTreeMap<String, u64>,
+                     pick: &dyn Fn(&str) -> bool| {
+            after
+                .iter()
+                .filter(|(k, _)| pick(k))
+                .map(|(k, v)| v - before.get(k).copied().unwrap_or(0))
+                .sum::<u64>() as f64
+                / n
+        };
+        let (zd_after, erp_after) = (
+            self.zendesk.control().counters(),
+            self.erp.control.counters(),
+        );
+        let zd_get = calls(&zd_after, &counters_before.0, &|k| k.starts_with("GET "));
+        let zd_write = calls(&zd_after, &counters_before.0, &|k| !k.starts_with("GET "));
+        let erp_get = calls(&erp_after, &counters_before.1, &|k| k.starts_with("GET "));
+        let erp_write = calls(&erp_after, &counters_before.1, &|k| !k.starts_with("GET "));
+
+        latencies_ms.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            latencies_ms
+                .get(((latencies_ms.len().saturating_sub(1)) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        // CPU as a share of one core over the round (200% = both cores of this machine).
+        let share = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / settled.as_secs_f64() * 100.0;
+        let other = cpu
+            .machine_busy
+            .saturating_sub(cpu.tether + cpu.postgres + cpu.simulators);
+        println!(
+            "{:>5} {:>8} {:>10.0} {:>10.0} {:>8.1} {:>8.1} | {:>6.0}% {:>6.0}% {:>6.0}% {:>6.0}% | {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
+            round,
+            self.links.len(),
+            n / written.as_secs_f64(),
+            n / settled.as_secs_f64(),
+            pct(0.5),
+            pct(0.99),
+            share(cpu.tether),
+            share(cpu.postgres),
+            share(cpu.simulators),
+            share(other),
+            zd_get,
+            erp_write,
+            erp_get,
+            zd_write,
+        );
+        let decisions: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT decision, count(*) FROM sync_log WHERE id > $1 GROUP BY decision ORDER BY decision",
+        )
+        .bind(log_before)
+        .fetch_all(&self.pool)
+        .await?;
+        let decisions: Vec<String> = decisions.iter().map(|(d, c)| format!("{d} {c}")).collect();
+        println!(
+            "      renames issued in {:.2} s; engine decisions: {}",
+            issue_time.as_secs_f64(),
+            decisions.join(", ")
+        );
+        Ok(())
+    }
+}
