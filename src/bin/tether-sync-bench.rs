@@ -13,7 +13,6 @@
 //! Figures, not a pass/fail test: see the README's "Benchmarks" section.
 //! Run: `cargo build --release --bins && ./target/release/tether-sync-bench`
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -77,6 +76,9 @@ struct Args {
     /// tether's `database.max_connections`.
     #[arg(long, default_value_t = 32)]
     max_connections: usize,
+    /// Also print where PostgreSQL's time went (pg_stat_statements, loaded for the run).
+    #[arg(long)]
+    statements: bool,
     /// The tether binary (default: `tether` beside this binary).
     #[arg(long)]
     tether: Option<PathBuf>,
@@ -195,6 +197,14 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
     let pg = EmbeddedPostgres::start(&work.join("pg"))
         .await
         .context("cannot start PostgreSQL")?;
+    if args.statements {
+        let conf = pg.root().join("cluster").join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf)?;
+        text.push_str("\nshared_preload_libraries = 'pg_stat_statements'\n");
+        std::fs::write(&conf, text)?;
+        pg.stop().await.context("cannot stop PostgreSQL")?;
+        pg.restart().await.context("cannot restart PostgreSQL")?;
+    }
     let postmaster_pid = pg.postmaster_pid().context("no postmaster pid")? as u32;
     let url = pg.url().expose_secret().to_owned();
 
@@ -275,9 +285,20 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
             links: Vec::new(),
         };
         bench.seed().await?;
+        if bench.args.statements {
+            sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                .execute(&bench.pool)
+                .await?;
+            sqlx::query("SELECT pg_stat_statements_reset()")
+                .execute(&bench.pool)
+                .await?;
+        }
         bench.print_header();
         for round in 1..=bench.args.rounds {
             bench.round(round).await?;
+        }
+        if bench.args.statements {
+            bench.print_statements().await?;
         }
         anyhow::Ok(())
     }
@@ -459,6 +480,28 @@ impl Bench {
         .await
     }
 
+    /// The statements that took most of PostgreSQL's time over all rounds.
+    async fn print_statements(&self) -> anyhow::Result<()> {
+        let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
+            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, mean_exec_time \
+             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let updates = (self.links.len() * self.args.rounds) as f64;
+        println!(
+            "PostgreSQL statements by total execution time (calls per linked update, mean ms):"
+        );
+        for (query, calls, total, mean) in rows {
+            let query: String = query.chars().take(110).collect();
+            println!(
+                "  {total:>9.0} ms {:>6.2}/update {mean:>7.3} ms  {query}",
+                calls as f64 / updates
+            );
+        }
+        Ok(())
+    }
+
     fn print_header(&self) {
         println!(
             "tether: workers.concurrency {}, database.max_connections {}, log_level warn; webhook lanes per simulator {}",
@@ -484,60 +527,67 @@ impl Bench {
             .await?;
         let cpu_before = CpuTicks::read(self.tether_pid, self.postmaster_pid);
         let started = Instant::now();
-        let mut issued: HashMap<&str, (DateTime<Utc>, String)> = HashMap::new();
-        for (i, (org, customer)) in self.links.iter().enumerate() {
-            let name = format!("Bench organization {i} round {round}");
-            let at = Utc::now();
-            let response =
-                self.zendesk
-                    .update(Kind::Organization, *org, json!({"name": name.clone()}));
-            if !response.status().is_success() {
-                bail!(
-                    "the Zendesk simulator refused a rename: {}",
-                    response.status()
-                );
+        // The renames run on a blocking thread, so the simulators' async workers keep serving
+        // tether while they are issued.
+        let zendesk = self.zendesk.clone();
+        let orgs: Vec<u64> = self.links.iter().map(|(org, _)| *org).collect();
+        let issued_at: Vec<DateTime<Utc>> = tokio::task::spawn_blocking(move || {
+            let mut issued_at = Vec::with_capacity(orgs.len());
+            for (i, org) in orgs.into_iter().enumerate() {
+                issued_at.push(Utc::now());
+                let name = json!({"name": format!("Bench organization {i} round {round}")});
+                let response = zendesk.update(Kind::Organization, org, name);
+                if !response.status().is_success() {
+                    bail!(
+                        "the Zendesk simulator refused a rename: {}",
+                        response.status()
+                    );
+                }
             }
-            issued.insert(customer.as_str(), (at, name));
-        }
+            Ok(issued_at)
+        })
+        .await??;
         let issue_time = started.elapsed();
 
-        // Latency: the customer's change stamp (set by the simulator when tether's write arrived)
-        // minus the moment the rename was made.
-        let mut latencies_ms: Vec<f64> = Vec::with_capacity(issued.len());
-        let mut last_write = started;
+        // Written: the Custom ERP simulator has taken one write per customer (its request
+        // counters are cheap to read; the records are checked once at the end).
+        let erp_writes = |counters: &std::collections::BTreeMap<String, u64>| -> u64 {
+            counters
+                .iter()
+                .filter(|(k, _)| !k.starts_with("GET "))
+                .map(|(_, v)| *v)
+                .sum()
+        };
+        let writes_before = erp_writes(&counters_before.1);
+        let expected = self.links.len() as u64;
         let erp = self.erp.clone();
         wait_until(
             "every counterpart to be written",
             Duration::from_secs(600),
-            async || {
-                let mut done = Vec::new();
-                for (customer, (at, name)) in &issued {
-                    let Some(record) = erp.get("customer", customer) else {
-                        continue;
-                    };
-                    if record.get("name").and_then(|v| v.as_str()) == Some(name.as_str()) {
-                        let stamped: Option<DateTime<Utc>> = record
-                            .get("updated_at")
-                            .and_then(|v| v.as_str())
-                            .and_then(|s| s.parse().ok());
-                        if let Some(stamped) = stamped {
-                            latencies_ms.push(
-                                (stamped - *at).num_microseconds().unwrap_or(0) as f64 / 1000.0,
-                            );
-                        }
-                        done.push(*customer);
-                    }
-                }
-                if !done.is_empty() {
-                    last_write = Instant::now();
-                }
-                for customer in done {
-                    issued.remove(customer);
-                }
-                Ok(issued.is_empty())
-            },
+            async || Ok(erp_writes(&erp.control.counters()) - writes_before >= expected),
         )
         .await?;
+        let last_write = Instant::now();
+        // Latency: the customer's change stamp (set by the simulator when tether's write arrived)
+        // minus the moment the rename was made; every customer must carry its new name.
+        let mut latencies_ms: Vec<f64> = Vec::with_capacity(self.links.len());
+        for (i, (_, customer)) in self.links.iter().enumerate() {
+            let record = self
+                .erp
+                .get("customer", customer)
+                .context("a customer vanished")?;
+            let name = format!("Bench organization {i} round {round}");
+            if record.get("name").and_then(|v| v.as_str()) != Some(name.as_str()) {
+                bail!("customer {customer} does not carry the new name after the round");
+            }
+            let stamped: DateTime<Utc> = record
+                .get("updated_at")
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse().ok())
+                .context("a customer without updated_at")?;
+            latencies_ms
+                .push((stamped - issued_at[i]).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+        }
         let written = last_write.duration_since(started);
         self.settle().await?;
         let settled = started.elapsed();

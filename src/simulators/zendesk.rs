@@ -11,7 +11,7 @@
 //! `email:` and otherwise matches name or email substrings; an organization change without a
 //! Zendesk event type (`notes`, `details`, `domain_names`) sends no webhook, as in Zendesk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -71,7 +71,7 @@ const MAX_PAGE_SIZE: usize = 100;
 const MAX_EXPORT_PAGE: usize = 1000;
 
 /// The three kinds of top-level record; comments live under their ticket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Organization,
     User,
@@ -124,6 +124,15 @@ impl Kind {
     }
 
     /// Fields the server owns beyond `id`, `url`, `created_at`, `updated_at`.
+    /// Fields no two records of the kind may share (case-insensitively).
+    fn unique_fields(self) -> &'static [&'static str] {
+        match self {
+            Kind::Organization => &["name", "external_id"],
+            Kind::User => &["email", "external_id"],
+            Kind::Ticket => &[],
+        }
+    }
+
     fn server_owned(self, key: &str) -> bool {
         match self {
             Kind::Ticket => matches!(key, "description" | "via"),
@@ -149,6 +158,9 @@ struct Store {
     users: BTreeMap<u64, Stored>,
     tickets: BTreeMap<u64, Stored>,
     comments: BTreeMap<u64, Vec<Map<String, Value>>>,
+    /// (kind, unique field, case-folded value) -> id, so a uniqueness check is a lookup rather
+    /// than a scan of every record (Zendesk keeps such indexes too).
+    unique: HashMap<(Kind, &'static str, String), u64>,
 }
 
 impl Store {
@@ -166,6 +178,30 @@ impl Store {
             Kind::User => &mut self.users,
             Kind::Ticket => &mut self.tickets,
         }
+    }
+
+    /// Stores a record under `id`, keeping the uniqueness index in step.
+    fn put(&mut self, kind: Kind, id: u64, stored: Stored) {
+        for key in kind.unique_fields() {
+            if let Some(old) = self
+                .table(kind)
+                .get(&id)
+                .and_then(|s| unique_value(&s.body, key))
+            {
+                self.unique.remove(&(kind, *key, old));
+            }
+            if let Some(new) = unique_value(&stored.body, key) {
+                self.unique.insert((kind, *key, new), id);
+            }
+        }
+        self.table_mut(kind).insert(id, stored);
+    }
+
+    /// Whether another record of `kind` holds `value` in the unique field `key`.
+    fn taken(&self, kind: Kind, key: &'static str, value: &Value, own_id: Option<u64>) -> bool {
+        unique_key(value)
+            .and_then(|v| self.unique.get(&(kind, key, v)))
+            .is_some_and(|holder| Some(*holder) != own_id)
     }
 
     fn id(&mut self) -> u64 {
@@ -513,11 +549,27 @@ fn parse_body(bytes: &Bytes, envelope: &str) -> Result<Map<String, Value>, Box<R
     }
 }
 
+/// A unique field's value as Zendesk compares it (case-insensitively); `None` for null.
+fn unique_key(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(s.to_lowercase()),
+        other => Some(other.to_string()),
+    }
+}
+
 fn ci_eq(a: &Value, b: &Value) -> bool {
     match (a.as_str(), b.as_str()) {
-        (Some(a), Some(b)) => a.to_lowercase() == b.to_lowercase(),
+        (Some(a), Some(b)) => a
+            .chars()
+            .flat_map(char::to_lowercase)
+            .eq(b.chars().flat_map(char::to_lowercase)),
         _ => a == b,
     }
+}
+
+fn unique_value(record: &Map<String, Value>, key: &str) -> Option<String> {
+    record.get(key).and_then(unique_key)
 }
 
 fn text(value: Option<&Value>) -> Option<&str> {
@@ -533,16 +585,9 @@ fn validate(
     candidate: &Map<String, Value>,
     own_id: Option<u64>,
 ) -> Result<(), Box<Response>> {
-    let others = || {
-        state
-            .table(kind)
-            .iter()
-            .filter(move |(id, _)| Some(**id) != own_id)
-            .map(|(_, s)| &s.body)
-    };
-    let unique = |key: &str, label: &str| -> Result<(), Box<Response>> {
+    let unique = |key: &'static str, label: &str| -> Result<(), Box<Response>> {
         if let Some(value) = candidate.get(key).filter(|v| !v.is_null()) {
-            if others().any(|o| o.get(key).is_some_and(|v| ci_eq(v, value))) {
+            if state.taken(kind, key, value, own_id) {
                 return Err(invalid_boxed(
                     key,
                     "DuplicateValue",
@@ -644,7 +689,8 @@ fn build(
         }
     }
     let seq = state.seq();
-    state.table_mut(kind).insert(
+    state.put(
+        kind,
         id,
         Stored {
             seq,
@@ -876,7 +922,8 @@ fn write_update(shared: &Shared, kind: Kind, id: u64, input: Map<String, Value>)
         add_comment(&mut state, id, &c, author)
     });
     let seq = state.seq();
-    state.table_mut(kind).insert(
+    state.put(
+        kind,
         id,
         Stored {
             seq,

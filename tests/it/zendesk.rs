@@ -201,7 +201,8 @@ async fn retried_create_finds_the_record_it_made() {
 #[tokio::test]
 async fn organization_name_is_required_and_unique() {
     let (_running, _handle, zd) = sim().await;
-    zd.create("Organizations", &fields(json!({"name": "Unique"})), "a")
+    let first = zd
+        .create("Organizations", &fields(json!({"name": "Unique"})), "a")
         .await
         .unwrap();
     let duplicate = zd
@@ -219,6 +220,23 @@ async fn organization_name_is_required_and_unique() {
     }
     assert!(matches!(
         zd.create("Organizations", &fields(json!({"notes": "no name"})), "c")
+            .await,
+        Err(ConnectorError::Rejected { status: 422, .. })
+    ));
+
+    // After a rename the old name is free and the new one taken.
+    zd.update(
+        "Organizations",
+        &first.id,
+        &fields(json!({"name": "Renamed"})),
+    )
+    .await
+    .unwrap();
+    zd.create("Organizations", &fields(json!({"name": "unique"})), "d")
+        .await
+        .unwrap();
+    assert!(matches!(
+        zd.create("Organizations", &fields(json!({"name": "RENAMED"})), "e")
             .await,
         Err(ConnectorError::Rejected { status: 422, .. })
     ));
