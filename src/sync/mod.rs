@@ -40,7 +40,7 @@ use uuid::Uuid;
 use crate::connectors::{set_path, Connector, ConnectorError, Record};
 use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
 use crate::queue::{self, ClaimedJob, JobHandler, JobOutcome, NewJob};
-use crate::registry::{Dataflow, EntityRef, PropertyMapping, Registry};
+use crate::registry::{Dataflow, Direction, EntityRef, PropertyMapping, Registry, Resolution};
 use merge::{decide, normalize, ref_id, Decision, PropertyFacts, Side};
 
 /// How long a job waits for a referenced record to be synced first.
@@ -1119,6 +1119,37 @@ impl SyncEngine {
 
     /// Rules 2-5 for a linked pair: the three-way merge per property, writes of changed
     /// properties only, then the new snapshot.
+    /// Why the registry does not let `flow` write property `p` to side `to` of a linked record,
+    /// if it does not: write-back switched off, a one-way mapping, or a rule naming another flow
+    /// as the property's owner (creation is not held back by owners: a new record needs its
+    /// fields, and there is no value of the owner's to protect yet).
+    fn write_refused(&self, flow: &Dataflow, p: &PropertyMapping, to: Side) -> Option<String> {
+        if to == Side::Source && !flow.switches.write_back_to_source {
+            return Some("writing back to the source is off".into());
+        }
+        if to == Side::Source && !p.syncs_to_source() {
+            return Some("the registry syncs this property only towards the target".into());
+        }
+        let direction = match to {
+            Side::Target => Direction::ToTarget,
+            Side::Source => Direction::ToSource,
+        };
+        let entity = entity(flow, to);
+        if !self.registry.may_write(flow, direction, path(p, to)) {
+            let owner = match self.registry.rule(entity, path(p, to)).map(|r| &r.resolve) {
+                Some(Resolution::Owner(owner)) => owner.as_str(),
+                _ => "another flow",
+            };
+            return Some(format!(
+                "{}.{}.{} is owned by {owner} (registry rule)",
+                entity.system,
+                entity.entity_type,
+                path(p, to)
+            ));
+        }
+        None
+    }
+
     async fn sync_linked(
         &self,
         job: &ClaimedJob,
@@ -1191,14 +1222,8 @@ impl SyncEngine {
                     )),
                     Decision::WriteTo(to) => {
                         let v = if to == Side::Target { sv } else { tv };
-                        if to == Side::Source && !flow.switches.write_back_to_source {
-                            notes.push(format!("{k}: writing back to the source is off"));
-                            continue;
-                        }
-                        if to == Side::Source && !p.syncs_to_source() {
-                            notes.push(format!(
-                                "{k}: the registry syncs this property only towards the target"
-                            ));
+                        if let Some(why) = self.write_refused(flow, p, to) {
+                            notes.push(format!("{k}: {why}"));
                             continue;
                         }
                         set_path(&mut changes[idx(to)], path(p, to), v.clone());
@@ -1236,14 +1261,8 @@ impl SyncEngine {
                     "{k}: an empty reference is not written over a non-empty one"
                 )),
                 Decision::WriteTo(to) => {
-                    if to == Side::Source && !flow.switches.write_back_to_source {
-                        notes.push(format!("{k}: writing back to the source is off"));
-                        continue;
-                    }
-                    if to == Side::Source && !p.syncs_to_source() {
-                        notes.push(format!(
-                            "{k}: the registry syncs this reference only towards the target"
-                        ));
+                    if let Some(why) = self.write_refused(flow, p, to) {
+                        notes.push(format!("{k}: {why}"));
                         continue;
                     }
                     let from = to.other();

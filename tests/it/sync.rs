@@ -12,7 +12,8 @@ use tether::connectors::{Connector, Record};
 use tether::domain::{Action, ChangeEvent, RecordKey, SystemId};
 use tether::queue::{self, ClaimedJob, JobHandler, JobOutcome, NewJob};
 use tether::registry::{
-    Dataflow, EntityRef, FlowSwitches, MergeCriterion, PropertyMapping, Reference, Registry,
+    Dataflow, EntityRef, FlowSwitches, MergeCriterion, PropertyMapping, PropertyRule, Reference,
+    Registry, Resolution,
 };
 use tether::sync::SyncEngine;
 use tether::testing::{self, TestDb};
@@ -128,6 +129,17 @@ struct Harness {
 
 impl Harness {
     async fn new(flows: Vec<Dataflow>, systems: &[SystemId]) -> Harness {
+        Self::with_registry(
+            Registry {
+                dataflows: flows,
+                ..Registry::default()
+            },
+            systems,
+        )
+        .await
+    }
+
+    async fn with_registry(registry: Registry, systems: &[SystemId]) -> Harness {
         let db = testing::database().await;
         let mut mem = HashMap::new();
         let mut connectors: HashMap<SystemId, Arc<dyn Connector>> = HashMap::new();
@@ -138,10 +150,7 @@ impl Harness {
         }
         let engine = Arc::new(SyncEngine::new(
             db.pool.clone(),
-            Arc::new(Registry {
-                dataflows: flows,
-                ..Registry::default()
-            }),
+            Arc::new(registry),
             connectors,
         ));
         Harness { db, engine, mem }
@@ -605,6 +614,50 @@ async fn rule3_echo_and_unchanged_values_cause_no_write_and_calls_are_minimal() 
         0
     );
     assert_eq!(h.decisions().await.last().unwrap(), "unchanged");
+}
+
+/// A registry rule naming another flow as the owner of a property: this flow does not write it
+/// to a linked record, but still writes the properties it owns or shares.
+#[tokio::test]
+async fn owner_rules_keep_other_flows_from_writing_a_property() {
+    let flow = customers_to_orgs();
+    let registry = Registry {
+        rules: vec![PropertyRule {
+            entity: flow.target.clone(),
+            property: "name".into(),
+            resolve: Resolution::Owner("exactonline.Accounts->zendesk.Organizations".into()),
+        }],
+        dataflows: vec![flow],
+        ..Registry::default()
+    };
+    let h = Harness::with_registry(registry, &[PowerOffice, Zendesk]).await;
+    let (c, org) = h.linked_customer("Acme AS", "https://acme.no").await;
+    assert_eq!(name_of(&org), json!("Acme AS"), "creation is not held back");
+
+    h.m(PowerOffice).edit(
+        "Customers",
+        &c.id,
+        fields(json!({"Name": "Acme Norge AS", "WebsiteUrl": "https://acme.example"})),
+    );
+    h.reset_counters();
+    assert_eq!(
+        h.run(PowerOffice, "Customers", &c.id).await,
+        JobOutcome::Done
+    );
+    let org = h.m(Zendesk).get("Organizations", &org.id).unwrap();
+    assert_eq!(
+        name_of(&org),
+        json!("Acme AS"),
+        "the owned name is not written"
+    );
+    assert_eq!(org.fields["url"], json!("https://acme.example"));
+    let detail = h.detail_of("updated").await;
+    assert!(
+        detail
+            .last()
+            .is_some_and(|d| d.contains("owned by exactonline.Accounts->zendesk.Organizations")),
+        "{detail:?}"
+    );
 }
 
 #[tokio::test]
