@@ -212,6 +212,44 @@ fn matches_snapshot(flow: &Dataflow, link: &Link, record: &Record, side: Side) -
     })
 }
 
+/// The columns of a `sync_log` row and their parameters, shared by the plain log insert and the
+/// one that commits with a link's new state.
+const LOG_COLUMNS: &str = "(event_id, job_id, attempt, system, entity_type, record_id, flow_id, \
+                           link_id, decision, read, written, detail, error)";
+const LOG_VALUES_BARE: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13";
+const LOG_VALUES: &str = "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+
+/// Binds a log entry as parameters $1 to $13 (see [`LOG_COLUMNS`]).
+fn bind_entry<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    job: &'q ClaimedJob,
+    e: Entry<'q>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let r = &job.event.record;
+    query
+        .bind(job.event_id)
+        .bind(job.job_id)
+        .bind(job.attempt)
+        .bind(r.system.as_str())
+        .bind(&r.entity_type)
+        .bind(&r.record_id)
+        .bind(e.flow)
+        .bind(e.link)
+        .bind(e.decision)
+        .bind(e.read)
+        .bind(e.written)
+        .bind(e.detail)
+        .bind(e.error)
+}
+
+/// A link's state after a sync: the snapshot, the change stamps last seen on each side
+/// (source, target), and the side written last, if one was.
+struct LinkState {
+    snapshot: Map<String, Value>,
+    seen: [Option<DateTime<Utc>>; 2],
+    last_write: Option<Side>,
+}
+
 /// `seen` is newer than what was just read: the read is stale.
 fn stale(read: Option<DateTime<Utc>>, seen: Option<DateTime<Utc>>) -> bool {
     matches!((read, seen), (Some(r), Some(s)) if r < s)
@@ -240,34 +278,45 @@ impl SyncEngine {
     }
 
     /// Logs inside the caller's transaction, so a decision and the state it produced commit
-    /// together (and a linked update costs one commit, not two).
+    /// together.
     async fn log_in(
         conn: &mut PgConnection,
         job: &ClaimedJob,
         e: Entry<'_>,
     ) -> Result<(), sqlx::Error> {
-        let r = &job.event.record;
-        sqlx::query(
-            "INSERT INTO sync_log (event_id, job_id, attempt, system, entity_type, record_id, \
-             flow_id, link_id, decision, read, written, detail, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(job.event_id)
-        .bind(job.job_id)
-        .bind(job.attempt)
-        .bind(r.system.as_str())
-        .bind(&r.entity_type)
-        .bind(&r.record_id)
-        .bind(e.flow)
-        .bind(e.link)
-        .bind(e.decision)
-        .bind(e.read)
-        .bind(e.written)
-        .bind(e.detail)
-        .bind(e.error)
-        .execute(conn)
-        .await?;
+        let sql = format!("INSERT INTO sync_log {LOG_COLUMNS} VALUES {LOG_VALUES}");
+        bind_entry(sqlx::query(&sql), job, e).execute(conn).await?;
         Ok(())
+    }
+
+    /// Stores a linked record's new snapshot and change stamps, and logs the decision, in one
+    /// statement (one round trip and one commit when the caller passes the pool). False when the
+    /// link changed meanwhile (its version moved on): then nothing was stored or logged.
+    async fn store_sync(
+        conn: impl sqlx::PgExecutor<'_>,
+        job: &ClaimedJob,
+        entry: Entry<'_>,
+        link: &Link,
+        state: LinkState,
+    ) -> Result<bool, sqlx::Error> {
+        let sql = format!(
+            "WITH updated AS (\
+                UPDATE links SET snapshot = $14, source_seen_at = $15, target_seen_at = $16, \
+                last_write_side = COALESCE($17, last_write_side), version = version + 1, \
+                updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
+                RETURNING id) \
+             INSERT INTO sync_log {LOG_COLUMNS} SELECT {LOG_VALUES_BARE} FROM updated"
+        );
+        let done = bind_entry(sqlx::query(&sql), job, entry)
+            .bind(Value::Object(state.snapshot))
+            .bind(state.seen[0])
+            .bind(state.seen[1])
+            .bind(state.last_write.map(Side::as_str))
+            .bind(link.id)
+            .bind(link.version)
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn run(&self, job: &ClaimedJob) -> Result<Option<String>, Fail> {
@@ -1373,38 +1422,46 @@ impl SyncEngine {
             self.log(job, entry).await?;
             return Ok(Step::Done);
         }
-        let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE links SET snapshot = $3, source_seen_at = $4, target_seen_at = $5, \
-             last_write_side = COALESCE($6, last_write_side), version = version + 1, \
-             updated_at = now() WHERE id = $1 AND version = $2 AND state = 'active'",
-        )
-        .bind(link.id)
-        .bind(link.version)
-        .bind(Value::Object(snapshot))
-        .bind(seen[0])
-        .bind(seen[1])
-        .bind(last_write.map(Side::as_str))
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 0 {
-            drop(tx);
+        let state = LinkState {
+            snapshot,
+            seen,
+            last_write,
+        };
+        // The fan-out's jobs must commit with the link; without them the pool's implicit
+        // transaction of the one statement is enough.
+        let conflict_entry = Entry {
+            decision: "conflict",
+            flow: entry.flow,
+            link: entry.link,
+            read: entry.read.clone(),
+            written: entry.written.clone(),
+            detail: None,
+            error: None,
+        };
+        let stored = if fan_out.is_empty() {
+            Self::store_sync(&self.pool, job, entry, &link, state).await?
+        } else {
+            let mut tx = self.pool.begin().await?;
+            let stored = Self::store_sync(&mut *tx, job, entry, &link, state).await?;
+            if stored {
+                Self::enqueue_records(&mut tx, &fan_out, "fan-out", None).await?;
+                tx.commit().await?;
+            }
+            stored
+        };
+        if !stored {
             let reason =
                 "the link changed while this event was processed; re-reading both sides".to_owned();
             self.log(
                 job,
                 Entry {
-                    decision: "conflict",
                     detail: Some(reason.clone()),
-                    ..entry
+                    ..conflict_entry
                 },
             )
             .await?;
             return Ok(Step::Later(reason));
         }
-        Self::enqueue_records(&mut tx, &fan_out, "fan-out", None).await?;
-        Self::log_in(&mut tx, job, entry).await?;
-        tx.commit().await?;
         Ok(Step::Done)
     }
 }
