@@ -12,6 +12,8 @@
 //!   (departments and divisions link-only, by merge criteria from the test's overlay).
 //! - `poweroffice_suppliers_departments_employees_and_contact_persons_reach_zendesk`: the other
 //!   four PowerOffice flows (employees and contact persons link-only, by email from the overlay).
+//! - `a_linked_rename_costs_one_read_per_record_and_one_write_and_its_echo_no_write`: the API
+//!   calls of one linked update, counted by the simulators.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -356,6 +358,103 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
             + h.sims.zendesk.control().count_method("POST"),
         zendesk_writes
     );
+    h.stop().await;
+}
+
+/// API calls of one linked update, counted by the simulators' request counters: an organization
+/// renamed in Zendesk costs one read of it, and per linked custom-system customer one read (the
+/// counterpart's current values, which the three-way merge needs) and one write; the echo of each
+/// write costs one read and no write anywhere.
+#[tokio::test]
+async fn a_linked_rename_costs_one_read_per_record_and_one_write_and_its_echo_no_write() {
+    let overlay = r#"
+[[dataflow]]
+source = "zendesk.Organizations"
+target = "customerp.Customer"
+[[dataflow.property]]
+source = "name"
+target = "name"
+type = "string"
+
+[[dataflow]]
+source = "zendesk.Organizations"
+target = "custompms.Customer"
+[[dataflow.property]]
+source = "name"
+target = "name"
+type = "string"
+
+[[rule]]
+entity = "zendesk.Organizations"
+property = "name"
+resolve = "latest_wins"
+"#;
+    let h = Harness::start(Some(overlay)).await;
+    let created = h
+        .sims
+        .zendesk
+        .create(Kind::Organization, json!({"name": "Counted AS"}));
+    assert!(created.status().is_success());
+    let org_id = h.sims.zendesk.all(Kind::Organization)[0]["id"]
+        .as_u64()
+        .unwrap();
+    let erp_customer = h
+        .linked_target(
+            "zendesk.Organizations->customerp.Customer",
+            &org_id.to_string(),
+        )
+        .await;
+    let pms_customer = h
+        .linked_target(
+            "zendesk.Organizations->custompms.Customer",
+            &org_id.to_string(),
+        )
+        .await;
+    h.assert_settles().await;
+    // Only now: the creates' echoes are behind us.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let custom = [&h.sims.customerp, &h.sims.custompms];
+    h.sims.zendesk.control().reset_counters();
+    for sim in custom {
+        sim.control.reset_counters();
+    }
+
+    let renamed = h.sims.zendesk.update(
+        Kind::Organization,
+        org_id,
+        json!({"name": "Counted Norge AS"}),
+    );
+    assert!(renamed.status().is_success());
+    for (sim, id) in [
+        (&h.sims.customerp, &erp_customer),
+        (&h.sims.custompms, &pms_customer),
+    ] {
+        eventually("the new name in the custom system", WAIT, || {
+            let c = sim.get("customer", id)?;
+            (c["name"] == json!("Counted Norge AS")).then_some(())
+        })
+        .await;
+        // The echo of the write is read back (and causes nothing).
+        eventually("the echo to be read", WAIT, || {
+            (sim.control.count_method("GET") >= 2).then_some(())
+        })
+        .await;
+    }
+    h.assert_settles().await;
+
+    let zendesk = h.sims.zendesk.control();
+    assert_eq!(zendesk.count_method("GET"), 1, "{:?}", zendesk.counters());
+    assert_eq!(
+        zendesk.count_method("PUT") + zendesk.count_method("POST"),
+        0,
+        "no write back to Zendesk"
+    );
+    for sim in custom {
+        let counters = sim.control.counters();
+        assert_eq!(sim.control.count_method("GET"), 2, "{counters:?}");
+        assert_eq!(sim.control.count_method("PATCH"), 1, "{counters:?}");
+        assert_eq!(sim.control.count_method("POST"), 0, "{counters:?}");
+    }
     h.stop().await;
 }
 
