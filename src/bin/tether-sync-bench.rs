@@ -67,6 +67,10 @@ struct Args {
     /// Measured rounds.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Renames per second; 0 issues a round's renames all at once (capacity; the latency is then
+    /// mostly queueing). A rate below capacity shows the latency of a steady load.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Webhooks each simulator delivers at once (in order per record), as a vendor's fleet does.
     #[arg(long, default_value_t = 64)]
     webhook_lanes: usize,
@@ -504,8 +508,15 @@ impl Bench {
 
     fn print_header(&self) {
         println!(
-            "tether: workers.concurrency {}, database.max_connections {}, log_level warn; webhook lanes per simulator {}",
-            self.args.worker_concurrency, self.args.max_connections, self.args.webhook_lanes
+            "tether: workers.concurrency {}, database.max_connections {}, log_level warn; webhook lanes per simulator {}; renames {}",
+            self.args.worker_concurrency,
+            self.args.max_connections,
+            self.args.webhook_lanes,
+            if self.args.rate > 0.0 {
+                format!("at {} a second", self.args.rate)
+            } else {
+                "all at once".to_owned()
+            }
         );
         println!(
             "{:>5} {:>8} {:>10} {:>10} {:>8} {:>8} | {:>7} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} {:>6}",
@@ -531,9 +542,15 @@ impl Bench {
         // tether while they are issued.
         let zendesk = self.zendesk.clone();
         let orgs: Vec<u64> = self.links.iter().map(|(org, _)| *org).collect();
+        let rate = self.args.rate;
         let issued_at: Vec<DateTime<Utc>> = tokio::task::spawn_blocking(move || {
             let mut issued_at = Vec::with_capacity(orgs.len());
+            let pace_from = Instant::now();
             for (i, org) in orgs.into_iter().enumerate() {
+                if rate > 0.0 {
+                    let due = pace_from + Duration::from_secs_f64(i as f64 / rate);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
                 issued_at.push(Utc::now());
                 let name = json!({"name": format!("Bench organization {i} round {round}")});
                 let response = zendesk.update(Kind::Organization, org, name);
