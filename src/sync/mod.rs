@@ -56,6 +56,10 @@ pub struct SyncEngine {
     pub registry: Arc<Registry>,
     /// Configured systems only: a missing system leaves its flows idle (logged, not an error).
     pub connectors: HashMap<SystemId, Arc<dyn Connector>>,
+    /// Systems whose credentials were refused, and until when this process leaves them alone:
+    /// every job that needs one is put off without calling it, so one bad token does not become
+    /// a 401 per queued job. A restart (after fixing the credentials) clears it.
+    stopped: std::sync::Mutex<HashMap<SystemId, std::time::Instant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +68,14 @@ enum Fail {
     Connector(#[from] ConnectorError),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error(
+        "{} is stopped: its credentials were refused; fix them and restart, or wait",
+        system.display_name()
+    )]
+    Stopped {
+        system: SystemId,
+        remaining: Duration,
+    },
 }
 
 /// The result of one flow for one event.
@@ -265,11 +277,34 @@ impl SyncEngine {
             pool,
             registry,
             connectors,
+            stopped: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     fn connector(&self, system: SystemId) -> Option<&Arc<dyn Connector>> {
         self.connectors.get(&system)
+    }
+
+    /// Refuses to go on if one of `systems` is stopped (see [`SyncEngine::stopped`]).
+    fn check_not_stopped(&self, systems: impl IntoIterator<Item = SystemId>) -> Result<(), Fail> {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        stopped.retain(|_, until| *until > now);
+        for system in systems {
+            if let Some(until) = stopped.get(&system) {
+                return Err(Fail::Stopped {
+                    system,
+                    remaining: *until - now,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_system(&self, system: SystemId) {
+        let until = std::time::Instant::now() + UNAUTHORIZED_WAIT;
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        stopped.insert(system, until);
     }
 
     async fn log(&self, job: &ClaimedJob, e: Entry<'_>) -> Result<(), sqlx::Error> {
@@ -387,6 +422,13 @@ impl SyncEngine {
             .await?;
             return Ok(None);
         };
+        self.check_not_stopped(
+            std::iter::once(rec.system).chain(
+                active
+                    .iter()
+                    .map(|(f, side, _)| entity(f, side.other()).system),
+            ),
+        )?;
         // Rule 7: the current state, never the event's data.
         let current = conn.fetch(&rec.entity_type, &rec.record_id).await?;
         let Some(current) = current else {
@@ -1484,6 +1526,11 @@ impl JobHandler for SyncEngine {
             Fail::Db(_) => JobOutcome::Retry {
                 error: message.clone(),
             },
+            // Put off without a call: the refusal that stopped the system was logged once.
+            Fail::Stopped { remaining, .. } => JobOutcome::Later {
+                after: Some(*remaining),
+                reason: message.clone(),
+            },
             Fail::Connector(e) => match e {
                 ConnectorError::RateLimited { retry_after, .. } => JobOutcome::Later {
                     after: Some(retry_after.unwrap_or(Duration::from_secs(30))),
@@ -1502,6 +1549,7 @@ impl JobHandler for SyncEngine {
                     }
                 }
                 ConnectorError::Unauthorized { system, .. } => {
+                    self.stop_system(*system);
                     tracing::error!(
                         %system,
                         record = %job.event.record,
@@ -1516,13 +1564,10 @@ impl JobHandler for SyncEngine {
                 ConnectorError::NotConfigured { .. } => JobOutcome::Done,
             },
         };
-        let decision = if matches!(
-            failure,
-            Fail::Connector(ConnectorError::NotConfigured { .. })
-        ) {
-            "not_connected"
-        } else {
-            "error"
+        let decision = match failure {
+            Fail::Connector(ConnectorError::NotConfigured { .. }) => "not_connected",
+            Fail::Stopped { .. } => "system_stopped",
+            _ => "error",
         };
         if let Err(e) = self
             .log(

@@ -1178,6 +1178,51 @@ async fn connector_errors_map_to_job_outcomes() {
     assert_eq!(errors, 5);
 }
 
+/// A refused credential stops the system for every job of this process, not only the job that
+/// met it: the next jobs that need the system are put off without calling it.
+#[tokio::test]
+async fn refused_credentials_stop_the_system_for_every_job() {
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let a = h
+        .m(PowerOffice)
+        .insert("Customers", fields(json!({"Name": "First"})));
+    let b = h
+        .m(PowerOffice)
+        .insert("Customers", fields(json!({"Name": "Second"})));
+    h.m(Zendesk).fail_next("create", Failure::Unauthorized);
+    let first = h
+        .handle(&h.event(PowerOffice, "Customers", &a.id).await)
+        .await;
+    assert!(
+        matches!(first, JobOutcome::Later { after: Some(d), .. } if d == Duration::from_secs(3600)),
+        "{first:?}"
+    );
+
+    h.reset_counters();
+    let second = h
+        .handle(&h.event(PowerOffice, "Customers", &b.id).await)
+        .await;
+    match &second {
+        JobOutcome::Later {
+            after: Some(d),
+            reason,
+        } => {
+            assert!(*d <= Duration::from_secs(3600) && *d > Duration::from_secs(3500));
+            assert!(reason.contains("Zendesk is stopped"), "{reason}");
+        }
+        other => panic!("expected the job to be put off, got {other:?}"),
+    }
+    let calls: u64 = tether::connectors::memory::OPS
+        .iter()
+        .map(|op| h.m(Zendesk).count(op) + h.m(PowerOffice).count(op))
+        .sum();
+    assert_eq!(calls, 0, "no API call while the system is stopped");
+    assert_eq!(
+        h.decisions().await.last().map(String::as_str),
+        Some("system_stopped")
+    );
+}
+
 // ---- benchmark (figures only, never pass/fail on time) -----------------------------------------
 
 /// Linked updates per second through the engine with in-memory connectors and a real PostgreSQL.
