@@ -1,6 +1,7 @@
 //! Workers: a dispatcher that claims batches into a small local buffer and runs them on up to
 //! `workers.concurrency` tasks, a completer that writes outcomes back in batches, a lease extender,
-//! a LISTEN task for wake-ups, and a pruner. One cancellation token stops them all.
+//! a LISTEN task for wake-ups, and housekeeping (pruning, and ANALYZE/VACUUM of `jobs` when it
+//! changed enough). One cancellation token stops them all.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -159,7 +160,7 @@ impl Queue {
         let mut helpers = JoinSet::new();
         helpers.spawn(listen(shared.clone(), helpers_stop.clone()));
         helpers.spawn(extend_leases(shared.clone(), helpers_stop.clone()));
-        helpers.spawn(prune(shared.clone(), helpers_stop.clone()));
+        helpers.spawn(housekeeping(shared.clone(), helpers_stop.clone()));
         let (tx, rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(complete(shared.clone(), rx, shutdown.clone(), drain));
 
@@ -468,26 +469,54 @@ async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Prunes finished jobs and old events periodically.
-async fn prune(shared: Arc<Shared>, stop: CancellationToken) {
+/// How often housekeeping reads the table's activity figures (a cheap read of the statistics
+/// views): a burst is analyzed about a second after its statistics arrive, not up to a minute
+/// later as with autovacuum alone.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// Prunes finished jobs and old events every quarter of the retention (between 1 s and 60 s), and
+/// every second analyzes and vacuums `jobs` when it changed enough ([`store::housekeep`]).
+async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
     let q = &shared.queue;
-    let every = (q.cfg.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let prune_every = (q.cfg.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut last_prune = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
         }
-        // Shutdown does not wait for a pruning pass; it is safe to cut one short.
-        let pruned = tokio::select! {
-            _ = stop.cancelled() => return,
-            pruned = store::prune(&q.pool, q.cfg.retention, PRUNE_BATCH) => pruned,
-        };
-        match pruned {
-            Ok(p) if p.jobs + p.events > 0 => {
-                tracing::debug!(jobs = p.jobs, events = p.events, "pruned")
+        // Shutdown does not wait for a pruning or housekeeping pass; it is safe to cut one short.
+        if last_prune.elapsed() >= prune_every {
+            last_prune = Instant::now();
+            let pruned = tokio::select! {
+                _ = stop.cancelled() => return,
+                pruned = store::prune(&q.pool, q.cfg.retention, PRUNE_BATCH) => pruned,
+            };
+            match pruned {
+                Ok(p) if p.jobs + p.events > 0 => {
+                    tracing::debug!(jobs = p.jobs, events = p.events, "pruned")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning failed"),
             }
+        }
+        let started = Instant::now();
+        let done = tokio::select! {
+            _ = stop.cancelled() => return,
+            done = store::housekeep(&q.pool) => done,
+        };
+        match done {
+            Ok(h) if h.analyzed || h.vacuumed => tracing::debug!(
+                live = h.before.live,
+                dead = h.before.dead,
+                modified_since_analyze = h.before.modified_since_analyze,
+                analyzed = h.analyzed,
+                vacuumed = h.vacuumed,
+                took_ms = started.elapsed().as_millis() as u64,
+                "queue housekeeping"
+            ),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "pruning failed"),
+            Err(e) => tracing::warn!(error = %e, "queue housekeeping failed"),
         }
     }
 }
