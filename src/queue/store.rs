@@ -546,13 +546,35 @@ pub async fn housekeep(pool: &PgPool) -> Result<Housekeeping, sqlx::Error> {
             })
         }
     };
-    // VACUUM cannot run inside a transaction block; on a pooled connection it runs on its own.
-    sqlx::raw_sql(statement).execute(pool).await?;
+    // VACUUM cannot run inside a transaction block, so the setting that keeps PostgreSQL's
+    // "skipping ... lock not available" warning (an expected outcome here, which sqlx would log as
+    // a warning) off this connection is set and reset around it on the session. A connection
+    // whose reset may not have happened is closed instead of going back to the pool (a pass cut
+    // short at shutdown leaves it set, which only quiets that connection's notices).
+    let mut conn = pool.acquire().await?;
+    let ran = quietly(&mut conn, statement).await;
+    if ran.is_err() {
+        conn.close_on_drop();
+    }
+    ran?;
     Ok(Housekeeping {
         before,
         analyzed: analyze,
         vacuumed: vacuum,
     })
+}
+
+/// Runs `statement` with the session's `client_min_messages` at `error`, then resets it. Plain
+/// strings go over the simple query protocol, which VACUUM needs (no implicit transaction).
+async fn quietly(
+    conn: &mut sqlx::PgConnection,
+    statement: &'static str,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Executor as _;
+    conn.execute("SET client_min_messages = error").await?;
+    conn.execute(statement).await?;
+    conn.execute("RESET client_min_messages").await?;
+    Ok(())
 }
 
 /// A dead letter as `tether dead-letters list` shows it.
