@@ -215,9 +215,13 @@ pub async fn finish(
         ), locked AS (
             -- Rows are locked in id order, as the claim and the lease extension lock them:
             -- a multi-row UPDATE alone locks in join order, and two such statements of one
-            -- process (finishing and extending) deadlocked.
-            SELECT j.id FROM jobs j JOIN u ON u.id = j.id
-            WHERE j.claims = u.claims AND j.lease_owner = $8 AND j.state = 'running'
+            -- process (finishing and extending) deadlocked. A keyed lookup, not a join, and
+            -- `state NOT IN ('ready', 'done', 'dead')` means 'running' without implying
+            -- `jobs_unfinished`'s predicate: with statistics that believe that partial index
+            -- empty (right after a burst) a join would scan it whole once per row (see CLAIM).
+            SELECT j.id FROM jobs j
+            WHERE j.id = ANY($1) AND j.lease_owner = $8
+              AND j.state NOT IN ('ready', 'done', 'dead')
             ORDER BY j.id
             FOR UPDATE OF j
         )
@@ -232,9 +236,10 @@ pub async fn finish(
             finished_at = CASE WHEN u.state IN ('done', 'dead') THEN now() END,
             lease_owner = NULL,
             lease_until = NULL
+        -- The locked rows are ours and running until this statement commits; `claims` picks
+        -- the exact lease.
         FROM locked l JOIN u ON u.id = l.id
-        WHERE j.id = l.id AND j.claims = u.claims AND j.lease_owner = $8
-          AND j.state = 'running'
+        WHERE j.id = l.id AND j.claims = u.claims
         RETURNING j.id
         "#,
     )
@@ -265,16 +270,17 @@ pub async fn extend(
     sqlx::query_scalar(
         r#"
         WITH locked AS (
-            -- In id order, like every multi-row lock of this table (see `finish`).
-            SELECT j.id FROM jobs j JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims)
-                 ON u.id = j.id
-            WHERE j.claims = u.claims AND j.lease_owner = $4 AND j.state = 'running'
+            -- In id order, like every multi-row lock of this table, and a keyed lookup that
+            -- cannot use `jobs_unfinished` (see `finish`).
+            SELECT j.id FROM jobs j
+            WHERE j.id = ANY($1) AND j.lease_owner = $4
+              AND j.state NOT IN ('ready', 'done', 'dead')
             ORDER BY j.id
             FOR UPDATE OF j
         )
         UPDATE jobs j SET lease_until = now() + $3 * interval '1 millisecond'
-        FROM locked l
-        WHERE j.id = l.id AND j.lease_owner = $4 AND j.state = 'running'
+        FROM locked l JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims) ON u.id = l.id
+        WHERE j.id = l.id AND j.claims = u.claims
         RETURNING j.id
         "#,
     )
@@ -297,19 +303,19 @@ pub async fn release(pool: &PgPool, owner: Uuid, leases: &[Lease]) -> Result<u64
     let done = sqlx::query(
         r#"
         WITH locked AS (
-            -- In id order, like every multi-row lock of this table (see `finish`).
-            SELECT j.id, u.claims FROM jobs j
-                 JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims) ON u.id = j.id
-            WHERE j.claims = u.claims AND j.lease_owner = $3 AND j.state = 'running'
+            -- In id order, like every multi-row lock of this table, and a keyed lookup that
+            -- cannot use `jobs_unfinished` (see `finish`).
+            SELECT j.id FROM jobs j
+            WHERE j.id = ANY($1) AND j.lease_owner = $3
+              AND j.state NOT IN ('ready', 'done', 'dead')
             ORDER BY j.id
             FOR UPDATE OF j
         )
         UPDATE jobs j
         SET state = 'ready', run_at = now(), attempts = greatest(j.attempts - 1, 0),
             lease_owner = NULL, lease_until = NULL
-        FROM locked l
-        WHERE j.id = l.id AND j.claims = l.claims AND j.lease_owner = $3
-          AND j.state = 'running'
+        FROM locked l JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims) ON u.id = l.id
+        WHERE j.id = l.id AND j.claims = u.claims
         "#,
     )
     .bind(&ids)

@@ -208,8 +208,14 @@ async fn dispatch(
         // Refill the local buffer when it runs low: one claim query serves many jobs
         // (engineering.md item 9); `batch_size` bounds how many leases wait here unstarted.
         let mut claimed_full = false;
-        if buffer.len() <= cfg.batch_size / 2 {
-            let want = cfg.batch_size - buffer.len();
+        // Leases held but not yet written back (buffered, running, or waiting for the
+        // completer). Without this bound a completer that falls behind (a slow database) lets
+        // the dispatcher claim on and on, since no-op jobs finish at once: seen, 96,000 leases
+        // held by one process, all extended in one statement.
+        let outstanding = shared.held.lock().expect("lock").len();
+        let room = max_outstanding(&cfg).saturating_sub(outstanding);
+        if buffer.len() <= cfg.batch_size / 2 && room > 0 {
+            let want = (cfg.batch_size - buffer.len()).min(room);
             let q = &shared.queue;
             match store::claim(&q.pool, q.owner, want, cfg.lease).await {
                 Ok((claims, unreadable)) => {
@@ -315,6 +321,12 @@ async fn dispatch(
         }
         forget(&shared, &cut);
     }
+}
+
+/// How many leases one process holds at most before its completer has written them back: a full
+/// buffer, a full buffer's worth running, and two write batches.
+fn max_outstanding(cfg: &WorkerConfig) -> usize {
+    2 * cfg.batch_size + cfg.concurrency + 2 * FINISH_BATCH
 }
 
 fn forget(shared: &Shared, leases: &[Lease]) {
