@@ -1,7 +1,7 @@
 //! Workers: a dispatcher that claims batches into a small local buffer and runs them on up to
 //! `workers.concurrency` tasks, a completer that writes outcomes back in batches, a lease extender,
-//! a LISTEN task for wake-ups, and housekeeping (pruning, and ANALYZE/VACUUM of `jobs` when it
-//! changed enough). One cancellation token stops them all.
+//! a LISTEN task for wake-ups, a pruner, and housekeeping (ANALYZE/VACUUM of `jobs` when it changed
+//! enough). One cancellation token stops them all.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -160,6 +160,7 @@ impl Queue {
         let mut helpers = JoinSet::new();
         helpers.spawn(listen(shared.clone(), helpers_stop.clone()));
         helpers.spawn(extend_leases(shared.clone(), helpers_stop.clone()));
+        helpers.spawn(prune(shared.clone(), helpers_stop.clone()));
         helpers.spawn(housekeeping(shared.clone(), helpers_stop.clone()));
         let (tx, rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(complete(shared.clone(), rx, shutdown.clone(), drain));
@@ -486,33 +487,42 @@ async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
 /// later as with autovacuum alone.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
-/// Prunes finished jobs and old events every quarter of the retention (between 1 s and 60 s), and
-/// every second analyzes and vacuums `jobs` when it changed enough ([`store::housekeep`]).
+/// Prunes finished jobs and old events every quarter of the retention (between 1 s and 60 s).
+async fn prune(shared: Arc<Shared>, stop: CancellationToken) {
+    let q = &shared.queue;
+    let every = (q.cfg.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        // Shutdown does not wait for a pruning pass; it is safe to cut one short.
+        let pruned = tokio::select! {
+            _ = stop.cancelled() => return,
+            pruned = store::prune(&q.pool, q.cfg.retention, PRUNE_BATCH) => pruned,
+        };
+        match pruned {
+            Ok(p) if p.jobs + p.events > 0 => {
+                tracing::debug!(jobs = p.jobs, events = p.events, "pruned")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning failed"),
+        }
+    }
+}
+
+/// Every second, analyzes and vacuums `jobs` when it changed enough ([`store::housekeep`]). Its
+/// own task, not part of pruning: under sustained load a pruning pass keeps finding a full batch
+/// and runs on, and housekeeping waiting behind it did not run for whole benchmark runs.
 async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
     let q = &shared.queue;
-    let prune_every = (q.cfg.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let mut last_prune = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
         }
-        // Shutdown does not wait for a pruning or housekeeping pass; it is safe to cut one short.
-        if last_prune.elapsed() >= prune_every {
-            last_prune = Instant::now();
-            let pruned = tokio::select! {
-                _ = stop.cancelled() => return,
-                pruned = store::prune(&q.pool, q.cfg.retention, PRUNE_BATCH) => pruned,
-            };
-            match pruned {
-                Ok(p) if p.jobs + p.events > 0 => {
-                    tracing::debug!(jobs = p.jobs, events = p.events, "pruned")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "pruning failed"),
-            }
-        }
         let started = Instant::now();
+        // Shutdown does not wait for a VACUUM; it is safe to cut one short.
         let done = tokio::select! {
             _ = stop.cancelled() => return,
             done = store::housekeep(&q.pool) => done,
