@@ -1,4 +1,5 @@
-//! The SQL of the `jobs` table: claim, finish, extend, release, counts, pruning, dead letters.
+//! The SQL of the `jobs` table: claim, finish, extend, release, counts, pruning, housekeeping
+//! (ANALYZE/VACUUM when the table changed enough), dead letters.
 //!
 //! Every statement here runs in its own short transaction; no job runs inside one.
 
@@ -634,4 +635,46 @@ pub async fn retry_dead(pool: &PgPool, id: Option<i64>) -> Result<Vec<i64>, sqlx
         notify(pool).await?;
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn activity(live: i64, dead: i64, modified: i64) -> TableActivity {
+        TableActivity {
+            live,
+            dead,
+            modified_since_analyze: modified,
+            maintenance_running: false,
+        }
+    }
+
+    #[test]
+    fn housekeeping_thresholds_need_both_the_minimum_and_the_fraction() {
+        // A burst of 100,000 on an empty table: analyze, nothing dead yet.
+        assert_eq!(
+            housekeeping_due(&activity(100_000, 0, 100_000)),
+            (true, false)
+        );
+        // A trickle: below the minimums.
+        assert_eq!(
+            housekeeping_due(&activity(50, 9_000, 9_000)),
+            (false, false)
+        );
+        // Above the minimums but small against a large backlog.
+        assert_eq!(
+            housekeeping_due(&activity(1_000_000, 150_000, 150_000)),
+            (false, false)
+        );
+        // Drained and pruned: everything is dead.
+        assert_eq!(
+            housekeeping_due(&activity(0, 300_000, 300_000)),
+            (true, true)
+        );
+        // Someone (autovacuum, another replica) is at it already.
+        let mut busy = activity(0, 300_000, 300_000);
+        busy.maintenance_running = true;
+        assert_eq!(housekeeping_due(&busy), (false, false));
+    }
 }
