@@ -1,7 +1,10 @@
 //! Queue benchmark (figures, not a test): drains 100,000 no-op jobs with 1, 2 and 4 worker tasks
 //! in 1 and 2 processes, keeps going until over 1,000,000 jobs have passed (to show whether bloat
 //! slows it down), measures the idle commit-to-claim latency, and prints pgbench's single-row
-//! insert rate on the same cluster in the same run as the yardstick.
+//! insert rate on the same cluster in the same run as the yardstick. After each run it prints the
+//! size of the `jobs` relation (with its indexes, and the table alone) and how often it was
+//! vacuumed and analyzed (by the workers' housekeeping and by autovacuum), to show whether the hot
+//! table stays small under sustained load.
 //!
 //! Uses `DATABASE_URL` if set (the database is used as is: run it on a scratch database), else a
 //! private cluster in the temp directory. Run: `cargo run --release --bin tether-queue-bench`.
@@ -82,11 +85,15 @@ async fn fill(pool: &PgPool, round: usize, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn unfinished(pool: &PgPool) -> anyhow::Result<i64> {
+/// Whether any job is unfinished. An EXISTS, not a count: polled every 10 ms during the drain, a
+/// count of 100,000 rows would itself take a good share of the machine.
+async fn unfinished(pool: &PgPool) -> anyhow::Result<bool> {
     Ok(
-        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state IN ('ready', 'running')")
-            .fetch_one(pool)
-            .await?,
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('ready', 'running'))",
+        )
+        .fetch_one(pool)
+        .await?,
     )
 }
 
@@ -133,8 +140,8 @@ async fn drain(
             );
         }
     }
-    while unfinished(pool).await? > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while unfinished(pool).await? {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let rate = jobs as f64 / started.elapsed().as_secs_f64();
     shutdown.cancel();
@@ -153,12 +160,42 @@ async fn drain(
     Ok(rate)
 }
 
-async fn table_size(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
-    Ok(
-        sqlx::query_as("SELECT (SELECT count(*) FROM jobs), pg_total_relation_size('jobs')")
-            .fetch_one(pool)
-            .await?,
-    )
+/// The `jobs` relation after a run: rows left, bytes with indexes and TOAST, bytes of the table
+/// alone, and how many VACUUMs and ANALYZEs ran on it so far by command (the workers'
+/// housekeeping) and by autovacuum.
+struct TableFigures {
+    rows: i64,
+    total_bytes: i64,
+    table_bytes: i64,
+    vacuums: i64,
+    autovacuums: i64,
+    analyzes: i64,
+    autoanalyzes: i64,
+}
+
+async fn table_figures(pool: &PgPool) -> anyhow::Result<TableFigures> {
+    let (rows, total_bytes, table_bytes, vacuums, autovacuums, analyzes, autoanalyzes) =
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM jobs), pg_total_relation_size('jobs'),
+                    pg_relation_size('jobs'), vacuum_count, autovacuum_count, analyze_count,
+                    autoanalyze_count
+             FROM pg_stat_user_tables WHERE relid = 'jobs'::regclass",
+        )
+        .fetch_one(pool)
+        .await?;
+    Ok(TableFigures {
+        rows,
+        total_bytes,
+        table_bytes,
+        vacuums,
+        autovacuums,
+        analyzes,
+        autoanalyzes,
+    })
+}
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// pgbench, 32 clients, one single-row INSERT per transaction, 10 s.
@@ -267,7 +304,10 @@ async fn main() -> anyhow::Result<()> {
     );
 
     println!("{jobs} no-op jobs per run (batch {}):", batch());
-    println!("processes  tasks/process  jobs/s   | jobs rows after  jobs table bytes  passed");
+    println!(
+        "processes  tasks/process  jobs/s  | rows after  total MiB  table MiB  |  passed  \
+         VACUUM cmd/auto  ANALYZE cmd/auto"
+    );
     let mut passed = 0usize;
     let mut round = 0usize;
     let plan = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4)];
@@ -280,8 +320,18 @@ async fn main() -> anyhow::Result<()> {
         let rate = drain(&pool, &url, procs, tasks, jobs).await?;
         passed += jobs;
         round += 1;
-        let (rows, bytes) = table_size(&pool).await?;
-        println!("{procs:>9}  {tasks:>13}  {rate:>7.0}  | {rows:>15}  {bytes:>16}  {passed:>7}");
+        let t = table_figures(&pool).await?;
+        println!(
+            "{procs:>9}  {tasks:>13}  {rate:>6.0}  | {:>10}  {:>9.1}  {:>9.1}  | {passed:>7}  \
+             {:>8}/{:<6}  {:>9}/{}",
+            t.rows,
+            mib(t.total_bytes),
+            mib(t.table_bytes),
+            t.vacuums,
+            t.autovacuums,
+            t.analyzes,
+            t.autoanalyzes,
+        );
     }
     pool.close().await;
     if let Some(pg) = pg {

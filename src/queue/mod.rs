@@ -5,7 +5,8 @@
 //! May call: `db`. Called by: `intake` and pollers (enqueue), `sync` (as the [`JobHandler`]),
 //! `cli` (`tether serve` starts the workers; `tether dead-letters`).
 //!
-//! - [`store`]: the SQL (claim, finish, extend, release, counts, prune, dead letters).
+//! - [`store`]: the SQL (claim, finish, extend, release, counts, prune, housekeeping, dead
+//!   letters).
 //! - [`worker`]: [`start_workers`] and the one-job [`Queue::run_once`] that tests drain with.
 //!
 //! Guarantees: a job is claimed with a lease `(owner, claims)`; only that lease's holder can finish

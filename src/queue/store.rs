@@ -1,4 +1,5 @@
-//! The SQL of the `jobs` table: claim, finish, extend, release, counts, pruning, dead letters.
+//! The SQL of the `jobs` table: claim, finish, extend, release, counts, pruning, housekeeping
+//! (ANALYZE/VACUUM when the table changed enough), dead letters.
 //!
 //! Every statement here runs in its own short transaction; no job runs inside one.
 
@@ -48,51 +49,26 @@ pub struct Unreadable {
 /// and in id order, while other keys run in parallel. The check reads this statement's snapshot:
 /// a job seen unfinished blocks its successors, and a job only leaves `ready`/`running` by being
 /// finished, so a successor is never claimed early.
+///
+/// The statement runs under [`CLAIM_PLANNER_SETTINGS`] in its own short transaction, so that its
+/// plan does not depend on how fresh the table's statistics are (see there).
 pub async fn claim(
     pool: &PgPool,
     owner: Uuid,
     limit: usize,
     lease: Duration,
 ) -> Result<(Vec<Claim>, Vec<Unreadable>), sqlx::Error> {
-    let rows = sqlx::query(
-        r#"
-        WITH candidates AS (
-            SELECT j.id
-            FROM jobs j
-            WHERE j.state IN ('ready', 'running')
-              AND ((j.state = 'ready' AND j.run_at <= now())
-                   OR (j.state = 'running' AND j.lease_until < now()))
-              AND NOT EXISTS (
-                  SELECT 1 FROM jobs o
-                  WHERE o.record_key = j.record_key
-                    AND o.state IN ('ready', 'running')
-                    AND o.id <> j.id
-                    AND (o.state = 'running' OR o.id < j.id))
-            ORDER BY j.id
-            LIMIT $1
-            FOR UPDATE SKIP LOCKED
-        ), claimed AS (
-            UPDATE jobs j
-            SET state = 'running',
-                lease_owner = $2,
-                lease_until = now() + $3 * interval '1 millisecond',
-                attempts = j.attempts + 1,
-                claims = j.claims + 1
-            FROM candidates c
-            WHERE j.id = c.id
-            RETURNING j.id, j.event_id, j.attempts, j.deferrals, j.claims
-        )
-        SELECT c.id, c.event_id, c.attempts, c.deferrals, c.claims,
-               e.system, e.entity_type, e.record_id, e.action, e.occurred_at, e.delivery_id
-        FROM claimed c JOIN events e ON e.id = c.event_id
-        ORDER BY c.id
-        "#,
-    )
-    .bind(limit as i64)
-    .bind(owner)
-    .bind(lease.as_millis() as i64)
-    .fetch_all(pool)
-    .await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(CLAIM_PLANNER_SETTINGS)
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query(CLAIM)
+        .bind(limit as i64)
+        .bind(owner)
+        .bind(lease.as_millis() as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
 
     let mut claims = Vec::with_capacity(rows.len());
     let mut unreadable = Vec::new();
@@ -135,8 +111,68 @@ pub async fn claim(
             }),
         }
     }
+    // Started in id order; the statement leaves ordering to us (no sort in its plan: see
+    // CLAIM_PLANNER_SETTINGS).
+    claims.sort_by_key(|c| c.lease.job_id);
     Ok((claims, unreadable))
 }
+
+/// Planner settings for the claim, local to its transaction.
+///
+/// The one good plan walks `jobs_unfinished` in id order and stops at the LIMIT, probing
+/// `jobs_by_key` once per candidate. Right after a burst of enqueues the statistics may still
+/// describe an almost empty or all-finished table (autovacuum's ANALYZE comes up to a minute
+/// later, and the housekeeper's a second or so later); the planner then expects a handful of ready
+/// rows and may prefer a bitmap scan of every unfinished job, checked one by one and then sorted
+/// (measured: 225 ms per claim of 500 with 65,000 ready jobs), or a hash join built over all of
+/// them. With these paths off, the ordered index walk is the only plan without a penalty, however
+/// stale the statistics are. Every scan the statement needs is an index scan and it sorts nothing
+/// (the caller orders the claimed rows), so the good plan carries no penalty.
+///
+/// JIT is off as well: a claim touches a few hundred rows, and compiling it costs far more (seen:
+/// 350 ms per claim when a disabled path's penalty pushed a plan's cost over `jit_above_cost`).
+pub const CLAIM_PLANNER_SETTINGS: &str = "SELECT set_config('enable_seqscan', 'off', true), \
+     set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true), \
+     set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true), \
+     set_config('jit', 'off', true)";
+
+/// The claim statement: `$1` limit, `$2` owner, `$3` lease in milliseconds. Public so that tests
+/// can EXPLAIN it.
+///
+/// The ordering check says `o.state NOT IN ('done', 'dead')` rather than `IN ('ready',
+/// 'running')` on purpose: that clause does not imply `jobs_unfinished`'s predicate, so the check
+/// can only be served by a keyed probe of `jobs_by_key` (migration 20261123110000 says why).
+pub const CLAIM: &str = r#"
+    WITH candidates AS (
+        SELECT j.id
+        FROM jobs j
+        WHERE j.state IN ('ready', 'running')
+          AND ((j.state = 'ready' AND j.run_at <= now())
+               OR (j.state = 'running' AND j.lease_until < now()))
+          AND NOT EXISTS (
+              SELECT 1 FROM jobs o
+              WHERE o.record_key = j.record_key
+                AND o.state NOT IN ('done', 'dead')
+                AND o.id <> j.id
+                AND (o.state = 'running' OR o.id < j.id))
+        ORDER BY j.id
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE jobs j
+        SET state = 'running',
+            lease_owner = $2,
+            lease_until = now() + $3 * interval '1 millisecond',
+            attempts = j.attempts + 1,
+            claims = j.claims + 1
+        FROM candidates c
+        WHERE j.id = c.id
+        RETURNING j.id, j.event_id, j.attempts, j.deferrals, j.claims
+    )
+    SELECT c.id, c.event_id, c.attempts, c.deferrals, c.claims,
+           e.system, e.entity_type, e.record_id, e.action, e.occurred_at, e.delivery_id
+    FROM claimed c JOIN events e ON e.id = c.event_id
+"#;
 
 /// What a finished run turns into, decided in Rust from the outcome and the lease.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,9 +216,13 @@ pub async fn finish(
         ), locked AS (
             -- Rows are locked in id order, as the claim and the lease extension lock them:
             -- a multi-row UPDATE alone locks in join order, and two such statements of one
-            -- process (finishing and extending) deadlocked.
-            SELECT j.id FROM jobs j JOIN u ON u.id = j.id
-            WHERE j.claims = u.claims AND j.lease_owner = $8 AND j.state = 'running'
+            -- process (finishing and extending) deadlocked. A keyed lookup, not a join, and
+            -- `state NOT IN ('ready', 'done', 'dead')` means 'running' without implying
+            -- `jobs_unfinished`'s predicate: with statistics that believe that partial index
+            -- empty (right after a burst) a join would scan it whole once per row (see CLAIM).
+            SELECT j.id FROM jobs j
+            WHERE j.id = ANY($1) AND j.lease_owner = $8
+              AND j.state NOT IN ('ready', 'done', 'dead')
             ORDER BY j.id
             FOR UPDATE OF j
         )
@@ -197,9 +237,10 @@ pub async fn finish(
             finished_at = CASE WHEN u.state IN ('done', 'dead') THEN now() END,
             lease_owner = NULL,
             lease_until = NULL
+        -- The locked rows are ours and running until this statement commits; `claims` picks
+        -- the exact lease.
         FROM locked l JOIN u ON u.id = l.id
-        WHERE j.id = l.id AND j.claims = u.claims AND j.lease_owner = $8
-          AND j.state = 'running'
+        WHERE j.id = l.id AND j.claims = u.claims
         RETURNING j.id
         "#,
     )
@@ -211,6 +252,10 @@ pub async fn finish(
     .bind(&deferral_deltas)
     .bind(&errors)
     .bind(owner)
+    // Planned for these arrays every time (an unnamed statement): the cached generic plan
+    // guesses 10 elements per array and joined 1,000 outcomes by a nested loop over the
+    // unnested arrays, a million comparisons per batch (150 ms, the benchmark's bottleneck).
+    .persistent(false)
     .fetch_all(pool)
     .await
 }
@@ -230,16 +275,17 @@ pub async fn extend(
     sqlx::query_scalar(
         r#"
         WITH locked AS (
-            -- In id order, like every multi-row lock of this table (see `finish`).
-            SELECT j.id FROM jobs j JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims)
-                 ON u.id = j.id
-            WHERE j.claims = u.claims AND j.lease_owner = $4 AND j.state = 'running'
+            -- In id order, like every multi-row lock of this table, and a keyed lookup that
+            -- cannot use `jobs_unfinished` (see `finish`).
+            SELECT j.id FROM jobs j
+            WHERE j.id = ANY($1) AND j.lease_owner = $4
+              AND j.state NOT IN ('ready', 'done', 'dead')
             ORDER BY j.id
             FOR UPDATE OF j
         )
         UPDATE jobs j SET lease_until = now() + $3 * interval '1 millisecond'
-        FROM locked l
-        WHERE j.id = l.id AND j.lease_owner = $4 AND j.state = 'running'
+        FROM locked l JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims) ON u.id = l.id
+        WHERE j.id = l.id AND j.claims = u.claims
         RETURNING j.id
         "#,
     )
@@ -247,6 +293,8 @@ pub async fn extend(
     .bind(&claims)
     .bind(lease.as_millis() as i64)
     .bind(owner)
+    // Planned for these arrays every time (see `finish`).
+    .persistent(false)
     .fetch_all(pool)
     .await
 }
@@ -262,24 +310,26 @@ pub async fn release(pool: &PgPool, owner: Uuid, leases: &[Lease]) -> Result<u64
     let done = sqlx::query(
         r#"
         WITH locked AS (
-            -- In id order, like every multi-row lock of this table (see `finish`).
-            SELECT j.id, u.claims FROM jobs j
-                 JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims) ON u.id = j.id
-            WHERE j.claims = u.claims AND j.lease_owner = $3 AND j.state = 'running'
+            -- In id order, like every multi-row lock of this table, and a keyed lookup that
+            -- cannot use `jobs_unfinished` (see `finish`).
+            SELECT j.id FROM jobs j
+            WHERE j.id = ANY($1) AND j.lease_owner = $3
+              AND j.state NOT IN ('ready', 'done', 'dead')
             ORDER BY j.id
             FOR UPDATE OF j
         )
         UPDATE jobs j
         SET state = 'ready', run_at = now(), attempts = greatest(j.attempts - 1, 0),
             lease_owner = NULL, lease_until = NULL
-        FROM locked l
-        WHERE j.id = l.id AND j.claims = l.claims AND j.lease_owner = $3
-          AND j.state = 'running'
+        FROM locked l JOIN UNNEST($1::bigint[], $2::int[]) AS u(id, claims) ON u.id = l.id
+        WHERE j.id = l.id AND j.claims = u.claims
         "#,
     )
     .bind(&ids)
     .bind(&claims)
     .bind(owner)
+    // Planned for these arrays every time (see `finish`).
+    .persistent(false)
     .execute(pool)
     .await?;
     // Other workers may be idle waiting; the released jobs are due now.
@@ -411,6 +461,140 @@ const PRUNE_EVENTS: &str = r#"
 /// The advisory lock key of the pruner ("tether prune").
 const PRUNE_LOCK: i64 = 0x7465_7468_7072_756e;
 
+/// Housekeeping runs `ANALYZE jobs` once this many rows changed since the last ANALYZE (and
+/// [`ANALYZE_CHANGED_FRACTION`] of the live rows): a burst of 10,000 jobs is enough to change
+/// which plans are right for the pruning and completion statements, while a trickle of single
+/// jobs does not earn a table scan every second.
+pub const ANALYZE_MIN_CHANGES: i64 = 10_000;
+/// ... and changes amounting to a fifth of the live rows: a burst a quarter the size of the
+/// backlog before it is analyzed within a second or two, while a steady drain (two updates and a
+/// delete per job) analyzes a few times per backlog rather than every second.
+pub const ANALYZE_CHANGED_FRACTION: f64 = 0.2;
+/// Housekeeping runs `VACUUM jobs` once this many dead row versions wait (and
+/// [`VACUUM_DEAD_FRACTION`] of the live rows). Every job leaves three dead versions behind (claim,
+/// completion, deletion by the pruner); vacuuming lets later versions reuse their space, so the
+/// table stays near the size of the largest backlog instead of growing by every burst.
+pub const VACUUM_MIN_DEAD: i64 = 10_000;
+/// ... and a fifth of the live rows, so a VACUUM (which reads the table and all six indexes)
+/// runs a few times per backlog rather than every second. `n_dead_tup` undercounts what a VACUUM
+/// reclaims here (PostgreSQL prunes dead versions inside a page as it reads it and subtracts them,
+/// while their index entries stay until a VACUUM), which is one more reason not to wait for more.
+pub const VACUUM_DEAD_FRACTION: f64 = 0.2;
+
+/// The figures housekeeping reads from `pg_stat_user_tables` for `jobs` (the statistics
+/// collector's view, which backends update about once a second).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableActivity {
+    pub live: i64,
+    pub dead: i64,
+    /// Rows inserted, updated or deleted since the last ANALYZE (manual or automatic).
+    pub modified_since_analyze: i64,
+    /// A VACUUM or ANALYZE of `jobs` (ours or autovacuum's) is running right now.
+    pub maintenance_running: bool,
+}
+
+/// What one housekeeping pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Housekeeping {
+    /// The figures it decided on.
+    pub before: TableActivity,
+    pub analyzed: bool,
+    pub vacuumed: bool,
+}
+
+/// Whether `activity` calls for ANALYZE and for VACUUM, per the thresholds above.
+pub fn housekeeping_due(activity: &TableActivity) -> (bool, bool) {
+    if activity.maintenance_running {
+        return (false, false);
+    }
+    let live = activity.live.max(0) as f64;
+    let analyze = activity.modified_since_analyze >= ANALYZE_MIN_CHANGES
+        && activity.modified_since_analyze as f64 >= ANALYZE_CHANGED_FRACTION * live;
+    let vacuum =
+        activity.dead >= VACUUM_MIN_DEAD && activity.dead as f64 >= VACUUM_DEAD_FRACTION * live;
+    (analyze, vacuum)
+}
+
+/// Reads the `jobs` figures of `pg_stat_user_tables`.
+pub async fn table_activity(pool: &PgPool) -> Result<TableActivity, sqlx::Error> {
+    let row = sqlx::query(
+        r#"
+        SELECT coalesce(s.n_live_tup, 0) AS live,
+               coalesce(s.n_dead_tup, 0) AS dead,
+               coalesce(s.n_mod_since_analyze, 0) AS modified,
+               EXISTS (SELECT 1 FROM pg_stat_progress_vacuum v WHERE v.relid = 'jobs'::regclass)
+               OR EXISTS (SELECT 1 FROM pg_stat_progress_analyze a
+                          WHERE a.relid = 'jobs'::regclass) AS busy
+        FROM (SELECT 1) one
+        LEFT JOIN pg_stat_user_tables s ON s.relid = 'jobs'::regclass
+        "#,
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(TableActivity {
+        live: row.try_get("live")?,
+        dead: row.try_get("dead")?,
+        modified_since_analyze: row.try_get("modified")?,
+        maintenance_running: row.try_get("busy")?,
+    })
+}
+
+/// Analyzes and vacuums `jobs` when [`housekeeping_due`] says so, instead of waiting for
+/// autovacuum: its launcher visits a database once a minute (`autovacuum_naptime`), which is too
+/// late twice over for a queue. Right after a burst the planner works from statistics that
+/// describe the table before it, and between back-to-back bursts the space of pruned rows is not
+/// reusable yet, so the table grows by every burst (docs/queue.md has the figures). It needs no
+/// tuning of the server, so it works on an external PostgreSQL as it is.
+///
+/// Both commands use `SKIP_LOCKED`: when another replica's housekeeping or autovacuum is already
+/// at work on `jobs` this pass skips instead of queueing behind it (the table lock they take is
+/// the "one at a time" across replicas). `analyzed`/`vacuumed` say what was issued; a command can
+/// still have been skipped that way.
+pub async fn housekeep(pool: &PgPool) -> Result<Housekeeping, sqlx::Error> {
+    let before = table_activity(pool).await?;
+    let (analyze, vacuum) = housekeeping_due(&before);
+    let statement = match (analyze, vacuum) {
+        (true, true) => "VACUUM (ANALYZE, SKIP_LOCKED) jobs",
+        (false, true) => "VACUUM (SKIP_LOCKED) jobs",
+        (true, false) => "ANALYZE (SKIP_LOCKED) jobs",
+        (false, false) => {
+            return Ok(Housekeeping {
+                before,
+                ..Housekeeping::default()
+            })
+        }
+    };
+    // VACUUM cannot run inside a transaction block, so the setting that keeps PostgreSQL's
+    // "skipping ... lock not available" warning (an expected outcome here, which sqlx would log as
+    // a warning) off this connection is set and reset around it on the session. A connection
+    // whose reset may not have happened is closed instead of going back to the pool (a pass cut
+    // short at shutdown leaves it set, which only quiets that connection's notices).
+    let mut conn = pool.acquire().await?;
+    let ran = quietly(&mut conn, statement).await;
+    if ran.is_err() {
+        conn.close_on_drop();
+    }
+    ran?;
+    Ok(Housekeeping {
+        before,
+        analyzed: analyze,
+        vacuumed: vacuum,
+    })
+}
+
+/// Runs `statement` with the session's `client_min_messages` at `error`, then resets it. Plain
+/// strings go over the simple query protocol, which VACUUM needs (no implicit transaction).
+async fn quietly(
+    conn: &mut sqlx::PgConnection,
+    statement: &'static str,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Executor as _;
+    conn.execute("SET client_min_messages = error").await?;
+    conn.execute(statement).await?;
+    conn.execute("RESET client_min_messages").await?;
+    Ok(())
+}
+
 /// A dead letter as `tether dead-letters list` shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeadLetter {
@@ -451,4 +635,46 @@ pub async fn retry_dead(pool: &PgPool, id: Option<i64>) -> Result<Vec<i64>, sqlx
         notify(pool).await?;
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn activity(live: i64, dead: i64, modified: i64) -> TableActivity {
+        TableActivity {
+            live,
+            dead,
+            modified_since_analyze: modified,
+            maintenance_running: false,
+        }
+    }
+
+    #[test]
+    fn housekeeping_thresholds_need_both_the_minimum_and_the_fraction() {
+        // A burst of 100,000 on an empty table: analyze, nothing dead yet.
+        assert_eq!(
+            housekeeping_due(&activity(100_000, 0, 100_000)),
+            (true, false)
+        );
+        // A trickle: below the minimums.
+        assert_eq!(
+            housekeeping_due(&activity(50, 9_000, 9_000)),
+            (false, false)
+        );
+        // Above the minimums but small against a large backlog.
+        assert_eq!(
+            housekeeping_due(&activity(1_000_000, 150_000, 150_000)),
+            (false, false)
+        );
+        // Drained and pruned: everything is dead.
+        assert_eq!(
+            housekeeping_due(&activity(0, 300_000, 300_000)),
+            (true, true)
+        );
+        // Someone (autovacuum, another replica) is at it already.
+        let mut busy = activity(0, 300_000, 300_000);
+        busy.maintenance_running = true;
+        assert_eq!(housekeeping_due(&busy), (false, false));
+    }
 }

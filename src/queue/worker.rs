@@ -1,6 +1,7 @@
 //! Workers: a dispatcher that claims batches into a small local buffer and runs them on up to
 //! `workers.concurrency` tasks, a completer that writes outcomes back in batches, a lease extender,
-//! a LISTEN task for wake-ups, and a pruner. One cancellation token stops them all.
+//! a LISTEN task for wake-ups, a pruner, and housekeeping (ANALYZE/VACUUM of `jobs` when it changed
+//! enough). One cancellation token stops them all.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -160,6 +161,7 @@ impl Queue {
         helpers.spawn(listen(shared.clone(), helpers_stop.clone()));
         helpers.spawn(extend_leases(shared.clone(), helpers_stop.clone()));
         helpers.spawn(prune(shared.clone(), helpers_stop.clone()));
+        helpers.spawn(housekeeping(shared.clone(), helpers_stop.clone()));
         let (tx, rx) = mpsc::unbounded_channel();
         let completer = tokio::spawn(complete(shared.clone(), rx, shutdown.clone(), drain));
 
@@ -207,8 +209,14 @@ async fn dispatch(
         // Refill the local buffer when it runs low: one claim query serves many jobs
         // (engineering.md item 9); `batch_size` bounds how many leases wait here unstarted.
         let mut claimed_full = false;
-        if buffer.len() <= cfg.batch_size / 2 {
-            let want = cfg.batch_size - buffer.len();
+        // Leases held but not yet written back (buffered, running, or waiting for the
+        // completer). Without this bound a completer that falls behind (a slow database) lets
+        // the dispatcher claim on and on, since no-op jobs finish at once: seen, 96,000 leases
+        // held by one process, all extended in one statement.
+        let outstanding = shared.held.lock().expect("lock").len();
+        let room = max_outstanding(&cfg).saturating_sub(outstanding);
+        if buffer.len() <= cfg.batch_size / 2 && room > 0 {
+            let want = (cfg.batch_size - buffer.len()).min(room);
             let q = &shared.queue;
             match store::claim(&q.pool, q.owner, want, cfg.lease).await {
                 Ok((claims, unreadable)) => {
@@ -314,6 +322,12 @@ async fn dispatch(
         }
         forget(&shared, &cut);
     }
+}
+
+/// How many leases one process holds at most before its completer has written them back: a full
+/// buffer, a full buffer's worth running, and two write batches.
+fn max_outstanding(cfg: &WorkerConfig) -> usize {
+    2 * cfg.batch_size + cfg.concurrency + 2 * FINISH_BATCH
 }
 
 fn forget(shared: &Shared, leases: &[Lease]) {
@@ -468,7 +482,12 @@ async fn listen(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Prunes finished jobs and old events periodically.
+/// How often housekeeping reads the table's activity figures (a cheap read of the statistics
+/// views): a burst is analyzed about a second after its statistics arrive, not up to a minute
+/// later as with autovacuum alone.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// Prunes finished jobs and old events every quarter of the retention (between 1 s and 60 s).
 async fn prune(shared: Arc<Shared>, stop: CancellationToken) {
     let q = &shared.queue;
     let every = (q.cfg.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -488,6 +507,38 @@ async fn prune(shared: Arc<Shared>, stop: CancellationToken) {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning failed"),
+        }
+    }
+}
+
+/// Every second, analyzes and vacuums `jobs` when it changed enough ([`store::housekeep`]). Its
+/// own task, not part of pruning: under sustained load a pruning pass keeps finding a full batch
+/// and runs on, and housekeeping waiting behind it did not run for whole benchmark runs.
+async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
+    let q = &shared.queue;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+        }
+        let started = Instant::now();
+        // Shutdown does not wait for a VACUUM; it is safe to cut one short.
+        let done = tokio::select! {
+            _ = stop.cancelled() => return,
+            done = store::housekeep(&q.pool) => done,
+        };
+        match done {
+            Ok(h) if h.analyzed || h.vacuumed => tracing::debug!(
+                live = h.before.live,
+                dead = h.before.dead,
+                modified_since_analyze = h.before.modified_since_analyze,
+                analyzed = h.analyzed,
+                vacuumed = h.vacuumed,
+                took_ms = started.elapsed().as_millis() as u64,
+                "queue housekeeping"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "queue housekeeping failed"),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The work queue on a real PostgreSQL: deterministic draining, leases, retries and dead letters,
-//! deferrals, per-record order, shutdown, wake-up, pruning, and the reliability runs with worker
+//! deferrals, per-record order, shutdown, wake-up, pruning, housekeeping (ANALYZE/VACUUM) and the
+//! claim plan after a burst, and the reliability runs with worker
 //! processes (`tether-queue-probe`) that are killed, run three at a time, or see the database
 //! restart.
 
@@ -550,6 +551,191 @@ async fn pruning_removes_old_finished_jobs_and_their_events_only() {
         .await
         .unwrap();
     assert_eq!(events, 2, "the dead and the ready job keep their events");
+}
+
+// ---- Housekeeping and the claim plan after a burst -----------------------------------------------
+
+/// Stores `n` events with their jobs (one record each) in one statement, on one connection, and
+/// asks that connection to report its statistics at once (they are otherwise sent at most once a
+/// second, and up to 10 s later when the connection goes idle).
+async fn burst(pool: &PgPool, tag: &str, n: i64) {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query(
+        "WITH e AS (
+             INSERT INTO events (system, entity_type, record_id, action, delivery_id)
+             SELECT 'customerp', 'Customer', $1 || '-' || g, 'updated', $1 || '-' || g || ':1'
+             FROM generate_series(1, $2::bigint) g
+             RETURNING id, record_id)
+         INSERT INTO jobs (event_id, record_key)
+         SELECT id, 'customerp/Customer/' || record_id FROM e ORDER BY id",
+    )
+    .bind(tag)
+    .bind(n)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// `pg_stat_user_tables` for `jobs`: (analyze_count, vacuum_count, n_mod_since_analyze, n_dead_tup).
+async fn jobs_stats(pool: &PgPool) -> (i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT analyze_count, vacuum_count, n_mod_since_analyze, n_dead_tup
+         FROM pg_stat_user_tables WHERE relid = 'jobs'::regclass",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Autovacuum off for `jobs`, so that whatever analyzes or vacuums it in these tests is ours.
+async fn without_autovacuum(pool: &PgPool) {
+    sqlx::query("ALTER TABLE jobs SET (autovacuum_enabled = false)")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn housekeeping_analyzes_after_a_burst_and_vacuums_after_pruning() {
+    let db = testing::database().await;
+    without_autovacuum(&db.pool).await;
+    // Below the thresholds nothing runs.
+    burst(&db.pool, "small", 100).await;
+    let h = store::housekeep(&db.pool).await.unwrap();
+    assert!(!h.analyzed && !h.vacuumed, "{h:?}");
+
+    burst(&db.pool, "big", 20_000).await;
+    eventually(
+        Duration::from_secs(30),
+        "the burst in the statistics",
+        || async {
+            store::table_activity(&db.pool)
+                .await
+                .unwrap()
+                .modified_since_analyze
+                >= 20_000
+        },
+    )
+    .await;
+    let (analyzes_before, _, _, _) = jobs_stats(&db.pool).await;
+    let h = store::housekeep(&db.pool).await.unwrap();
+    assert!(h.analyzed, "{h:?}");
+    assert!(!h.vacuumed, "nothing is dead yet: {h:?}");
+    let (analyzes, _, modified, _) = jobs_stats(&db.pool).await;
+    assert_eq!(analyzes, analyzes_before + 1);
+    assert!(
+        modified < 1_000,
+        "n_mod_since_analyze after ANALYZE: {modified}"
+    );
+
+    // Finish and prune everything: 20,100 dead rows (more than the live ones, which are none).
+    sqlx::query("UPDATE jobs SET state = 'done', finished_at = now() - interval '1 day'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    store::prune(&db.pool, Duration::from_secs(3600), 5_000)
+        .await
+        .unwrap();
+    // The pruner's connections report on their own schedule; any query on them flushes within a
+    // second or so, and the pool hands them out again while we poll.
+    eventually(
+        Duration::from_secs(30),
+        "the pruning in the statistics",
+        || async {
+            sqlx::query("SELECT pg_stat_force_next_flush()")
+                .execute(&db.pool)
+                .await
+                .unwrap();
+            store::table_activity(&db.pool).await.unwrap().dead >= 20_000
+        },
+    )
+    .await;
+    let (_, vacuums_before, _, _) = jobs_stats(&db.pool).await;
+    let h = store::housekeep(&db.pool).await.unwrap();
+    assert!(h.vacuumed, "{h:?}");
+    let (_, vacuums, _, dead) = jobs_stats(&db.pool).await;
+    assert_eq!(vacuums, vacuums_before + 1);
+    assert!(dead < 1_000, "n_dead_tup after VACUUM: {dead}");
+}
+
+#[tokio::test]
+async fn workers_refresh_statistics_after_a_burst_without_autovacuum() {
+    let db = testing::database().await;
+    without_autovacuum(&db.pool).await;
+    let (analyzes_before, _, _, _) = jobs_stats(&db.pool).await;
+    let shutdown = CancellationToken::new();
+    let workers = queue::start_workers(
+        db.pool.clone(),
+        cfg(),
+        Arc::new(Fixed::new(JobOutcome::Done)),
+        shutdown.clone(),
+        Duration::from_secs(5),
+    );
+    burst(&db.pool, "w", 20_000).await;
+    eventually(
+        Duration::from_secs(60),
+        "the workers' housekeeping to ANALYZE jobs",
+        || async { jobs_stats(&db.pool).await.0 > analyzes_before },
+    )
+    .await;
+    eventually(Duration::from_secs(120), "all jobs done", || {
+        all_done(&db.pool, 20_000)
+    })
+    .await;
+    shutdown.cancel();
+    workers.await.unwrap();
+}
+
+/// The claim's plan right after a burst that followed an ANALYZE of an all-finished table (the
+/// planner then believes there is nothing unfinished): still the ordered walk of
+/// `jobs_unfinished` with one keyed probe of `jobs_by_key` per candidate. Before migration
+/// 20261123110000 this plan scanned the whole index per candidate (7.6 s for one claim of 500).
+#[tokio::test]
+async fn claim_plan_walks_the_index_in_order_with_stale_statistics() {
+    let db = testing::database().await;
+    without_autovacuum(&db.pool).await;
+    burst(&db.pool, "old", 3_000).await;
+    for sql in [
+        "UPDATE jobs SET state = 'done', finished_at = now()",
+        "ANALYZE jobs",
+        "DELETE FROM events",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    burst(&db.pool, "new", 20_000).await;
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query(store::CLAIM_PLANNER_SETTINGS)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN (COSTS OFF) {}", store::CLAIM))
+        .bind(500i64)
+        .bind(Uuid::new_v4())
+        .bind(60_000i64)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using jobs_unfinished on jobs j"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("Index Scan using jobs_by_key on jobs o")
+            && plan.contains("Index Cond: (record_key = j.record_key)"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("Bitmap") && !plan.contains("Seq Scan") && !plan.contains("Hash"),
+        "{plan}"
+    );
+    assert!(!plan.contains("Sort"), "{plan}");
 }
 
 // ---- Reliability: worker processes --------------------------------------------------------------
