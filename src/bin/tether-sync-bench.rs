@@ -74,8 +74,9 @@ struct Args {
     /// Webhooks each simulator delivers at once (in order per record), as a vendor's fleet does.
     #[arg(long, default_value_t = 64)]
     webhook_lanes: usize,
-    /// tether's `workers.concurrency`.
-    #[arg(long, default_value_t = 32)]
+    /// tether's `workers.concurrency`. Jobs mostly wait on HTTP and PostgreSQL, so more of them
+    /// at once than cores pays: 64 gave the best rate here (32: about 15% fewer).
+    #[arg(long, default_value_t = 64)]
     worker_concurrency: usize,
     /// tether's `database.max_connections`.
     #[arg(long, default_value_t = 32)]
