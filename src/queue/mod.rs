@@ -21,6 +21,7 @@ pub mod worker;
 pub use store::{DeadLetter, QueueCounts};
 pub use worker::{start_workers, Queue, RunOnce};
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,19 +40,37 @@ pub struct NewJob<'a> {
 
 /// Enqueues jobs for events stored in the same transaction.
 pub async fn enqueue(conn: &mut PgConnection, jobs: &[NewJob<'_>]) -> Result<(), sqlx::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        insert_jobs_sql("SELECT * FROM UNNEST($1::bigint[], $2::text[]) AS j(event_id, record_key)")
+    });
     if jobs.is_empty() {
         return Ok(());
     }
     let event_ids: Vec<i64> = jobs.iter().map(|j| j.event_id).collect();
-    let keys: Vec<String> = jobs.iter().map(|j| j.event.record.to_string()).collect();
-    sqlx::query(
-        "INSERT INTO jobs (event_id, record_key) SELECT * FROM UNNEST($1::bigint[], $2::text[])",
-    )
-    .bind(&event_ids)
-    .bind(&keys)
-    .execute(conn)
-    .await?;
+    let keys: Vec<String> = jobs.iter().map(|j| record_key(j.event)).collect();
+    sqlx::query(SQL.as_str())
+        .bind(&event_ids)
+        .bind(&keys)
+        .execute(conn)
+        .await?;
     Ok(())
+}
+
+/// The one definition of a new job row, for [`enqueue`] and for statements that store events and
+/// enqueue their jobs at once (the webhook intake's single-statement group commit).
+///
+/// `rows` is a query yielding `event_id BIGINT` and `record_key TEXT` (made by [`record_key`]),
+/// in the order the jobs should get their ids; every other column takes its default. The
+/// statement-level `jobs_notify` trigger wakes the workers once per statement.
+pub fn insert_jobs_sql(rows: &str) -> String {
+    format!(
+        "INSERT INTO jobs (event_id, record_key) SELECT event_id, record_key FROM ({rows}) AS new_jobs"
+    )
+}
+
+/// The `record_key` of an event's job: jobs with one key run one at a time, in id order.
+pub fn record_key(event: &ChangeEvent) -> String {
+    event.record.to_string()
 }
 
 /// A job as a worker hands it to the handler.
