@@ -976,3 +976,130 @@ async fn a_refused_row_fails_only_its_own_request() {
     // A second store of a stored delivery reports a duplicate.
     assert_eq!(commit.store(event("d-1", "1")).await, Ok(Stored::Duplicate));
 }
+
+fn user_event(delivery: &str, record: &str) -> tether::domain::ChangeEvent {
+    use tether::domain::{Action, ChangeEvent, RecordKey, SystemId};
+    ChangeEvent {
+        record: RecordKey {
+            system: SystemId::Zendesk,
+            entity_type: "Users".to_owned(),
+            record_id: record.to_owned(),
+        },
+        action: Action::Updated,
+        occurred_at: None,
+        delivery_id: delivery.to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn one_batch_statement_stores_each_delivery_once_with_one_job() {
+    use tether::intake::store::{insert_batch, Stored};
+    let db = testing::database().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    let earlier = user_event("b-earlier", "9");
+    let first = insert_batch(&mut conn, &[&earlier]).await.unwrap();
+    let [Stored::New(earlier_id)] = first[..] else {
+        panic!("{first:?}")
+    };
+
+    // Two new deliveries, an in-batch copy of one, and a copy of one stored before.
+    let (a, b) = (user_event("b-a", "1"), user_event("b-b", "2"));
+    let a_copy = user_event("b-a", "1");
+    let again = user_event("b-earlier", "9");
+    let results = insert_batch(&mut conn, &[&a, &b, &a_copy, &again])
+        .await
+        .unwrap();
+    let [Stored::New(a_id), Stored::New(b_id), Stored::Duplicate, Stored::Duplicate] = results[..]
+    else {
+        panic!("{results:?}")
+    };
+    assert!(
+        earlier_id < a_id && a_id < b_id,
+        "ids follow the input order"
+    );
+    assert_eq!(count(&db.pool, "events").await, 3);
+    // One job per stored event, in event order, with the queue's record key.
+    let jobs: Vec<(i64, String)> =
+        sqlx::query_as("SELECT event_id, record_key FROM jobs ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        jobs,
+        vec![
+            (earlier_id, "zendesk/Users/9".to_owned()),
+            (a_id, "zendesk/Users/1".to_owned()),
+            (b_id, "zendesk/Users/2".to_owned()),
+        ]
+    );
+    // Autocommit: what it answered is visible to another connection at once.
+    let other: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(other, 3);
+}
+
+#[tokio::test]
+async fn a_stored_batch_wakes_the_workers() {
+    use tether::intake::store::{GroupCommit, Stored};
+    let db = testing::database().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    listener
+        .listen(tether::queue::store::CHANNEL)
+        .await
+        .unwrap();
+    let commit = GroupCommit::start(db.pool.clone());
+    let stored = commit.store(user_event("wake-1", "1")).await;
+    assert!(matches!(stored, Ok(Stored::New(_))), "{stored:?}");
+    let notification = tokio::time::timeout(Duration::from_secs(20), listener.recv())
+        .await
+        .expect("the jobs trigger notifies once the batch committed")
+        .unwrap();
+    assert_eq!(notification.channel(), tether::queue::store::CHANNEL);
+}
+
+#[tokio::test]
+async fn a_lost_database_connection_fails_at_most_one_batch() {
+    use sqlx::Connection as _;
+    use tether::intake::store::{GroupCommit, StoreError, Stored};
+    let db = testing::database().await;
+    let commit = GroupCommit::start(db.pool.clone());
+    assert!(matches!(
+        commit.store(user_event("lost-1", "1")).await,
+        Ok(Stored::New(_))
+    ));
+    // Kill every other session of this database, the committer's (kept between batches) too.
+    let mut admin = sqlx::PgConnection::connect(secrecy::ExposeSecret::expose_secret(&db.url))
+        .await
+        .unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty());
+    // The next batch may find its connection dead (503: nothing stored, the sender retries)...
+    let second = commit.store(user_event("lost-2", "2")).await;
+    assert!(
+        matches!(second, Ok(Stored::New(_)) | Err(StoreError::Unavailable)),
+        "{second:?}"
+    );
+    // ...but the one after that runs on a fresh connection.
+    assert!(matches!(
+        commit.store(user_event("lost-3", "3")).await,
+        Ok(Stored::New(_))
+    ));
+    if second.is_err() {
+        assert!(matches!(
+            commit.store(user_event("lost-2", "2")).await,
+            Ok(Stored::New(_))
+        ));
+    }
+    assert_eq!(count(&db.pool, "events").await, 3);
+    assert_eq!(count(&db.pool, "jobs").await, 3);
+}
