@@ -933,20 +933,10 @@ async fn served_over_tcp_the_answer_comes_after_commit() {
 
 #[tokio::test]
 async fn a_refused_row_fails_only_its_own_request() {
-    use tether::domain::{Action, ChangeEvent, RecordKey, SystemId};
     use tether::intake::store::{GroupCommit, StoreError, Stored};
     let db = testing::database().await;
     let commit = GroupCommit::start(db.pool.clone());
-    let event = |delivery: &str, record: &str| ChangeEvent {
-        record: RecordKey {
-            system: SystemId::Zendesk,
-            entity_type: "Users".to_owned(),
-            record_id: record.to_owned(),
-        },
-        action: Action::Updated,
-        occurred_at: None,
-        delivery_id: delivery.to_owned(),
-    };
+    let event = user_event;
     // PostgreSQL text refuses NUL: this row fails the batch it lands in. (The parsers refuse
     // such ids; this drives the store directly to prove the fallback.)
     let mut calls = Vec::new();
@@ -977,6 +967,7 @@ async fn a_refused_row_fails_only_its_own_request() {
     assert_eq!(commit.store(event("d-1", "1")).await, Ok(Stored::Duplicate));
 }
 
+/// An update of Zendesk user `record`, delivered as `delivery`.
 fn user_event(delivery: &str, record: &str) -> tether::domain::ChangeEvent {
     use tether::domain::{Action, ChangeEvent, RecordKey, SystemId};
     ChangeEvent {
