@@ -2,7 +2,8 @@
 //! [`crate::domain::ChangeEvent`], deduplicate on the delivery id and commit it with its queue job.
 //!
 //! Owns: `POST /webhooks/{system}` and the `events` table's inserts (group-committed, see
-//! [`store`]). May call: `signing`, `queue::enqueue`, `db`. Called by: `http`.
+//! [`store`]). May call: `signing`, `queue` (the job row and record key it enqueues), `db`.
+//! Called by: `http`.
 //!
 //! Answers (product.md section 4): 202 once committed; 200 for a duplicate or an event no
 //! dataflow needs; 401 unsigned, wrongly signed or outside the ±5 min window; 413 over the body
