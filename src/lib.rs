@@ -14,6 +14,7 @@ pub mod db;
 pub mod domain;
 pub mod http;
 pub mod intake;
+pub mod measure;
 pub mod polling;
 pub mod queue;
 pub mod registry;

@@ -24,6 +24,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
+use tether::measure;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -279,40 +280,6 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Clock ticks per second of `/proc/*/stat` times (USER_HZ, 100 on Linux).
-const TICKS_PER_SECOND: f64 = 100.0;
-
-/// `(parent pid, user + system ticks)` of a process, from `/proc/{pid}/stat`.
-fn proc_stat(pid: &str) -> Option<(u32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
-    let ppid = fields.get(1)?.parse().ok()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((ppid, utime + stime))
-}
-
-/// CPU ticks of a process and its children (PostgreSQL's backends are the postmaster's).
-fn tree_ticks(root: u32) -> Option<u64> {
-    let mut total = proc_stat(&root.to_string())?.1;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        if let Some((ppid, ticks)) = proc_stat(pid) {
-            if ppid == root {
-                total += ticks;
-            }
-        }
-    }
-    Some(total)
-}
-
 #[derive(Clone, Copy)]
 struct CpuSample {
     loadgen: Option<u64>,
@@ -323,18 +290,15 @@ struct CpuSample {
 impl CpuSample {
     fn take(args: &Args) -> CpuSample {
         CpuSample {
-            loadgen: proc_stat("self").map(|(_, t)| t),
-            tether: args
-                .tether_pid
-                .and_then(|p| proc_stat(&p.to_string()))
-                .map(|(_, t)| t),
-            postgres: args.postgres_pid.and_then(tree_ticks),
+            loadgen: measure::cpu_ticks(std::process::id()),
+            tether: args.tether_pid.and_then(measure::cpu_ticks),
+            postgres: args.postgres_pid.and_then(measure::tree_cpu_ticks),
         }
     }
 
     fn since(&self, before: &CpuSample, elapsed: Duration) -> CpuUse {
         let pct = |a: Option<u64>, b: Option<u64>| {
-            Some(a?.saturating_sub(b?) as f64 / TICKS_PER_SECOND / elapsed.as_secs_f64() * 100.0)
+            Some(measure::percent_of_core(a?.saturating_sub(b?), elapsed))
         };
         CpuUse {
             loadgen: pct(self.loadgen, before.loadgen),

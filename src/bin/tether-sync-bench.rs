@@ -26,6 +26,7 @@ use sqlx::PgPool;
 
 use tether::db::embedded::EmbeddedPostgres;
 use tether::domain::SystemId;
+use tether::measure;
 use tether::simulators::custom::{CustomSim, CustomSimConfig};
 use tether::simulators::kit::RunningSim;
 use tether::simulators::zendesk::{Kind, SimCredentials, SimOptions, ZendeskSim, ZendeskSimHandle};
@@ -35,8 +36,6 @@ const ZENDESK_EMAIL: &str = "bench@tether.test";
 const ZENDESK_TOKEN: &str = "bench-zendesk-token";
 const ZENDESK_SECRET: &str = "bench-zendesk-webhook-secret";
 const ERP_TOKEN: &str = "bench-customerp-token";
-/// Linux reports process CPU time in USER_HZ ticks, 100 a second on every mainstream architecture.
-const TICKS_PER_SECOND: f64 = 100.0;
 
 /// The seed of this flow maps no properties; the benchmark carries the organization's name.
 const OVERLAY: &str = r#"# Written by tether-sync-bench.
@@ -100,20 +99,11 @@ struct CpuTicks {
 
 impl CpuTicks {
     fn read(tether_pid: u32, postmaster_pid: u32) -> CpuTicks {
-        let own = |pid: u32| proc_stat(pid).map_or(0, |s| s.utime + s.stime);
-        // Exited backends are counted in the postmaster's cutime/cstime once it has reaped them.
-        let mut postgres =
-            proc_stat(postmaster_pid).map_or(0, |s| s.utime + s.stime + s.cutime + s.cstime);
-        for pid in all_pids() {
-            if pid != postmaster_pid && proc_stat(pid).is_some_and(|s| s.ppid == postmaster_pid) {
-                postgres += own(pid);
-            }
-        }
         CpuTicks {
-            tether: own(tether_pid),
-            postgres,
-            simulators: own(std::process::id()),
-            machine_busy: machine_busy_ticks(),
+            tether: measure::cpu_ticks(tether_pid).unwrap_or(0),
+            postgres: measure::tree_cpu_ticks(postmaster_pid).unwrap_or(0),
+            simulators: measure::cpu_ticks(std::process::id()).unwrap_or(0),
+            machine_busy: measure::machine_busy_ticks().unwrap_or(0),
         }
     }
 
@@ -125,56 +115,6 @@ impl CpuTicks {
             machine_busy: self.machine_busy.saturating_sub(earlier.machine_busy),
         }
     }
-}
-
-struct ProcStat {
-    ppid: u32,
-    utime: u64,
-    stime: u64,
-    cutime: u64,
-    cstime: u64,
-}
-
-/// Fields of `/proc/<pid>/stat` (proc(5)); the command name may hold spaces, so fields are counted
-/// from the closing parenthesis.
-fn proc_stat(pid: u32) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
-    Some(ProcStat {
-        ppid: n(1)? as u32,
-        utime: n(11)?,
-        stime: n(12)?,
-        cutime: n(13)?,
-        cstime: n(14)?,
-    })
-}
-
-fn all_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Busy ticks of the whole machine (all CPUs) from `/proc/stat`: everything but idle and iowait.
-fn machine_busy_ticks() -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
-        return 0;
-    };
-    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0;
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
 }
 
 struct Bench {
@@ -377,19 +317,15 @@ webhook_secret = "{erp_secret}"
 
 async fn wait_ready(tether_url: &str, tether: &mut tokio::process::Child) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
+    let url = format!("{tether_url}/readyz");
+    wait_until("tether to be ready", Duration::from_secs(60), async || {
         if let Some(status) = tether.try_wait()? {
             bail!("tether exited before it was ready ({status})");
         }
-        if let Ok(r) = client.get(format!("{tether_url}/readyz")).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("tether was not ready within 60 s")
+        let ready = client.get(&url).send().await;
+        Ok(ready.is_ok_and(|r| r.status().is_success()))
+    })
+    .await
 }
 
 async fn wait_until<F>(what: &str, limit: Duration, mut done: F) -> anyhow::Result<()>
@@ -639,7 +575,7 @@ impl Bench {
                 .unwrap_or(f64::NAN)
         };
         // CPU as a share of one core over the round (200% = both cores of this machine).
-        let share = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / settled.as_secs_f64() * 100.0;
+        let share = |ticks: u64| measure::percent_of_core(ticks, settled);
         let other = cpu
             .machine_busy
             .saturating_sub(cpu.tether + cpu.postgres + cpu.simulators);

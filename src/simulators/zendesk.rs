@@ -123,7 +123,6 @@ impl Kind {
         }
     }
 
-    /// Fields the server owns beyond `id`, `url`, `created_at`, `updated_at`.
     /// Fields no two records of the kind may share (case-insensitively).
     fn unique_fields(self) -> &'static [&'static str] {
         match self {
@@ -133,6 +132,7 @@ impl Kind {
         }
     }
 
+    /// Fields the server owns beyond `id`, `url`, `created_at`, `updated_at`.
     fn server_owned(self, key: &str) -> bool {
         match self {
             Kind::Ticket => matches!(key, "description" | "via"),

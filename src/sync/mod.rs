@@ -28,7 +28,7 @@ pub mod history;
 pub mod merge;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -228,14 +228,30 @@ fn matches_snapshot(flow: &Dataflow, link: &Link, record: &Record, side: Side) -
 /// one that commits with a link's new state.
 const LOG_COLUMNS: &str = "(event_id, job_id, attempt, system, entity_type, record_id, flow_id, \
                            link_id, decision, read, written, detail, error)";
-const LOG_VALUES_BARE: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13";
-const LOG_VALUES: &str = "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+const LOG_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13";
+
+/// A log entry on its own.
+static LOG_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("INSERT INTO sync_log {LOG_COLUMNS} VALUES ({LOG_VALUES})"));
+
+/// A linked record's new state and its log entry, in one statement (see
+/// [`SyncEngine::store_sync`]); the entry is written only if the link was updated.
+static STORE_SYNC_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH updated AS (\
+            UPDATE links SET snapshot = $14, source_seen_at = $15, target_seen_at = $16, \
+            last_write_side = COALESCE($17, last_write_side), version = version + 1, \
+            updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
+            RETURNING id) \
+         INSERT INTO sync_log {LOG_COLUMNS} SELECT {LOG_VALUES} FROM updated"
+    )
+});
 
 /// Binds a log entry as parameters $1 to $13 (see [`LOG_COLUMNS`]).
 fn bind_entry<'q>(
     query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     job: &'q ClaimedJob,
-    e: Entry<'q>,
+    e: &'q Entry<'q>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let r = &job.event.record;
     query
@@ -248,10 +264,10 @@ fn bind_entry<'q>(
         .bind(e.flow)
         .bind(e.link)
         .bind(e.decision)
-        .bind(e.read)
-        .bind(e.written)
-        .bind(e.detail)
-        .bind(e.error)
+        .bind(&e.read)
+        .bind(&e.written)
+        .bind(&e.detail)
+        .bind(&e.error)
 }
 
 /// A link's state after a sync: the snapshot, the change stamps last seen on each side
@@ -319,8 +335,9 @@ impl SyncEngine {
         job: &ClaimedJob,
         e: Entry<'_>,
     ) -> Result<(), sqlx::Error> {
-        let sql = format!("INSERT INTO sync_log {LOG_COLUMNS} VALUES {LOG_VALUES}");
-        bind_entry(sqlx::query(&sql), job, e).execute(conn).await?;
+        bind_entry(sqlx::query(&LOG_SQL), job, &e)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 
@@ -330,19 +347,11 @@ impl SyncEngine {
     async fn store_sync(
         conn: impl sqlx::PgExecutor<'_>,
         job: &ClaimedJob,
-        entry: Entry<'_>,
+        entry: &Entry<'_>,
         link: &Link,
         state: LinkState,
     ) -> Result<bool, sqlx::Error> {
-        let sql = format!(
-            "WITH updated AS (\
-                UPDATE links SET snapshot = $14, source_seen_at = $15, target_seen_at = $16, \
-                last_write_side = COALESCE($17, last_write_side), version = version + 1, \
-                updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
-                RETURNING id) \
-             INSERT INTO sync_log {LOG_COLUMNS} SELECT {LOG_VALUES_BARE} FROM updated"
-        );
-        let done = bind_entry(sqlx::query(&sql), job, entry)
+        let done = bind_entry(sqlx::query(&STORE_SYNC_SQL), job, entry)
             .bind(Value::Object(state.snapshot))
             .bind(state.seen[0])
             .bind(state.seen[1])
@@ -391,21 +400,24 @@ impl SyncEngine {
         let mut idle: Vec<String> = Vec::new();
         let mut active: Vec<(&Dataflow, Side, &Arc<dyn Connector>)> = Vec::new();
         for (flow, side) in involved {
-            let other = entity(flow, side.other()).system;
             if !flow.switches.enabled {
                 idle.push(format!("{} is switched off", flow.id));
-            } else if let Some(missing) = [rec.system, other]
-                .into_iter()
-                .find(|s| self.connector(*s).is_none())
-            {
-                idle.push(format!(
-                    "{} ({} is not connected)",
-                    flow.id,
-                    missing.display_name()
-                ));
-            } else if let Some(other_conn) = self.connector(other) {
-                active.push((flow, side, other_conn));
+                continue;
             }
+            let other = entity(flow, side.other()).system;
+            let missing = match (self.connector(rec.system), self.connector(other)) {
+                (Some(_), Some(other_conn)) => {
+                    active.push((flow, side, other_conn));
+                    continue;
+                }
+                (None, _) => rec.system,
+                (_, None) => other,
+            };
+            idle.push(format!(
+                "{} ({} is not connected)",
+                flow.id,
+                missing.display_name()
+            ));
         }
         let (Some(conn), false) = (self.connector(rec.system), active.is_empty()) else {
             self.log(
@@ -1208,8 +1220,6 @@ impl SyncEngine {
             .await
     }
 
-    /// Rules 2-5 for a linked pair: the three-way merge per property, writes of changed
-    /// properties only, then the new snapshot.
     /// Why the registry does not let `flow` write property `p` to side `to` of a linked record,
     /// if it does not: write-back switched off, a one-way mapping, or a rule naming another flow
     /// as the property's owner (creation is not held back by owners: a new record needs its
@@ -1241,6 +1251,8 @@ impl SyncEngine {
         None
     }
 
+    /// Rules 2-5 for a linked pair: the three-way merge per property, writes of changed
+    /// properties only, then the new snapshot.
     async fn sync_linked(
         &self,
         job: &ClaimedJob,
@@ -1471,20 +1483,11 @@ impl SyncEngine {
         };
         // The fan-out's jobs must commit with the link; without them the pool's implicit
         // transaction of the one statement is enough.
-        let conflict_entry = Entry {
-            decision: "conflict",
-            flow: entry.flow,
-            link: entry.link,
-            read: entry.read.clone(),
-            written: entry.written.clone(),
-            detail: None,
-            error: None,
-        };
         let stored = if fan_out.is_empty() {
-            Self::store_sync(&self.pool, job, entry, &link, state).await?
+            Self::store_sync(&self.pool, job, &entry, &link, state).await?
         } else {
             let mut tx = self.pool.begin().await?;
-            let stored = Self::store_sync(&mut *tx, job, entry, &link, state).await?;
+            let stored = Self::store_sync(&mut *tx, job, &entry, &link, state).await?;
             if stored {
                 Self::enqueue_records(&mut tx, &fan_out, "fan-out", None).await?;
                 tx.commit().await?;
@@ -1497,8 +1500,9 @@ impl SyncEngine {
             self.log(
                 job,
                 Entry {
+                    decision: "conflict",
                     detail: Some(reason.clone()),
-                    ..conflict_entry
+                    ..entry
                 },
             )
             .await?;
