@@ -420,18 +420,8 @@ impl SyncEngine {
             ));
         }
         let (Some(conn), false) = (self.connector(rec.system), active.is_empty()) else {
-            self.log(
-                job,
-                Entry {
-                    decision: "idle",
-                    detail: Some(format!(
-                        "every dataflow of this record is idle: {}",
-                        idle.join("; ")
-                    )),
-                    ..Entry::default()
-                },
-            )
-            .await?;
+            self.log_idle(job, "every dataflow of this record is idle", &idle)
+                .await?;
             return Ok(None);
         };
         self.check_not_stopped(
@@ -463,7 +453,30 @@ impl SyncEngine {
                 later.push(format!("{}: {reason}", flow.id));
             }
         }
+        // Rule 10 for the flows that did not run beside those that did.
+        if !idle.is_empty() {
+            self.log_idle(job, "other dataflows of this record are idle", &idle)
+                .await?;
+        }
         Ok((!later.is_empty()).then(|| later.join("; ")))
+    }
+
+    /// One log entry for the flows of this event that cannot run, and why.
+    async fn log_idle(
+        &self,
+        job: &ClaimedJob,
+        what: &str,
+        idle: &[String],
+    ) -> Result<(), sqlx::Error> {
+        self.log(
+            job,
+            Entry {
+                decision: "idle",
+                detail: Some(format!("{what}: {}", idle.join("; "))),
+                ..Entry::default()
+            },
+        )
+        .await
     }
 
     /// Rule 9: a deleted record's links end; the counterparts stay.

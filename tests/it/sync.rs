@@ -1138,6 +1138,26 @@ async fn idle_flows_are_recorded_once_without_reading_the_record() {
     assert_eq!(h.decisions().await, vec!["idle".to_string()]);
     assert!(h.detail_of("idle").await[0].contains("is switched off"));
     assert!(h.m(Zendesk).all("Organizations").is_empty());
+
+    // One flow runs and another is off: both are on record.
+    let mut off = customers_to_orgs();
+    off.id = format!("{} (copy)", off.id);
+    off.switches.enabled = false;
+    let h = Harness::new(vec![customers_to_orgs(), off], &[PowerOffice, Zendesk]).await;
+    let c = h
+        .m(PowerOffice)
+        .insert("Customers", fields(json!({"Name": "Half"})));
+    assert_eq!(
+        h.run(PowerOffice, "Customers", &c.id).await,
+        JobOutcome::Done
+    );
+    assert_eq!(h.decisions().await, vec!["created", "idle"]);
+    let detail = &h.detail_of("idle").await[0];
+    assert!(
+        detail.contains("other dataflows") && detail.contains("(copy) is switched off"),
+        "{detail}"
+    );
+    assert_eq!(h.m(Zendesk).all("Organizations").len(), 1);
 }
 
 #[tokio::test]
