@@ -12,4 +12,5 @@ mod poweroffice;
 mod queue;
 mod registry;
 mod sync;
+mod transport;
 mod zendesk;
