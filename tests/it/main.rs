@@ -10,5 +10,6 @@ mod polling;
 mod poweroffice;
 mod queue;
 mod registry;
+mod support;
 mod sync;
 mod zendesk;
