@@ -60,6 +60,8 @@ pub struct SyncEngine {
     /// every job that needs one is put off without calling it, so one bad token does not become
     /// a 401 per queued job. A restart (after fixing the credentials) clears it.
     stopped: std::sync::Mutex<HashMap<SystemId, std::time::Instant>>,
+    /// Dataflows an operator paused (`admin::pause`): recorded as `paused`, replayed on resume.
+    paused: crate::admin::pause::PausedFlows,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +256,7 @@ fn bind_entry<'q>(
     e: &'q Entry<'q>,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let r = &job.event.record;
+    crate::ops::metrics::sync_decision(e.flow, e.decision);
     query
         .bind(job.event_id)
         .bind(job.job_id)
@@ -290,10 +293,11 @@ impl SyncEngine {
         connectors: HashMap<SystemId, Arc<dyn Connector>>,
     ) -> SyncEngine {
         SyncEngine {
-            pool,
+            pool: pool.clone(),
             registry,
             connectors,
             stopped: std::sync::Mutex::new(HashMap::new()),
+            paused: crate::admin::pause::PausedFlows::new(pool.clone()),
         }
     }
 
@@ -395,6 +399,10 @@ impl SyncEngine {
             .await?;
             return Ok(None);
         }
+        let involved = self.set_aside_paused(job, involved).await?;
+        if involved.is_empty() {
+            return Ok(None);
+        }
         // Flows that cannot run (switched off, or a side not connected) are set aside first, so
         // that an event only they would handle costs no API call and one log line.
         let mut idle: Vec<String> = Vec::new();
@@ -459,6 +467,29 @@ impl SyncEngine {
                 .await?;
         }
         Ok((!later.is_empty()).then(|| later.join("; ")))
+    }
+
+    /// Records a `paused` entry for each involved flow an operator paused and returns the others
+    /// (`admin::pause` replays the recorded events on resume).
+    async fn set_aside_paused<'f>(
+        &self,
+        job: &ClaimedJob,
+        involved: Vec<(&'f Dataflow, Side)>,
+    ) -> Result<Vec<(&'f Dataflow, Side)>, sqlx::Error> {
+        let paused = self.paused.current().await;
+        let (held, run): (Vec<_>, Vec<_>) = involved
+            .into_iter()
+            .partition(|(f, _)| paused.contains(&f.id));
+        for (flow, _) in held {
+            let entry = Entry {
+                flow: Some(&flow.id),
+                decision: crate::admin::pause::PAUSED_DECISION,
+                detail: Some("the dataflow is paused by an operator".to_owned()),
+                ..Entry::default()
+            };
+            self.log(job, entry).await?;
+        }
+        Ok(run)
     }
 
     /// One log entry for the flows of this event that cannot run, and why.
@@ -1566,6 +1597,7 @@ impl JobHandler for SyncEngine {
                     }
                 }
                 ConnectorError::Unauthorized { system, .. } => {
+                    crate::ops::metrics::credentials_failure(*system);
                     self.stop_system(*system);
                     tracing::error!(
                         %system,

@@ -1,5 +1,6 @@
 //! One integration-test binary with a module per feature (engineering.md item 3).
 
+mod admin;
 mod crmoffice;
 mod custom;
 mod e2e;
