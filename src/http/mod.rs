@@ -35,7 +35,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .merge(crate::intake::routes(&state))
+        .merge(crate::intake::routes(&state.config, state.pool.clone()))
         .merge(crate::ops::routes(&state))
         .merge(crate::admin::routes(&state))
         .with_state(state)
