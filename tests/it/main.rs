@@ -13,4 +13,5 @@ mod queue;
 mod registry;
 mod support;
 mod sync;
+mod transport;
 mod zendesk;
