@@ -1,5 +1,5 @@
 //! The sync engine against a real PostgreSQL with in-memory connectors, driven deterministically by
-//! calling `handle` on each job (no workers). One test or more per rule of product.md section 3.
+//! calling `handle` on each job (no workers). One test or more per rule of docs/sync-rules.md.
 
 use std::collections::HashMap;
 use std::sync::Arc;
