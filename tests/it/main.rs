@@ -1,6 +1,7 @@
 //! One integration-test binary with a module per feature (engineering.md item 3).
 
 mod admin;
+mod console;
 mod crmoffice;
 mod custom;
 mod e2e;
