@@ -4,6 +4,7 @@ mod admin;
 mod console;
 mod crmoffice;
 mod custom;
+mod deploy;
 mod e2e;
 mod exactonline;
 mod foundation;
