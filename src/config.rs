@@ -423,6 +423,15 @@ pub struct Config {
     pub systems: SystemsConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
+    pub secrets: SecretsConfig,
+}
+
+/// Keys that encrypt credentials stored in PostgreSQL (`at_rest`).
+#[derive(Debug, Clone, Default)]
+pub struct SecretsConfig {
+    /// `secrets.key`: 32-byte keys, base64; the first encrypts, all decrypt. Empty: stored
+    /// credentials stay in clear text.
+    pub keys: Vec<SecretString>,
 }
 
 /// The admin API and console (`/admin`): off unless a token is configured.
@@ -675,6 +684,9 @@ impl Config {
             metrics: MetricsConfig {
                 listen: s.socket_addr("metrics.listen")?,
             },
+            secrets: SecretsConfig {
+                keys: secrets_keys(&mut s)?,
+            },
         };
         s.finish()?;
         config.check()?;
@@ -713,6 +725,20 @@ fn admin_token(s: &mut Source) -> Result<Option<SecretString>, ConfigError> {
         }
     }
     Ok(token)
+}
+
+fn secrets_keys(s: &mut Source) -> Result<Vec<SecretString>, ConfigError> {
+    let keys = s.secret_list("secrets.key")?.unwrap_or_default();
+    for (i, key) in keys.iter().enumerate() {
+        if let Err(problem) = crate::at_rest::decode_key(key) {
+            return Err(ConfigError(format!(
+                "configuration key `secrets.key` (key {} of {}) {problem}.",
+                i + 1,
+                keys.len()
+            )));
+        }
+    }
+    Ok(keys)
 }
 
 fn require<T>(value: Option<T>, key: &str, section: &str) -> Result<T, ConfigError> {
