@@ -13,5 +13,7 @@ mod polling;
 mod poweroffice;
 mod queue;
 mod registry;
+mod support;
 mod sync;
+mod transport;
 mod zendesk;
