@@ -1597,7 +1597,6 @@ impl JobHandler for SyncEngine {
                     }
                 }
                 ConnectorError::Unauthorized { system, .. } => {
-                    crate::ops::metrics::credentials_failure(*system);
                     self.stop_system(*system);
                     tracing::error!(
                         %system,

@@ -9,6 +9,7 @@ mod e2e;
 mod exactonline;
 mod foundation;
 mod intake;
+mod metrics;
 mod polling;
 mod poweroffice;
 mod queue;

@@ -297,6 +297,7 @@ impl StoredRefreshToken {
         if status == StatusCode::UNAUTHORIZED
             || (status == StatusCode::BAD_REQUEST && error == "invalid_grant")
         {
+            crate::ops::metrics::credentials_failure(system);
             let code = if error.is_empty() {
                 String::new()
             } else {
