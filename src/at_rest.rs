@@ -167,17 +167,18 @@ pub fn token_context(system: &str, account: &str, column: &str) -> String {
     format!("oauth_tokens/{system}/{account}/{column}")
 }
 
-/// Reads one stored token column: opens it with the keyring. Clear text is only accepted without
-/// a keyring (a Tether that never had `secrets.key`); with one, start-up has sealed every row.
+/// Reads one stored token column. Clear text passes (a Tether without `secrets.key`, or a row an
+/// older replica wrote during a rolling upgrade; the next write or start seals it); a sealed value
+/// needs the keyring.
 pub fn open_token(
     keyring: Option<&Keyring>,
     stored: &str,
     context: &str,
 ) -> Result<SecretString, AtRestError> {
     match keyring {
+        _ if !is_sealed(stored) => Ok(SecretString::from(stored.to_owned())),
         Some(k) => k.open(stored, context),
-        None if is_sealed(stored) => Err(AtRestError::NoKey),
-        None => Ok(SecretString::from(stored.to_owned())),
+        None => Err(AtRestError::NoKey),
     }
 }
 

@@ -1,6 +1,7 @@
 //! One integration-test binary with a module per feature (engineering.md item 3).
 
 mod admin;
+mod at_rest;
 mod console;
 mod crmoffice;
 mod custom;
