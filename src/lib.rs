@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod at_rest;
 pub mod cli;
 pub mod config;
 pub mod connectors;

@@ -11,7 +11,7 @@ use tether::simulators::zendesk::Kind;
 use crate::support::{eventually, Service};
 
 pub const TOKEN: &str = "test-admin-token-0123456789abcdef";
-const WAIT: Duration = Duration::from_secs(30);
+pub const WAIT: Duration = Duration::from_secs(30);
 const ERP_FLOW: &str = "zendesk.Organizations->customerp.Customer";
 
 /// Maps organization names to Custom ERP customers, so a Zendesk organization creates one.
@@ -45,9 +45,15 @@ impl std::ops::Deref for Harness {
 
 impl Harness {
     pub async fn start(admin_token: Option<&str>) -> Harness {
-        let admin = admin_token
+        Harness::start_with(admin_token, "").await
+    }
+
+    /// `extra` is appended to the configuration TOML (whole sections).
+    pub async fn start_with(admin_token: Option<&str>, extra: &str) -> Harness {
+        let mut admin = admin_token
             .map(|token| format!("\n[admin]\ntoken = \"{token}\"\n"))
             .unwrap_or_default();
+        admin.push_str(extra);
         Harness {
             service: Service::start(Some(OVERLAY), &admin).await,
             http: reqwest::Client::new(),
@@ -391,5 +397,43 @@ async fn a_paused_flow_is_recorded_not_synced_and_replayed_on_resume() {
         .post("/admin/api/flows/no.Such->flow.Here/pause", Some(TOKEN))
         .await;
     assert_eq!(status, 404, "{body}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_move_to_their_own_listener_and_report_poll_lag() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let h = Harness::start_with(
+        None,
+        &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    // A PowerOffice customer changed an hour ago: the poller passes it, its lag is about an hour.
+    let an_hour_ago = chrono::Utc::now() - chrono::TimeDelta::hours(1);
+    h.sims.poweroffice.freeze_clock(Some(an_hour_ago));
+    h.sims
+        .poweroffice
+        .seed("Customers", json!({"Name": "Lagging AS"}));
+    h.sims.poweroffice.freeze_clock(None);
+    assert_eq!(h.text("/metrics").await.0, 404, "not on the main listener");
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let line = eventually("the poll lag of PowerOffice customers", WAIT, || async {
+        tokio::time::sleep(tether::ops::metrics::GAUGE_REFRESH).await;
+        let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        text.lines()
+            .find(|l| {
+                l.starts_with(
+                    "tether_poll_lag_seconds{system=\"poweroffice\",entity_type=\"Customers\"}",
+                )
+            })
+            .map(str::to_owned)
+    })
+    .await;
+    let seconds: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((3590.0..3700.0).contains(&seconds), "{line}");
     h.stop().await;
 }

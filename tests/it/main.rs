@@ -2,12 +2,16 @@
 //! (docs/architecture.md, "Tests and documents").
 
 mod admin;
+mod at_rest;
+mod console;
 mod crmoffice;
 mod custom;
+mod deploy;
 mod e2e;
 mod exactonline;
 mod foundation;
 mod intake;
+mod metrics;
 mod polling;
 mod poweroffice;
 mod queue;
