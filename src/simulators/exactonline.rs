@@ -25,6 +25,10 @@ use serde_json::{json, Map, Value};
 use super::kit::{self, Outgoing, RunningSim, SimControl, WebhookSender};
 use crate::signing;
 
+/// Row versions start above 2^53, where an Int64 read through a floating-point number (as a
+/// JavaScript client or a careless parser would) loses its last digits.
+const FIRST_ROW_VERSION: i64 = (1 << 53) + 1;
+
 /// How the simulated tenant is set up.
 #[derive(Debug, Clone)]
 pub struct ExactSimConfig {
@@ -536,6 +540,9 @@ fn parse_filter(filter: &str) -> Result<Vec<Clause>, String> {
             json!(literal == "true")
         } else if literal == "null" {
             Value::Null
+        } else if let Ok(whole) = literal.strip_suffix('L').unwrap_or(literal).parse::<i64>() {
+            // Int64 literals (`Timestamp gt 9007199254740993L`) stay exact: no detour via f64.
+            json!(whole)
         } else {
             json!(literal
                 .parse::<f64>()
@@ -579,7 +586,10 @@ fn split_and(filter: &str) -> Vec<String> {
 
 fn compare(have: &Value, op: &str, want: &Value) -> bool {
     let ordering = match (have, want) {
-        (Value::Number(a), Value::Number(b)) => a.as_f64().partial_cmp(&b.as_f64()),
+        (Value::Number(a), Value::Number(b)) => match (a.as_i64(), b.as_i64()) {
+            (Some(a), Some(b)) => Some(a.cmp(&b)),
+            _ => a.as_f64().partial_cmp(&b.as_f64()),
+        },
         (Value::String(a), Value::String(b)) => Some(a.to_lowercase().cmp(&b.to_lowercase())),
         (Value::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
         (Value::Null, Value::Null) => Some(std::cmp::Ordering::Equal),
@@ -659,7 +669,8 @@ fn list(
         .map(|(_, row)| {
             let mut v = inner.render(set, row);
             if sync {
-                v["Timestamp"] = json!(row.timestamp);
+                // Edm.Int64 travels as a JSON string in OData v2 (docs/vendors.md, Exact item 2).
+                v["Timestamp"] = json!(row.timestamp.to_string());
             }
             v
         })
@@ -711,6 +722,13 @@ async fn sync_accounts(
     list(&inner, Set::Accounts, uri.path(), &query, true)
 }
 
+/// `hrm/Departments` and `hrm/Divisions` are GET only in Exact's REST API (docs/vendors.md, Exact
+/// item 1): a write is refused with 405 and Exact's error envelope.
+fn read_only(set: Set) -> Option<Response> {
+    matches!(set, Set::Departments | Set::Divisions)
+        .then(|| exact_error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed"))
+}
+
 async fn entity_post(
     State(sim): State<ExactSim>,
     Path((_division, module, segment)): Path<(i64, String, String)>,
@@ -722,8 +740,8 @@ async fn entity_post(
     else {
         return exact_error(StatusCode::NOT_FOUND, "unknown resource");
     };
-    if set == Set::Divisions {
-        return exact_error(StatusCode::METHOD_NOT_ALLOWED, "Divisions are read-only");
+    if let Some(refusal) = read_only(set) {
+        return refusal;
     }
     let Value::Object(props) = body else {
         return exact_error(StatusCode::BAD_REQUEST, "body must be an object");
@@ -767,8 +785,8 @@ async fn entity_put(
     let Some(set) = set_of(&module, name) else {
         return exact_error(StatusCode::NOT_FOUND, "unknown resource");
     };
-    if set == Set::Divisions {
-        return exact_error(StatusCode::METHOD_NOT_ALLOWED, "Divisions are read-only");
+    if let Some(refusal) = read_only(set) {
+        return refusal;
     }
     let Value::Object(changes) = body else {
         return exact_error(StatusCode::BAD_REQUEST, "body must be an object");
@@ -802,6 +820,9 @@ async fn entity_delete(
     let Some(set) = set_of(&module, name) else {
         return exact_error(StatusCode::NOT_FOUND, "unknown resource");
     };
+    if let Some(refusal) = read_only(set) {
+        return refusal;
+    }
     let removed = sim.lock().rows.remove(&(set, key.clone())).is_some();
     if !removed {
         return exact_error(StatusCode::NOT_FOUND, "Not found");
@@ -854,7 +875,7 @@ pub async fn start(
             },
             config,
             rows: BTreeMap::new(),
-            row_version: 0,
+            row_version: FIRST_ROW_VERSION,
             public_base: String::new(),
             token_calls: 0,
         })),

@@ -18,6 +18,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::support::exactonline::{config, DIVISION};
 use crate::support::obj;
 
+mod vendor;
+
 const GUID: &str = "11111111-1111-1111-1111-111111111111";
 
 /// Stores a token row as if an earlier run had obtained `access` `refreshed_secs_ago`.
@@ -147,26 +149,12 @@ async fn exact_connector_against_simulator_every_operation() {
     assert_eq!(again.records[0].id, seeded);
     assert_eq!(again.records[0].fields["Name"], json!("Seeded BV"));
 
-    // Departments: create, update, list by Modified.
-    let department = connector
-        .create(
-            "Departments",
-            &obj(json!({"Code": "D1", "Description": "Support"})),
-            "k2",
-        )
-        .await
-        .unwrap();
-    let department = connector
-        .update(
-            "Departments",
-            &department.id,
-            &obj(json!({"Description": "Service"})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(department.fields["Description"], json!("Service"));
+    // Departments: GET only in Exact (docs/vendors.md, Exact item 1): listed by Modified, never
+    // written.
+    let department = exact.seed_department(json!({"Code": "D1", "Description": "Support"}));
     let page = connector.list_changed("Departments", None).await.unwrap();
     assert_eq!(page.records.len(), 1);
+    assert_eq!(page.records[0].id, department);
     let later = connector
         .list_changed("Departments", page.next_cursor.as_deref())
         .await
@@ -175,6 +163,22 @@ async fn exact_connector_against_simulator_every_operation() {
         later.records.is_empty(),
         "an unchanged department is not listed again"
     );
+    assert!(matches!(
+        connector
+            .create("Departments", &obj(json!({"Description": "x"})), "k2")
+            .await,
+        Err(ConnectorError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        connector
+            .update(
+                "Departments",
+                &department,
+                &obj(json!({"Description": "x"}))
+            )
+            .await,
+        Err(ConnectorError::Unsupported { .. })
+    ));
 
     // Divisions: read-only, integer keys.
     exact.seed_division(json!({"Code": 7, "Description": "Main"}));
