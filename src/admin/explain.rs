@@ -184,7 +184,7 @@ fn decision_info(e: history::LogView) -> DecisionInfo {
         record: e.record,
         flow_id: e.flow_id,
         link_id: e.link_id,
-        decision: e.decision,
+        decision: e.decision.to_string(),
         read: e.read,
         written: e.written,
         detail: e.detail,
