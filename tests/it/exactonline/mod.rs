@@ -12,7 +12,7 @@ use tether::connectors::{Connector, ConnectorError};
 use tether::signing;
 use tether::simulators::exactonline::{self as sim, ExactSimConfig};
 use tether::testing;
-use wiremock::matchers::{body_string_contains, header, method, path, path_regex};
+use wiremock::matchers::{body_string_contains, header, method, path, query_param_contains};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::exactonline::{config, DIVISION};
@@ -56,8 +56,9 @@ fn token_body(access: &str, refresh: &str) -> Value {
     json!({"access_token": access, "token_type": "bearer", "expires_in": "600", "refresh_token": refresh})
 }
 
+/// An account as Exact answers the connector's lookup (`$filter=ID eq guid'…'&$top=1`).
 fn account_body(name: &str) -> Value {
-    json!({"d": {"ID": GUID, "Name": name, "Modified": "/Date(1700000000000)/"}})
+    json!({"d": {"results": [{"ID": GUID, "Name": name, "Modified": "/Date(1700000000000)/"}]}})
 }
 
 #[tokio::test]
@@ -441,7 +442,7 @@ async fn exact_429_5xx_and_timeouts_are_classified() {
     store_token(&db.pool, "A1", 600, "R1", 10).await;
     let reset_ms = chrono::Utc::now().timestamp_millis() + 30_000;
     Mock::given(method("GET"))
-        .and(path_regex(r"crm/Accounts\(guid'1{8}-"))
+        .and(query_param_contains("$filter", "guid'11111111-"))
         .respond_with(
             ResponseTemplate::new(429)
                 .insert_header("x-ratelimit-minutely-remaining", "0")
@@ -451,12 +452,12 @@ async fn exact_429_5xx_and_timeouts_are_classified() {
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path_regex(r"crm/Accounts\(guid'2{8}-"))
+        .and(query_param_contains("$filter", "guid'22222222-"))
         .respond_with(ResponseTemplate::new(503))
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path_regex(r"crm/Accounts\(guid'3{8}-"))
+        .and(query_param_contains("$filter", "guid'33333333-"))
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
         .mount(&server)
         .await;

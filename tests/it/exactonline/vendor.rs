@@ -229,3 +229,60 @@ async fn exact_sync_cursor_accepts_numbers_and_fails_loudly_on_an_unreadable_tim
         "an unreadable Timestamp is an error, not a kept cursor: {error}"
     );
 }
+
+#[tokio::test]
+async fn exact_simulator_blocks_an_endpoint_after_ten_errors_in_an_hour() {
+    let (exact, running) = simulator(ExactSimConfig::default()).await;
+    let base = running.base_url();
+    let kept = exact.seed_account(json!({"Name": "Kept BV"}));
+    exact.seed_department(json!({"Code": "D1", "Description": "Support"}));
+    let token = access_token(&base).await;
+    let missing = "crm/Accounts(guid'22222222-2222-2222-2222-222222222222')";
+    for _ in 0..sim::ERRORS_PER_ENDPOINT_AND_HOUR + 1 {
+        let (status, _) = raw(&base, &token, reqwest::Method::GET, missing, None).await;
+        assert_eq!(status, 404, "a read by key of a missing account is a 404");
+    }
+    assert_eq!(exact.errors_this_hour("crm/Accounts"), 11);
+    // Blocked now, even for a record that exists; other endpoints still answer.
+    let (status, body) = raw(
+        &base,
+        &token,
+        reqwest::Method::GET,
+        &format!("crm/Accounts(guid'{kept}')"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 429);
+    assert!(body["error"]["message"]["value"]
+        .as_str()
+        .unwrap()
+        .contains("blocked"));
+    let (status, _) = raw(&base, &token, reqwest::Method::GET, "hrm/Departments", None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn exact_reads_of_deleted_accounts_cost_no_errors() {
+    let db = testing::database().await;
+    let (exact, running) = simulator(ExactSimConfig::default()).await;
+    let gone = exact.seed_account(json!({"Name": "Gone BV"}));
+    let kept = exact.seed_account(json!({"Name": "Kept BV"}));
+    exact.delete_account(&gone);
+    let connector = ExactOnline::new(
+        config(&running.base_url(), "sim-refresh-0"),
+        db.pool.clone(),
+        Duration::from_secs(10),
+    );
+    // More reads of the deleted account than Exact's error allowance: each is a `$filter` with
+    // `$top=1`, an empty 200, never a 404.
+    for _ in 0..sim::ERRORS_PER_ENDPOINT_AND_HOUR + 5 {
+        assert!(connector.fetch("Accounts", &gone).await.unwrap().is_none());
+    }
+    assert_eq!(exact.errors_this_hour("crm/Accounts"), 0);
+    let record = connector.fetch("Accounts", &kept).await.unwrap().unwrap();
+    assert_eq!(record.fields["Name"], json!("Kept BV"));
+    assert!(
+        connector.deletes_are_final(),
+        "a Delete webhook needs no read"
+    );
+}
