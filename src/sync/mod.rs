@@ -1591,11 +1591,11 @@ impl JobHandler for SyncEngine {
                 ConnectorError::Transient { .. } => JobOutcome::Retry {
                     error: message.clone(),
                 },
-                ConnectorError::Rejected { .. } | ConnectorError::Unsupported { .. } => {
-                    JobOutcome::Dead {
-                        error: format!("{message} (retrying the same request would not help)"),
-                    }
-                }
+                ConnectorError::Rejected { .. }
+                | ConnectorError::Unsupported { .. }
+                | ConnectorError::TargetClosed { .. } => JobOutcome::Dead {
+                    error: format!("{message} (retrying the same request would not help)"),
+                },
                 ConnectorError::Unauthorized { system, .. } => {
                     crate::ops::metrics::credentials_failure(*system);
                     self.stop_system(*system);
