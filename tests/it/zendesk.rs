@@ -21,6 +21,8 @@ use crate::support::zendesk::{
 };
 use crate::support::{drain, obj, Drained, WebhookReceiver};
 
+mod vendor;
+
 fn assert_no_read_only(record: &Record) {
     for key in ["id", "url", "created_at", "updated_at"] {
         assert!(
