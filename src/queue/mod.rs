@@ -18,7 +18,7 @@
 pub mod store;
 pub mod worker;
 
-pub use store::{DeadLetter, QueueCounts};
+pub use store::{DeadLetter, JobState, QueueCounts};
 pub use worker::{start_workers, Queue, RunOnce};
 
 use std::sync::LazyLock;

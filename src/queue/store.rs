@@ -174,11 +174,37 @@ pub const CLAIM: &str = r#"
     FROM claimed c JOIN events e ON e.id = c.event_id
 "#;
 
+/// A job's state: the `jobs.state` column, whose CHECK constraint allows exactly these names
+/// (migration `20261123040000_queue.sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting for `run_at` (a retry or deferral is a ready row with attempts/deferrals > 0).
+    Ready,
+    /// Leased to a worker until `lease_until`.
+    Running,
+    /// Finished.
+    Done,
+    /// Failed for good (a dead letter).
+    Dead,
+}
+
+impl JobState {
+    /// The name stored in `jobs.state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Ready => "ready",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Dead => "dead",
+        }
+    }
+}
+
 /// What a finished run turns into, decided in Rust from the outcome and the lease.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
     pub lease: Lease,
-    pub state: &'static str,
+    pub state: JobState,
     /// For `ready`: run again after this long.
     pub delay: Duration,
     /// Added to `attempts` (-1 gives back the attempt the claim took).
@@ -199,7 +225,7 @@ pub async fn finish(
     }
     let ids: Vec<i64> = transitions.iter().map(|t| t.lease.job_id).collect();
     let claims: Vec<i32> = transitions.iter().map(|t| t.lease.claims).collect();
-    let states: Vec<&str> = transitions.iter().map(|t| t.state).collect();
+    let states: Vec<&str> = transitions.iter().map(|t| t.state.as_str()).collect();
     let delays: Vec<i64> = transitions
         .iter()
         .map(|t| t.delay.as_millis() as i64)

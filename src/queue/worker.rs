@@ -17,7 +17,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::store::{self, Claim, Lease, Transition};
+use super::store::{self, Claim, JobState, Lease, Transition};
 use super::{JobHandler, JobOutcome};
 use crate::config::WorkerConfig;
 
@@ -557,8 +557,8 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
 fn job_end(t: &Transition) -> crate::ops::metrics::JobEnd {
     use crate::ops::metrics::JobEnd;
     match t.state {
-        "done" => JobEnd::Done,
-        "dead" => JobEnd::Dead,
+        store::JobState::Done => JobEnd::Done,
+        store::JobState::Dead => JobEnd::Dead,
         _ if t.deferral_delta > 0 => JobEnd::Deferred,
         _ => JobEnd::Retried,
     }
@@ -583,7 +583,7 @@ pub fn transition(
         match cfg.retry_schedule.get(used - 1) {
             Some(delay) => Transition {
                 lease,
-                state: "ready",
+                state: JobState::Ready,
                 delay: delay.mul_f64(jitter),
                 attempt_delta: 0,
                 deferral_delta: 0,
@@ -591,7 +591,7 @@ pub fn transition(
             },
             None => Transition {
                 lease,
-                state: "dead",
+                state: JobState::Dead,
                 delay: Duration::ZERO,
                 attempt_delta: 0,
                 deferral_delta: 0,
@@ -602,7 +602,7 @@ pub fn transition(
     match outcome {
         JobOutcome::Done => Transition {
             lease,
-            state: "done",
+            state: JobState::Done,
             delay: Duration::ZERO,
             attempt_delta: 0,
             deferral_delta: 0,
@@ -610,7 +610,7 @@ pub fn transition(
         },
         JobOutcome::Dead { error } => Transition {
             lease,
-            state: "dead",
+            state: JobState::Dead,
             delay: Duration::ZERO,
             attempt_delta: 0,
             deferral_delta: 0,
@@ -635,7 +635,7 @@ pub fn transition(
             };
             Transition {
                 lease,
-                state: "ready",
+                state: JobState::Ready,
                 delay: delay.min(cfg.max_retry_after),
                 // Back-pressure is not the job's fault: give back the attempt the claim took.
                 attempt_delta: -1,
@@ -683,11 +683,17 @@ mod tests {
     fn retries_follow_the_schedule_with_jitter_then_dead() {
         let c = cfg();
         let t = transition(&c, lease(1, 0), &retry(), 1.1);
-        assert_eq!((t.state, t.delay), ("ready", Duration::from_millis(1100)));
+        assert_eq!(
+            (t.state, t.delay),
+            (JobState::Ready, Duration::from_millis(1100))
+        );
         let t = transition(&c, lease(2, 0), &retry(), 0.9);
-        assert_eq!((t.state, t.delay), ("ready", Duration::from_secs(9)));
+        assert_eq!(
+            (t.state, t.delay),
+            (JobState::Ready, Duration::from_secs(9))
+        );
         let t = transition(&c, lease(3, 0), &retry(), 1.0);
-        assert_eq!(t.state, "dead");
+        assert_eq!(t.state, JobState::Dead);
         assert_eq!(t.error.as_deref(), Some("boom"));
     }
 
@@ -699,12 +705,12 @@ mod tests {
             reason: "429".into(),
         };
         let t = transition(&c, lease(1, 0), &later, 1.0);
-        assert_eq!(t.state, "ready");
+        assert_eq!(t.state, JobState::Ready);
         assert_eq!(t.delay, c.max_retry_after);
         assert_eq!((t.attempt_delta, t.deferral_delta), (-1, 1));
         // At the deferral bound it counts as a failure.
         let t = transition(&c, lease(3, 2), &later, 1.0);
-        assert_eq!(t.state, "dead");
+        assert_eq!(t.state, JobState::Dead);
         assert!(t.error.unwrap().contains("deferred 2 times"));
     }
 }

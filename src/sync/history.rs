@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgPool;
 
+use super::Decision;
 use crate::domain::RecordKey;
 
 /// One link of a record, active or ended.
@@ -29,7 +30,8 @@ pub struct LogView {
     pub record: String,
     pub flow_id: Option<String>,
     pub link_id: Option<i64>,
-    pub decision: String,
+    #[sqlx(try_from = "String")]
+    pub decision: Decision,
     pub read: Option<Value>,
     pub written: Option<Value>,
     pub detail: Option<String>,

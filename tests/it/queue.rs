@@ -182,7 +182,7 @@ async fn expired_lease_is_claimed_again_and_only_the_holder_completes() {
     // The former holder can neither complete nor extend it; the new one can.
     let done = |lease| store::Transition {
         lease,
-        state: "done",
+        state: store::JobState::Done,
         delay: Duration::ZERO,
         attempt_delta: 0,
         deferral_delta: 0,

@@ -1,0 +1,261 @@
+//! Performing a [`Plan`] for a linked pair: the vendor writes, then the link's new state and the
+//! decision in one statement, then the records the writes concern elsewhere (fan-out).
+
+use serde_json::{json, Map, Value};
+
+use super::decision::Decision;
+use super::mapping::{entity, mapped};
+use super::merge::Side;
+use super::plan::{idx, plan, settle, Plan, PlanInput, Planned, Translations};
+use super::store::{self, Entry, Link, LinkState};
+use super::{Fail, Step, SyncEngine};
+use crate::connectors::{ConnectorError, Record};
+use crate::domain::RecordKey;
+use crate::queue::ClaimedJob;
+use crate::registry::{Dataflow, EntityRef};
+
+/// What the writes of a plan did.
+struct Written {
+    /// Per side: the write happened.
+    sides: [bool; 2],
+    /// The fields written, per side name, for the log.
+    fields: Map<String, Value>,
+    /// The change stamps after the writes (source, target).
+    seen: [Option<chrono::DateTime<chrono::Utc>>; 2],
+    last_write: Option<Side>,
+    fan_out: Vec<RecordKey>,
+    /// Sides that could not be written.
+    notes: Vec<String>,
+}
+
+impl SyncEngine {
+    /// Rules 2-5 for a linked pair: plan (looking up the translations the planner asks for),
+    /// then apply.
+    pub(crate) async fn sync_linked(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        link: Link,
+        src: &Record,
+        tgt: &Record,
+        event_side: Side,
+    ) -> Result<Step, Fail> {
+        let mut translations = Translations::new();
+        let plan = loop {
+            let input = PlanInput {
+                registry: &self.registry,
+                flow,
+                link: &link,
+                source: src,
+                target: tgt,
+                event_side,
+                translations: &translations,
+            };
+            match plan(&input) {
+                Planned::Ready(plan) => break plan,
+                Planned::NeedTranslations(lookups) => {
+                    self.look_up(flow, lookups, &mut translations).await?
+                }
+            }
+        };
+        self.apply(job, flow, &link, src, tgt, plan).await
+    }
+
+    /// Performs a plan: waits for references, or writes each side's changes and stores the
+    /// link's new state with the decision.
+    async fn apply(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        link: &Link,
+        src: &Record,
+        tgt: &Record,
+        plan: Plan,
+    ) -> Result<Step, Fail> {
+        let read = json!({
+            "source": mapped(flow, Side::Source, src),
+            "target": mapped(flow, Side::Target, tgt),
+        });
+        match plan.decision() {
+            Decision::Stale => {
+                let reason = plan.notes.join("; ");
+                let entry = Entry {
+                    flow: Some(&flow.id),
+                    link: Some(link.id),
+                    read: Some(read),
+                    detail: Some(reason.clone()),
+                    ..Entry::new(Decision::Stale)
+                };
+                store::log(&self.pool, job, &entry).await?;
+                return Ok(Step::Later(reason));
+            }
+            Decision::WaitingForReference => {
+                return self
+                    .wait_for_references(job, flow, Some(link.id), &plan.pending)
+                    .await;
+            }
+            _ => {}
+        }
+        let written = self.write(flow, link, &plan, [src, tgt]).await?;
+        let mut notes = plan.notes.clone();
+        notes.extend(written.notes.iter().cloned());
+        let decision = settle(
+            !written.fields.is_empty(),
+            plan.converged,
+            !notes.is_empty(),
+            plan.echo,
+        );
+        let entry = Entry {
+            flow: Some(&flow.id),
+            link: Some(link.id),
+            read: Some(read),
+            written: (!written.fields.is_empty()).then(|| Value::Object(written.fields.clone())),
+            detail: (!notes.is_empty()).then(|| notes.join("; ")),
+            ..Entry::new(decision)
+        };
+        let state = LinkState {
+            snapshot: plan.snapshot_after(written.sides),
+            seen: written.seen,
+            last_write: written.last_write,
+        };
+        self.store_linked(job, entry, link, state, &written.fan_out)
+            .await
+    }
+
+    /// One update call per side with only the changed properties.
+    async fn write(
+        &self,
+        flow: &Dataflow,
+        link: &Link,
+        plan: &Plan,
+        [src, tgt]: [&Record; 2],
+    ) -> Result<Written, Fail> {
+        let mut w = Written {
+            sides: [false; 2],
+            fields: Map::new(),
+            seen: [src.updated_at, tgt.updated_at],
+            last_write: None,
+            fan_out: Vec::new(),
+            notes: Vec::new(),
+        };
+        for to in [Side::Target, Side::Source] {
+            let i = idx(to);
+            if plan.changes[i].is_empty() {
+                continue;
+            }
+            let e = entity(flow, to);
+            let Some(conn) = self.connector(e.system) else {
+                continue;
+            };
+            let id = link.id_on(to);
+            match conn.update(&e.entity_type, id, &plan.changes[i]).await {
+                Ok(stored) => {
+                    w.seen[i] = stored.updated_at;
+                    w.fields
+                        .insert(to.as_str().into(), Value::Object(plan.changes[i].clone()));
+                    w.sides[i] = true;
+                    w.last_write = Some(to);
+                    w.fan_out.extend(self.fan_out_key(flow, e, id));
+                }
+                Err(ConnectorError::Unsupported { .. }) => w.notes.push(format!(
+                    "the {} side ({}/{}) cannot be written: skipped",
+                    to.as_str(),
+                    e.system,
+                    e.entity_type
+                )),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(w)
+    }
+
+    /// Stores the link's new state with its log entry (with the fan-out's jobs in the same
+    /// transaction), or only the entry when nothing about the link moved. A link that changed
+    /// meanwhile makes the event wait and read both sides again.
+    async fn store_linked(
+        &self,
+        job: &ClaimedJob,
+        entry: Entry<'_>,
+        link: &Link,
+        state: LinkState,
+        fan_out: &[RecordKey],
+    ) -> Result<Step, Fail> {
+        let changed_snapshot = state.snapshot != link.snapshot;
+        let seen_moved = state.seen != [link.source_seen_at, link.target_seen_at];
+        if !(changed_snapshot || seen_moved || entry.written.is_some()) {
+            store::log(&self.pool, job, &entry).await?;
+            return Ok(Step::Done);
+        }
+        // The fan-out's jobs must commit with the link; without them the pool's implicit
+        // transaction of the one statement is enough.
+        let stored = if fan_out.is_empty() {
+            store::store_sync(&self.pool, job, &entry, link, state).await?
+        } else {
+            let mut tx = self.pool.begin().await?;
+            let stored = store::store_sync(&mut *tx, job, &entry, link, state).await?;
+            if stored {
+                store::enqueue_records(&mut tx, fan_out, "fan-out", None).await?;
+                tx.commit().await?;
+            }
+            stored
+        };
+        if stored {
+            return Ok(Step::Done);
+        }
+        let reason =
+            "the link changed while this event was processed; re-reading both sides".to_owned();
+        let entry = Entry {
+            detail: Some(reason.clone()),
+            ..Entry {
+                decision: Decision::Conflict,
+                ..entry
+            }
+        };
+        store::log(&self.pool, job, &entry).await?;
+        Ok(Step::Later(reason))
+    }
+
+    /// The record of `e` written by `flow` takes part in other flows: it is processed next.
+    pub(crate) fn fan_out_key(
+        &self,
+        flow: &Dataflow,
+        e: &EntityRef,
+        id: &str,
+    ) -> Option<RecordKey> {
+        let other_flows =
+            self.registry.dataflows.iter().any(|f| {
+                f.id != flow.id && f.switches.enabled && (&f.source == e || &f.target == e)
+            });
+        other_flows.then(|| RecordKey {
+            system: e.system,
+            entity_type: e.entity_type.clone(),
+            record_id: id.to_owned(),
+        })
+    }
+
+    /// Rule 5: the referenced records are enqueued (once per event) and this event waits.
+    pub(crate) async fn wait_for_references(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        link: Option<i64>,
+        pending: &[RecordKey],
+    ) -> Result<Step, Fail> {
+        let mut tx = self.pool.begin().await?;
+        store::enqueue_records(&mut tx, pending, "reference", Some(job.event_id)).await?;
+        tx.commit().await?;
+        let names: Vec<String> = pending.iter().map(ToString::to_string).collect();
+        let detail = format!(
+            "referenced record not linked yet; syncing it first: {}",
+            names.join(", ")
+        );
+        let entry = Entry {
+            flow: Some(&flow.id),
+            link,
+            detail: Some(detail.clone()),
+            ..Entry::new(Decision::WaitingForReference)
+        };
+        store::log(&self.pool, job, &entry).await?;
+        Ok(Step::Later(detail))
+    }
+}

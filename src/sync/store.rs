@@ -1,0 +1,440 @@
+//! Every statement of the sync engine: links, create intents, the decision log (`sync_log`) and
+//! the synthetic events it enqueues. Nothing else in `sync` writes SQL.
+
+use std::sync::LazyLock;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::{PgConnection, PgExecutor, PgPool, Row};
+use uuid::Uuid;
+
+use super::decision::Decision;
+use super::mapping::entity;
+use super::merge::Side;
+use crate::connectors::Record;
+use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
+use crate::queue::{self, ClaimedJob, NewJob};
+use crate::registry::Dataflow;
+
+/// A create intent's lease: another job seeing it live waits rather than creating concurrently.
+const INTENT_LEASE_SECS: f64 = 120.0;
+
+/// An active link as the engine reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Link {
+    pub id: i64,
+    pub source_id: String,
+    pub target_id: String,
+    /// The last synced value of every mapped property (the merge base).
+    pub snapshot: Map<String, Value>,
+    pub source_seen_at: Option<DateTime<Utc>>,
+    pub target_seen_at: Option<DateTime<Utc>>,
+    /// The side Tether wrote last, to tell an echo from an unchanged record.
+    pub last_write_side: Option<Side>,
+    /// Optimistic concurrency: the snapshot is only replaced by a writer that read this version.
+    pub version: i64,
+}
+
+impl Link {
+    /// The record id on one side.
+    pub fn id_on(&self, side: Side) -> &str {
+        match side {
+            Side::Source => &self.source_id,
+            Side::Target => &self.target_id,
+        }
+    }
+
+    /// The change stamp last seen on one side.
+    pub fn seen_on(&self, side: Side) -> Option<DateTime<Utc>> {
+        match side {
+            Side::Source => self.source_seen_at,
+            Side::Target => self.target_seen_at,
+        }
+    }
+}
+
+/// A link's state after a sync: the snapshot, the change stamps last seen on each side
+/// (source, target), and the side written last, if one was.
+pub(crate) struct LinkState {
+    pub snapshot: Map<String, Value>,
+    pub seen: [Option<DateTime<Utc>>; 2],
+    pub last_write: Option<Side>,
+}
+
+/// One `sync_log` row (the record is the event's).
+#[derive(Debug, Clone)]
+pub(crate) struct Entry<'a> {
+    pub flow: Option<&'a str>,
+    pub link: Option<i64>,
+    pub decision: Decision,
+    pub read: Option<Value>,
+    pub written: Option<Value>,
+    pub detail: Option<String>,
+    pub error: Option<String>,
+}
+
+impl<'a> Entry<'a> {
+    /// An entry with only a decision; the other fields are set with struct update syntax.
+    pub fn new(decision: Decision) -> Entry<'a> {
+        Entry {
+            flow: None,
+            link: None,
+            decision,
+            read: None,
+            written: None,
+            detail: None,
+            error: None,
+        }
+    }
+}
+
+/// The columns of a `sync_log` row and their parameters, shared by the plain log insert and the
+/// one that commits with a link's new state.
+const LOG_COLUMNS: &str = "(event_id, job_id, attempt, system, entity_type, record_id, flow_id, \
+                           link_id, decision, read, written, detail, error)";
+const LOG_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13";
+
+/// A log entry on its own.
+static LOG_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("INSERT INTO sync_log {LOG_COLUMNS} VALUES ({LOG_VALUES})"));
+
+/// A linked record's new state and its log entry, in one statement (see [`store_sync`]); the
+/// entry is written only if the link was updated.
+static STORE_SYNC_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH updated AS (\
+            UPDATE links SET snapshot = $14, source_seen_at = $15, target_seen_at = $16, \
+            last_write_side = COALESCE($17, last_write_side), version = version + 1, \
+            updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
+            RETURNING id) \
+         INSERT INTO sync_log {LOG_COLUMNS} SELECT {LOG_VALUES} FROM updated"
+    )
+});
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds a log entry as parameters $1 to $13 (see [`LOG_COLUMNS`]).
+fn bind_entry<'q>(query: PgQuery<'q>, job: &'q ClaimedJob, e: &'q Entry<'q>) -> PgQuery<'q> {
+    let r = &job.event.record;
+    crate::ops::metrics::sync_decision(e.flow, e.decision.as_str());
+    query
+        .bind(job.event_id)
+        .bind(job.job_id)
+        .bind(job.attempt)
+        .bind(r.system.as_str())
+        .bind(&r.entity_type)
+        .bind(&r.record_id)
+        .bind(e.flow)
+        .bind(e.link)
+        .bind(e.decision.as_str())
+        .bind(&e.read)
+        .bind(&e.written)
+        .bind(&e.detail)
+        .bind(&e.error)
+}
+
+/// Stores one decision (inside the caller's transaction when given one, so a decision and the
+/// state it produced commit together).
+pub(crate) async fn log(
+    conn: impl PgExecutor<'_>,
+    job: &ClaimedJob,
+    e: &Entry<'_>,
+) -> Result<(), sqlx::Error> {
+    bind_entry(sqlx::query(&LOG_SQL), job, e)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Stores a linked record's new snapshot and change stamps, and logs the decision, in one
+/// statement (one round trip and one commit when the caller passes the pool). False when the link
+/// changed meanwhile (its version moved on): then nothing was stored or logged.
+pub(crate) async fn store_sync(
+    conn: impl PgExecutor<'_>,
+    job: &ClaimedJob,
+    entry: &Entry<'_>,
+    link: &Link,
+    state: LinkState,
+) -> Result<bool, sqlx::Error> {
+    let done = bind_entry(sqlx::query(&STORE_SYNC_SQL), job, entry)
+        .bind(Value::Object(state.snapshot))
+        .bind(state.seen[0])
+        .bind(state.seen[1])
+        .bind(state.last_write.map(Side::as_str))
+        .bind(link.id)
+        .bind(link.version)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The active link of `flow` whose record on `side` is `id`.
+pub(crate) async fn find_link(
+    pool: &PgPool,
+    flow: &Dataflow,
+    side: Side,
+    id: &str,
+) -> Result<Option<Link>, sqlx::Error> {
+    let (col_sys, col_type, col_id) = match side {
+        Side::Source => ("source_system", "source_type", "source_id"),
+        Side::Target => ("target_system", "target_type", "target_id"),
+    };
+    let e = entity(flow, side);
+    let row = sqlx::query(&format!(
+        "SELECT id, source_id, target_id, snapshot, source_seen_at, target_seen_at, \
+         last_write_side, version FROM links \
+         WHERE state = 'active' AND {col_sys} = $1 AND {col_type} = $2 AND {col_id} = $3 \
+         AND flow_id = $4"
+    ))
+    .bind(e.system.as_str())
+    .bind(&e.entity_type)
+    .bind(id)
+    .bind(&flow.id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        let snapshot: Value = row.try_get("snapshot")?;
+        let last_write: Option<String> = row.try_get("last_write_side")?;
+        Ok(Link {
+            id: row.try_get("id")?,
+            source_id: row.try_get("source_id")?,
+            target_id: row.try_get("target_id")?,
+            snapshot: match snapshot {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            },
+            source_seen_at: row.try_get("source_seen_at")?,
+            target_seen_at: row.try_get("target_seen_at")?,
+            last_write_side: match last_write.as_deref() {
+                Some("source") => Some(Side::Source),
+                Some("target") => Some(Side::Target),
+                _ => None,
+            },
+            version: row.try_get("version")?,
+        })
+    })
+    .transpose()
+}
+
+/// Ends one link (its counterpart is gone).
+pub(crate) async fn end_link(pool: &PgPool, link_id: i64, reason: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE links SET state = 'ended', ended_at = now(), updated_at = now(), end_reason = $2 \
+         WHERE id = $1 AND state = 'active'",
+    )
+    .bind(link_id)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Ends every active link of a deleted record; returns each ended link's id and flow.
+pub(crate) async fn end_links_of(
+    pool: &PgPool,
+    r: &RecordKey,
+) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE links SET state = 'ended', ended_at = now(), updated_at = now(), \
+         end_reason = CASE WHEN source_system = $1 AND source_type = $2 AND source_id = $3 \
+            THEN 'source record deleted' ELSE 'target record deleted' END \
+         WHERE state = 'active' AND ((source_system = $1 AND source_type = $2 AND source_id = $3) \
+            OR (target_system = $1 AND target_type = $2 AND target_id = $3)) \
+         RETURNING id, flow_id",
+    )
+    .bind(r.system.as_str())
+    .bind(&r.entity_type)
+    .bind(&r.record_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// The id on system `to` (one of `to_types`) linked to record `id` of `from` (one of
+/// `from_types`) by any active link, in either direction of whichever flow made it.
+pub(crate) async fn linked_id(
+    pool: &PgPool,
+    from: SystemId,
+    from_types: &[String],
+    id: &str,
+    to: SystemId,
+    to_types: &[String],
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "(SELECT target_id FROM links WHERE state = 'active' AND source_system = $1 \
+           AND source_type = ANY($2) AND source_id = $3 AND target_system = $4 \
+           AND target_type = ANY($5) LIMIT 1) \
+         UNION ALL \
+         (SELECT source_id FROM links WHERE state = 'active' AND target_system = $1 \
+           AND target_type = ANY($2) AND target_id = $3 AND source_system = $4 \
+           AND source_type = ANY($5) LIMIT 1) \
+         LIMIT 1",
+    )
+    .bind(from.as_str())
+    .bind(from_types)
+    .bind(id)
+    .bind(to.as_str())
+    .bind(to_types)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Inserts a new link (Tether just wrote or linked the target) and closes its create intent,
+/// inside the caller's transaction; returns the link's id.
+pub(crate) async fn insert_link(
+    tx: &mut PgConnection,
+    flow: &Dataflow,
+    src: &Record,
+    tgt: &Record,
+    snapshot: &Map<String, Value>,
+    intent: Option<i64>,
+) -> Result<i64, sqlx::Error> {
+    let link_id: i64 = sqlx::query_scalar(
+        "INSERT INTO links (flow_id, source_system, source_type, source_id, target_system, \
+         target_type, target_id, snapshot, source_seen_at, target_seen_at, last_write_side) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'target') RETURNING id",
+    )
+    .bind(&flow.id)
+    .bind(flow.source.system.as_str())
+    .bind(&flow.source.entity_type)
+    .bind(&src.id)
+    .bind(flow.target.system.as_str())
+    .bind(&flow.target.entity_type)
+    .bind(&tgt.id)
+    .bind(Value::Object(snapshot.clone()))
+    .bind(src.updated_at)
+    .bind(tgt.updated_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    if let Some(intent) = intent {
+        sqlx::query("UPDATE link_intents SET state = 'done', done_at = now() WHERE id = $1")
+            .bind(intent)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(link_id)
+}
+
+/// An open create intent of a source record and flow.
+pub(crate) struct Intent {
+    pub id: i64,
+    pub idempotency_key: Uuid,
+    pub owner_job_id: Option<i64>,
+    /// Its lease has not expired.
+    pub live: bool,
+}
+
+/// The open create intent of `src_id` in `flow`, if there is one.
+pub(crate) async fn pending_intent(
+    pool: &PgPool,
+    flow: &Dataflow,
+    src_id: &str,
+) -> Result<Option<Intent>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT id, idempotency_key, owner_job_id, lease_until > now() AS live \
+         FROM link_intents WHERE state = 'pending' AND source_system = $1 \
+         AND source_type = $2 AND source_id = $3 AND flow_id = $4",
+    )
+    .bind(flow.source.system.as_str())
+    .bind(&flow.source.entity_type)
+    .bind(src_id)
+    .bind(&flow.id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| {
+        Ok(Intent {
+            id: row.try_get("id")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            owner_job_id: row.try_get("owner_job_id")?,
+            live: row.try_get("live")?,
+        })
+    })
+    .transpose()
+}
+
+/// Takes over an open intent for `job_id` with a fresh lease.
+pub(crate) async fn renew_intent(pool: &PgPool, id: i64, job_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE link_intents SET owner_job_id = $2, \
+         lease_until = now() + make_interval(secs => $3) WHERE id = $1",
+    )
+    .bind(id)
+    .bind(job_id)
+    .bind(INTENT_LEASE_SECS)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records a new intent with `key`; `None` if another job recorded one for the record first.
+pub(crate) async fn insert_intent(
+    pool: &PgPool,
+    flow: &Dataflow,
+    src_id: &str,
+    key: Uuid,
+    job_id: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO link_intents (flow_id, source_system, source_type, source_id, \
+         idempotency_key, owner_job_id, lease_until) \
+         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) \
+         ON CONFLICT DO NOTHING RETURNING id",
+    )
+    .bind(&flow.id)
+    .bind(flow.source.system.as_str())
+    .bind(&flow.source.entity_type)
+    .bind(src_id)
+    .bind(key)
+    .bind(job_id)
+    .bind(INTENT_LEASE_SECS)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Enqueues a synthetic event per record (rule 5: sync the referenced record first; rule 6:
+/// process a written record's other flows without waiting for its webhook). `once_per` makes the
+/// delivery id deterministic (`tether:{why}:{once_per}:{record}`), so a job that waits and
+/// retries enqueues its referenced records once, not on every retry; `None` makes it unique.
+pub(crate) async fn enqueue_records(
+    conn: &mut PgConnection,
+    keys: &[RecordKey],
+    why: &str,
+    once_per: Option<i64>,
+) -> Result<(), sqlx::Error> {
+    for key in keys {
+        let delivery_id = match once_per {
+            Some(scope) => format!("tether:{why}:{scope}:{key}"),
+            None => format!("tether:{why}:{}", Uuid::new_v4()),
+        };
+        let event = ChangeEvent {
+            record: key.clone(),
+            action: Action::Updated,
+            occurred_at: Some(Utc::now()),
+            delivery_id,
+        };
+        let event_id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (system, delivery_id) DO NOTHING RETURNING id",
+        )
+        .bind(key.system.as_str())
+        .bind(&key.entity_type)
+        .bind(&key.record_id)
+        .bind(event.action.as_str())
+        .bind(event.occurred_at)
+        .bind(&event.delivery_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(event_id) = event_id else {
+            continue; // already enqueued for this scope
+        };
+        queue::enqueue(
+            conn,
+            &[NewJob {
+                event_id,
+                event: &event,
+            }],
+        )
+        .await?;
+    }
+    Ok(())
+}
