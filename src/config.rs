@@ -696,7 +696,7 @@ impl Config {
     /// Rules that span several keys.
     fn check(&self) -> Result<(), ConfigError> {
         // A lease shorter than a slow outbound call lets a second worker claim a job that is still
-        // running (engineering.md item 10).
+        // running (docs/queue.md, leases).
         let margin = Duration::from_secs(5);
         if self.workers.lease < self.outbound.timeout + margin {
             return Err(ConfigError(format!(

@@ -27,5 +27,6 @@ pub mod shutdown;
 pub mod signing;
 pub mod simulators;
 pub mod sync;
+pub mod systems;
 pub mod telemetry;
 pub mod testing;

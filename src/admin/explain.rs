@@ -153,7 +153,10 @@ pub fn why_not_synced(
     let reason = match decision {
         Decision::WaitingForReference | Decision::WaitingForCreate => WaitingForReference,
         Decision::Idle | Decision::NotConnected | Decision::NoDataflow => Filtered,
-        Decision::NoMatch | Decision::NotCreatedBack | Decision::LinkedByOtherFlow => SkippedByPlan,
+        Decision::NoMatch
+        | Decision::NotCreatedBack
+        | Decision::LinkedByOtherFlow
+        | Decision::TargetClosed => SkippedByPlan,
         Decision::Paused => Paused,
         Decision::Error | Decision::SystemStopped => Failed,
         _ => Other,

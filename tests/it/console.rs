@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
-use super::admin::{eventually, Harness, TOKEN};
+use super::admin::{Harness, TOKEN, WAIT};
+use super::support::eventually;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -200,7 +201,7 @@ async fn a_person_logs_in_browses_every_page_and_retries_a_dead_letter() {
     }
     let h = Harness::start(Some(TOKEN)).await;
     let org = h.create_org("Browsed AS");
-    eventually("the ERP link", || {
+    eventually("the ERP link", WAIT, || {
         h.active_link("zendesk.Organizations->customerp.Customer", &org)
     })
     .await;

@@ -1,4 +1,5 @@
-//! One integration-test binary with a module per feature (engineering.md item 3).
+//! One integration-test binary with a module per feature; what they share is in [`support`]
+//! (docs/architecture.md, "Tests and documents").
 
 mod admin;
 mod at_rest;

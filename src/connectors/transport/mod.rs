@@ -13,6 +13,7 @@ pub mod classify;
 pub mod gate;
 pub mod quota;
 pub mod refresh;
+pub mod shared;
 pub mod token;
 
 use std::sync::Arc;
