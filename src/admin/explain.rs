@@ -153,7 +153,7 @@ pub fn why_not_synced(
     let reason = match decision {
         "waiting_for_reference" | "waiting_for_create" => WaitingForReference,
         "idle" | "flow_disabled" | "not_connected" | "no_dataflow" => Filtered,
-        "no_match" | "not_created_back" | "linked_by_other_flow" => SkippedByPlan,
+        "no_match" | "not_created_back" | "linked_by_other_flow" | "target_closed" => SkippedByPlan,
         super::pause::PAUSED_DECISION => Paused,
         "error" | "system_stopped" => Failed,
         _ => Other,

@@ -239,8 +239,18 @@ impl std::fmt::Debug for ExactOnline {
 }
 
 impl ExactOnline {
-    /// `timeout` bounds every call (the `outbound.timeout` setting).
+    /// `timeout` bounds every call (the `outbound.timeout` setting). Tokens are stored in clear.
     pub fn new(config: ExactConfig, pool: PgPool, timeout: Duration) -> Self {
+        Self::with_keyring(config, pool, timeout, None)
+    }
+
+    /// Like [`ExactOnline::new`], storing the tokens encrypted under `keyring` (`secrets.key`).
+    pub fn with_keyring(
+        config: ExactConfig,
+        pool: PgPool,
+        timeout: Duration,
+        keyring: Option<Arc<crate::at_rest::Keyring>>,
+    ) -> Self {
         let http = http_client(timeout);
         let tokens = StoredRefreshToken::new(
             RefreshConfig {
@@ -260,7 +270,8 @@ impl ExactOnline {
             },
             pool,
             http.clone(),
-        );
+        )
+        .with_keyring(keyring);
         let gates = Gates::new(vec![
             // Exact counts per division for the whole app; this process's own calls are kept
             // under the minute's limit even before the first answer's headers arrive.

@@ -26,6 +26,8 @@ pub enum Failure {
     Transient,
     Rejected,
     Unauthorized,
+    /// The record refuses changes in its state (a closed Zendesk ticket).
+    TargetClosed,
 }
 
 /// Operation names used by counters and failure knobs.
@@ -215,6 +217,11 @@ impl MemoryConnector {
             Failure::Unauthorized => ConnectorError::Unauthorized {
                 system,
                 message: "injected credential failure".into(),
+            },
+            Failure::TargetClosed => ConnectorError::TargetClosed {
+                system,
+                entity_type: "injected".into(),
+                id: "injected".into(),
             },
         }
     }

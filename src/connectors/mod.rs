@@ -115,6 +115,15 @@ pub enum ConnectorError {
         entity_type: String,
         operation: &'static str,
     },
+    /// The record refuses this change for good because of its state: a closed Zendesk ticket
+    /// (docs/vendors.md, Zendesk "Closed tickets refuse updates"). Not an error of the request
+    /// and never worth a retry; the caller records the decision and moves on.
+    #[error("{system} {entity_type} {id} is closed and refuses the change")]
+    TargetClosed {
+        system: SystemId,
+        entity_type: String,
+        id: String,
+    },
     /// The system has no configuration section: its dataflows are idle.
     #[error("{system} is not configured")]
     NotConfigured { system: SystemId },

@@ -457,6 +457,11 @@ impl SyncEngine {
                     error: format!("{message} (retrying the same request would not help)"),
                 }
             }
+            // A decision, not a failure: the record refuses every write in its state
+            // (docs/vendors.md, Zendesk "Closed tickets refuse updates").
+            ConnectorError::TargetClosed { .. } => {
+                return (JobOutcome::Done, Decision::TargetClosed)
+            }
             ConnectorError::Unauthorized { system, .. } => {
                 self.stop_system(*system);
                 tracing::error!(

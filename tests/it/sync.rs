@@ -1,5 +1,5 @@
 //! The sync engine against a real PostgreSQL with in-memory connectors, driven deterministically by
-//! calling `handle` on each job (no workers). One test or more per rule of product.md section 3.
+//! calling `handle` on each job (no workers). One test or more per rule of docs/sync-rules.md.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -1220,6 +1220,34 @@ async fn connector_errors_map_to_job_outcomes() {
     .await
     .unwrap();
     assert_eq!(errors, 5);
+}
+
+/// A write the target refuses for good in its state (a closed Zendesk ticket, docs/vendors.md)
+/// is a recorded decision: the job is done, not retried and not dead-lettered.
+#[tokio::test]
+async fn a_closed_target_is_a_recorded_decision_not_a_retry() {
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let (c, org) = h.linked_customer("Closed AS", "https://closed.no").await;
+    h.m(PowerOffice)
+        .edit("Customers", &c.id, obj(json!({"Name": "Closed Group"})));
+    h.m(Zendesk).fail_next("update", Failure::TargetClosed);
+    assert_eq!(
+        h.run(PowerOffice, "Customers", &c.id).await,
+        JobOutcome::Done
+    );
+    assert_eq!(
+        h.m(Zendesk).get("Organizations", &org.id).unwrap().fields["name"],
+        json!("Closed AS")
+    );
+    let decisions: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT decision, error FROM sync_log WHERE decision IN ('target_closed', 'error')",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert_eq!(decisions[0].0, "target_closed");
+    assert!(decisions[0].1.as_deref().unwrap().contains("closed"));
 }
 
 /// A refused credential stops the system for every job of this process, not only the job that
