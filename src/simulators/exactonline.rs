@@ -45,6 +45,9 @@ pub struct ExactSimConfig {
     /// Key of the webhook HashCode; with `webhook_target`, account changes are sent there.
     pub webhook_secret: String,
     pub webhook_target: Option<String>,
+    /// Exact's strict rotation (set per app by Exact): a refresh token is dead the moment it is
+    /// used, so a lost refresh response cannot be retried with it.
+    pub strict_rotation: bool,
 }
 
 impl Default for ExactSimConfig {
@@ -61,6 +64,7 @@ impl Default for ExactSimConfig {
             page_size: 60,
             webhook_secret: "sim-webhook-secret".to_owned(),
             webhook_target: None,
+            strict_rotation: false,
         }
     }
 }
@@ -104,6 +108,8 @@ struct Inner {
     public_base: String,
     token_calls: u64,
     errors: ErrorCounts,
+    /// The next token answer is held this long after the refresh was done (a lost response).
+    hold_next_token_answer: Option<Duration>,
 }
 
 /// Exact's error rule (docs/vendors.md, Exact Online item 3): "No more than 10 errors per API
@@ -185,6 +191,12 @@ impl ExactSim {
     /// Errors Exact counts (400, 401, 403, 404, 405) on `endpoint` (`crm/Accounts`) this hour.
     pub fn errors_this_hour(&self, endpoint: &str) -> u32 {
         self.lock().errors.this_hour(endpoint)
+    }
+
+    /// The next refresh is carried out, but its answer is held for `delay` before it is sent:
+    /// a client with a shorter timeout loses it (the rotation happened all the same).
+    pub fn lose_next_token_response(&self, delay: Duration) {
+        self.lock().hold_next_token_answer = Some(delay);
     }
 
     /// Calls to the token endpoint so far.
@@ -482,7 +494,24 @@ async fn token(
     State(sim): State<ExactSim>,
     Form(form): Form<BTreeMap<String, String>>,
 ) -> Response {
-    let mut inner = sim.lock();
+    let (response, hold) = {
+        let mut inner = sim.lock();
+        let response = refresh(&mut inner, &form);
+        let hold = response
+            .status()
+            .is_success()
+            .then(|| inner.hold_next_token_answer.take())
+            .flatten();
+        (response, hold)
+    };
+    if let Some(delay) = hold {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+/// The token endpoint's work: checks the client and the refresh token, rotates.
+fn refresh(inner: &mut Inner, form: &BTreeMap<String, String>) -> Response {
     inner.token_calls += 1;
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     if field("client_id") != inner.config.client_id
@@ -516,7 +545,10 @@ async fn token(
     }
     let ttl = inner.config.access_token_ttl;
     let tokens = &mut inner.tokens;
-    if presented == tokens.current {
+    if inner.config.strict_rotation {
+        // Strict: the token just used is dead at once.
+        tokens.previous = None;
+    } else if presented == tokens.current {
         // Using the newest token retires the one before it; it stays valid itself until its
         // successor is used, so a lost response can be retried.
         tokens.previous = Some(presented);
@@ -950,6 +982,7 @@ pub async fn start(
             public_base: String::new(),
             token_calls: 0,
             errors: ErrorCounts::default(),
+            hold_next_token_answer: None,
         })),
         control,
         webhooks,

@@ -286,3 +286,57 @@ async fn exact_reads_of_deleted_accounts_cost_no_errors() {
         "a Delete webhook needs no read"
     );
 }
+
+/// Exact rotates refresh tokens; with strict rotation the used one is dead at once. A refresh
+/// whose answer is lost (Exact rotated, Tether timed out) leaves Tether with a dead token: it
+/// tries it once, stops with one operator message, and makes no further token calls until a new
+/// refresh token is configured (docs/vendors.md, Exact Online item 5).
+#[tokio::test]
+async fn exact_lost_refresh_response_stops_once_without_looping() {
+    let db = testing::database().await;
+    let (exact, running) = simulator(ExactSimConfig {
+        strict_rotation: true,
+        min_refresh_interval: Duration::ZERO,
+        ..ExactSimConfig::default()
+    })
+    .await;
+    let account = exact.seed_account(json!({"Name": "Acme BV"}));
+    let connector = ExactOnline::new(
+        config(&running.base_url(), "sim-refresh-0"),
+        db.pool.clone(),
+        Duration::from_millis(500),
+    );
+    exact.lose_next_token_response(Duration::from_secs(2));
+    let lost = connector.fetch("Accounts", &account).await.unwrap_err();
+    assert!(
+        matches!(lost, ConnectorError::Timeout { .. }),
+        "a timeout: {lost:?}"
+    );
+    assert_eq!(exact.token_calls(), 1);
+    let stopped = connector.fetch("Accounts", &account).await.unwrap_err();
+    let message = stopped.to_string();
+    assert!(
+        matches!(stopped, ConnectorError::Unauthorized { .. })
+            && message.contains("invalid_grant")
+            && message.contains("exactonline.refresh_token"),
+        "{message}"
+    );
+    for _ in 0..5 {
+        assert!(connector.fetch("Accounts", &account).await.is_err());
+    }
+    assert_eq!(
+        exact.token_calls(),
+        2,
+        "the dead token was tried once, not looped"
+    );
+    assert!(!message.contains("sim-refresh"), "no token in the message");
+
+    // The operator hands a new refresh token (a re-authorisation): the system runs again.
+    let fresh = ExactOnline::new(
+        config(&running.base_url(), &exact.current_refresh_token()),
+        db.pool.clone(),
+        Duration::from_secs(10),
+    );
+    let record = fresh.fetch("Accounts", &account).await.unwrap().unwrap();
+    assert_eq!(record.fields["Name"], json!("Acme BV"));
+}
