@@ -50,6 +50,7 @@ struct State {
     fail_next: HashMap<&'static str, Failure>,
     crash_after_create: bool,
     read_only_types: Vec<String>,
+    final_deletes: bool,
     pause_after_update: Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>,
 }
 
@@ -144,6 +145,12 @@ impl MemoryConnector {
             .get(entity_type)
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Declares this system's delete notifications final, as Exact Online's are
+    /// ([`Connector::deletes_are_final`]).
+    pub fn declare_final_deletes(&self) {
+        self.lock().final_deletes = true;
     }
 
     /// How many calls of `op` ("fetch", "create", ...) were made.
@@ -247,6 +254,10 @@ fn merge_into(target: &mut Map<String, Value>, changes: &Map<String, Value>) {
 impl Connector for MemoryConnector {
     fn system(&self) -> SystemId {
         self.system
+    }
+
+    fn deletes_are_final(&self) -> bool {
+        self.lock().final_deletes
     }
 
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {

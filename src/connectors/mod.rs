@@ -155,6 +155,14 @@ impl ConnectorError {
 pub trait Connector: Send + Sync + 'static {
     fn system(&self) -> SystemId;
 
+    /// Whether this system's delete notifications are final, so the engine ends a record's links
+    /// on one without reading the record first (a deleted record cannot come back, and reading
+    /// it would only cost a call, or, where the vendor counts 404s, an error: Exact Online,
+    /// docs/vendors.md item 3).
+    fn deletes_are_final(&self) -> bool {
+        false
+    }
+
     /// The record's current state, or `None` if it does not exist (any more).
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError>;
 

@@ -72,7 +72,7 @@ impl Id<'_> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Zendesk (vendor-apis.md 1.4)
+// Zendesk (docs/vendors.md, Zendesk webhooks)
 
 #[derive(Deserialize)]
 struct ZendeskEvent<'a> {
@@ -198,7 +198,7 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exact Online (vendor-apis.md 2.4)
+// Exact Online (docs/vendors.md, Exact Online webhooks)
 
 /// The signed part of an Exact callback: the raw `Content` text exactly as it stands in the body,
 /// and the `HashCode` claimed for it.
@@ -288,7 +288,7 @@ pub fn exact_content(content_raw: &str) -> Result<Parsed, FormatError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Custom systems (product.md section 5)
+// Custom systems (README, "The custom-system contract")
 
 #[derive(Deserialize)]
 struct CustomBody<'a> {

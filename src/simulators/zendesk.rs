@@ -1,9 +1,9 @@
 //! A Zendesk Support API of its own, in memory: organizations, users, tickets and ticket comments.
 //!
 //! Owns: the simulated records, the vendor's paths, JSON envelopes, error shapes and status codes
-//! (vendor-apis.md section 1.5), cursor and offset pagination (1.6), the incremental export
-//! endpoints, auth (API token basic and OAuth bearer), the `X-Rate-Limit` headers, and a signed
-//! event-subscription webhook (1.1, 1.4) for every change made through its API.
+//! (docs/vendors.md, Zendesk), cursor and offset pagination, the incremental export endpoints,
+//! auth (API token basic and OAuth bearer), the `X-Rate-Limit` headers, and a signed
+//! event-subscription webhook for every change made through its API.
 //! May call: `simulators::kit` (faults, counters, 429s, webhook delivery) and `signing::zendesk`.
 //!
 //! Vendor behaviours that break naive clients, each in its own module and in docs/vendors.md

@@ -41,9 +41,18 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use crate::connectors::{Connector, ConnectorError, Record};
-use crate::domain::SystemId;
+use crate::domain::{Action, SystemId};
 use crate::queue::{ClaimedJob, JobHandler, JobOutcome};
 use crate::registry::{Dataflow, Registry};
+
+/// How the engine learned a record is gone.
+#[derive(Debug, Clone, Copy)]
+enum Gone {
+    /// Reading it found nothing.
+    NotFound,
+    /// Its system said so in a delete notification it declares final.
+    Notified,
+}
 pub use decision::Decision;
 use mapping::{entity, mapped};
 use merge::Side;
@@ -220,9 +229,14 @@ impl SyncEngine {
                     .map(|(f, side, _)| entity(f, side.other()).system),
             ),
         )?;
+        // A final delete needs no read (docs/vendors.md, Exact Online item 3): its links end.
+        if job.event.action == Action::Deleted && conn.deletes_are_final() {
+            self.record_deleted(job, Gone::Notified).await?;
+            return Ok(None);
+        }
         // Rule 7: the current state, never the event's data.
         let Some(current) = conn.fetch(&rec.entity_type, &rec.record_id).await? else {
-            self.record_deleted(job).await?;
+            self.record_deleted(job, Gone::NotFound).await?;
             return Ok(None);
         };
         let mut later: Vec<String> = Vec::new();
@@ -279,13 +293,21 @@ impl SyncEngine {
     }
 
     /// Rule 9: a deleted record's links end; the counterparts stay.
-    async fn record_deleted(&self, job: &ClaimedJob) -> Result<(), sqlx::Error> {
+    async fn record_deleted(&self, job: &ClaimedJob, gone: Gone) -> Result<(), sqlx::Error> {
+        let what = match gone {
+            Gone::NotFound => "record not found at its system",
+            Gone::Notified => "its system says the record was deleted (final, not re-read)",
+        };
         let ended = store::end_links_of(&self.pool, &job.event.record).await?;
         if ended.is_empty() {
-            let detail = "record not found at its system (deleted, or never of this type); \
-                          it had no active links";
+            let detail = match gone {
+                Gone::NotFound => {
+                    format!("{what} (deleted, or never of this type); it had no active links")
+                }
+                Gone::Notified => format!("{what}; it had no active links"),
+            };
             let entry = Entry {
-                detail: Some(detail.into()),
+                detail: Some(detail),
                 ..Entry::new(Decision::NotFound)
             };
             self.log(job, entry).await?;
@@ -294,7 +316,7 @@ impl SyncEngine {
             let entry = Entry {
                 flow: Some(&flow),
                 link: Some(link_id),
-                detail: Some("record not found at its system: link ended, counterpart kept".into()),
+                detail: Some(format!("{what}: link ended, counterpart kept")),
                 ..Entry::new(Decision::Deleted)
             };
             self.log(job, entry).await?;
