@@ -231,9 +231,10 @@ pub static ENTITIES: &[EntityDecl] = &[
         entity_type: "Users",
         fields: &[
             ro("id"),
-            // `UserCreateInput` requires both.
+            // `UserCreateInput` requires both. The primary email is "writeable on create only"
+            // (docs/vendors.md, Zendesk item 10): an update would add a secondary identity.
             req("name"),
-            req("email"),
+            with(rw("email"), Access::CreateOnly, true),
             rw("external_id"),
             reference("organization_id", &["Organizations"]),
             rw("role"),
