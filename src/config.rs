@@ -398,8 +398,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// One JSON object per line (the default of `serve`).
     Json,
-    Pretty,
+    /// Human-readable lines (`"text"`, also accepted as `"pretty"`; the default of `sandbox`).
+    Text,
 }
 
 /// The whole configuration, validated.
@@ -418,6 +420,22 @@ pub struct Config {
     pub outbound: OutboundConfig,
     pub registry: RegistryConfig,
     pub systems: SystemsConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// The admin API and console (`/admin`): off unless a token is configured.
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// The bearer token of `/admin/api/…` and the console's login; `None` turns `/admin` off.
+    pub token: Option<SecretString>,
+}
+
+/// Where `/metrics` is served.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsConfig {
+    /// A separate listener for `/metrics`; `None` serves it on the main `listen` address.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -564,10 +582,10 @@ impl Config {
     pub fn from_source(mut s: Source) -> Result<Config, ConfigError> {
         let log_format = match s.string("log_format")?.as_deref() {
             None | Some("json") => LogFormat::Json,
-            Some("pretty") | Some("text") => LogFormat::Pretty,
+            Some("pretty") | Some("text") => LogFormat::Text,
             Some(other) => {
                 return Err(ConfigError(format!(
-                    "configuration key `log_format` is {other:?}; use \"json\" or \"pretty\"."
+                    "configuration key `log_format` is {other:?}; use \"json\" or \"text\"."
                 )))
             }
         };
@@ -646,6 +664,12 @@ impl Config {
                 customerp: custom(&mut s, "customerp")?,
                 custompms: custom(&mut s, "custompms")?,
             },
+            admin: AdminConfig {
+                token: admin_token(&mut s)?,
+            },
+            metrics: MetricsConfig {
+                listen: s.socket_addr("metrics.listen")?,
+            },
         };
         s.finish()?;
         config.check()?;
@@ -667,6 +691,23 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Shortest admin token accepted: a guessable token would open every operation of `/admin`.
+pub const ADMIN_TOKEN_MIN_LEN: usize = 24;
+
+fn admin_token(s: &mut Source) -> Result<Option<SecretString>, ConfigError> {
+    let token = s.secret("admin.token")?;
+    if let Some(t) = &token {
+        use secrecy::ExposeSecret as _;
+        let len = t.expose_secret().chars().count();
+        if len < ADMIN_TOKEN_MIN_LEN {
+            return Err(ConfigError(format!(
+                "configuration key `admin.token` is {len} characters long; use at least {ADMIN_TOKEN_MIN_LEN} random characters (e.g. `openssl rand -hex 32`)."
+            )));
+        }
+    }
+    Ok(token)
 }
 
 fn require<T>(value: Option<T>, key: &str, section: &str) -> Result<T, ConfigError> {

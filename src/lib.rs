@@ -7,6 +7,7 @@
 //! cluster. `simulators` are servers that play the vendors for tests and `tether sandbox`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod connectors;
@@ -15,6 +16,7 @@ pub mod domain;
 pub mod http;
 pub mod intake;
 pub mod measure;
+pub mod ops;
 pub mod polling;
 pub mod queue;
 pub mod registry;

@@ -137,7 +137,7 @@ impl Simulators {
         format!(
             r#"listen = "{listen}"
 data_dir = {data_dir:?}
-log_format = "pretty"
+log_format = "text"
 
 [workers]
 poll_interval = "200ms"

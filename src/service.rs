@@ -121,8 +121,20 @@ pub async fn run(
     listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    crate::ops::metrics::install();
     let connectors = build_connectors(&config, &pool)?;
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(address) = config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {address} (metrics.listen): {e}"))?;
+        let (pool, shutdown) = (pool.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = crate::ops::serve_metrics(listener, pool, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
 
     if let Some(listener) = listener.filter(|_| config.http.enabled) {
         tracing::info!(address = %listener.local_addr()?, "listening");

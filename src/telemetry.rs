@@ -1,4 +1,4 @@
-//! Logging: structured JSON lines by default, human-readable when asked (`log_format = "pretty"`).
+//! Logging: structured JSON lines by default, human-readable when asked (`log_format = "text"`).
 //! The current span's fields (such as `request_id`) are on every line logged inside it.
 
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
@@ -21,7 +21,7 @@ pub fn init(format: LogFormat, level: &str) {
                     .with_writer(std::io::stderr),
             )
             .try_init(),
-        LogFormat::Pretty => registry
+        LogFormat::Text => registry
             .with(
                 fmt::layer()
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -15,19 +15,20 @@
 //! while being paged can shift one record past the page being read.
 //!
 //! Owns: the HTTP calls and the poll cursor format of CRMOffice.
-//! May call: [`super::http`] only.
+//! May call: [`super::transport`] only.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use reqwest::StatusCode;
-use secrecy::{ExposeSecret, SecretString};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::custom::join;
-use super::http::{check, client, send_error};
+use super::transport::token::StaticToken;
+use super::transport::{http_client, Answer, Call, Credential, Gates, VendorClient};
 use super::{get_path, ChangePage, Connector, ConnectorError, Record};
 use crate::config::CrmOfficeConfig;
 use crate::domain::SystemId;
@@ -102,8 +103,7 @@ use assumptions as a;
 /// A client of one CRMOffice tenant.
 pub struct CrmOfficeConnector {
     base_url: url::Url,
-    token: SecretString,
-    http: reqwest::Client,
+    client: VendorClient,
     page_size: u32,
 }
 
@@ -157,8 +157,12 @@ impl CrmOfficeConnector {
     pub fn new(config: &CrmOfficeConfig, timeout: Duration) -> Self {
         CrmOfficeConnector {
             base_url: config.base_url.clone(),
-            token: config.api_token.clone(),
-            http: client(timeout),
+            client: VendorClient::new(
+                SYSTEM,
+                http_client(timeout),
+                Arc::new(StaticToken(Credential::Bearer(config.api_token.clone()))),
+                Arc::new(Gates::default()),
+            ),
             page_size: a::DEFAULT_PAGE_SIZE,
         }
     }
@@ -197,21 +201,13 @@ impl CrmOfficeConnector {
         Ok(collection)
     }
 
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ConnectorError> {
-        let response = request
-            .bearer_auth(self.token.expose_secret())
-            .send()
-            .await
-            .map_err(|e| send_error(SYSTEM, e))?;
-        check(SYSTEM, response).await
-    }
-
-    async fn json(&self, response: reqwest::Response) -> Result<Value, ConnectorError> {
-        let bytes = response.bytes().await.map_err(|e| send_error(SYSTEM, e))?;
-        serde_json::from_slice(&bytes).map_err(|e| malformed(format!("invalid JSON ({e})")))
+    /// The JSON of a successful answer; `None` for 404.
+    async fn send(&self, call: Call<'_>) -> Result<Option<Value>, ConnectorError> {
+        match self.client.send(call).await? {
+            Answer::Json(value) => Ok(Some(value)),
+            Answer::Empty => Err(malformed("an empty answer")),
+            Answer::NotFound => Ok(None),
+        }
     }
 
     async fn list(
@@ -219,17 +215,11 @@ impl CrmOfficeConnector {
         collection: &str,
         query: &[(&str, String)],
     ) -> Result<Vec<Value>, ConnectorError> {
-        let response = self
-            .send(
-                self.http
-                    .get(join(&self.base_url, &[collection]))
-                    .query(query),
-            )
-            .await?;
-        if response.status() == StatusCode::NOT_FOUND {
+        let call = Call::get(join(&self.base_url, &[collection])).query(query);
+        let Some(value) = self.send(call).await? else {
             return Err(gone(&format!("list endpoint /{collection}")));
-        }
-        match self.json(response).await? {
+        };
+        match value {
             Value::Object(mut body) => match body.remove(a::LIST_KEY) {
                 Some(Value::Array(items)) => Ok(items),
                 _ => Err(malformed(format!("no `{}` array", a::LIST_KEY))),
@@ -289,13 +279,10 @@ impl Connector for CrmOfficeConnector {
 
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let collection = self.collection(entity_type, "fetch")?;
-        let response = self
-            .send(self.http.get(join(&self.base_url, &[collection, id])))
-            .await?;
-        if response.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        to_record(self.json(response).await?).map(Some)
+        self.send(Call::get(join(&self.base_url, &[collection, id])))
+            .await?
+            .map(to_record)
+            .transpose()
     }
 
     async fn create(
@@ -310,17 +297,12 @@ impl Connector for CrmOfficeConnector {
             a::EXTERNAL_ID_FIELD.to_owned(),
             Value::String(idempotency_key.to_owned()),
         );
-        let response = self
-            .send(
-                self.http
-                    .post(join(&self.base_url, &[collection]))
-                    .json(&body),
-            )
-            .await?;
-        if response.status() == StatusCode::NOT_FOUND {
+        let body = Value::Object(body);
+        let call = Call::new(Method::POST, join(&self.base_url, &[collection])).json(&body);
+        let Some(value) = self.send(call).await? else {
             return Err(gone(&format!("create endpoint /{collection}")));
-        }
-        to_record(self.json(response).await?)
+        };
+        to_record(value)
     }
 
     async fn find_created(
@@ -376,17 +358,12 @@ impl Connector for CrmOfficeConnector {
         };
         let mut body = current.fields;
         merge_into(&mut body, changed);
-        let response = self
-            .send(
-                self.http
-                    .put(join(&self.base_url, &[collection, id]))
-                    .json(&body),
-            )
-            .await?;
-        if response.status() == StatusCode::NOT_FOUND {
+        let body = Value::Object(body);
+        let call = Call::new(Method::PUT, join(&self.base_url, &[collection, id])).json(&body);
+        let Some(value) = self.send(call).await? else {
             return Err(gone(&format!("{entity_type} {id}")));
-        }
-        to_record(self.json(response).await?)
+        };
+        to_record(value)
     }
 
     async fn list_changed(

@@ -3,7 +3,7 @@
 //! [`SystemId`] and its [`CustomSystemConfig`].
 //!
 //! Owns: the HTTP calls of the contract and the connector's poll cursor format.
-//! May call: [`super::http`] only.
+//! May call: [`super::transport`] only.
 //!
 //! # The contract, as this client uses it
 //! - `GET {base}/{type}/{id}` → the record (`id`, `updated_at` RFC 3339, other fields); 404 → `None`.
@@ -33,16 +33,17 @@
 //! to the end of the `updated_at` order) are read later in the same pass. Known limit: a record
 //! changed again within the server clock's resolution at the watermark's own instant is seen once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
-use reqwest::StatusCode;
-use secrecy::{ExposeSecret, SecretString};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::http::{check, client, send_error};
+use super::transport::token::StaticToken;
+use super::transport::{http_client, Answer, Call, Credential, Gates, VendorClient};
 use super::{get_path, ChangePage, Connector, ConnectorError, Record};
 use crate::config::CustomSystemConfig;
 use crate::domain::SystemId;
@@ -54,8 +55,7 @@ pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 pub struct CustomConnector {
     system: SystemId,
     base_url: url::Url,
-    token: SecretString,
-    http: reqwest::Client,
+    client: VendorClient,
 }
 
 impl std::fmt::Debug for CustomConnector {
@@ -129,8 +129,12 @@ impl CustomConnector {
         Ok(CustomConnector {
             system,
             base_url: config.base_url.clone(),
-            token: config.api_token.clone(),
-            http: client(timeout),
+            client: VendorClient::new(
+                system,
+                http_client(timeout),
+                Arc::new(StaticToken(Credential::Bearer(config.api_token.clone()))),
+                Arc::new(Gates::default()),
+            ),
         })
     }
 
@@ -153,24 +157,13 @@ impl CustomConnector {
         }
     }
 
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ConnectorError> {
-        let response = request
-            .bearer_auth(self.token.expose_secret())
-            .send()
-            .await
-            .map_err(|e| send_error(self.system, e))?;
-        check(self.system, response).await
-    }
-
-    async fn json(&self, response: reqwest::Response) -> Result<Value, ConnectorError> {
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| send_error(self.system, e))?;
-        serde_json::from_slice(&bytes).map_err(|e| self.malformed(format!("invalid JSON ({e})")))
+    /// The JSON of a successful answer; `None` for 404.
+    async fn send(&self, call: Call<'_>) -> Result<Option<Value>, ConnectorError> {
+        match self.client.send(call).await? {
+            Answer::Json(value) => Ok(Some(value)),
+            Answer::Empty => Err(self.malformed("an empty answer")),
+            Answer::NotFound => Ok(None),
+        }
     }
 
     fn record(&self, value: Value) -> Result<Record, ConnectorError> {
@@ -212,11 +205,9 @@ impl CustomConnector {
         query: &[(&str, String)],
     ) -> Result<ListBody, ConnectorError> {
         let url = join(&self.base_url, &[segment]);
-        let response = self.send(self.http.get(url).query(query)).await?;
-        if response.status() == StatusCode::NOT_FOUND {
+        let Some(value) = self.send(Call::get(url).query(query)).await? else {
             return Err(self.not_found(&format!("list endpoint /{segment}")));
-        }
-        let value = self.json(response).await?;
+        };
         serde_json::from_value(value).map_err(|e| self.malformed(format!("list body: {e}")))
     }
 }
@@ -233,14 +224,10 @@ impl Connector for CustomConnector {
 
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let segment = self.segment(entity_type, "fetch")?;
-        let response = self
-            .send(self.http.get(join(&self.base_url, &[segment, id])))
-            .await?;
-        if response.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let value = self.json(response).await?;
-        self.record(value).map(Some)
+        self.send(Call::get(join(&self.base_url, &[segment, id])))
+            .await?
+            .map(|value| self.record(value))
+            .transpose()
     }
 
     async fn create(
@@ -250,18 +237,13 @@ impl Connector for CustomConnector {
         idempotency_key: &str,
     ) -> Result<Record, ConnectorError> {
         let segment = self.segment(entity_type, "create")?;
-        let response = self
-            .send(
-                self.http
-                    .post(join(&self.base_url, &[segment]))
-                    .header(IDEMPOTENCY_HEADER, idempotency_key)
-                    .json(fields),
-            )
-            .await?;
-        if response.status() == StatusCode::NOT_FOUND {
+        let body = Value::Object(fields.clone());
+        let call = Call::new(Method::POST, join(&self.base_url, &[segment]))
+            .header(IDEMPOTENCY_HEADER, idempotency_key)
+            .json(&body);
+        let Some(value) = self.send(call).await? else {
             return Err(self.not_found(&format!("create endpoint /{segment}")));
-        }
-        let value = self.json(response).await?;
+        };
         self.record(value)
     }
 
@@ -293,21 +275,13 @@ impl Connector for CustomConnector {
         changed: &Map<String, Value>,
     ) -> Result<Record, ConnectorError> {
         let segment = self.segment(entity_type, "update")?;
-        let response = self
-            .send(
-                self.http
-                    .patch(join(&self.base_url, &[segment, id]))
-                    .header(
-                        reqwest::header::CONTENT_TYPE,
-                        "application/merge-patch+json",
-                    )
-                    .body(Value::Object(changed.clone()).to_string()),
-            )
-            .await?;
-        if response.status() == StatusCode::NOT_FOUND {
+        let patch = Value::Object(changed.clone());
+        let call = Call::new(Method::PATCH, join(&self.base_url, &[segment, id]))
+            .json(&patch)
+            .content_type("application/merge-patch+json");
+        let Some(value) = self.send(call).await? else {
             return Err(self.not_found(&format!("{entity_type} {id}")));
-        }
-        let value = self.json(response).await?;
+        };
         self.record(value)
     }
 

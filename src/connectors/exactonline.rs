@@ -1,29 +1,29 @@
 //! Exact Online connector: `Accounts` (`crm/Accounts`), `Departments` (`hrm/Departments`) and
 //! `Divisions` (`hrm/Divisions`) of one division.
 //!
-//! Owns: the OAuth2 token lifecycle (10-minute access tokens, rotating refresh tokens kept in the
-//! `oauth_tokens` table), the per-division call budget (60 a minute, 5,000 a day, read from the
-//! `X-RateLimit-*` headers) and the OData v2 JSON translation (`d.results`, `__next`, `/Date(ms)/`).
-//! May call: the database (its token row) and Exact's HTTP API. Nothing else.
+//! Owns: which token source (rotating refresh tokens stored in PostgreSQL, 10-minute access
+//! tokens) and gates (60 calls a minute and 5,000 a day per division, read from the
+//! `X-RateLimit-*` headers) its calls use, and the OData v2 JSON translation (`d.results`,
+//! `__next`, `/Date(ms)/`). Vendor facts: docs/vendors.md, Exact Online.
+//! May call: [`super::transport`] only.
 //!
 //! Field names in a [`Record`] are Exact's own (`Name`, `Description`, ...), which are the
 //! registry's names for these types. `/Date(ms)/` values are presented as RFC 3339 strings.
 
-use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
-use reqwest::{Method, StatusCode};
-use secrecy::ExposeSecret;
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tokio::sync::Mutex;
-use tokio::time::Instant;
 
-use super::http::{check, client, send_error};
+use super::transport::gate::Window;
+use super::transport::quota::{LowQuota, QuotaGate, QuotaHeaders, ResetFormat};
+use super::transport::refresh::{RefreshConfig, StoredRefreshToken};
+use super::transport::{http_client, Call, Gates, VendorClient};
 use super::{ChangePage, Connector, ConnectorError, Record};
 use crate::config::ExactConfig;
 use crate::domain::SystemId;
@@ -32,10 +32,26 @@ const SYSTEM: SystemId = SystemId::ExactOnline;
 
 /// Exact refuses a new access token sooner than 9 min 30 s after the previous one.
 pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(570);
-/// An access token this close to expiry is treated as expired (a call may take a while).
-const EXPIRY_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
 /// Calls a minute Exact allows per division and app.
-const MINUTE_LIMIT: usize = 60;
+const MINUTE_LIMIT: u32 = 60;
+/// Exact's quota headers (docs/vendors.md, Exact Online "API limits"): the minute's and the
+/// day's calls left, resets as epoch milliseconds.
+const MINUTELY_QUOTA: QuotaHeaders = QuotaHeaders {
+    remaining: "x-ratelimit-minutely-remaining",
+    limit: Some("x-ratelimit-minutely-limit"),
+    reset: "x-ratelimit-minutely-reset",
+    reset_format: ResetFormat::EpochTime,
+    window: Duration::from_secs(60),
+    low: LowQuota::StopAtZero,
+};
+const DAILY_QUOTA: QuotaHeaders = QuotaHeaders {
+    remaining: "x-ratelimit-remaining",
+    limit: Some("x-ratelimit-limit"),
+    reset: "x-ratelimit-reset",
+    reset_format: ResetFormat::EpochTime,
+    window: Duration::from_secs(86_400),
+    low: LowQuota::StopAtZero,
+};
 /// A budget wait up to this long is slept inline; longer ones are returned as back-pressure so
 /// the worker is not held.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(2);
@@ -196,133 +212,10 @@ fn odata_literal(value: &Value) -> Result<String, ConnectorError> {
     })
 }
 
-/// The per-division call budget. Exact counts calls per division across all replicas; its headers
-/// say what is left, and a local sliding window keeps this replica under 60 a minute even before
-/// the first header arrives.
-#[derive(Default)]
-struct Budget {
-    recent: VecDeque<Instant>,
-    minutely_remaining: Option<i64>,
-    minutely_reset: Option<DateTime<Utc>>,
-    daily_remaining: Option<i64>,
-    daily_reset: Option<DateTime<Utc>>,
-}
-
-/// Exact's reset headers are epoch milliseconds; values that look like seconds are accepted too.
-fn epoch(value: i64) -> Option<DateTime<Utc>> {
-    if value > 1_000_000_000_000 {
-        Utc.timestamp_millis_opt(value).single()
-    } else {
-        Utc.timestamp_opt(value, 0).single()
-    }
-}
-
-impl Budget {
-    /// How long to wait before the next call, or `Err` when that is too long to wait inline.
-    fn take(&mut self) -> Result<Duration, ConnectorError> {
-        let now = Instant::now();
-        let wall = Utc::now();
-        while self
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
-        {
-            self.recent.pop_front();
-        }
-        if let (Some(remaining), Some(reset)) = (self.daily_remaining, self.daily_reset) {
-            if remaining <= 0 && reset > wall {
-                // The day's quota is gone: say when it comes back instead of sleeping for hours.
-                return Err(ConnectorError::RateLimited {
-                    system: SYSTEM,
-                    retry_after: (reset - wall).to_std().ok(),
-                });
-            }
-        }
-        let mut wait = Duration::ZERO;
-        if self.recent.len() >= MINUTE_LIMIT {
-            let oldest = self.recent[self.recent.len() - MINUTE_LIMIT];
-            wait = (oldest + Duration::from_secs(60)).saturating_duration_since(now);
-        }
-        if let (Some(remaining), Some(reset)) = (self.minutely_remaining, self.minutely_reset) {
-            if remaining <= 0 && reset > wall {
-                wait = wait.max((reset - wall).to_std().unwrap_or_default());
-            }
-        }
-        if wait > MAX_INLINE_WAIT {
-            return Err(ConnectorError::RateLimited {
-                system: SYSTEM,
-                retry_after: Some(wait),
-            });
-        }
-        self.recent.push_back(now + wait);
-        // Count this call at once, so calls made before its response arrives (other tasks of
-        // this replica) see it too; the response's headers then replace the estimate.
-        if let Some(r) = self.minutely_remaining.as_mut() {
-            *r -= 1;
-        }
-        if let Some(r) = self.daily_remaining.as_mut() {
-            *r -= 1;
-        }
-        Ok(wait)
-    }
-
-    fn observe(&mut self, headers: &reqwest::header::HeaderMap) {
-        let int =
-            |name: &str| -> Option<i64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
-        if let Some(v) = int("x-ratelimit-minutely-remaining") {
-            self.minutely_remaining = Some(v);
-        }
-        if let Some(v) = int("x-ratelimit-minutely-reset").and_then(epoch) {
-            self.minutely_reset = Some(v);
-        }
-        if let Some(v) = int("x-ratelimit-remaining") {
-            self.daily_remaining = Some(v);
-        }
-        if let Some(v) = int("x-ratelimit-reset").and_then(epoch) {
-            self.daily_reset = Some(v);
-        }
-    }
-
-    /// After a 429: when the headers say the quota resets, wait until then.
-    fn retry_after(&self) -> Option<Duration> {
-        let wall = Utc::now();
-        let reset = match (self.daily_remaining, self.daily_reset) {
-            (Some(r), Some(reset)) if r <= 0 => Some(reset),
-            _ => self.minutely_reset,
-        }?;
-        (reset > wall).then(|| (reset - wall).to_std().unwrap_or_default())
-    }
-}
-
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: String,
-    refresh_token: String,
-    /// Exact sends it as a string (`"600"`); a number is accepted too.
-    expires_in: Value,
-}
-
-#[derive(Deserialize)]
-struct TokenError {
-    error: Option<String>,
-}
-
-#[derive(sqlx::FromRow)]
-struct TokenRow {
-    access_token: Option<String>,
-    access_expires_at: Option<DateTime<Utc>>,
-    refresh_token: String,
-    refreshed_at: Option<DateTime<Utc>>,
-    seed_sha256: String,
-    stopped_reason: Option<String>,
-}
-
 /// The Exact Online client of one division.
 pub struct ExactOnline {
     config: ExactConfig,
-    pool: PgPool,
-    http: reqwest::Client,
-    budget: Mutex<Budget>,
+    client: VendorClient,
 }
 
 impl std::fmt::Debug for ExactOnline {
@@ -337,16 +230,36 @@ impl std::fmt::Debug for ExactOnline {
 impl ExactOnline {
     /// `timeout` bounds every call (the `outbound.timeout` setting).
     pub fn new(config: ExactConfig, pool: PgPool, timeout: Duration) -> Self {
-        ExactOnline {
-            config,
+        let http = http_client(timeout);
+        let tokens = StoredRefreshToken::new(
+            RefreshConfig {
+                system: SYSTEM,
+                vendor_name: "Exact Online",
+                account: config.division.to_string(),
+                token_url: format!(
+                    "{}/api/oauth2/token",
+                    config.base_url.as_str().trim_end_matches('/')
+                ),
+                client_id: config.client_id.clone(),
+                client_secret: config.client_secret.clone(),
+                seed_refresh_token: config.refresh_token.clone(),
+                min_refresh_interval: MIN_REFRESH_INTERVAL,
+                reauthorise: REAUTHORISE,
+                client_hint: "check exactonline.client_id and client_secret",
+            },
             pool,
-            http: client(timeout),
-            budget: Mutex::new(Budget::default()),
-        }
-    }
-
-    fn account(&self) -> String {
-        self.config.division.to_string()
+            http.clone(),
+        );
+        let gates = Gates::new(vec![
+            // Exact counts per division for the whole app; this process's own calls are kept
+            // under the minute's limit even before the first answer's headers arrive.
+            Arc::new(Window::per_minute(MINUTE_LIMIT)),
+            Arc::new(QuotaGate::new(MINUTELY_QUOTA)),
+            Arc::new(QuotaGate::new(DAILY_QUOTA)),
+        ]);
+        let client = VendorClient::new(SYSTEM, http, Arc::new(tokens), Arc::new(gates))
+            .with_max_inline_wait(MAX_INLINE_WAIT);
+        ExactOnline { config, client }
     }
 
     fn url(&self, path_and_query: &str) -> String {
@@ -358,282 +271,20 @@ impl ExactOnline {
         )
     }
 
-    fn seed_hash(&self) -> String {
-        hex::encode(Sha256::digest(
-            self.config.refresh_token.expose_secret().as_bytes(),
-        ))
-    }
-
-    fn stopped_error(reason: &str) -> ConnectorError {
-        ConnectorError::Unauthorized {
-            system: SYSTEM,
-            message: format!("Exact Online is stopped: {reason}"),
-        }
-    }
-
-    fn db_error(error: sqlx::Error) -> ConnectorError {
-        ConnectorError::Transient {
-            system: SYSTEM,
-            message: format!("token storage failed: {error}"),
-        }
-    }
-
-    /// A valid access token. `rejected` is a token the API just refused with 401: it is not
-    /// reused. Only the replica holding the row lock calls the token endpoint; the others wait
-    /// for the lock and then reuse what it stored.
-    async fn access_token(&self, rejected: Option<&str>) -> Result<String, ConnectorError> {
-        let account = self.account();
-        let seed = self.seed_hash();
-        let usable = |row: &TokenRow| -> Option<String> {
-            let token = row.access_token.as_ref()?;
-            let expires = row.access_expires_at?;
-            (expires - EXPIRY_MARGIN > Utc::now() && Some(token.as_str()) != rejected)
-                .then(|| token.clone())
-        };
-
-        // Fast path without a lock: most calls find a valid token.
-        let row: Option<TokenRow> = sqlx::query_as(
-            "SELECT access_token, access_expires_at, refresh_token, refreshed_at, seed_sha256, \
-             stopped_reason FROM oauth_tokens WHERE system = $1 AND account = $2",
-        )
-        .bind(SYSTEM.as_str())
-        .bind(&account)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(Self::db_error)?;
-        match &row {
-            Some(row) => {
-                if let Some(reason) = &row.stopped_reason {
-                    if row.seed_sha256 == seed {
-                        return Err(Self::stopped_error(reason));
-                    }
-                } else if let Some(token) = usable(row) {
-                    return Ok(token);
-                }
-            }
-            None => {
-                // The configured refresh token seeds the row only when none exists yet.
-                sqlx::query(
-                    "INSERT INTO oauth_tokens (system, account, refresh_token, seed_sha256) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (system, account) DO NOTHING",
-                )
-                .bind(SYSTEM.as_str())
-                .bind(&account)
-                .bind(self.config.refresh_token.expose_secret())
-                .bind(&seed)
-                .execute(&self.pool)
-                .await
-                .map_err(Self::db_error)?;
-            }
-        }
-
-        // Slow path: take the row lock. Holding it across the token call is what makes one
-        // replica the only user of the refresh token; the others wait here and then find the new
-        // access token. If the call times out or the commit fails after Exact rotated, nothing
-        // is lost: Exact keeps the old refresh token valid until the new one is used.
-
-        let mut tx = self.pool.begin().await.map_err(Self::db_error)?;
-        let mut row: TokenRow = sqlx::query_as(
-            "SELECT access_token, access_expires_at, refresh_token, refreshed_at, seed_sha256, \
-             stopped_reason FROM oauth_tokens WHERE system = $1 AND account = $2 FOR UPDATE",
-        )
-        .bind(SYSTEM.as_str())
-        .bind(&account)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(Self::db_error)?;
-        if let Some(reason) = &row.stopped_reason {
-            if row.seed_sha256 == seed {
-                return Err(Self::stopped_error(reason));
-            }
-            // The operator configured a new refresh token after the stop: start over with it.
-            // `refreshed_at` stays, so the 570 s rule still holds across the reseed.
-            sqlx::query(
-                "UPDATE oauth_tokens SET refresh_token = $3, seed_sha256 = $4, access_token = NULL, \
-                 access_expires_at = NULL, stopped_reason = NULL, stopped_at = NULL \
-                 WHERE system = $1 AND account = $2",
-            )
-            .bind(SYSTEM.as_str())
-            .bind(&account)
-            .bind(self.config.refresh_token.expose_secret())
-            .bind(&seed)
-            .execute(&mut *tx)
-            .await
-            .map_err(Self::db_error)?;
-            tracing::info!(system = %SYSTEM, "configured refresh token changed; Exact Online restarted");
-            row.refresh_token = self.config.refresh_token.expose_secret().to_owned();
-            row.access_token = None;
-            row.access_expires_at = None;
-        }
-        if let Some(token) = usable(&row) {
-            // Another replica refreshed while this one waited for the lock.
-            tx.commit().await.map_err(Self::db_error)?;
-            return Ok(token);
-        }
-        if let Some(at) = row.refreshed_at {
-            let since = (Utc::now() - at).to_std().unwrap_or_default();
-            if since < MIN_REFRESH_INTERVAL {
-                return Err(ConnectorError::RateLimited {
-                    system: SYSTEM,
-                    retry_after: Some(MIN_REFRESH_INTERVAL - since),
-                });
-            }
-        }
-
-        // This replica holds the lock: it alone uses the refresh token.
-        let token_url = format!(
-            "{}/api/oauth2/token",
-            self.config.base_url.as_str().trim_end_matches('/')
-        );
-        let response = self
-            .http
-            .post(token_url)
-            .form(&[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", row.refresh_token.as_str()),
-                ("client_id", self.config.client_id.as_str()),
-                ("client_secret", self.config.client_secret.expose_secret()),
-            ])
-            .send()
-            .await
-            .map_err(|e| send_error(SYSTEM, e))?;
-        let status = response.status();
-        if status.is_success() {
-            let body: TokenResponse = response
-                .json()
-                .await
-                .map_err(|_| malformed("token response is not the expected JSON"))?;
-            let expires_in = match &body.expires_in {
-                Value::String(s) => s.trim().parse::<i64>().ok(),
-                Value::Number(n) => n.as_i64(),
-                _ => None,
-            }
-            .filter(|s| *s > 0)
-            .ok_or_else(|| malformed("token response has no usable expires_in"))?;
-            sqlx::query(
-                "UPDATE oauth_tokens SET access_token = $3, access_expires_at = now() + make_interval(secs => $4), \
-                 refresh_token = $5, refreshed_at = now() WHERE system = $1 AND account = $2",
-            )
-            .bind(SYSTEM.as_str())
-            .bind(&account)
-            .bind(&body.access_token)
-            .bind(expires_in as f64)
-            .bind(&body.refresh_token)
-            .execute(&mut *tx)
-            .await
-            .map_err(Self::db_error)?;
-            tx.commit().await.map_err(Self::db_error)?;
-            tracing::info!(system = %SYSTEM, "access token refreshed");
-            return Ok(body.access_token);
-        }
-        let text = response.text().await.unwrap_or_default();
-        let error = serde_json::from_str::<TokenError>(&text)
-            .ok()
-            .and_then(|e| e.error)
-            .unwrap_or_default();
-        if status == StatusCode::UNAUTHORIZED
-            || (status == StatusCode::BAD_REQUEST && error == "invalid_grant")
-        {
-            let reason = format!(
-                "Exact Online rejected the refresh token ({}{}); {REAUTHORISE}",
-                status.as_u16(),
-                if error.is_empty() {
-                    String::new()
-                } else {
-                    format!(" {error}")
-                }
-            );
-            sqlx::query(
-                "UPDATE oauth_tokens SET stopped_reason = $3, stopped_at = now(), access_token = NULL, \
-                 access_expires_at = NULL WHERE system = $1 AND account = $2",
-            )
-            .bind(SYSTEM.as_str())
-            .bind(&account)
-            .bind(&reason)
-            .execute(&mut *tx)
-            .await
-            .map_err(Self::db_error)?;
-            tx.commit().await.map_err(Self::db_error)?;
-            tracing::error!(system = %SYSTEM, %reason, "Exact Online stopped");
-            return Err(Self::stopped_error(&reason));
-        }
-        Err(match status {
-            StatusCode::TOO_MANY_REQUESTS => ConnectorError::RateLimited {
-                system: SYSTEM,
-                retry_after: None,
-            },
-            s if s.is_server_error() => ConnectorError::Transient {
-                system: SYSTEM,
-                message: format!("token endpoint answered {s}"),
-            },
-            s => ConnectorError::Rejected {
-                system: SYSTEM,
-                status: s.as_u16(),
-                message: format!(
-                    "token endpoint refused the refresh ({}); check exactonline.client_id and client_secret",
-                    if error.is_empty() { "no error code" } else { &error }
-                ),
-            },
-        })
-    }
-
-    /// One API call: budget, bearer token, one retry with a fresh token after a 401.
-    /// Returns `None` for 404, `Some(Value::Null)` for 204.
+    /// One API call. Returns `None` for 404, `Some(Value::Null)` for 204.
     async fn call(
         &self,
         method: Method,
         url: &str,
         body: Option<&Value>,
     ) -> Result<Option<Value>, ConnectorError> {
-        let mut rejected: Option<String> = None;
-        loop {
-            let token = self.access_token(rejected.as_deref()).await?;
-            let wait = self.budget.lock().await.take()?;
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-            let mut request = self
-                .http
-                .request(method.clone(), url)
-                .bearer_auth(&token)
-                .header("accept", "application/json");
-            if let Some(body) = body {
-                request = request.header("prefer", "return=representation").json(body);
-            }
-            let response = request.send().await.map_err(|e| send_error(SYSTEM, e))?;
-            self.budget.lock().await.observe(response.headers());
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && rejected.is_none() {
-                // The access token expired or was revoked mid-run: get another once.
-                rejected = Some(token);
-                continue;
-            }
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                let retry_after = super::http::retry_after(response.headers()).or(self
-                    .budget
-                    .lock()
-                    .await
-                    .retry_after());
-                return Err(ConnectorError::RateLimited {
-                    system: SYSTEM,
-                    retry_after,
-                });
-            }
-            let response = check(SYSTEM, response).await?;
-            if response.status() == StatusCode::NOT_FOUND {
-                return Ok(None);
-            }
-            if response.status() == StatusCode::NO_CONTENT {
-                return Ok(Some(Value::Null));
-            }
-            let bytes = response.bytes().await.map_err(|e| send_error(SYSTEM, e))?;
-            if bytes.is_empty() {
-                return Ok(Some(Value::Null));
-            }
-            let value: Value =
-                serde_json::from_slice(&bytes).map_err(|_| malformed("the body is not JSON"))?;
-            return Ok(Some(value));
+        let url = url::Url::parse(url)
+            .map_err(|_| bad_input("exactonline.base_url does not form a valid URL".to_owned()))?;
+        let mut call = Call::new(method, url);
+        if let Some(body) = body {
+            call = call.header("prefer", "return=representation").json(body);
         }
+        Ok(self.client.send(call).await?.found())
     }
 
     /// GETs a collection page: its entities and the `__next` link.
@@ -907,6 +558,7 @@ impl Connector for ExactOnline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connectors::transport::RateGate;
 
     const GUID_TEXT: &str = "11111111-1111-1111-1111-111111111111";
 
@@ -939,28 +591,27 @@ mod tests {
         assert!(divisions.keyed_path("x").is_err());
     }
 
-    #[test]
-    fn budget_reads_the_headers_and_keeps_a_local_window() {
+    #[tokio::test]
+    async fn gates_read_the_headers_and_keep_a_local_window() {
         let mut headers = reqwest::header::HeaderMap::new();
         let in_an_hour = (Utc::now() + chrono::Duration::hours(1)).timestamp_millis();
         headers.insert("x-ratelimit-remaining", "0".parse().unwrap());
         headers.insert("x-ratelimit-reset", in_an_hour.to_string().parse().unwrap());
-        let mut budget = Budget::default();
-        budget.observe(&headers);
-        match budget.take() {
-            Err(ConnectorError::RateLimited {
-                retry_after: Some(wait),
-                ..
-            }) => assert!(wait > Duration::from_secs(3500)),
+        let daily = QuotaGate::new(DAILY_QUOTA);
+        daily.observe(reqwest::StatusCode::OK, &headers);
+        match daily.admit(MAX_INLINE_WAIT).await {
+            Err(wait) => assert!(wait > Duration::from_secs(3500)),
             other => panic!("the day's quota is gone, got {other:?}"),
         }
 
-        let mut local = Budget::default();
+        let local = Window::per_minute(MINUTE_LIMIT);
+        let start = tokio::time::Instant::now();
         for _ in 0..MINUTE_LIMIT {
-            assert_eq!(local.take().unwrap(), Duration::ZERO);
+            local.admit(MAX_INLINE_WAIT).await.unwrap();
         }
+        assert!(start.elapsed() < Duration::from_secs(1), "60 calls at once");
         assert!(
-            matches!(local.take(), Err(ConnectorError::RateLimited { .. })),
+            local.admit(MAX_INLINE_WAIT).await.is_err(),
             "the 61st call in a minute waits"
         );
     }

@@ -8,10 +8,10 @@
 pub mod crmoffice;
 pub mod custom;
 pub mod exactonline;
-pub mod http;
 pub mod memory;
 pub mod poweroffice;
 pub mod schema;
+pub mod transport;
 pub mod zendesk;
 
 use std::time::Duration;

@@ -1,29 +1,29 @@
 //! PowerOffice Go (API v2) connector: `Customers`, `Suppliers`, `Departments`, `Employees` and
 //! `Contactperson`.
 //!
-//! Owns: the client-credentials token (cached in memory until `expires_in`, renewed once on a
-//! 401), the 10 requests/second limit, JSON Patch updates, `PageNumber`/`PageSize` paging and the
-//! `lastChangedDateTimeOffsetGreaterThan` change cursor.
-//! May call: PowerOffice's HTTP API only (tokens are not rotated, so nothing is stored).
+//! Owns: which token source (client credentials, kept in memory: nothing rotates) and gate (10
+//! requests a second per subscription key) its calls use, JSON Patch updates,
+//! `PageNumber`/`PageSize` paging and the `lastChangedDateTimeOffsetGreaterThan` change cursor.
+//! Vendor facts: docs/vendors.md, PowerOffice Go.
+//! May call: [`super::transport`] only.
 //!
 //! Field names are v2's DTO names (`Name`, `WebsiteUrl`, ...), except that a contact person's
 //! owning contact (`ContactId`) is presented as the registry's `partyId` (v1's name). A contact
 //! person's record id is `"{contactId}:{id}"`, because v2 addresses it under its owner.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
-use reqwest::{Method, StatusCode};
-use secrecy::{ExposeSecret, SecretString};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use tokio::sync::Mutex;
-use tokio::time::Instant;
 
-use super::http::{check, client, send_error, RateLimiter};
+use super::transport::gate::Spacing;
+use super::transport::token::ClientCredentials;
+use super::transport::{http_client, Call, Gates, VendorClient};
 use super::{ChangePage, Connector, ConnectorError, Record};
 use crate::config::PowerOfficeConfig;
 use crate::domain::SystemId;
@@ -33,6 +33,10 @@ const SYSTEM: SystemId = SystemId::PowerOffice;
 const MAX_PAGE_SIZE: usize = 20_000;
 const DEFAULT_PAGE_SIZE: usize = 500;
 const CHANGED_FIELD: &str = "LastChangedDateTimeOffset";
+/// Requests a second per subscription key (docs/vendors.md, PowerOffice Go).
+const REQUESTS_PER_SECOND: u32 = 10;
+/// The API gateway's subscription key header, on every call including the token call.
+const SUBSCRIPTION_HEADER: &str = "ocp-apim-subscription-key";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -209,18 +213,10 @@ struct ChangeCursor {
     seen: BTreeMap<String, DateTime<Utc>>,
 }
 
-struct CachedToken {
-    token: SecretString,
-    valid_until: Instant,
-}
-
 /// The PowerOffice Go v2 client of one Go client (one client key).
 pub struct PowerOffice {
     config: PowerOfficeConfig,
-    token_url: String,
-    http: reqwest::Client,
-    limiter: RateLimiter,
-    token: Mutex<Option<CachedToken>>,
+    client: VendorClient,
     page_size: usize,
 }
 
@@ -247,12 +243,29 @@ impl PowerOffice {
             Some(url) => url.to_string(),
             None => default_token_url(&config.base_url),
         };
+        let http = http_client(timeout);
+        // The limit is per subscription key, token calls included.
+        let gates = Arc::new(Gates::new(vec![Arc::new(Spacing::per_second(
+            REQUESTS_PER_SECOND,
+        ))]));
+        let subscription_key = config.subscription_key.clone();
+        let tokens = ClientCredentials::new(
+            SYSTEM,
+            http.clone(),
+            token_url,
+            config.application_key.clone(),
+            config.client_key.clone(),
+            vec![(SUBSCRIPTION_HEADER, subscription_key.clone())],
+            Some(gates.clone()),
+            "check poweroffice.application_key, client_key and subscription_key (all from the \
+             same environment)",
+        );
+        let client = VendorClient::new(SYSTEM, http, Arc::new(tokens), gates)
+            .with_secret_header(SUBSCRIPTION_HEADER, subscription_key)
+            .with_default_retry_after(Duration::from_secs(1));
         PowerOffice {
             config,
-            token_url,
-            http: client(timeout),
-            limiter: RateLimiter::new(10, Duration::from_secs(1)),
-            token: Mutex::new(None),
+            client,
             page_size: DEFAULT_PAGE_SIZE,
         }
     }
@@ -270,122 +283,20 @@ impl PowerOffice {
         )
     }
 
-    async fn token(&self, rejected: Option<&str>) -> Result<String, ConnectorError> {
-        let mut cached = self.token.lock().await;
-        if let Some(t) = cached.as_ref() {
-            let current = t.token.expose_secret();
-            if t.valid_until > Instant::now() && Some(current) != rejected {
-                return Ok(current.to_owned());
-            }
-        }
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
-            "{}:{}",
-            self.config.application_key.expose_secret(),
-            self.config.client_key.expose_secret()
-        ));
-        self.limiter.acquire().await;
-        let response = self
-            .http
-            .post(&self.token_url)
-            .header("authorization", format!("Basic {basic}"))
-            .header(
-                "ocp-apim-subscription-key",
-                self.config.subscription_key.expose_secret(),
-            )
-            .form(&[("grant_type", "client_credentials")])
-            .send()
-            .await
-            .map_err(|e| send_error(SYSTEM, e))?;
-        let status = response.status();
-        if status == StatusCode::BAD_REQUEST || status == StatusCode::UNAUTHORIZED {
-            return Err(ConnectorError::Unauthorized {
-                system: SYSTEM,
-                message: format!(
-                    "the token endpoint refused our keys ({}); check poweroffice.application_key, \
-                     client_key and subscription_key (all from the same environment)",
-                    status.as_u16()
-                ),
-            });
-        }
-        let response = check(SYSTEM, response).await?;
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|_| malformed("token response is not JSON"))?;
-        let token = body
-            .get("access_token")
-            .and_then(Value::as_str)
-            .ok_or_else(|| malformed("token response has no access_token"))?
-            .to_owned();
-        let expires_in = match body.get("expires_in") {
-            Some(Value::Number(n)) => n.as_u64(),
-            Some(Value::String(s)) => s.trim().parse().ok(),
-            _ => None,
-        }
-        .unwrap_or(600);
-        // Renew a little early so a token never expires in flight.
-        let lifetime = Duration::from_secs(expires_in.saturating_sub(30).max(1));
-        *cached = Some(CachedToken {
-            token: SecretString::from(token.clone()),
-            valid_until: Instant::now() + lifetime,
-        });
-        Ok(token)
-    }
-
-    /// One API call under the 10/s limiter, retried once with a new token after a 401.
-    /// Returns `None` for 404 and `Some(Value::Null)` for an empty success.
+    /// One API call. Returns `None` for 404 and `Some(Value::Null)` for an empty success.
     async fn call(
         &self,
         method: Method,
         url: &str,
         body: Option<(&Value, &'static str)>,
     ) -> Result<Option<Value>, ConnectorError> {
-        let mut rejected: Option<String> = None;
-        loop {
-            let token = self.token(rejected.as_deref()).await?;
-            self.limiter.acquire().await;
-            let mut request = self
-                .http
-                .request(method.clone(), url)
-                .bearer_auth(&token)
-                .header(
-                    "ocp-apim-subscription-key",
-                    self.config.subscription_key.expose_secret(),
-                )
-                .header("accept", "application/json");
-            if let Some((body, content_type)) = body {
-                request = request
-                    .header("content-type", content_type)
-                    .body(body.to_string());
-            }
-            let response = request.send().await.map_err(|e| send_error(SYSTEM, e))?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && rejected.is_none() {
-                rejected = Some(token);
-                continue;
-            }
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                // The limit is shared by every client of the subscription key: pause everyone here.
-                let wait =
-                    super::http::retry_after(response.headers()).unwrap_or(Duration::from_secs(1));
-                self.limiter.pause_for(wait).await;
-                return Err(ConnectorError::RateLimited {
-                    system: SYSTEM,
-                    retry_after: Some(wait),
-                });
-            }
-            let response = check(SYSTEM, response).await?;
-            if response.status() == StatusCode::NOT_FOUND {
-                return Ok(None);
-            }
-            let bytes = response.bytes().await.map_err(|e| send_error(SYSTEM, e))?;
-            if bytes.is_empty() {
-                return Ok(Some(Value::Null));
-            }
-            return serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|_| malformed("the body is not JSON"));
+        let url = url::Url::parse(url)
+            .map_err(|_| bad_input("poweroffice.base_url does not form a valid URL".to_owned()))?;
+        let mut call = Call::new(method, url);
+        if let Some((body, content_type)) = body {
+            call = call.json(body).content_type(content_type);
         }
+        Ok(self.client.send(call).await?.found())
     }
 
     async fn list(

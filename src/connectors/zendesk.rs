@@ -1,10 +1,11 @@
 //! The Zendesk Support client: Organizations, Users, Tickets and Ticketcomments.
 //!
-//! Owns: Zendesk auth (API token basic `{email}/token:{api_token}` or OAuth bearer), the request
-//! rate (a client-side limiter at the plan's per-minute limit, paused by `Retry-After` and slowed
-//! when `X-Rate-Limit-Remaining` runs low), cursor pagination, the incremental exports, and the
-//! translation between Zendesk JSON and [`Record`]. Facts: vendor-apis.md section 1.5 and 1.6.
-//! May call: `connectors::http` only.
+//! Owns: which credential Zendesk gets (API token basic `{email}/token:{api_token}` or OAuth
+//! bearer) and which gates its calls pass (the plan's per-minute limit, evenly spaced; the
+//! `X-Rate-Limit-Remaining` quota; the exports' own limit), cursor pagination, the incremental
+//! exports, and the translation between Zendesk JSON and [`Record`]. The call itself (pauses on
+//! `Retry-After`, error classes) is [`super::transport`]'s. Vendor facts: docs/vendors.md, Zendesk.
+//! May call: `connectors::transport` only.
 //!
 //! Read-only fields (`id`, `url`, `created_at`, `updated_at`) are never written and never
 //! presented as data: they are stripped from `Record.fields` (`updated_at` becomes
@@ -17,18 +18,20 @@
 //! keep no trace of a key: `find_created` is `Unsupported` for them.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use reqwest::header::HeaderMap;
-use reqwest::{Method, Response, StatusCode};
-use secrecy::{ExposeSecret, SecretString};
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use url::Url;
 
-use super::http::{self, RateLimiter};
+use super::transport::gate::Spacing;
+use super::transport::quota::{LowQuota, QuotaGate, QuotaHeaders, ResetFormat};
+use super::transport::token::StaticToken;
+use super::transport::{http_client, Answer, Call, Credential, Gates, VendorClient};
 use super::{get_path, ChangePage, Connector, ConnectorError, Record};
 use crate::config::{Config, ZendeskConfig};
 use crate::domain::SystemId;
@@ -49,8 +52,16 @@ const DEFAULT_TICKET_NOTE: &str = "Created by Tether.";
 const EXPORT_RATE_PER_MINUTE: u32 = 10;
 /// Incremental exports refuse a `start_time` younger than a minute (vendor-apis.md 1.6).
 const EXPORT_MIN_AGE_SECS: i64 = 61;
-/// Without a `ratelimit-reset` header, Zendesk's quota window is a minute.
-const QUOTA_WINDOW: Duration = Duration::from_secs(60);
+/// Zendesk's quota headers: what is left of the plan's minute, and when it resets
+/// (docs/vendors.md, Zendesk "Rate limits"). Without a `ratelimit-reset` the window is a minute.
+pub(crate) const QUOTA_HEADERS: QuotaHeaders = QuotaHeaders {
+    remaining: "x-rate-limit-remaining",
+    limit: Some("x-rate-limit"),
+    reset: "ratelimit-reset",
+    reset_format: ResetFormat::SecondsFromNow,
+    window: Duration::from_secs(60),
+    low: LowQuota::Spread,
+};
 
 /// The four entity types, by the registry's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,33 +123,24 @@ impl Entity {
     }
 }
 
-enum Auth {
-    ApiToken { email: String, token: SecretString },
-    OAuth(SecretString),
-}
-
 /// The Zendesk client. Debug output names the auth kind, never a secret.
 pub struct ZendeskConnector {
     base: Url,
-    auth: Auth,
-    client: reqwest::Client,
-    limiter: RateLimiter,
+    /// How calls authenticate, for `Debug` (never the secret).
+    auth_kind: String,
+    client: VendorClient,
     /// Incremental exports have their own limit on top of the account's (10 a minute, 30 with
     /// the High Volume add-on).
-    export_limiter: RateLimiter,
+    export_gate: Spacing,
     page_size: u32,
     export_page_size: u32,
 }
 
 impl fmt::Debug for ZendeskConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let auth = match &self.auth {
-            Auth::ApiToken { email, .. } => format!("api token of {email}"),
-            Auth::OAuth(_) => "oauth bearer".to_owned(),
-        };
         f.debug_struct("ZendeskConnector")
             .field("base", &self.base.as_str())
-            .field("auth", &auth)
+            .field("auth", &self.auth_kind)
             .field("page_size", &self.page_size)
             .field("export_page_size", &self.export_page_size)
             .finish_non_exhaustive()
@@ -170,20 +172,33 @@ pub fn external_id_for(idempotency_key: &str) -> String {
 impl ZendeskConnector {
     /// Builds the client from its configuration section; `timeout` bounds every call.
     pub fn new(config: &ZendeskConfig, timeout: Duration) -> Result<Self, ConnectorError> {
-        let auth = match (&config.email, &config.api_token, &config.oauth_token) {
-            (Some(email), Some(token), _) => Auth::ApiToken {
-                email: email.clone(),
-                token: token.clone(),
-            },
-            (_, _, Some(token)) => Auth::OAuth(token.clone()),
+        let (credential, auth_kind) = match (&config.email, &config.api_token, &config.oauth_token)
+        {
+            (Some(email), Some(token), _) => (
+                Credential::Basic {
+                    user: format!("{email}/token"),
+                    password: token.clone(),
+                },
+                format!("api token of {email}"),
+            ),
+            (_, _, Some(token)) => (Credential::Bearer(token.clone()), "oauth bearer".to_owned()),
             _ => return Err(ConnectorError::NotConfigured { system: SYSTEM }),
         };
+        let gates = Gates::new(vec![
+            Arc::new(Spacing::per_minute(config.rate_limit_per_minute)),
+            Arc::new(QuotaGate::new(QUOTA_HEADERS)),
+        ]);
+        let client = VendorClient::new(
+            SYSTEM,
+            http_client(timeout),
+            Arc::new(StaticToken(credential)),
+            Arc::new(gates),
+        );
         Ok(ZendeskConnector {
             base: config.base_url.clone(),
-            auth,
-            client: http::client(timeout),
-            limiter: RateLimiter::new(config.rate_limit_per_minute, Duration::from_secs(60)),
-            export_limiter: RateLimiter::new(EXPORT_RATE_PER_MINUTE, Duration::from_secs(60)),
+            auth_kind,
+            client,
+            export_gate: Spacing::per_minute(EXPORT_RATE_PER_MINUTE),
             page_size: MAX_PAGE_SIZE,
             export_page_size: MAX_EXPORT_PAGE,
         })
@@ -209,22 +224,17 @@ impl ZendeskConnector {
     /// The incremental-export limit, requests per minute (Zendesk: 10, or 30 with the High
     /// Volume add-on).
     pub fn with_export_rate_per_minute(mut self, per_minute: u32) -> Self {
-        self.export_limiter = RateLimiter::new(per_minute.max(1), Duration::from_secs(60));
+        self.export_gate = Spacing::per_minute(per_minute.max(1));
         self
     }
 
-    /// A GET to an incremental export endpoint, within the export limit.
+    /// A GET to an incremental export endpoint, within the export limit as well.
     async fn get_export(&self, url: Url) -> Result<Value, ConnectorError> {
-        self.export_limiter.acquire().await;
-        let result = self.get_json(url).await;
-        if let Err(ConnectorError::RateLimited {
-            retry_after: Some(delay),
-            ..
-        }) = &result
-        {
-            self.export_limiter.pause_for(*delay).await;
-        }
-        result?.ok_or_else(|| malformed("the export answered 404"))
+        self.client
+            .send(Call::get(url).gate(&self.export_gate))
+            .await?
+            .found()
+            .ok_or_else(|| malformed("the export answered 404"))
     }
 
     fn url(&self, path: &str, query: &[(&str, String)]) -> Url {
@@ -241,61 +251,8 @@ impl ZendeskConnector {
         url
     }
 
-    /// One call: waits for the limiter, authenticates, maps the answer. 404 comes back as `Ok`.
-    async fn call(
-        &self,
-        method: Method,
-        url: Url,
-        body: Option<&Value>,
-    ) -> Result<Response, ConnectorError> {
-        self.limiter.acquire().await;
-        tracing::debug!(system = "zendesk", %method, path = url.path(), "call");
-        let mut request = self.client.request(method, url);
-        request = match &self.auth {
-            Auth::ApiToken { email, token } => {
-                request.basic_auth(format!("{email}/token"), Some(token.expose_secret()))
-            }
-            Auth::OAuth(token) => request.bearer_auth(token.expose_secret()),
-        };
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| http::send_error(SYSTEM, e))?;
-        self.observe_quota(response.headers()).await;
-        if response.status() == StatusCode::TOO_MANY_REQUESTS {
-            if let Some(delay) = http::retry_after(response.headers()) {
-                self.limiter.pause_for(delay).await;
-            }
-        }
-        http::check(SYSTEM, response).await
-    }
-
-    /// Slows down before a 429: when the remaining quota is low, spreads the calls left over the
-    /// time until the window resets (`ratelimit-reset`, else a minute).
-    async fn observe_quota(&self, headers: &HeaderMap) {
-        if let Some(pause) = quota_pause(headers) {
-            tracing::debug!(system = "zendesk", ?pause, "rate quota low; slowing down");
-            self.limiter.pause_for(pause).await;
-        }
-    }
-
-    async fn json(&self, response: Response) -> Result<Value, ConnectorError> {
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| http::send_error(SYSTEM, e))?;
-        serde_json::from_slice(&bytes).map_err(|e| malformed(format!("not JSON ({e})")))
-    }
-
     async fn get_json(&self, url: Url) -> Result<Option<Value>, ConnectorError> {
-        let response = self.call(Method::GET, url, None).await?;
-        if response.status() == StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        self.json(response).await.map(Some)
+        Ok(self.client.send(Call::get(url)).await?.found())
     }
 
     async fn send_json(
@@ -304,15 +261,15 @@ impl ZendeskConnector {
         url: Url,
         body: &Value,
     ) -> Result<Value, ConnectorError> {
-        let response = self.call(method, url, Some(body)).await?;
-        if response.status() == StatusCode::NOT_FOUND {
-            return Err(ConnectorError::Rejected {
+        match self.client.send(Call::new(method, url).json(body)).await? {
+            Answer::NotFound => Err(ConnectorError::Rejected {
                 system: SYSTEM,
                 status: 404,
                 message: "the record does not exist".to_owned(),
-            });
+            }),
+            Answer::Empty => Err(malformed("an empty answer")),
+            Answer::Json(value) => Ok(value),
         }
-        self.json(response).await
     }
 
     /// Every item of a cursor-paginated list, following `links.next` while `meta.has_more`.
@@ -646,25 +603,6 @@ impl ExportCursor {
     fn encode(&self) -> String {
         serde_json::to_string(self).expect("a cursor serializes")
     }
-}
-
-/// How long to hold off when `X-Rate-Limit-Remaining` is low: the time until the window resets
-/// spread over the calls left. Low means at most a tenth of `X-Rate-Limit` (or 10 without it).
-fn quota_pause(headers: &HeaderMap) -> Option<Duration> {
-    let number = |name: &str| -> Option<u64> {
-        headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok()
-    };
-    let remaining = number("x-rate-limit-remaining")?;
-    let low_mark = number("x-rate-limit")
-        .map(|l| (l / 10).max(1))
-        .unwrap_or(10);
-    if remaining > low_mark {
-        return None;
-    }
-    let window = number("ratelimit-reset")
-        .map(Duration::from_secs)
-        .unwrap_or(QUOTA_WINDOW);
-    Some(window / (remaining as u32 + 1))
 }
 
 fn array(page: &Value, key: &str) -> Result<Vec<Value>, ConnectorError> {
@@ -1060,7 +998,6 @@ impl ZendeskConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderValue;
 
     #[test]
     fn read_only_fields_are_stripped_and_updated_at_kept() {
@@ -1086,21 +1023,6 @@ mod tests {
         let err = parse_comment_id("12").unwrap_err();
         assert!(matches!(err, ConnectorError::Rejected { status: 400, .. }));
         assert!(err.to_string().contains("ticket_id"));
-    }
-
-    #[test]
-    fn quota_pause_spreads_remaining_calls() {
-        let mut headers = HeaderMap::new();
-        headers.insert("x-rate-limit", HeaderValue::from(700));
-        headers.insert("x-rate-limit-remaining", HeaderValue::from(500));
-        assert_eq!(quota_pause(&headers), None);
-        headers.insert("x-rate-limit-remaining", HeaderValue::from(9));
-        headers.insert("ratelimit-reset", HeaderValue::from(30));
-        assert_eq!(quota_pause(&headers), Some(Duration::from_secs(3)));
-        headers.insert("x-rate-limit-remaining", HeaderValue::from(0));
-        assert_eq!(quota_pause(&headers), Some(Duration::from_secs(30)));
-        headers.remove("ratelimit-reset");
-        assert_eq!(quota_pause(&headers), Some(Duration::from_secs(60)));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(crate::intake::routes(&state))
+        .merge(crate::ops::routes(&state))
+        .merge(crate::admin::routes(&state))
         .with_state(state)
         .layer(
             tower::ServiceBuilder::new()

@@ -131,6 +131,18 @@ impl Reply {
         }
     }
 
+    /// `accepted`, `duplicate`, `ignored` or the error code: the outcome label of
+    /// `tether_webhooks_received_total` (fixed strings of this module, never the caller's text).
+    fn outcome(&self) -> &str {
+        match &self.body {
+            ReplyBody::Stored(stored) => stored.status,
+            ReplyBody::Value(v) => v["error"]
+                .as_str()
+                .or_else(|| v["status"].as_str())
+                .unwrap_or("-"),
+        }
+    }
+
     /// The `error` code of an error answer, for the log.
     fn error_code(&self) -> &str {
         match &self.body {
@@ -194,6 +206,7 @@ async fn receive(
 ) -> Reply {
     match handle(&intake, &system, &headers, body).await {
         Ok(reply) | Err(reply) => {
+            crate::ops::metrics::webhook_received(&system, reply.outcome());
             if !reply.status.is_success() {
                 tracing::info!(
                     system,

@@ -216,13 +216,16 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         queue::enqueue(&mut tx, &jobs).await?;
         report.emitted += jobs.len() as u64;
 
+        // newest_change_at: the age of the newest change passed is `tether_poll_lag_seconds`.
         sqlx::query(
-            "UPDATE poll_cursors SET cursor = COALESCE($3, cursor), polled_at = now(), last_error = NULL \
+            "UPDATE poll_cursors SET cursor = COALESCE($3, cursor), polled_at = now(), last_error = NULL, \
+             newest_change_at = GREATEST(newest_change_at, $4) \
              WHERE system = $1 AND entity_type = $2",
         )
         .bind(system.as_str())
         .bind(&spec.entity_type)
         .bind(page.next_cursor.as_deref())
+        .bind(page.records.iter().filter_map(|r| r.updated_at).max())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

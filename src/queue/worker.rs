@@ -87,6 +87,7 @@ impl Queue {
         };
         let outcome = run_handler(handler, &claim).await;
         let t = transition(&self.cfg, claim.lease, &outcome, jitter());
+        crate::ops::metrics::job_finished(claim.job.event.record.system, job_end(&t));
         let applied = store::finish(&self.pool, self.owner, &[t]).await?;
         Ok(RunOnce::Ran {
             job_id: claim.lease.job_id,
@@ -125,6 +126,8 @@ pub fn start_workers(
 struct Finished {
     lease: Lease,
     outcome: JobOutcome,
+    /// The job's system, for `tether_jobs_finished_total` (`None`: its event was unreadable).
+    system: Option<crate::domain::SystemId>,
 }
 
 /// State shared by the dispatcher and its helpers.
@@ -228,6 +231,7 @@ async fn dispatch(
                         let _ = tx.send(Finished {
                             lease: bad.lease,
                             outcome: JobOutcome::Dead { error: bad.error },
+                            system: None,
                         });
                     }
                     for claim in claims {
@@ -270,6 +274,7 @@ async fn dispatch(
                 let _ = tx.send(Finished {
                     lease: claim.lease,
                     outcome,
+                    system: Some(claim.job.event.record.system),
                 });
                 drop(permit);
                 shared.wake.notify_one();
@@ -376,6 +381,11 @@ async fn complete(
             .iter()
             .map(|f| transition(&cfg, f.lease, &f.outcome, jitter()))
             .collect();
+        for (f, t) in batch.iter().zip(&transitions) {
+            if let Some(system) = f.system {
+                crate::ops::metrics::job_finished(system, job_end(t));
+            }
+        }
         let mut backoff = Duration::from_millis(50);
         let mut given_up_at: Option<Instant> = None;
         loop {
@@ -540,6 +550,17 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "queue housekeeping failed"),
         }
+    }
+}
+
+/// How a transition ends a run, for `tether_jobs_finished_total`.
+fn job_end(t: &Transition) -> crate::ops::metrics::JobEnd {
+    use crate::ops::metrics::JobEnd;
+    match t.state {
+        JobState::Done => JobEnd::Done,
+        JobState::Dead => JobEnd::Dead,
+        _ if t.deferral_delta > 0 => JobEnd::Deferred,
+        _ => JobEnd::Retried,
     }
 }
 

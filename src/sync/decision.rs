@@ -21,7 +21,7 @@ macro_rules! decisions {
             pub const ALL: &'static [Decision] = &[$(Decision::$variant,)*];
 
             /// The name stored in `sync_log.decision`.
-            pub fn as_str(self) -> &'static str {
+            pub const fn as_str(self) -> &'static str {
                 match self {
                     $(Decision::$variant => $text,)*
                 }
@@ -68,6 +68,8 @@ decisions! {
     NoDataflow = "no_dataflow",
     /// Dataflows of the record that cannot run (switched off, or a system not connected).
     Idle = "idle",
+    /// The flow is paused by an operator; the event is replayed for it on resume.
+    Paused = "paused",
     /// A system the event needs is not configured.
     NotConnected = "not_connected",
     /// A system whose credentials were refused is left alone for a while.

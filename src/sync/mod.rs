@@ -66,6 +66,8 @@ pub struct SyncEngine {
     /// every job that needs one is put off without calling it, so one bad token does not become
     /// a 401 per queued job. A restart (after fixing the credentials) clears it.
     stopped: std::sync::Mutex<HashMap<SystemId, std::time::Instant>>,
+    /// Dataflows an operator paused (`admin::pause`): recorded as `paused`, replayed on resume.
+    paused: crate::admin::pause::PausedFlows,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,9 +93,10 @@ pub(crate) enum Step {
 }
 
 /// The flows of one event: those that run (with the record's side and the other side's
-/// connector) and why the others cannot.
+/// connector), those an operator paused, and why the others cannot run.
 struct Flows<'a> {
     active: Vec<(&'a Dataflow, Side, &'a Arc<dyn Connector>)>,
+    paused: Vec<&'a Dataflow>,
     idle: Vec<String>,
 }
 
@@ -104,6 +107,7 @@ impl SyncEngine {
         connectors: HashMap<SystemId, Arc<dyn Connector>>,
     ) -> SyncEngine {
         SyncEngine {
+            paused: crate::admin::pause::PausedFlows::new(pool.clone()),
             pool,
             registry,
             connectors,
@@ -144,10 +148,12 @@ impl SyncEngine {
     /// The flows that have the event's record type on either side; `None` if there are none.
     /// Flows that cannot run (switched off, or a side not connected) are set aside, so that an
     /// event only they would handle costs no API call and one log entry.
-    fn flows_of(&self, job: &ClaimedJob) -> Option<Flows<'_>> {
+    async fn flows_of(&self, job: &ClaimedJob) -> Option<Flows<'_>> {
         let rec = &job.event.record;
+        let paused = self.paused.current().await;
         let mut flows = Flows {
             active: Vec::new(),
+            paused: Vec::new(),
             idle: Vec::new(),
         };
         let mut any = false;
@@ -158,6 +164,10 @@ impl SyncEngine {
                     continue;
                 }
                 any = true;
+                if paused.contains(&flow.id) {
+                    flows.paused.push(flow);
+                    continue;
+                }
                 if !flow.switches.enabled {
                     flows.idle.push(format!("{} is switched off", flow.id));
                     continue;
@@ -183,7 +193,7 @@ impl SyncEngine {
 
     async fn run(&self, job: &ClaimedJob) -> Result<Option<String>, Fail> {
         let rec = &job.event.record;
-        let Some(flows) = self.flows_of(job) else {
+        let Some(flows) = self.flows_of(job).await else {
             let detail = format!(
                 "no dataflow has {}/{} on either side",
                 rec.system, rec.entity_type
@@ -198,6 +208,10 @@ impl SyncEngine {
             .await?;
             return Ok(None);
         };
+        self.log_paused(job, &flows.paused).await?;
+        if flows.active.is_empty() && flows.idle.is_empty() {
+            return Ok(None);
+        }
         let (Some(conn), false) = (self.connector(rec.system), flows.active.is_empty()) else {
             self.log_idle(job, "every dataflow of this record is idle", &flows.idle)
                 .await?;
@@ -231,6 +245,20 @@ impl SyncEngine {
                 .await?;
         }
         Ok((!later.is_empty()).then(|| later.join("; ")))
+    }
+
+    /// A `paused` entry for each flow of the event an operator paused (`admin::pause` replays
+    /// the events so recorded on resume).
+    async fn log_paused(&self, job: &ClaimedJob, paused: &[&Dataflow]) -> Result<(), sqlx::Error> {
+        for flow in paused {
+            let entry = Entry {
+                flow: Some(&flow.id),
+                detail: Some("the dataflow is paused by an operator".to_owned()),
+                ..Entry::new(Decision::Paused)
+            };
+            self.log(job, entry).await?;
+        }
+        Ok(())
     }
 
     /// One log entry for the flows of this event that cannot run, and why.
@@ -405,6 +433,7 @@ impl SyncEngine {
                 }
             }
             ConnectorError::Unauthorized { system, .. } => {
+                crate::ops::metrics::credentials_failure(*system);
                 self.stop_system(*system);
                 tracing::error!(
                     %system,

@@ -116,6 +116,7 @@ type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArgu
 /// Binds a log entry as parameters $1 to $13 (see [`LOG_COLUMNS`]).
 fn bind_entry<'q>(query: PgQuery<'q>, job: &'q ClaimedJob, e: &'q Entry<'q>) -> PgQuery<'q> {
     let r = &job.event.record;
+    crate::ops::metrics::sync_decision(e.flow, e.decision.as_str());
     query
         .bind(job.event_id)
         .bind(job.job_id)

@@ -3,40 +3,13 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use secrecy::SecretString;
-use serde_json::{json, Map, Value};
-use tether::config::CrmOfficeConfig;
-use tether::connectors::crmoffice::CrmOfficeConnector;
+use serde_json::json;
 use tether::connectors::{Connector, ConnectorError};
-use tether::simulators::crmoffice::CrmOfficeSim;
-use tether::simulators::kit::RunningSim;
 use wiremock::matchers::{header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const TOKEN: &str = "crm-token";
-
-fn obj(v: Value) -> Map<String, Value> {
-    v.as_object().expect("object").clone()
-}
-
-pub fn connector(base: &str, page_size: u32) -> CrmOfficeConnector {
-    CrmOfficeConnector::new(
-        &CrmOfficeConfig {
-            base_url: base.parse().unwrap(),
-            api_token: SecretString::from(TOKEN),
-            poll_interval: Duration::from_secs(60),
-        },
-        Duration::from_secs(5),
-    )
-    .with_page_size(page_size)
-}
-
-pub async fn sim() -> (CrmOfficeSim, RunningSim) {
-    CrmOfficeSim::start(TOKEN, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap()
-}
+use crate::support::crmoffice::{connector, sim, TOKEN};
+use crate::support::{at, drain, obj};
 
 #[tokio::test]
 async fn connector_does_every_operation_against_the_simulator() {
@@ -131,27 +104,6 @@ async fn connector_does_every_operation_against_the_simulator() {
     );
 }
 
-fn at(s: &str) -> DateTime<Utc> {
-    s.parse().unwrap()
-}
-
-async fn drain(
-    c: &dyn Connector,
-    ty: &str,
-    mut cursor: Option<String>,
-) -> (Vec<String>, Option<String>) {
-    let mut ids = Vec::new();
-    for _ in 0..100 {
-        let page = c.list_changed(ty, cursor.as_deref()).await.unwrap();
-        ids.extend(page.records.iter().map(|r| r.id.clone()));
-        cursor = page.next_cursor;
-        if !page.has_more {
-            return (ids, cursor);
-        }
-    }
-    panic!("list_changed never caught up");
-}
-
 #[tokio::test]
 async fn list_changed_survives_whole_pages_of_equal_timestamps() {
     let (sim, running) = sim().await;
@@ -165,10 +117,10 @@ async fn list_changed_survives_whole_pages_of_equal_timestamps() {
         obj(json!({"n": 5})),
         Some(at("2026-01-01T00:00:01Z")),
     ));
-    let (ids, cursor) = drain(&c, "Contacts", None).await;
+    let (ids, cursor) = drain(&c, "Contacts", None).await.into_ids();
     assert_eq!(ids, expected);
 
-    let (ids, cursor) = drain(&c, "Contacts", cursor).await;
+    let (ids, cursor) = drain(&c, "Contacts", cursor).await.into_ids();
     assert!(ids.is_empty(), "{ids:?}");
 
     let late = sim.insert(
@@ -177,9 +129,9 @@ async fn list_changed_survives_whole_pages_of_equal_timestamps() {
         Some(at("2026-01-01T00:00:01Z")),
     );
     sim.touch("contacts", &expected[0], obj(json!({"n": 10})), None);
-    let (ids, cursor) = drain(&c, "Contacts", cursor).await;
+    let (ids, cursor) = drain(&c, "Contacts", cursor).await.into_ids();
     assert_eq!(ids, vec![late, expected[0].clone()]);
-    let (ids, _) = drain(&c, "Contacts", cursor).await;
+    let (ids, _) = drain(&c, "Contacts", cursor).await.into_ids();
     assert!(ids.is_empty(), "{ids:?}");
 }
 

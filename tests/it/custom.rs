@@ -3,55 +3,17 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::HeaderMap;
-use axum::routing::post;
-use axum::Router;
-use chrono::{DateTime, Utc};
-use secrecy::SecretString;
-use serde_json::{json, Map, Value};
-use tether::config::CustomSystemConfig;
+use serde_json::{json, Value};
 use tether::connectors::custom::CustomConnector;
 use tether::connectors::{Connector, ConnectorError};
 use tether::domain::SystemId;
 use tether::signing::standard;
-use tether::simulators::custom::{CustomSim, CustomSimConfig};
-use tether::simulators::kit::{self, RunningSim};
-use tokio::sync::mpsc;
+use tether::simulators::kit;
 use wiremock::matchers::{body_json, header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const TOKEN: &str = "custom-token";
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-fn obj(v: Value) -> Map<String, Value> {
-    v.as_object().expect("object").clone()
-}
-
-fn connector(system: SystemId, base: &str, timeout: Duration) -> CustomConnector {
-    let config = CustomSystemConfig {
-        base_url: base.parse().unwrap(),
-        api_token: SecretString::from(TOKEN),
-        webhook_secret: None,
-        poll_interval: None,
-    };
-    CustomConnector::new(system, &config, timeout).unwrap()
-}
-
-async fn sim(system: SystemId, target: Option<String>) -> (CustomSim, RunningSim) {
-    CustomSim::start(
-        CustomSimConfig {
-            webhook_lanes: 1,
-            system,
-            api_token: TOKEN.to_owned(),
-            webhook_secret: Some(SECRET.to_owned()),
-            webhook_target: target,
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap()
-}
+use crate::support::custom::{self as support_custom, connector, sim, SECRET, TOKEN};
+use crate::support::{at, drain, obj, WebhookReceiver};
 
 #[tokio::test]
 async fn connector_does_every_operation_against_the_simulator() {
@@ -155,12 +117,7 @@ async fn connector_does_every_operation_against_the_simulator() {
     // A wrong token is an operator problem, not a retry.
     let bad = CustomConnector::new(
         SystemId::CustomErp,
-        &CustomSystemConfig {
-            base_url: running.base_url().parse().unwrap(),
-            api_token: SecretString::from("wrong"),
-            webhook_secret: None,
-            poll_interval: None,
-        },
+        &support_custom::config(&running.base_url(), "wrong"),
         Duration::from_secs(5),
     )
     .unwrap();
@@ -169,28 +126,6 @@ async fn connector_does_every_operation_against_the_simulator() {
         matches!(err, ConnectorError::Unauthorized { .. }),
         "{err:?}"
     );
-}
-
-fn at(s: &str) -> DateTime<Utc> {
-    s.parse().unwrap()
-}
-
-/// Drains `list_changed` from `cursor` until caught up; returns the ids in order and the cursor.
-async fn drain(
-    c: &dyn Connector,
-    ty: &str,
-    mut cursor: Option<String>,
-) -> (Vec<String>, Option<String>) {
-    let mut ids = Vec::new();
-    for _ in 0..100 {
-        let page = c.list_changed(ty, cursor.as_deref()).await.unwrap();
-        ids.extend(page.records.iter().map(|r| r.id.clone()));
-        cursor = page.next_cursor;
-        if !page.has_more {
-            return (ids, cursor);
-        }
-    }
-    panic!("list_changed never caught up");
 }
 
 #[tokio::test]
@@ -206,51 +141,29 @@ async fn list_changed_pages_through_equal_timestamps_without_loss_or_repeats() {
     let first: Vec<String> = (0..5)
         .map(|i| sim.insert("project", obj(json!({"n": i})), Some(t)))
         .collect();
-    let (ids, cursor) = drain(&c, "Project", None).await;
+    let (ids, cursor) = drain(&c, "Project", None).await.into_ids();
     assert_eq!(ids, first);
 
     // Caught up: nothing again.
-    let (ids, cursor) = drain(&c, "Project", cursor).await;
+    let (ids, cursor) = drain(&c, "Project", cursor).await.into_ids();
     assert!(ids.is_empty(), "{ids:?}");
 
     // A record written later but stamped with the same instant (a coarse clock) is found.
     let late = sim.insert("project", obj(json!({"n": 5})), Some(t));
-    let (ids, cursor) = drain(&c, "Project", cursor).await;
+    let (ids, cursor) = drain(&c, "Project", cursor).await.into_ids();
     assert_eq!(ids, vec![late.clone()]);
 
     // A real change to one record is delivered once.
     sim.touch("project", &first[2], obj(json!({"n": 20})), None);
-    let (ids, cursor) = drain(&c, "Project", cursor).await;
+    let (ids, cursor) = drain(&c, "Project", cursor).await.into_ids();
     assert_eq!(ids, vec![first[2].clone()]);
-    let (ids, _) = drain(&c, "Project", cursor).await;
+    let (ids, _) = drain(&c, "Project", cursor).await.into_ids();
     assert!(ids.is_empty(), "{ids:?}");
 }
 
-async fn webhook_receiver() -> (RunningSim, mpsc::UnboundedReceiver<(HeaderMap, Bytes)>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let router = Router::new().route(
-        "/webhooks/customerp",
-        post(move |headers: HeaderMap, body: Bytes| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send((headers, body));
-                axum::http::StatusCode::ACCEPTED
-            }
-        }),
-    );
-    (
-        kit::serve(router, "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap(),
-        rx,
-    )
-}
-
-async fn next_webhook(rx: &mut mpsc::UnboundedReceiver<(HeaderMap, Bytes)>) -> (Value, bool) {
-    let (headers, body) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-        .await
-        .expect("a webhook within 20 s")
-        .expect("receiver open");
+/// The next webhook's body, and whether its Standard Webhooks signature verifies with [`SECRET`].
+async fn next_webhook(receiver: &mut WebhookReceiver) -> (Value, bool) {
+    let (headers, body) = receiver.next().await;
     let h = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_owned();
     let key = standard::secret_key(SECRET).unwrap();
     let ok = standard::verify(
@@ -265,8 +178,8 @@ async fn next_webhook(rx: &mut mpsc::UnboundedReceiver<(HeaderMap, Bytes)>) -> (
 
 #[tokio::test]
 async fn simulator_sends_signed_standard_webhooks_for_changes_made_through_its_api() {
-    let (receiver, mut rx) = webhook_receiver().await;
-    let target = format!("{}/webhooks/customerp", receiver.base_url());
+    let mut receiver = WebhookReceiver::start("/webhooks/customerp").await;
+    let target = format!("{}/webhooks/customerp", receiver.server.base_url());
     let (_sim, running) = sim(SystemId::CustomErp, Some(target)).await;
     let c = connector(
         SystemId::CustomErp,
@@ -289,13 +202,13 @@ async fn simulator_sends_signed_standard_webhooks_for_changes_made_through_its_a
         .await
         .unwrap();
 
-    let (body, verified) = next_webhook(&mut rx).await;
+    let (body, verified) = next_webhook(&mut receiver).await;
     assert!(verified, "signature must verify");
     assert_eq!(
         body,
         json!({"type": "customer.created", "data": {"id": created.id}})
     );
-    let (body, verified) = next_webhook(&mut rx).await;
+    let (body, verified) = next_webhook(&mut receiver).await;
     assert!(verified, "signature must verify");
     assert_eq!(
         body,

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tether::config::{Config, Source};
 use tether::connectors::zendesk::ZendeskConnector;
 use tether::connectors::Connector;
@@ -27,6 +27,8 @@ use tether::sandbox::Simulators;
 use tether::simulators::zendesk::Kind;
 use tether::testing::{self, TestDb};
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{eventually, obj, probe};
 
 struct Harness {
     sims: Simulators,
@@ -94,18 +96,6 @@ impl Harness {
     }
 }
 
-/// Polls `probe` until it returns `Some`, or fails the test after `deadline` naming `what`.
-async fn eventually<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(found) = probe() {
-            return found;
-        }
-        assert!(start.elapsed() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 const WAIT: Duration = Duration::from_secs(60);
 
 fn find_by_field(records: Vec<Value>, field: &str, value: &str) -> Option<Value> {
@@ -122,10 +112,6 @@ fn id_text(v: &Value) -> String {
     }
 }
 
-fn obj(v: Value) -> Map<String, Value> {
-    v.as_object().cloned().unwrap()
-}
-
 /// PowerOffice customer → Zendesk organization → Customerp customer and Custom PMS customer,
 /// then an edit in Zendesk comes back to PowerOffice, and the echoes cause no further writes.
 #[tokio::test]
@@ -137,23 +123,31 @@ async fn chain_poweroffice_customer_to_zendesk_to_custom_systems_and_back() {
     );
     let customer_id = customer["Id"].as_i64().unwrap();
 
-    let org = eventually("the Zendesk organization", WAIT, || {
-        find_by_field(
-            h.sims.zendesk.all(Kind::Organization),
-            "name",
-            "Chain Test AS",
-        )
-    })
+    let org = eventually(
+        "the Zendesk organization",
+        WAIT,
+        probe(|| {
+            find_by_field(
+                h.sims.zendesk.all(Kind::Organization),
+                "name",
+                "Chain Test AS",
+            )
+        }),
+    )
     .await;
     // `url` is Zendesk's own read-only API address: the seed's WebsiteUrl -> url is not synced.
     assert_ne!(org["url"], json!("https://chain.example"));
-    eventually("a Customerp customer", WAIT, || {
-        (h.sims.customerp.len("customer") == 1).then_some(())
-    })
+    eventually(
+        "a Customerp customer",
+        WAIT,
+        probe(|| (h.sims.customerp.len("customer") == 1).then_some(())),
+    )
     .await;
-    eventually("a Custom PMS customer", WAIT, || {
-        (h.sims.custompms.len("customer") == 1).then_some(())
-    })
+    eventually(
+        "a Custom PMS customer",
+        WAIT,
+        probe(|| (h.sims.custompms.len("customer") == 1).then_some(())),
+    )
     .await;
     let org_id = org["id"].as_u64().unwrap().to_string();
     assert_eq!(
@@ -180,10 +174,14 @@ async fn chain_poweroffice_customer_to_zendesk_to_custom_systems_and_back() {
         )
         .await
         .unwrap();
-    eventually("the rename to reach PowerOffice", WAIT, || {
-        let c = h.sims.poweroffice.get("Customers", customer_id)?;
-        (c["Name"] == json!("Chain Test Renamed AS")).then_some(())
-    })
+    eventually(
+        "the rename to reach PowerOffice",
+        WAIT,
+        probe(|| {
+            let c = h.sims.poweroffice.get("Customers", customer_id)?;
+            (c["Name"] == json!("Chain Test Renamed AS")).then_some(())
+        }),
+    )
     .await;
 
     // Settled: the echoes (webhooks and polls of Tether's own writes) cause no more writes.
@@ -209,14 +207,20 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
         )
         .await
         .unwrap();
-    let contact = eventually("a CRMOffice contact for the user", WAIT, || {
-        (h.sims.crmoffice.len("contacts") == 1).then(|| h.sims.crmoffice.get("contacts", "1"))
-    })
+    let contact = eventually(
+        "a CRMOffice contact for the user",
+        WAIT,
+        probe(|| {
+            (h.sims.crmoffice.len("contacts") == 1).then(|| h.sims.crmoffice.get("contacts", "1"))
+        }),
+    )
     .await;
     assert!(contact.is_some());
-    eventually("a Customerp contact for the user", WAIT, || {
-        (h.sims.customerp.len("contact") == 1).then_some(())
-    })
+    eventually(
+        "a Customerp contact for the user",
+        WAIT,
+        probe(|| (h.sims.customerp.len("contact") == 1).then_some(())),
+    )
     .await;
 
     let ticket = zd
@@ -227,11 +231,15 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
         )
         .await
         .unwrap();
-    let activity = eventually("a CRMOffice activity for the ticket", WAIT, || {
-        (1..=20)
-            .filter_map(|i| h.sims.crmoffice.get("activities", &i.to_string()))
-            .find(|a| a["subject"] == json!("Printer on fire"))
-    })
+    let activity = eventually(
+        "a CRMOffice activity for the ticket",
+        WAIT,
+        probe(|| {
+            (1..=20)
+                .filter_map(|i| h.sims.crmoffice.get("activities", &i.to_string()))
+                .find(|a| a["subject"] == json!("Printer on fire"))
+        }),
+    )
     .await;
     let contact_id = (1..=20)
         .filter_map(|i| h.sims.crmoffice.get("contacts", &i.to_string()))
@@ -325,11 +333,11 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
     eventually(
         "the subject and requester to reach the Zendesk ticket",
         WAIT,
-        || {
+        probe(|| {
             let t = h.sims.zendesk.ticket(ticket_id)?;
             (t["subject"] == json!("Printer extinguished") && t["requester_id"] == json!(member_id))
                 .then_some(())
-        },
+        }),
     )
     .await;
     h.assert_settles().await;
@@ -429,15 +437,21 @@ resolve = "latest_wins"
         (&h.sims.customerp, &erp_customer),
         (&h.sims.custompms, &pms_customer),
     ] {
-        eventually("the new name in the custom system", WAIT, || {
-            let c = sim.get("customer", id)?;
-            (c["name"] == json!("Counted Norge AS")).then_some(())
-        })
+        eventually(
+            "the new name in the custom system",
+            WAIT,
+            probe(|| {
+                let c = sim.get("customer", id)?;
+                (c["name"] == json!("Counted Norge AS")).then_some(())
+            }),
+        )
         .await;
         // The echo of the write is read back (and causes nothing).
-        eventually("the echo to be read", WAIT, || {
-            (sim.control.count_method("GET") >= 2).then_some(())
-        })
+        eventually(
+            "the echo to be read",
+            WAIT,
+            probe(|| (sim.control.count_method("GET") >= 2).then_some(())),
+        )
         .await;
     }
     h.assert_settles().await;
@@ -577,13 +591,17 @@ target = "name"
         .sims
         .exact
         .change_account(&account, json!({"Name": "Exact Account BV"})));
-    let org = eventually("the Zendesk organization for the account", WAIT, || {
-        find_by_field(
-            h.sims.zendesk.all(Kind::Organization),
-            "name",
-            "Exact Account BV",
-        )
-    })
+    let org = eventually(
+        "the Zendesk organization for the account",
+        WAIT,
+        probe(|| {
+            find_by_field(
+                h.sims.zendesk.all(Kind::Organization),
+                "name",
+                "Exact Account BV",
+            )
+        }),
+    )
     .await;
     let org_id = org["id"].as_u64().unwrap().to_string();
     assert_eq!(
@@ -613,10 +631,14 @@ target = "name"
         )
         .await
         .unwrap();
-    eventually("the rename to reach the Exact account", WAIT, || {
-        let a = h.sims.exact.account(&account)?;
-        (a["Name"] == json!("Exact Account Renamed BV")).then_some(())
-    })
+    eventually(
+        "the rename to reach the Exact account",
+        WAIT,
+        probe(|| {
+            let a = h.sims.exact.account(&account)?;
+            (a["Name"] == json!("Exact Account Renamed BV")).then_some(())
+        }),
+    )
     .await;
 
     h.assert_settles().await;
@@ -711,15 +733,23 @@ target = "email"
     );
     // The references arrive translated: DepartmentId -> the department's organization, partyId
     // (the supplier) -> the supplier's organization.
-    eventually("the employee's organization_id", WAIT, || {
-        (zd.user(emp_user_id)?["organization_id"] == json!(dept_org.parse::<u64>().unwrap()))
-            .then_some(())
-    })
+    eventually(
+        "the employee's organization_id",
+        WAIT,
+        probe(|| {
+            (zd.user(emp_user_id)?["organization_id"] == json!(dept_org.parse::<u64>().unwrap()))
+                .then_some(())
+        }),
+    )
     .await;
-    eventually("the contact person's organization_id", WAIT, || {
-        (zd.user(cp_user_id)?["organization_id"] == json!(supplier_org.parse::<u64>().unwrap()))
-            .then_some(())
-    })
+    eventually(
+        "the contact person's organization_id",
+        WAIT,
+        probe(|| {
+            (zd.user(cp_user_id)?["organization_id"] == json!(supplier_org.parse::<u64>().unwrap()))
+                .then_some(())
+        }),
+    )
     .await;
     assert_eq!(zd.all(Kind::User).len(), users_before, "no user created");
 
@@ -754,10 +784,14 @@ target = "email"
         )
         .await
         .unwrap();
-    eventually("the employee's new DepartmentId", WAIT, || {
-        (id_text(&po.get("Employees", employee_id)?["DepartmentId"]) == dept2_id.to_string())
-            .then_some(())
-    })
+    eventually(
+        "the employee's new DepartmentId",
+        WAIT,
+        probe(|| {
+            (id_text(&po.get("Employees", employee_id)?["DepartmentId"]) == dept2_id.to_string())
+                .then_some(())
+        }),
+    )
     .await;
 
     // Renames in Zendesk come back to the supplier and the department.
@@ -777,13 +811,17 @@ target = "email"
         )
         .await
         .unwrap();
-    eventually("the renames to reach PowerOffice", WAIT, || {
-        let s = po.get("Suppliers", supplier_id)?;
-        let d = po.get("Departments", dept_id)?;
-        (s["LegalName"] == json!("E2E Supplier Renamed AS")
-            && d["Name"] == json!("E2E Workshop Renamed"))
-        .then_some(())
-    })
+    eventually(
+        "the renames to reach PowerOffice",
+        WAIT,
+        probe(|| {
+            let s = po.get("Suppliers", supplier_id)?;
+            let d = po.get("Departments", dept_id)?;
+            (s["LegalName"] == json!("E2E Supplier Renamed AS")
+                && d["Name"] == json!("E2E Workshop Renamed"))
+            .then_some(())
+        }),
+    )
     .await;
     h.assert_settles().await;
     assert!(

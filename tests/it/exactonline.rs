@@ -5,10 +5,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use secrecy::SecretString;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sqlx::PgPool;
-use tether::config::ExactConfig;
 use tether::connectors::exactonline::ExactOnline;
 use tether::connectors::{Connector, ConnectorError};
 use tether::signing;
@@ -17,24 +15,10 @@ use tether::testing;
 use wiremock::matchers::{body_string_contains, header, method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const DIVISION: i64 = 123456;
+use crate::support::exactonline::{config, DIVISION};
+use crate::support::obj;
+
 const GUID: &str = "11111111-1111-1111-1111-111111111111";
-
-fn config(base: &str, refresh_token: &str) -> ExactConfig {
-    ExactConfig {
-        base_url: url::Url::parse(base).unwrap(),
-        division: DIVISION,
-        client_id: "sim-client".to_owned(),
-        client_secret: SecretString::from("sim-client-secret".to_owned()),
-        refresh_token: SecretString::from(refresh_token.to_owned()),
-        webhook_secret: None,
-        poll_interval: Duration::from_secs(300),
-    }
-}
-
-fn fields(value: Value) -> Map<String, Value> {
-    value.as_object().unwrap().clone()
-}
 
 /// Stores a token row as if an earlier run had obtained `access` `refreshed_secs_ago`.
 async fn store_token(
@@ -117,7 +101,7 @@ async fn exact_connector_against_simulator_every_operation() {
 
     // create, update, find_by
     let created = connector
-        .create("Accounts", &fields(json!({"Name": "Nordic AS"})), "key-1")
+        .create("Accounts", &obj(json!({"Name": "Nordic AS"})), "key-1")
         .await
         .unwrap();
     assert_eq!(created.fields["Name"], json!("Nordic AS"));
@@ -125,13 +109,13 @@ async fn exact_connector_against_simulator_every_operation() {
         .update(
             "Accounts",
             &created.id,
-            &fields(json!({"Name": "Nordic O'Brien AS"})),
+            &obj(json!({"Name": "Nordic O'Brien AS"})),
         )
         .await
         .unwrap();
     assert_eq!(updated.fields["Name"], json!("Nordic O'Brien AS"));
     let found = connector
-        .find_by("Accounts", &fields(json!({"Name": "Nordic O'Brien AS"})))
+        .find_by("Accounts", &obj(json!({"Name": "Nordic O'Brien AS"})))
         .await
         .unwrap();
     assert_eq!(found.len(), 1);
@@ -152,7 +136,7 @@ async fn exact_connector_against_simulator_every_operation() {
         .unwrap();
     assert!(empty.records.is_empty());
     connector
-        .update("Accounts", &seeded, &fields(json!({"City": "Utrecht"})))
+        .update("Accounts", &seeded, &obj(json!({"City": "Utrecht"})))
         .await
         .unwrap();
     let again = connector
@@ -167,7 +151,7 @@ async fn exact_connector_against_simulator_every_operation() {
     let department = connector
         .create(
             "Departments",
-            &fields(json!({"Code": "D1", "Description": "Support"})),
+            &obj(json!({"Code": "D1", "Description": "Support"})),
             "k2",
         )
         .await
@@ -176,7 +160,7 @@ async fn exact_connector_against_simulator_every_operation() {
         .update(
             "Departments",
             &department.id,
-            &fields(json!({"Description": "Service"})),
+            &obj(json!({"Description": "Service"})),
         )
         .await
         .unwrap();
@@ -200,7 +184,7 @@ async fn exact_connector_against_simulator_every_operation() {
     assert_eq!(page.records[0].id, "7");
     assert!(matches!(
         connector
-            .create("Divisions", &fields(json!({"Description": "x"})), "k")
+            .create("Divisions", &obj(json!({"Description": "x"})), "k")
             .await,
         Err(ConnectorError::Unsupported { .. })
     ));
@@ -297,7 +281,7 @@ async fn exact_listing_pages_through_next_links_and_equal_modified_times() {
     assert!(after.records.is_empty(), "nothing is re-emitted");
     // find_by follows __next to the end.
     let all = connector
-        .find_by("Departments", &fields(json!({"Division": DIVISION})))
+        .find_by("Departments", &obj(json!({"Division": DIVISION})))
         .await
         .unwrap();
     assert_eq!(all.len(), 130);

@@ -1,5 +1,6 @@
 //! One integration-test binary with a module per feature (engineering.md item 3).
 
+mod admin;
 mod crmoffice;
 mod custom;
 mod e2e;
@@ -10,5 +11,7 @@ mod polling;
 mod poweroffice;
 mod queue;
 mod registry;
+mod support;
 mod sync;
+mod transport;
 mod zendesk;

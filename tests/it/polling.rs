@@ -15,15 +15,8 @@ use tether::polling::{self, poll_once, PollerSpec};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::crmoffice::{connector as crm_connector, sim as crm_sim};
-
-fn obj(v: Value) -> Map<String, Value> {
-    v.as_object().expect("object").clone()
-}
-
-fn at(s: &str) -> DateTime<Utc> {
-    s.parse().unwrap()
-}
+use crate::support::crmoffice::{connector as crm_connector, sim as crm_sim};
+use crate::support::{at, custom, obj};
 
 type Hook = Box<dyn FnMut(u32) + Send>;
 
@@ -292,30 +285,14 @@ async fn started_pollers_enqueue_on_their_interval_and_stop_on_shutdown() {
 
 #[tokio::test]
 async fn custom_system_reconciliation_poll_emits_changes_once() {
-    use tether::connectors::custom::CustomConnector;
-    use tether::simulators::custom::{CustomSim, CustomSimConfig};
     let db = tether::testing::database().await;
-    let (sim, running) = CustomSim::start(
-        CustomSimConfig {
-            webhook_lanes: 1,
-            system: SystemId::CustomErp,
-            api_token: "t".to_owned(),
-            webhook_secret: None,
-            webhook_target: None,
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
+    let (sim, running) = custom::sim(SystemId::CustomErp, None).await;
     sim.set_page_size(2);
-    let config = tether::config::CustomSystemConfig {
-        base_url: running.base_url().parse().unwrap(),
-        api_token: secrecy::SecretString::from("t"),
-        webhook_secret: None,
-        poll_interval: Some(Duration::from_secs(1)),
-    };
-    let connector =
-        CustomConnector::new(SystemId::CustomErp, &config, Duration::from_secs(5)).unwrap();
+    let connector = custom::connector(
+        SystemId::CustomErp,
+        &running.base_url(),
+        Duration::from_secs(5),
+    );
     let t = at("2026-01-01T00:00:00Z");
     let ids: Vec<String> = (0..5)
         .map(|i| sim.insert("customer", obj(json!({"n": i})), Some(t)))

@@ -6,37 +6,14 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use secrecy::SecretString;
-use serde_json::{json, Map, Value};
-use tether::config::PowerOfficeConfig;
+use serde_json::json;
 use tether::connectors::poweroffice::PowerOffice;
 use tether::connectors::{Connector, ConnectorError};
-use tether::simulators::poweroffice::{self as sim, PowerOfficeSimConfig};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-fn config(base: &str) -> PowerOfficeConfig {
-    PowerOfficeConfig {
-        base_url: url::Url::parse(&format!("{base}/v2")).unwrap(),
-        token_url: None,
-        application_key: SecretString::from("sim-application-key".to_owned()),
-        client_key: SecretString::from("sim-client-key".to_owned()),
-        subscription_key: SecretString::from("sim-subscription-key".to_owned()),
-        poll_interval: Duration::from_secs(60),
-    }
-}
-
-fn fields(value: Value) -> Map<String, Value> {
-    value.as_object().unwrap().clone()
-}
-
-async fn start() -> (sim::PowerOfficeSim, tether::simulators::kit::RunningSim) {
-    sim::start(
-        PowerOfficeSimConfig::default(),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap()
-}
+use crate::support::obj;
+use crate::support::poweroffice::{config, start};
 
 #[tokio::test]
 async fn poweroffice_connector_against_simulator_every_operation() {
@@ -47,7 +24,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
     let customer = connector
         .create(
             "Customers",
-            &fields(json!({"Name": "Fjord AS", "WebsiteUrl": "https://fjord.example"})),
+            &obj(json!({"Name": "Fjord AS", "WebsiteUrl": "https://fjord.example"})),
             "idem-1",
         )
         .await
@@ -75,7 +52,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
         .update(
             "Customers",
             &customer.id,
-            &fields(json!({"Name": "Fjord Holding AS"})),
+            &obj(json!({"Name": "Fjord Holding AS"})),
         )
         .await
         .unwrap();
@@ -95,7 +72,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
         Err(ConnectorError::Rejected { status: 400, .. })
     ));
     let matches = connector
-        .find_by("Customers", &fields(json!({"Name": "Fjord Holding AS"})))
+        .find_by("Customers", &obj(json!({"Name": "Fjord Holding AS"})))
         .await
         .unwrap();
     assert_eq!(matches.len(), 1);
@@ -104,7 +81,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
     let supplier = connector
         .create(
             "Suppliers",
-            &fields(json!({"Name": "Lev AS", "LegalName": "Lev AS"})),
+            &obj(json!({"Name": "Lev AS", "LegalName": "Lev AS"})),
             "k-s",
         )
         .await
@@ -113,7 +90,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
         .update(
             "Suppliers",
             &supplier.id,
-            &fields(json!({"LegalName": "Leverandør AS"})),
+            &obj(json!({"LegalName": "Leverandør AS"})),
         )
         .await
         .unwrap();
@@ -125,7 +102,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
     let department = connector
         .create(
             "Departments",
-            &fields(json!({"Name": "Support", "Code": "10"})),
+            &obj(json!({"Name": "Support", "Code": "10"})),
             "k-d",
         )
         .await
@@ -133,7 +110,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
     let employee = connector
         .create(
             "Employees",
-            &fields(json!({"FirstName": "Ola", "LastName": "Nordmann", "DepartmentId": department.id.parse::<i64>().unwrap()})),
+            &obj(json!({"FirstName": "Ola", "LastName": "Nordmann", "DepartmentId": department.id.parse::<i64>().unwrap()})),
             "k-e",
         )
         .await
@@ -142,7 +119,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
         .update(
             "Employees",
             &employee.id,
-            &fields(json!({"JobTitle": "Agent"})),
+            &obj(json!({"JobTitle": "Agent"})),
         )
         .await
         .unwrap();
@@ -152,7 +129,7 @@ async fn poweroffice_connector_against_simulator_every_operation() {
     let person = connector
         .create(
             "Contactperson",
-            &fields(json!({"partyId": customer.id, "FirstName": "Kari", "LastName": "Nordmann"})),
+            &obj(json!({"partyId": customer.id, "FirstName": "Kari", "LastName": "Nordmann"})),
             "idem-p",
         )
         .await
@@ -173,14 +150,14 @@ async fn poweroffice_connector_against_simulator_every_operation() {
         .update(
             "Contactperson",
             &person.id,
-            &fields(json!({"EmailAddress": "kari@fjord.example"})),
+            &obj(json!({"EmailAddress": "kari@fjord.example"})),
         )
         .await
         .unwrap();
     assert_eq!(person.fields["EmailAddress"], json!("kari@fjord.example"));
     assert!(matches!(
         connector
-            .create("Contactperson", &fields(json!({"FirstName": "X"})), "k")
+            .create("Contactperson", &obj(json!({"FirstName": "X"})), "k")
             .await,
         Err(ConnectorError::Rejected { .. })
     ));

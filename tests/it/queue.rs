@@ -19,6 +19,8 @@ use tether::testing;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::support::eventually;
+
 fn cfg() -> WorkerConfig {
     WorkerConfig {
         enabled: true,
@@ -109,19 +111,6 @@ async fn job_row(pool: &PgPool, id: i64) -> (String, i32, i32, Option<String>) {
         .fetch_one(pool)
         .await
         .unwrap()
-}
-
-/// Polls `check` every 50 ms until it holds or `deadline` passes (then panics with `what`).
-async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = std::time::Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn all_done(pool: &PgPool, total: i64) -> bool {
@@ -397,7 +386,7 @@ async fn per_record_order_holds_and_keys_run_in_parallel() {
         shutdown.clone(),
         Duration::from_secs(5),
     );
-    eventually(Duration::from_secs(60), "all 200 jobs to finish", || {
+    eventually("all 200 jobs to finish", Duration::from_secs(60), || {
         all_done(&db.pool, 200)
     })
     .await;
@@ -462,7 +451,7 @@ async fn shutdown_releases_jobs_cut_off_at_the_bound() {
         shutdown.clone(),
         Duration::from_millis(200),
     );
-    eventually(Duration::from_secs(30), "jobs to be claimed", || async {
+    eventually("jobs to be claimed", Duration::from_secs(30), || async {
         store::counts(&db.pool).await.unwrap().running == 5
     })
     .await;
@@ -493,7 +482,7 @@ async fn notify_wakes_idle_workers_without_polling() {
         Duration::from_secs(5),
     );
     // Wait until the worker listens.
-    eventually(Duration::from_secs(30), "the worker to LISTEN", || async {
+    eventually("the worker to LISTEN", Duration::from_secs(30), || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
         )
@@ -505,7 +494,7 @@ async fn notify_wakes_idle_workers_without_polling() {
     .await;
     for round in 1..=3 {
         enqueue(&db.pool, &[(format!("r{round}"), 1)], 1).await;
-        eventually(Duration::from_secs(30), "the notified job to run", || {
+        eventually("the notified job to run", Duration::from_secs(30), || {
             all_done(&db.pool, round)
         })
         .await;
@@ -610,8 +599,8 @@ async fn housekeeping_analyzes_after_a_burst_and_vacuums_after_pruning() {
 
     burst(&db.pool, "big", 20_000).await;
     eventually(
-        Duration::from_secs(30),
         "the burst in the statistics",
+        Duration::from_secs(30),
         || async {
             store::table_activity(&db.pool)
                 .await
@@ -643,8 +632,8 @@ async fn housekeeping_analyzes_after_a_burst_and_vacuums_after_pruning() {
     // The pruner's connections report on their own schedule; any query on them flushes within a
     // second or so, and the pool hands them out again while we poll.
     eventually(
-        Duration::from_secs(30),
         "the pruning in the statistics",
+        Duration::from_secs(30),
         || async {
             sqlx::query("SELECT pg_stat_force_next_flush()")
                 .execute(&db.pool)
@@ -677,12 +666,12 @@ async fn workers_refresh_statistics_after_a_burst_without_autovacuum() {
     );
     burst(&db.pool, "w", 20_000).await;
     eventually(
-        Duration::from_secs(60),
         "the workers' housekeeping to ANALYZE jobs",
+        Duration::from_secs(60),
         || async { jobs_stats(&db.pool).await.0 > analyzes_before },
     )
     .await;
-    eventually(Duration::from_secs(120), "all jobs done", || {
+    eventually("all jobs done", Duration::from_secs(120), || {
         all_done(&db.pool, 20_000)
     })
     .await;
@@ -839,8 +828,8 @@ async fn kill_9_of_a_worker_holding_jobs_loses_nothing_and_completes_each_once()
         ],
     );
     eventually(
-        Duration::from_secs(60),
         "the victim to hold jobs",
+        Duration::from_secs(60),
         || async { store::counts(&db.pool).await.unwrap().running >= 4 },
     )
     .await;
@@ -855,7 +844,7 @@ async fn kill_9_of_a_worker_holding_jobs_loses_nothing_and_completes_each_once()
         &url,
         &[("PROBE_CONCURRENCY", "4"), ("PROBE_LEASE_MS", "1500")],
     );
-    eventually(Duration::from_secs(120), "every job to complete", || {
+    eventually("every job to complete", Duration::from_secs(120), || {
         all_done(&db.pool, items.len() as i64)
     })
     .await;
@@ -892,7 +881,7 @@ async fn three_worker_processes_run_10000_jobs_once_each_in_record_order() {
             )
         })
         .collect();
-    eventually(Duration::from_secs(600), "10,000 jobs to complete", || {
+    eventually("10,000 jobs to complete", Duration::from_secs(600), || {
         all_done(&db.pool, 10_000)
     })
     .await;
@@ -963,8 +952,8 @@ async fn workers_recover_on_their_own_when_the_database_restarts() {
         Duration::from_secs(5),
     );
     eventually(
-        Duration::from_secs(120),
         "a few hundred jobs to run",
+        Duration::from_secs(120),
         || async {
             let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe_log")
                 .fetch_one(&pool)
@@ -978,8 +967,8 @@ async fn workers_recover_on_their_own_when_the_database_restarts() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.restart().await.unwrap();
     eventually(
-        Duration::from_secs(300),
         "every job to complete after the restart",
+        Duration::from_secs(300),
         || all_done(&pool, items.len() as i64),
     )
     .await;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sqlx::Row;
 use tether::connectors::memory::{Failure, MemoryConnector};
 use tether::connectors::{Connector, Record};
@@ -17,6 +17,8 @@ use tether::registry::{
 };
 use tether::sync::SyncEngine;
 use tether::testing::{self, TestDb};
+
+use crate::support::obj;
 
 use SystemId::{CrmOffice, CustomErp, CustomPms, PowerOffice, Zendesk};
 
@@ -110,13 +112,6 @@ fn seed_like() -> Vec<Dataflow> {
             vec![prop("name", "name")],
         ),
     ]
-}
-
-fn fields(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("not an object: {other}"),
-    }
 }
 
 // ---- harness ------------------------------------------------------------------------------
@@ -300,10 +295,9 @@ impl Harness {
 
     /// A PowerOffice customer synced to a Zendesk organization; returns both records.
     async fn linked_customer(&self, name: &str, url: &str) -> (Record, Record) {
-        let c = self.m(PowerOffice).insert(
-            "Customers",
-            fields(json!({"Name": name, "WebsiteUrl": url})),
-        );
+        let c = self
+            .m(PowerOffice)
+            .insert("Customers", obj(json!({"Name": name, "WebsiteUrl": url})));
         assert_eq!(
             self.run(PowerOffice, "Customers", &c.id).await,
             JobOutcome::Done
@@ -341,7 +335,7 @@ async fn rule1_creation_follows_the_flow_and_is_not_created_back() {
     // An organization created natively in Zendesk is not created back in PowerOffice.
     let native = h
         .m(Zendesk)
-        .insert("Organizations", fields(json!({"name": "Zendesk only"})));
+        .insert("Organizations", obj(json!({"name": "Zendesk only"})));
     assert_eq!(
         h.run(Zendesk, "Organizations", &native.id).await,
         JobOutcome::Done
@@ -364,11 +358,11 @@ async fn rule1_merge_criteria_link_the_existing_record_instead_of_creating() {
     let h = Harness::new(vec![f], &[PowerOffice, Zendesk]).await;
     let existing = h.m(Zendesk).insert(
         "Organizations",
-        fields(json!({"name": "Acme AS", "url": "https://old.acme.no"})),
+        obj(json!({"name": "Acme AS", "url": "https://old.acme.no"})),
     );
     let c = h.m(PowerOffice).insert(
         "Customers",
-        fields(json!({"Name": "Acme AS", "WebsiteUrl": "https://acme.no"})),
+        obj(json!({"Name": "Acme AS", "WebsiteUrl": "https://acme.no"})),
     );
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
@@ -401,12 +395,12 @@ async fn rule4_merge_linked_pair_fills_empty_values_from_the_other_side() {
     let h = Harness::new(vec![f], &[PowerOffice, Zendesk]).await;
     let c = h.m(PowerOffice).insert(
         "Customers",
-        fields(json!({"Name": "Acme AS", "WebsiteUrl": "https://acme.no"})),
+        obj(json!({"Name": "Acme AS", "WebsiteUrl": "https://acme.no"})),
     );
     // The Zendesk record is newer but has no url: the customer's url still fills it.
     let org = h
         .m(Zendesk)
-        .insert("Organizations", fields(json!({"name": "Acme AS"})));
+        .insert("Organizations", obj(json!({"name": "Acme AS"})));
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
@@ -441,7 +435,7 @@ async fn rule1_flows_both_ways_make_one_counterpart() {
     // A Zendesk-native organization does flow to PowerOffice through the reverse flow.
     let native = h
         .m(Zendesk)
-        .insert("Organizations", fields(json!({"name": "Zendesk first"})));
+        .insert("Organizations", obj(json!({"name": "Zendesk first"})));
     assert_eq!(
         h.run(Zendesk, "Organizations", &native.id).await,
         JobOutcome::Done
@@ -461,7 +455,7 @@ async fn rule1_no_match_and_creation_off_creates_nothing() {
     let h = Harness::new(vec![f], &[PowerOffice, Zendesk]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Nobody"})));
+        .insert("Customers", obj(json!({"Name": "Nobody"})));
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
@@ -477,11 +471,8 @@ async fn rule2_updates_flow_both_ways_once_linked() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let (c, org) = h.linked_customer("Acme AS", "https://acme.no").await;
 
-    h.m(Zendesk).edit(
-        "Organizations",
-        &org.id,
-        fields(json!({"name": "Acme Group"})),
-    );
+    h.m(Zendesk)
+        .edit("Organizations", &org.id, obj(json!({"name": "Acme Group"})));
     assert_eq!(
         h.run(Zendesk, "Organizations", &org.id).await,
         JobOutcome::Done
@@ -494,7 +485,7 @@ async fn rule2_updates_flow_both_ways_once_linked() {
     h.m(PowerOffice).edit(
         "Customers",
         &c.id,
-        fields(json!({"WebsiteUrl": "https://acme.com"})),
+        obj(json!({"WebsiteUrl": "https://acme.com"})),
     );
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
@@ -515,7 +506,7 @@ async fn rule2_write_back_switch_off_keeps_the_source_untouched() {
     h.m(Zendesk).edit(
         "Organizations",
         &org.id,
-        fields(json!({"name": "Renamed in Zendesk"})),
+        obj(json!({"name": "Renamed in Zendesk"})),
     );
     assert_eq!(
         h.run(Zendesk, "Organizations", &org.id).await,
@@ -534,7 +525,7 @@ async fn rule2_an_unwritable_side_is_skipped() {
     let (c, org) = h.linked_customer("Acme AS", "https://acme.no").await;
     h.m(Zendesk).make_read_only("Organizations");
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "New"})));
+        .edit("Customers", &c.id, obj(json!({"Name": "New"})));
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
@@ -571,7 +562,7 @@ async fn rule3_echo_and_unchanged_values_cause_no_write_and_calls_are_minimal() 
 
     // A changed linked record: one read per side, one write, nothing else.
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "Acme Norge AS"})));
+        .edit("Customers", &c.id, obj(json!({"Name": "Acme Norge AS"})));
     h.reset_counters();
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
@@ -603,7 +594,7 @@ async fn rule3_echo_and_unchanged_values_cause_no_write_and_calls_are_minimal() 
 
     // An event with nothing changed (a field outside the mapping, or a duplicate): zero writes.
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Unmapped": "x"})));
+        .edit("Customers", &c.id, obj(json!({"Unmapped": "x"})));
     h.reset_counters();
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
@@ -637,7 +628,7 @@ async fn owner_rules_keep_other_flows_from_writing_a_property() {
     h.m(PowerOffice).edit(
         "Customers",
         &c.id,
-        fields(json!({"Name": "Acme Norge AS", "WebsiteUrl": "https://acme.example"})),
+        obj(json!({"Name": "Acme Norge AS", "WebsiteUrl": "https://acme.example"})),
     );
     h.reset_counters();
     assert_eq!(
@@ -665,7 +656,7 @@ async fn rule3_echo_arriving_before_the_engine_stored_its_write_causes_no_write(
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let (c, org) = h.linked_customer("Acme AS", "https://acme.no").await;
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "Acme 2"})));
+        .edit("Customers", &c.id, obj(json!({"Name": "Acme 2"})));
     h.reset_counters();
 
     // The engine writes to Zendesk and is held right after the vendor stored the change.
@@ -718,12 +709,12 @@ async fn rule4_edited_on_both_sides_the_later_change_wins_and_empty_never_overwr
     h.m(Zendesk).edit(
         "Organizations",
         &org.id,
-        fields(json!({"name": "From Zendesk"})),
+        obj(json!({"name": "From Zendesk"})),
     );
     h.m(PowerOffice).edit(
         "Customers",
         &c.id,
-        fields(json!({"Name": "From PowerOffice", "WebsiteUrl": ""})),
+        obj(json!({"Name": "From PowerOffice", "WebsiteUrl": ""})),
     );
     assert_eq!(
         h.run(Zendesk, "Organizations", &org.id).await,
@@ -740,12 +731,9 @@ async fn rule4_edited_on_both_sides_the_later_change_wins_and_empty_never_overwr
 
     // The other way round: PowerOffice first, Zendesk later: Zendesk wins.
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "PO again"})));
-    h.m(Zendesk).edit(
-        "Organizations",
-        &org.id,
-        fields(json!({"name": "ZD later"})),
-    );
+        .edit("Customers", &c.id, obj(json!({"Name": "PO again"})));
+    h.m(Zendesk)
+        .edit("Organizations", &org.id, obj(json!({"name": "ZD later"})));
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
@@ -762,7 +750,7 @@ async fn rule4_edited_on_both_sides_the_later_change_wins_and_empty_never_overwr
     // One side only, changed to empty: nothing is written.
     h.reset_counters();
     h.m(Zendesk)
-        .edit("Organizations", &org.id, fields(json!({"name": ""})));
+        .edit("Organizations", &org.id, obj(json!({"name": ""})));
     assert_eq!(
         h.run(Zendesk, "Organizations", &org.id).await,
         JobOutcome::Done
@@ -781,10 +769,10 @@ async fn rule5_reference_synced_later_waits_then_gets_the_translated_id() {
     let h = Harness::new(seed_like(), &[PowerOffice, Zendesk]).await;
     let customer = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Acme AS"})));
+        .insert("Customers", obj(json!({"Name": "Acme AS"})));
     let contact = h.m(PowerOffice).insert(
         "Contactperson",
-        fields(json!({"Name": "Kari", "partyId": customer.id.parse::<i64>().unwrap()})),
+        obj(json!({"Name": "Kari", "partyId": customer.id.parse::<i64>().unwrap()})),
     );
     // The contact's event comes first: its customer is not linked yet.
     let job = h.event(PowerOffice, "Contactperson", &contact.id).await;
@@ -823,7 +811,7 @@ async fn rule5_reference_synced_later_waits_then_gets_the_translated_id() {
     // partyId becomes the supplier's id, translated back through the supplier's link.
     let supplier = h
         .m(PowerOffice)
-        .insert("Suppliers", fields(json!({"LegalName": "Parts AS"})));
+        .insert("Suppliers", obj(json!({"LegalName": "Parts AS"})));
     assert_eq!(
         h.run(PowerOffice, "Suppliers", &supplier.id).await,
         JobOutcome::Done
@@ -837,7 +825,7 @@ async fn rule5_reference_synced_later_waits_then_gets_the_translated_id() {
     h.m(Zendesk).edit(
         "Users",
         &users[0].id,
-        fields(json!({"organization_id": parts_org.id.parse::<i64>().unwrap()})),
+        obj(json!({"organization_id": parts_org.id.parse::<i64>().unwrap()})),
     );
     assert_eq!(
         h.run(Zendesk, "Users", &users[0].id).await,
@@ -868,10 +856,9 @@ async fn rule5_a_reference_with_no_possible_link_is_left_unset_and_counted() {
         ],
     )];
     let h = Harness::new(flows, &[Zendesk, CrmOffice]).await;
-    let user = h.m(Zendesk).insert(
-        "Users",
-        fields(json!({"name": "Ola", "organization_id": 777})),
-    );
+    let user = h
+        .m(Zendesk)
+        .insert("Users", obj(json!({"name": "Ola", "organization_id": 777})));
     assert_eq!(h.run(Zendesk, "Users", &user.id).await, JobOutcome::Done);
     let contacts = h.m(CrmOffice).all("Contacts");
     assert_eq!(contacts.len(), 1);
@@ -890,7 +877,7 @@ async fn rule6_poweroffice_customer_chains_to_zendesk_customerp_and_custompms() 
     let h = Harness::new(seed_like(), &[PowerOffice, Zendesk, CustomErp, CustomPms]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Chain AS"})));
+        .insert("Customers", obj(json!({"Name": "Chain AS"})));
     // Only PowerOffice's event is delivered: no Zendesk webhook at all.
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
@@ -908,7 +895,7 @@ async fn rule6_poweroffice_customer_chains_to_zendesk_customerp_and_custompms() 
 
     // An update travels the chain the same way.
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "Chain Group"})));
+        .edit("Customers", &c.id, obj(json!({"Name": "Chain Group"})));
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
@@ -942,10 +929,10 @@ async fn rule7_events_out_of_order_never_apply_stale_state() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let (c, org) = h.linked_customer("v0", "").await;
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "v1"})));
+        .edit("Customers", &c.id, obj(json!({"Name": "v1"})));
     let older = h.event(PowerOffice, "Customers", &c.id).await;
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "v2"})));
+        .edit("Customers", &c.id, obj(json!({"Name": "v2"})));
     let newer = h.event(PowerOffice, "Customers", &c.id).await;
     // Delivered newest first.
     assert_eq!(h.handle(&newer).await, JobOutcome::Done);
@@ -965,7 +952,7 @@ async fn rule8_crash_between_vendor_create_and_link_commit_makes_no_second_count
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Once AS"})));
+        .insert("Customers", obj(json!({"Name": "Once AS"})));
     h.m(Zendesk).crash_after_next_create();
     let job = h.event(PowerOffice, "Customers", &c.id).await;
     let first = h.handle(&job).await;
@@ -1003,12 +990,12 @@ async fn rule8_source_edited_between_crash_and_retry_is_written_not_reverted() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Before"})));
+        .insert("Customers", obj(json!({"Name": "Before"})));
     h.m(Zendesk).crash_after_next_create();
     let job = h.event(PowerOffice, "Customers", &c.id).await;
     assert!(matches!(h.handle(&job).await, JobOutcome::Later { .. }));
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "After"})));
+        .edit("Customers", &c.id, obj(json!({"Name": "After"})));
     assert_eq!(
         h.handle(&ClaimedJob { attempt: 2, ..job }).await,
         JobOutcome::Done
@@ -1028,7 +1015,7 @@ async fn rule8_another_job_holding_the_intent_makes_a_second_job_wait() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Once AS"})));
+        .insert("Customers", obj(json!({"Name": "Once AS"})));
     h.m(Zendesk).fail_next("create", Failure::Transient);
     let a = h.event(PowerOffice, "Customers", &c.id).await;
     assert!(matches!(h.handle(&a).await, JobOutcome::Retry { .. }));
@@ -1076,7 +1063,7 @@ async fn rule10_every_decision_is_recorded_and_shown_per_record() {
         JobOutcome::Done
     );
     h.m(PowerOffice)
-        .edit("Customers", &c.id, fields(json!({"Name": "Logged 2"})));
+        .edit("Customers", &c.id, obj(json!({"Name": "Logged 2"})));
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
@@ -1114,7 +1101,7 @@ async fn idle_flows_are_recorded_once_without_reading_the_record() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Idle"})));
+        .insert("Customers", obj(json!({"Name": "Idle"})));
     h.reset_counters();
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
@@ -1130,7 +1117,7 @@ async fn idle_flows_are_recorded_once_without_reading_the_record() {
     let h = Harness::new(vec![f], &[PowerOffice, Zendesk]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Off"})));
+        .insert("Customers", obj(json!({"Name": "Off"})));
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
@@ -1146,7 +1133,7 @@ async fn idle_flows_are_recorded_once_without_reading_the_record() {
     let h = Harness::new(vec![customers_to_orgs(), off], &[PowerOffice, Zendesk]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Half"})));
+        .insert("Customers", obj(json!({"Name": "Half"})));
     assert_eq!(
         h.run(PowerOffice, "Customers", &c.id).await,
         JobOutcome::Done
@@ -1165,7 +1152,7 @@ async fn connector_errors_map_to_job_outcomes() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let c = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Err"})));
+        .insert("Customers", obj(json!({"Name": "Err"})));
     let cases = [
         (Failure::RateLimited, "later 7s"),
         (Failure::Timeout, "later"),
@@ -1205,10 +1192,10 @@ async fn refused_credentials_stop_the_system_for_every_job() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
     let a = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "First"})));
+        .insert("Customers", obj(json!({"Name": "First"})));
     let b = h
         .m(PowerOffice)
-        .insert("Customers", fields(json!({"Name": "Second"})));
+        .insert("Customers", obj(json!({"Name": "Second"})));
     h.m(Zendesk).fail_next("create", Failure::Unauthorized);
     let first = h
         .handle(&h.event(PowerOffice, "Customers", &a.id).await)
@@ -1255,10 +1242,9 @@ async fn bench_linked_updates_per_second() {
     let h = Arc::new(Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await);
     let mut ids = Vec::new();
     for i in 0..RECORDS {
-        let c = h.m(PowerOffice).insert(
-            "Customers",
-            fields(json!({"Name": format!("Customer {i}")})),
-        );
+        let c = h
+            .m(PowerOffice)
+            .insert("Customers", obj(json!({"Name": format!("Customer {i}")})));
         let job = h.event(PowerOffice, "Customers", &c.id).await;
         assert_eq!(h.handle(&job).await, JobOutcome::Done);
         ids.push(c.id);
@@ -1269,7 +1255,7 @@ async fn bench_linked_updates_per_second() {
             h.m(PowerOffice).edit(
                 "Customers",
                 id,
-                fields(json!({"Name": format!("Customer {id} r{round}")})),
+                obj(json!({"Name": format!("Customer {id} r{round}")})),
             );
             jobs.push(h.event(PowerOffice, "Customers", id).await);
         }

@@ -3,77 +3,23 @@
 //! Zendesk signature verifier.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::http::HeaderMap;
-use axum::routing::post;
-use axum::Router;
 use base64::Engine as _;
 use secrecy::SecretString;
 use serde_json::{json, Map, Value};
-use tether::config::ZendeskConfig;
 use tether::connectors::zendesk::{external_id_for, ZendeskConnector};
 use tether::connectors::{Connector, ConnectorError, Record};
 use tether::domain::SystemId;
-use tether::simulators::kit::{self, Faults, RunningSim};
-use tether::simulators::zendesk::{Kind, SimCredentials, SimOptions, ZendeskSim, ZendeskSimHandle};
+use tether::simulators::kit::Faults;
+use tether::simulators::zendesk::Kind;
 use wiremock::matchers::{body_json, header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const EMAIL: &str = "agent@example.com";
-const TOKEN: &str = "api-token-SECRET-1";
-const OAUTH: &str = "oauth-SECRET-2";
-const WEBHOOK_SECRET: &str = "dGhpc19zZWNyZXRfaXNfZm9yX3Rlc3Rpbmdfb25seQ==";
-
-fn any_port() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-fn config(base: &str) -> ZendeskConfig {
-    ZendeskConfig {
-        base_url: base.parse().unwrap(),
-        email: Some(EMAIL.to_owned()),
-        api_token: Some(SecretString::from(TOKEN)),
-        oauth_token: None,
-        webhook_secrets: vec![],
-        rate_limit_per_minute: 60_000,
-    }
-}
-
-fn connector(base: &str) -> ZendeskConnector {
-    ZendeskConnector::new(&config(base), Duration::from_secs(5))
-        .unwrap()
-        .with_export_rate_per_minute(60_000)
-}
-
-fn fields(value: Value) -> Map<String, Value> {
-    value.as_object().unwrap().clone()
-}
-
-async fn sim_with(target: Option<String>) -> (RunningSim, ZendeskSimHandle) {
-    ZendeskSim::start(SimOptions {
-        webhook_lanes: 1,
-        bind: any_port(),
-        credentials: SimCredentials {
-            email: EMAIL.to_owned(),
-            api_token: TOKEN.to_owned(),
-            oauth_token: Some(OAUTH.to_owned()),
-        },
-        webhook_target: target,
-        webhook_secret: WEBHOOK_SECRET.to_owned(),
-    })
-    .await
-    .unwrap()
-}
-
-async fn sim() -> (RunningSim, ZendeskSimHandle, ZendeskConnector) {
-    let (running, handle) = sim_with(None).await;
-    let zd = connector(&running.base_url());
-    (running, handle, zd)
-}
+use crate::support::zendesk::{
+    config, connector, sim, sim_with, EMAIL, OAUTH, TOKEN, WEBHOOK_SECRET,
+};
+use crate::support::{drain, obj, Drained, WebhookReceiver};
 
 fn assert_no_read_only(record: &Record) {
     for key in ["id", "url", "created_at", "updated_at"] {
@@ -85,36 +31,13 @@ fn assert_no_read_only(record: &Record) {
     }
 }
 
-/// Every record of an entity type, following the change cursor until caught up.
-async fn drain(
-    zd: &ZendeskConnector,
-    entity: &str,
-    cursor: Option<String>,
-) -> (Vec<Record>, String, usize) {
-    let mut cursor = cursor;
-    let mut all = Vec::new();
-    let mut pages = 0;
-    loop {
-        let page = zd.list_changed(entity, cursor.as_deref()).await.unwrap();
-        pages += 1;
-        assert!(pages < 50, "the change cursor does not advance");
-        all.extend(page.records);
-        cursor = page.next_cursor;
-        if !page.has_more {
-            return (all, cursor.unwrap(), pages);
-        }
-    }
-}
-
 #[tokio::test]
 async fn organization_create_fetch_update_strip_read_only_fields() {
     let (_running, handle, zd) = sim().await;
     let created = zd
         .create(
             "Organizations",
-            &fields(
-                json!({"name": "Acme AS", "notes": "n1", "url": "https://acme.example", "id": 5}),
-            ),
+            &obj(json!({"name": "Acme AS", "notes": "n1", "url": "https://acme.example", "id": 5})),
             "job-1",
         )
         .await
@@ -143,7 +66,7 @@ async fn organization_create_fetch_update_strip_read_only_fields() {
         .update(
             "Organizations",
             &created.id,
-            &fields(json!({"notes": "n2", "updated_at": "2000-01-01T00:00:00Z"})),
+            &obj(json!({"notes": "n2", "updated_at": "2000-01-01T00:00:00Z"})),
         )
         .await
         .unwrap();
@@ -157,7 +80,7 @@ async fn organization_create_fetch_update_strip_read_only_fields() {
 
     assert_eq!(zd.fetch("Organizations", "999").await.unwrap(), None);
     assert!(matches!(
-        zd.update("Organizations", "999", &fields(json!({"notes": "x"})))
+        zd.update("Organizations", "999", &obj(json!({"notes": "x"})))
             .await,
         Err(ConnectorError::Rejected { status: 404, .. })
     ));
@@ -177,10 +100,10 @@ async fn retried_create_finds_the_record_it_made() {
             _ => json!({"subject": "Retry ticket"}),
         };
         let first = zd
-            .create(entity, &fields(body.clone()), "key-42")
+            .create(entity, &obj(body.clone()), "key-42")
             .await
             .unwrap();
-        let second = zd.create(entity, &fields(body), "key-42").await.unwrap();
+        let second = zd.create(entity, &obj(body), "key-42").await.unwrap();
         assert_eq!(
             first.id, second.id,
             "{entity}: a retry made a second record"
@@ -202,11 +125,11 @@ async fn retried_create_finds_the_record_it_made() {
 async fn organization_name_is_required_and_unique() {
     let (_running, _handle, zd) = sim().await;
     let first = zd
-        .create("Organizations", &fields(json!({"name": "Unique"})), "a")
+        .create("Organizations", &obj(json!({"name": "Unique"})), "a")
         .await
         .unwrap();
     let duplicate = zd
-        .create("Organizations", &fields(json!({"name": "UNIQUE"})), "b")
+        .create("Organizations", &obj(json!({"name": "UNIQUE"})), "b")
         .await
         .unwrap_err();
     match duplicate {
@@ -219,24 +142,20 @@ async fn organization_name_is_required_and_unique() {
         other => panic!("expected a 422 rejection, got {other:?}"),
     }
     assert!(matches!(
-        zd.create("Organizations", &fields(json!({"notes": "no name"})), "c")
+        zd.create("Organizations", &obj(json!({"notes": "no name"})), "c")
             .await,
         Err(ConnectorError::Rejected { status: 422, .. })
     ));
 
     // After a rename the old name is free and the new one taken.
-    zd.update(
-        "Organizations",
-        &first.id,
-        &fields(json!({"name": "Renamed"})),
-    )
-    .await
-    .unwrap();
-    zd.create("Organizations", &fields(json!({"name": "unique"})), "d")
+    zd.update("Organizations", &first.id, &obj(json!({"name": "Renamed"})))
+        .await
+        .unwrap();
+    zd.create("Organizations", &obj(json!({"name": "unique"})), "d")
         .await
         .unwrap();
     assert!(matches!(
-        zd.create("Organizations", &fields(json!({"name": "RENAMED"})), "e")
+        zd.create("Organizations", &obj(json!({"name": "RENAMED"})), "e")
             .await,
         Err(ConnectorError::Rejected { status: 422, .. })
     ));
@@ -252,17 +171,14 @@ async fn users_and_organizations_are_found_by_merge_criteria() {
     handle.insert_user(json!({"name": "Ola", "email": "ola@fjord.no", "external_id": "erp-7"}));
 
     let by_name = zd
-        .find_by(
-            "Organizations",
-            &fields(json!({"name": "fjord consulting"})),
-        )
+        .find_by("Organizations", &obj(json!({"name": "fjord consulting"})))
         .await
         .unwrap();
     assert_eq!(by_name.len(), 1);
     assert_eq!(by_name[0].id, org["id"].to_string());
 
     let by_email = zd
-        .find_by("Users", &fields(json!({"email": "kari@fjord.no"})))
+        .find_by("Users", &obj(json!({"email": "kari@fjord.no"})))
         .await
         .unwrap();
     assert_eq!(by_email.len(), 1);
@@ -274,7 +190,7 @@ async fn users_and_organizations_are_found_by_merge_criteria() {
     assert_eq!(kari.fields["organization_id"], org["id"]);
 
     let by_external = zd
-        .find_by("Users", &fields(json!({"external_id": "ERP-7"})))
+        .find_by("Users", &obj(json!({"external_id": "ERP-7"})))
         .await
         .unwrap();
     assert_eq!(by_external[0].fields["name"], "Ola");
@@ -282,7 +198,7 @@ async fn users_and_organizations_are_found_by_merge_criteria() {
     let by_org = zd
         .find_by(
             "Users",
-            &fields(json!({"organization_id": org["id"].to_string()})),
+            &obj(json!({"organization_id": org["id"].to_string()})),
         )
         .await
         .unwrap();
@@ -290,7 +206,7 @@ async fn users_and_organizations_are_found_by_merge_criteria() {
     assert_eq!(by_org[0].fields["name"], "Kari");
 
     assert!(zd
-        .find_by("Users", &fields(json!({"email": "nobody@x.no"})))
+        .find_by("Users", &obj(json!({"email": "nobody@x.no"})))
         .await
         .unwrap()
         .is_empty());
@@ -311,7 +227,7 @@ async fn list_and_filter_follow_cursor_pages() {
     }
     handle.control().reset_counters();
     let even = zd
-        .find_by("Organizations", &fields(json!({"notes": "even"})))
+        .find_by("Organizations", &obj(json!({"notes": "even"})))
         .await
         .unwrap();
     let names: HashSet<String> = even
@@ -340,7 +256,11 @@ async fn change_cursors_page_through_exports_and_resume() {
     }
 
     for entity in ["Organizations", "Users", "Tickets"] {
-        let (records, cursor, pages) = drain(&zd, entity, None).await;
+        let Drained {
+            records,
+            cursor,
+            pages,
+        } = drain(&zd, entity, None).await;
         let ids: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids.len(), 5, "{entity}: {ids:?}");
         if entity != "Organizations" {
@@ -349,22 +269,26 @@ async fn change_cursors_page_through_exports_and_resume() {
         }
         records.iter().for_each(assert_no_read_only);
         // Caught up: nothing new until something changes.
-        let page = zd.list_changed(entity, Some(&cursor)).await.unwrap();
+        let page = zd.list_changed(entity, cursor.as_deref()).await.unwrap();
         assert!(page.records.is_empty(), "{entity}: {:?}", page.records);
         assert!(!page.has_more);
     }
 
     // A change made later shows up from the stored cursor.
-    let (_, cursor, _) = drain(&zd, "Users", None).await;
+    let cursor = drain(&zd, "Users", None).await.cursor;
     let user_id = user_ids[2].to_string();
-    zd.update("Users", &user_id, &fields(json!({"notes": "changed"})))
+    zd.update("Users", &user_id, &obj(json!({"notes": "changed"})))
         .await
         .unwrap();
-    let (changed, _, _) = drain(&zd, "Users", Some(cursor)).await;
+    let changed = drain(&zd, "Users", cursor).await.records;
     assert_eq!(changed.len(), 1);
     assert_eq!(changed[0].id, user_id);
 
-    let (comments, cursor, _) = drain(&zd, "Ticketcomments", None).await;
+    let Drained {
+        records: comments,
+        cursor,
+        ..
+    } = drain(&zd, "Ticketcomments", None).await;
     assert_eq!(comments.len(), 5);
     assert!(comments
         .iter()
@@ -373,12 +297,12 @@ async fn change_cursors_page_through_exports_and_resume() {
     let added = zd
         .create(
             "Ticketcomments",
-            &fields(json!({"ticket_id": ticket, "body": "later"})),
+            &obj(json!({"ticket_id": ticket, "body": "later"})),
             "c1",
         )
         .await
         .unwrap();
-    let (new_comments, _, _) = drain(&zd, "Ticketcomments", Some(cursor)).await;
+    let new_comments = drain(&zd, "Ticketcomments", cursor).await.records;
     assert!(
         new_comments.iter().any(|c| c.id == added.id),
         "{new_comments:?}"
@@ -398,14 +322,18 @@ async fn organization_export_pages_by_time_without_repeats_or_loops() {
         let org = handle.insert_organization(json!({"name": format!("Org {i}")}));
         assert!(handle.set_updated_at(Kind::Organization, org["id"].as_u64().unwrap(), second));
     }
-    let (records, cursor, pages) = drain(&zd, "Organizations", None).await;
+    let Drained {
+        records,
+        cursor,
+        pages,
+    } = drain(&zd, "Organizations", None).await;
     let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
     let unique: HashSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), 5, "repeats across the boundary second: {ids:?}");
     assert_eq!(unique.len(), 5);
     assert!(pages > 1, "one page only: {pages}");
     let again = zd
-        .list_changed("Organizations", Some(&cursor))
+        .list_changed("Organizations", cursor.as_deref())
         .await
         .unwrap();
     assert!(again.records.is_empty(), "{:?}", again.records);
@@ -415,7 +343,11 @@ async fn organization_export_pages_by_time_without_repeats_or_loops() {
         let org = handle.insert_organization(json!({"name": format!("Same second {i}")}));
         assert!(handle.set_updated_at(Kind::Organization, org["id"].as_u64().unwrap(), 2000));
     }
-    let (later, cursor, _) = drain(&zd, "Organizations", Some(cursor)).await;
+    let Drained {
+        records: later,
+        cursor,
+        ..
+    } = drain(&zd, "Organizations", cursor).await;
     assert_eq!(later.len(), 3, "{later:?}");
 
     // The cursor now sits on second 2000; a full page at that very second must not loop.
@@ -423,7 +355,7 @@ async fn organization_export_pages_by_time_without_repeats_or_loops() {
     handle.set_updated_at(Kind::Organization, late["id"].as_u64().unwrap(), 2000);
     let next = handle.insert_organization(json!({"name": "In 2001"}));
     handle.set_updated_at(Kind::Organization, next["id"].as_u64().unwrap(), 2001);
-    let (last, _, _) = drain(&zd, "Organizations", Some(cursor)).await;
+    let last = drain(&zd, "Organizations", cursor).await.records;
     let names: Vec<&str> = last
         .iter()
         .map(|r| r.fields["name"].as_str().unwrap())
@@ -441,7 +373,7 @@ async fn tickets_and_comments() {
     let ticket = zd
         .create(
             "Tickets",
-            &fields(json!({"subject": "Printer on fire", "requester_id": requester["id"]})),
+            &obj(json!({"subject": "Printer on fire", "requester_id": requester["id"]})),
             "t-1",
         )
         .await
@@ -460,7 +392,7 @@ async fn tickets_and_comments() {
         requester["organization_id"]
     );
     let by_subject = zd
-        .find_by("Tickets", &fields(json!({"subject": "Printer on fire"})))
+        .find_by("Tickets", &obj(json!({"subject": "Printer on fire"})))
         .await
         .unwrap();
     assert_eq!(by_subject.len(), 1);
@@ -469,7 +401,7 @@ async fn tickets_and_comments() {
     assert_eq!(fetched_ticket.fields, ticket.fields);
 
     let updated = zd
-        .update("Tickets", &ticket.id, &fields(json!({"status": "open"})))
+        .update("Tickets", &ticket.id, &obj(json!({"status": "open"})))
         .await
         .unwrap();
     assert_eq!(updated.fields["status"], "open");
@@ -478,7 +410,7 @@ async fn tickets_and_comments() {
     let comment = zd
         .create(
             "Ticketcomments",
-            &fields(json!({"ticket_id": ticket_id, "body": "Still burning", "public": false})),
+            &obj(json!({"ticket_id": ticket_id, "body": "Still burning", "public": false})),
             "c-1",
         )
         .await
@@ -509,7 +441,7 @@ async fn tickets_and_comments() {
     let found = zd
         .find_by(
             "Ticketcomments",
-            &fields(json!({"ticket_id": ticket_id, "body": "Still burning"})),
+            &obj(json!({"ticket_id": ticket_id, "body": "Still burning"})),
         )
         .await
         .unwrap();
@@ -520,7 +452,7 @@ async fn tickets_and_comments() {
         zd.update(
             "Ticketcomments",
             &comment.id,
-            &fields(json!({"body": "edited"}))
+            &obj(json!({"body": "edited"}))
         )
         .await,
         Err(ConnectorError::Unsupported {
@@ -530,7 +462,7 @@ async fn tickets_and_comments() {
     ));
     assert_eq!(handle.comments(ticket_id).len(), 2);
     assert!(matches!(
-        zd.create("Ticketcomments", &fields(json!({"body": "where?"})), "c-2")
+        zd.create("Ticketcomments", &obj(json!({"body": "where?"})), "c-2")
             .await,
         Err(ConnectorError::Rejected { status: 400, .. })
     ));
@@ -612,64 +544,31 @@ async fn simulator_rate_limits_refuses_recent_exports_and_sends_quota_headers() 
     }
 }
 
-type Received = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
-
-async fn webhook_receiver() -> (RunningSim, Received) {
-    let received: Received = Arc::default();
-    let store = received.clone();
-    let router = Router::new().route(
-        "/webhooks/zendesk",
-        post(move |headers: HeaderMap, body: Bytes| {
-            let store = store.clone();
-            async move {
-                store.lock().unwrap().push((headers, body));
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    (kit::serve(router, any_port()).await.unwrap(), received)
-}
-
-async fn wait_for(received: &Received, count: usize) -> Vec<(HeaderMap, Bytes)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        {
-            let got = received.lock().unwrap();
-            if got.len() >= count {
-                return got.clone();
-            }
-        }
-        assert!(Instant::now() < deadline, "webhooks did not arrive");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn simulator_webhooks_are_signed_and_verify() {
-    let (receiver, received) = webhook_receiver().await;
-    let (running, handle) =
-        sim_with(Some(format!("{}/webhooks/zendesk", receiver.base_url()))).await;
+    let mut receiver = WebhookReceiver::start("/webhooks/zendesk").await;
+    let (running, handle) = sim_with(Some(format!(
+        "{}/webhooks/zendesk",
+        receiver.server.base_url()
+    )))
+    .await;
     let zd = connector(&running.base_url());
 
     let org = zd
-        .create("Organizations", &fields(json!({"name": "Hooked"})), "w1")
+        .create("Organizations", &obj(json!({"name": "Hooked"})), "w1")
         .await
         .unwrap();
-    zd.update(
-        "Organizations",
-        &org.id,
-        &fields(json!({"name": "Hooked AS"})),
-    )
-    .await
-    .unwrap();
+    zd.update("Organizations", &org.id, &obj(json!({"name": "Hooked AS"})))
+        .await
+        .unwrap();
     let ticket = zd
-        .create("Tickets", &fields(json!({"subject": "Hi"})), "w2")
+        .create("Tickets", &obj(json!({"subject": "Hi"})), "w2")
         .await
         .unwrap();
     let comment = zd
         .create(
             "Ticketcomments",
-            &fields(json!({"ticket_id": ticket.id, "body": "Hello"})),
+            &obj(json!({"ticket_id": ticket.id, "body": "Hello"})),
             "w3",
         )
         .await
@@ -677,7 +576,7 @@ async fn simulator_webhooks_are_signed_and_verify() {
     // Seeded records are not changes made through the API: no webhook.
     handle.insert_organization(json!({"name": "Seeded"}));
 
-    let got = wait_for(&received, 4).await;
+    let got = receiver.take(4).await;
     let mut types = Vec::new();
     for (headers, body) in &got {
         let signature = headers["x-zendesk-webhook-signature"].to_str().unwrap();
@@ -731,8 +630,8 @@ async fn simulator_webhooks_are_signed_and_verify() {
     }
     assert_eq!(handle.webhook_stats().delivered, 4);
     assert_eq!(
-        received.lock().unwrap().len(),
-        4,
+        receiver.arrived().len(),
+        0,
         "the seeded record sent a webhook"
     );
 }
@@ -821,7 +720,7 @@ async fn wiremock_5xx_is_transient_and_not_retried_inside() {
         .await;
     let zd = connector(&server.uri());
     let err = zd
-        .update("Tickets", "3", &fields(json!({"status": "open"})))
+        .update("Tickets", "3", &obj(json!({"status": "open"})))
         .await
         .unwrap_err();
     assert!(matches!(err, ConnectorError::Transient { .. }), "{err:?}");
@@ -929,9 +828,7 @@ async fn wiremock_update_sends_only_changed_writable_fields() {
         .update(
             "Organizations",
             "9",
-            &fields(
-                json!({"notes": "new", "url": "https://elsewhere", "created_at": "x", "id": 1}),
-            ),
+            &obj(json!({"notes": "new", "url": "https://elsewhere", "created_at": "x", "id": 1})),
         )
         .await
         .unwrap();
@@ -960,7 +857,7 @@ async fn wiremock_pagination_link_to_another_host_is_not_followed() {
         .await;
     let zd = connector(&server.uri());
     let err = zd
-        .find_by("Organizations", &fields(json!({"notes": "x"})))
+        .find_by("Organizations", &obj(json!({"notes": "x"})))
         .await
         .unwrap_err();
     match err {

@@ -1,0 +1,289 @@
+//! The one way Tether calls a vendor: [`VendorClient`].
+//!
+//! Every call of every connector goes the same way: rate gates ([`gate`], [`quota`]) →
+//! credentials ([`token`], [`refresh`]) → send with the client's timeout → one renewal of the
+//! credential on a 401 → on a 429, a pause of every gate for `Retry-After` (or what the quota
+//! headers say) → the answer classified ([`Answer`] or a [`ConnectorError`]) → JSON.
+//! Connectors keep only what is vendor-specific: paths, payload mapping, paging, and which gates
+//! and token source their vendor needs (docs/vendors.md).
+//!
+//! May call: `db` (the stored refresh tokens, the shared budgets) and the vendors' HTTP APIs.
+
+pub mod classify;
+pub mod gate;
+pub mod quota;
+pub mod refresh;
+pub mod token;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use url::Url;
+
+pub use classify::{check, malformed, retry_after, send_error};
+pub use gate::{Gates, RateGate};
+pub use token::{Credential, TokenSource};
+
+use super::ConnectorError;
+use crate::domain::SystemId;
+
+/// A gate's wait up to this long is slept inline; a longer one is returned as back-pressure
+/// ([`ConnectorError::RateLimited`]) so the worker is not held.
+pub const DEFAULT_MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
+
+/// A client with a timeout on every call (no call may hang a worker past its lease).
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("tether/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("an HTTP client with rustls builds")
+}
+
+/// What a successful call returned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// A 2xx with a JSON body.
+    Json(Value),
+    /// A 2xx without a body (204, or an empty 200).
+    Empty,
+    /// 404: the record (or the collection) does not exist.
+    NotFound,
+}
+
+impl Answer {
+    /// `None` for 404, `Some(Value::Null)` for an empty success.
+    pub fn found(self) -> Option<Value> {
+        match self {
+            Answer::Json(value) => Some(value),
+            Answer::Empty => Some(Value::Null),
+            Answer::NotFound => None,
+        }
+    }
+}
+
+/// One request: method, URL, optional JSON body and headers, and an extra gate that only
+/// this kind of call passes (Zendesk's export limit).
+pub struct Call<'a> {
+    method: Method,
+    url: Url,
+    body: Option<&'a Value>,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+    gate: Option<&'a dyn RateGate>,
+}
+
+impl<'a> Call<'a> {
+    pub fn new(method: Method, url: Url) -> Self {
+        Call {
+            method,
+            url,
+            body: None,
+            content_type: "application/json",
+            headers: Vec::new(),
+            gate: None,
+        }
+    }
+
+    pub fn get(url: Url) -> Self {
+        Call::new(Method::GET, url)
+    }
+
+    /// Appends query parameters.
+    pub fn query(mut self, pairs: &[(&str, String)]) -> Self {
+        if !pairs.is_empty() {
+            let mut query = self.url.query_pairs_mut();
+            for (k, v) in pairs {
+                query.append_pair(k, v);
+            }
+        }
+        self
+    }
+
+    /// A JSON body, sent as `application/json` unless [`Call::content_type`] says otherwise.
+    pub fn json(mut self, body: &'a Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    /// The body's media type (JSON Patch, JSON merge patch).
+    pub fn content_type(mut self, content_type: &'static str) -> Self {
+        self.content_type = content_type;
+        self
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn gate(mut self, gate: &'a dyn RateGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+}
+
+/// The client of one vendor account. Cheap to share behind the connector.
+pub struct VendorClient {
+    system: SystemId,
+    http: reqwest::Client,
+    tokens: Arc<dyn TokenSource>,
+    gates: Arc<Gates>,
+    /// Headers on every call, kept secret (PowerOffice's subscription key).
+    secret_headers: Vec<(HeaderName, SecretString)>,
+    max_inline_wait: Duration,
+    /// The pause after a 429 that names no time and no quota reset.
+    default_retry_after: Option<Duration>,
+}
+
+impl std::fmt::Debug for VendorClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VendorClient")
+            .field("system", &self.system)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VendorClient {
+    pub fn new(
+        system: SystemId,
+        http: reqwest::Client,
+        tokens: Arc<dyn TokenSource>,
+        gates: Arc<Gates>,
+    ) -> Self {
+        VendorClient {
+            system,
+            http,
+            tokens,
+            gates,
+            secret_headers: Vec::new(),
+            max_inline_wait: DEFAULT_MAX_INLINE_WAIT,
+            default_retry_after: None,
+        }
+    }
+
+    /// A header sent on every call whose value is a secret.
+    pub fn with_secret_header(mut self, name: &'static str, value: SecretString) -> Self {
+        self.secret_headers
+            .push((HeaderName::from_static(name), value));
+        self
+    }
+
+    pub fn with_max_inline_wait(mut self, wait: Duration) -> Self {
+        self.max_inline_wait = wait;
+        self
+    }
+
+    pub fn with_default_retry_after(mut self, wait: Duration) -> Self {
+        self.default_retry_after = Some(wait);
+        self
+    }
+
+    pub fn system(&self) -> SystemId {
+        self.system
+    }
+
+    /// The gates of this client (for a token source that must pass them too).
+    pub fn gates(&self) -> &Arc<Gates> {
+        &self.gates
+    }
+
+    /// Sends one call through the whole path (module docs) and reads its JSON.
+    pub async fn send(&self, call: Call<'_>) -> Result<Answer, ConnectorError> {
+        let mut credential = self.tokens.current().await?;
+        let mut renewed = false;
+        loop {
+            self.gates
+                .admit(call.gate, self.max_inline_wait)
+                .await
+                .map_err(|wait| ConnectorError::RateLimited {
+                    system: self.system,
+                    retry_after: Some(wait),
+                })?;
+            tracing::debug!(system = %self.system, method = %call.method, path = call.url.path(), "call");
+            let response = self
+                .request(&call, &credential)
+                .send()
+                .await
+                .map_err(|e| send_error(self.system, e))?;
+            let status = response.status();
+            self.gates.observe(call.gate, status, response.headers());
+            if status == StatusCode::UNAUTHORIZED && !renewed {
+                // The access token expired or was revoked mid-run: another one, once.
+                if let Some(fresh) = self.tokens.renew(&credential).await? {
+                    credential = fresh;
+                    renewed = true;
+                    continue;
+                }
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                return Err(self.rate_limited(&call, response.headers()).await);
+            }
+            return self.read(response).await;
+        }
+    }
+
+    fn request(&self, call: &Call<'_>, credential: &Credential) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .request(call.method.clone(), call.url.clone())
+            .header("accept", "application/json");
+        request = credential.apply(request);
+        for (name, value) in &self.secret_headers {
+            if let Ok(mut value) = HeaderValue::from_str(value.expose_secret()) {
+                value.set_sensitive(true);
+                request = request.header(name.clone(), value);
+            }
+        }
+        for (name, value) in &call.headers {
+            request = request.header(*name, value.as_str());
+        }
+        if let Some(body) = call.body {
+            request = request
+                .header("content-type", call.content_type)
+                .body(body.to_string());
+        }
+        request
+    }
+
+    /// A 429: every gate of the client holds calls for the wait, which is `Retry-After`, else
+    /// when the quota headers say the quota comes back, else the vendor's default.
+    async fn rate_limited(
+        &self,
+        call: &Call<'_>,
+        headers: &reqwest::header::HeaderMap,
+    ) -> ConnectorError {
+        let wait = retry_after(headers)
+            .or_else(|| self.gates.resume_hint(call.gate))
+            .or(self.default_retry_after);
+        if let Some(wait) = wait {
+            self.gates.pause(call.gate, wait).await;
+        }
+        ConnectorError::RateLimited {
+            system: self.system,
+            retry_after: wait,
+        }
+    }
+
+    async fn read(&self, response: reqwest::Response) -> Result<Answer, ConnectorError> {
+        let response = check(self.system, response).await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(Answer::NotFound);
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| send_error(self.system, e))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Answer::Empty);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Answer::Json)
+            .map_err(|e| malformed(self.system, format!("the body is not JSON ({e})")))
+    }
+}
