@@ -22,33 +22,39 @@ pub fn build_connectors(
     pool: &PgPool,
 ) -> anyhow::Result<HashMap<SystemId, Arc<dyn Connector>>> {
     let timeout = config.outbound.timeout;
+    // Vendor limits are per account, so every replica counts them in one place.
+    let budgets = connectors::transport::Budgets::Shared(pool.clone());
     let systems = &config.systems;
     let mut out: HashMap<SystemId, Arc<dyn Connector>> = HashMap::new();
     if let Some(zendesk) = &systems.zendesk {
         out.insert(
             SystemId::Zendesk,
-            Arc::new(connectors::zendesk::ZendeskConnector::new(
-                zendesk, timeout,
+            Arc::new(connectors::zendesk::ZendeskConnector::with_budgets(
+                zendesk,
+                timeout,
+                budgets.clone(),
             )?),
         );
     }
     if let Some(exact) = &systems.exactonline {
         out.insert(
             SystemId::ExactOnline,
-            Arc::new(connectors::exactonline::ExactOnline::with_keyring(
+            Arc::new(connectors::exactonline::ExactOnline::configured(
                 exact.clone(),
                 pool.clone(),
                 timeout,
                 crate::at_rest::Keyring::from_config(&config.secrets.keys).map(Arc::new),
+                budgets.clone(),
             )),
         );
     }
     if let Some(poweroffice) = &systems.poweroffice {
         out.insert(
             SystemId::PowerOffice,
-            Arc::new(connectors::poweroffice::PowerOffice::new(
+            Arc::new(connectors::poweroffice::PowerOffice::with_budgets(
                 poweroffice.clone(),
                 timeout,
+                budgets.clone(),
             )),
         );
     }

@@ -1,7 +1,7 @@
 //! Client of CRMOffice (crmoffice.no): Contacts and Activities, and Companies as a reference
 //! target (read-only here: no dataflow writes companies).
 //!
-//! CRMOffice publishes no API documentation (vendor-apis.md section 4, product.md section 6).
+//! CRMOffice publishes no API documentation (docs/vendors.md, CRMOffice).
 //! Known: base `https://api.crmoffice.no/`, OAuth2 bearer tokens, `GET companies` listing under
 //! `items` with id field `id`. Everything else this client does rests on the named constants and
 //! functions of [`assumptions`]; replacing them with the real API's facts is one edit there.

@@ -1,4 +1,4 @@
-//! Client of the custom-system contract (product.md section 5) that a customer's own ERP
+//! Client of the custom-system contract (README, "The custom-system contract"; docs/vendors.md) that a customer's own ERP
 //! (`customerp`) and PMS (`custompms`) implement. One implementation, parametrised by the
 //! [`SystemId`] and its [`CustomSystemConfig`].
 //!

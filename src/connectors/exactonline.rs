@@ -23,7 +23,7 @@ use sqlx::PgPool;
 use super::transport::gate::Window;
 use super::transport::quota::{LowQuota, QuotaGate, QuotaHeaders, ResetFormat};
 use super::transport::refresh::{RefreshConfig, StoredRefreshToken};
-use super::transport::{http_client, Call, Gates, VendorClient};
+use super::transport::{http_client, Budgets, Call, Gates, RateGate, VendorClient};
 use super::{ChangePage, Connector, ConnectorError, Record};
 use crate::config::ExactConfig;
 use crate::domain::SystemId;
@@ -59,6 +59,24 @@ const MAX_INLINE_WAIT: Duration = Duration::from_secs(2);
 /// The operator-facing instruction when the refresh token is gone.
 const REAUTHORISE: &str =
     "re-authorise Tether in Exact Online and set exactonline.refresh_token to the new refresh token";
+
+/// Calls that may go at once when the minute's budget is shared (the rest are spaced so that
+/// no minute holds more than [`MINUTE_LIMIT`]).
+const SHARED_MINUTE_BURST: u32 = 30;
+
+/// The minute's limit: a sliding window in this process (bursts up to the limit), or a budget
+/// shared by every replica.
+fn minute_gate(budgets: &Budgets, division: i64) -> Arc<dyn RateGate> {
+    match budgets {
+        Budgets::Local => Arc::new(Window::per_minute(MINUTE_LIMIT)),
+        Budgets::Shared(_) => budgets.gate(
+            format!("exactonline:{division}:minute"),
+            MINUTE_LIMIT,
+            Duration::from_secs(60),
+            SHARED_MINUTE_BURST,
+        ),
+    }
+}
 
 /// One entity type's shape in Exact's API.
 struct EntityDef {
@@ -241,7 +259,7 @@ impl std::fmt::Debug for ExactOnline {
 impl ExactOnline {
     /// `timeout` bounds every call (the `outbound.timeout` setting). Tokens are stored in clear.
     pub fn new(config: ExactConfig, pool: PgPool, timeout: Duration) -> Self {
-        Self::with_keyring(config, pool, timeout, None)
+        Self::configured(config, pool, timeout, None, Budgets::Local)
     }
 
     /// Like [`ExactOnline::new`], storing the tokens encrypted under `keyring` (`secrets.key`).
@@ -250,6 +268,28 @@ impl ExactOnline {
         pool: PgPool,
         timeout: Duration,
         keyring: Option<Arc<crate::at_rest::Keyring>>,
+    ) -> Self {
+        Self::configured(config, pool, timeout, keyring, Budgets::Local)
+    }
+
+    /// Like [`ExactOnline::new`], with the minute's limit counted in `budgets` (shared by
+    /// every replica when [`Budgets::Shared`]: Exact counts per division for the whole app).
+    pub fn with_budgets(
+        config: ExactConfig,
+        pool: PgPool,
+        timeout: Duration,
+        budgets: Budgets,
+    ) -> Self {
+        Self::configured(config, pool, timeout, None, budgets)
+    }
+
+    /// The connector as `tether serve` builds it: tokens under `keyring`, limits in `budgets`.
+    pub fn configured(
+        config: ExactConfig,
+        pool: PgPool,
+        timeout: Duration,
+        keyring: Option<Arc<crate::at_rest::Keyring>>,
+        budgets: Budgets,
     ) -> Self {
         let http = http_client(timeout);
         let tokens = StoredRefreshToken::new(
@@ -273,9 +313,9 @@ impl ExactOnline {
         )
         .with_keyring(keyring);
         let gates = Gates::new(vec![
-            // Exact counts per division for the whole app; this process's own calls are kept
-            // under the minute's limit even before the first answer's headers arrive.
-            Arc::new(Window::per_minute(MINUTE_LIMIT)),
+            // Exact counts per division for the whole app; the calls are kept under the minute's
+            // limit even before the first answer's headers arrive.
+            minute_gate(&budgets, config.division),
             Arc::new(QuotaGate::new(MINUTELY_QUOTA)),
             Arc::new(QuotaGate::new(DAILY_QUOTA)),
         ]);
@@ -662,7 +702,6 @@ impl Connector for ExactOnline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connectors::transport::RateGate;
 
     const GUID_TEXT: &str = "11111111-1111-1111-1111-111111111111";
 

@@ -21,9 +21,8 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::transport::gate::Spacing;
 use super::transport::token::ClientCredentials;
-use super::transport::{http_client, Call, Gates, VendorClient};
+use super::transport::{account_tag, http_client, Budgets, Call, Gates, VendorClient};
 use super::{ChangePage, Connector, ConnectorError, Record};
 use crate::config::PowerOfficeConfig;
 use crate::domain::SystemId;
@@ -251,15 +250,27 @@ pub fn default_token_url(base_url: &url::Url) -> String {
 impl PowerOffice {
     /// `timeout` bounds every call (the `outbound.timeout` setting).
     pub fn new(config: PowerOfficeConfig, timeout: Duration) -> Self {
+        Self::with_budgets(config, timeout, Budgets::Local)
+    }
+
+    /// Like [`PowerOffice::new`], with the per-second limit counted in `budgets` (shared by
+    /// every replica when [`Budgets::Shared`]: the limit is per subscription key).
+    pub fn with_budgets(config: PowerOfficeConfig, timeout: Duration, budgets: Budgets) -> Self {
         let token_url = match &config.token_url {
             Some(url) => url.to_string(),
             None => default_token_url(&config.base_url),
         };
         let http = http_client(timeout);
         // The limit is per subscription key, token calls included.
-        let gates = Arc::new(Gates::new(vec![Arc::new(Spacing::per_second(
+        let gates = Arc::new(Gates::new(vec![budgets.gate(
+            format!(
+                "poweroffice:{}:second",
+                account_tag(&config.subscription_key)
+            ),
             REQUESTS_PER_SECOND,
-        ))]));
+            Duration::from_secs(1),
+            1,
+        )]));
         let subscription_key = config.subscription_key.clone();
         let tokens = ClientCredentials::new(
             SYSTEM,

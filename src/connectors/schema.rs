@@ -7,8 +7,8 @@
 //! seed's `partyId` is PowerOffice v2's `ContactId`). Nested paths are written with dots
 //! (`company.id`). Plain static data: no I/O, nothing computed.
 //!
-//! Sources: `vendor-apis.md` (Zendesk section 1.5, Exact Online 2.2, PowerOffice Go 3 DTOs with
-//! their RO markers) and `product.md` sections 5 (custom systems) and 6 (CRMOffice). CRMOffice has
+//! Sources: docs/vendors.md (Zendesk's OpenAPI, Exact Online's REST reference, PowerOffice Go v2
+//! DTOs with their read-only markers, CRMOffice, the custom-system contract). CRMOffice has
 //! no public documentation: every CRMOffice declaration below is an ASSUMPTION, named as such in
 //! [`EntityDecl::assumption`], so the real API can replace it in one edit.
 
@@ -188,16 +188,16 @@ const fn with(mut f: FieldDecl, access: Access, required: bool) -> FieldDecl {
     f
 }
 
-const CRMOFFICE_ASSUMPTION: &str = "CRMOffice has no public API documentation (product.md section 6): \
+const CRMOFFICE_ASSUMPTION: &str = "CRMOffice has no public API documentation (docs/vendors.md, CRMOffice): \
      only the fields the seeds map are declared, any other field is accepted, none is assumed required";
 
 const CUSTOM_SYSTEM: &str =
-    "a custom system defines its own fields (product.md section 5): any field is \
+    "a custom system defines its own fields (README, the custom-system contract): any field is \
      accepted besides the read-only `id` and `updated_at`";
 
 /// Every declared entity type.
 pub static ENTITIES: &[EntityDecl] = &[
-    // Zendesk: vendor-apis.md section 1.5 (Support API OAS).
+    // Zendesk: docs/vendors.md, Zendesk (the Support API OpenAPI description).
     EntityDecl {
         system: SystemId::Zendesk,
         entity_type: "Organizations",
@@ -324,7 +324,7 @@ pub static ENTITIES: &[EntityDecl] = &[
         ),
         assumption: None,
     },
-    // Exact Online: vendor-apis.md section 2.2 (picqer model docblocks linking the vendor reference).
+    // Exact Online: docs/vendors.md, Exact Online (the REST reference; picqer model docblocks).
     EntityDecl {
         system: SystemId::ExactOnline,
         entity_type: "Accounts",
@@ -413,7 +413,7 @@ pub static ENTITIES: &[EntityDecl] = &[
         limitation: Some(READ_ONLY_DIVISIONS),
         assumption: None,
     },
-    // PowerOffice Go v2: vendor-apis.md section 3 (DTOs; `RO` there is ReadOnly here).
+    // PowerOffice Go v2: docs/vendors.md, PowerOffice Go (v2 DTOs; `RO` there is ReadOnly here).
     EntityDecl {
         system: SystemId::PowerOffice,
         entity_type: "Customers",
@@ -549,7 +549,7 @@ pub static ENTITIES: &[EntityDecl] = &[
         limitation: None,
         assumption: None,
     },
-    // CRMOffice: assumptions (product.md section 6).
+    // CRMOffice: assumptions (docs/vendors.md, CRMOffice).
     EntityDecl {
         system: SystemId::CrmOffice,
         entity_type: "Activities",
@@ -579,7 +579,7 @@ pub static ENTITIES: &[EntityDecl] = &[
     EntityDecl {
         system: SystemId::CrmOffice,
         entity_type: "Companies",
-        // `GET companies` lists items with an `id` (vendor-apis.md section 4).
+        // `GET companies` lists items with an `id` (docs/vendors.md, CRMOffice).
         fields: &[ro("id")],
         open: true,
         creatable: true,
@@ -587,7 +587,7 @@ pub static ENTITIES: &[EntityDecl] = &[
         limitation: None,
         assumption: Some(CRMOFFICE_ASSUMPTION),
     },
-    // Custom systems: the contract of product.md section 5.
+    // Custom systems: the contract in the README.
     custom(SystemId::CustomErp, "Customer"),
     custom(SystemId::CustomErp, "Project"),
     custom(SystemId::CustomErp, "Contact"),

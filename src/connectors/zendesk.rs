@@ -28,10 +28,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use url::Url;
 
-use super::transport::gate::Spacing;
 use super::transport::quota::{LowQuota, QuotaGate, QuotaHeaders, ResetFormat};
 use super::transport::token::StaticToken;
-use super::transport::{http_client, Answer, Call, Credential, Gates, VendorClient};
+use super::transport::{
+    http_client, Answer, Budgets, Call, Credential, Gates, RateGate, VendorClient,
+};
 use super::{get_path, ChangePage, Connector, ConnectorError, Record};
 use crate::config::{Config, ZendeskConfig};
 use crate::domain::SystemId;
@@ -53,7 +54,7 @@ const DEFAULT_TICKET_NOTE: &str = "Created by Tether.";
 /// Zendesk's limit on incremental export requests (developer.zendesk.com, Incremental Exports,
 /// "Rate limits").
 const EXPORT_RATE_PER_MINUTE: u32 = 10;
-/// Incremental exports refuse a `start_time` younger than a minute (vendor-apis.md 1.6).
+/// Incremental exports refuse a `start_time` younger than a minute (docs/vendors.md, Zendesk).
 const EXPORT_MIN_AGE_SECS: i64 = 61;
 /// Zendesk's quota headers: what is left of the plan's minute, and when it resets
 /// (docs/vendors.md, Zendesk "Rate limits"). Without a `ratelimit-reset` the window is a minute.
@@ -134,7 +135,8 @@ pub struct ZendeskConnector {
     client: VendorClient,
     /// Incremental exports have their own limit on top of the account's (10 a minute, 30 with
     /// the High Volume add-on).
-    export_gate: Spacing,
+    export_gate: Arc<dyn RateGate>,
+    budgets: Budgets,
     page_size: u32,
     export_page_size: u32,
 }
@@ -210,6 +212,16 @@ pub fn external_id_for(idempotency_key: &str) -> String {
 impl ZendeskConnector {
     /// Builds the client from its configuration section; `timeout` bounds every call.
     pub fn new(config: &ZendeskConfig, timeout: Duration) -> Result<Self, ConnectorError> {
+        Self::with_budgets(config, timeout, Budgets::Local)
+    }
+
+    /// Like [`ZendeskConnector::new`], with the plan and export limits counted in `budgets`
+    /// (shared by every replica when [`Budgets::Shared`]).
+    pub fn with_budgets(
+        config: &ZendeskConfig,
+        timeout: Duration,
+        budgets: Budgets,
+    ) -> Result<Self, ConnectorError> {
         let (credential, auth_kind) = match (&config.email, &config.api_token, &config.oauth_token)
         {
             (Some(email), Some(token), _) => (
@@ -222,8 +234,15 @@ impl ZendeskConnector {
             (_, _, Some(token)) => (Credential::Bearer(token.clone()), "oauth bearer".to_owned()),
             _ => return Err(ConnectorError::NotConfigured { system: SYSTEM }),
         };
+        let account = config.base_url.host_str().unwrap_or("zendesk").to_owned();
+        let minute = Duration::from_secs(60);
         let gates = Gates::new(vec![
-            Arc::new(Spacing::per_minute(config.rate_limit_per_minute)),
+            budgets.gate(
+                format!("zendesk:{account}:minute"),
+                config.rate_limit_per_minute,
+                minute,
+                1,
+            ),
             Arc::new(QuotaGate::new(QUOTA_HEADERS)),
         ]);
         let client = VendorClient::new(
@@ -236,7 +255,13 @@ impl ZendeskConnector {
             base: config.base_url.clone(),
             auth_kind,
             client,
-            export_gate: Spacing::per_minute(EXPORT_RATE_PER_MINUTE),
+            export_gate: budgets.gate(
+                format!("zendesk:{account}:exports"),
+                EXPORT_RATE_PER_MINUTE,
+                minute,
+                1,
+            ),
+            budgets,
             page_size: MAX_PAGE_SIZE,
             export_page_size: MAX_EXPORT_PAGE,
         })
@@ -262,14 +287,20 @@ impl ZendeskConnector {
     /// The incremental-export limit, requests per minute (Zendesk: 10, or 30 with the High
     /// Volume add-on).
     pub fn with_export_rate_per_minute(mut self, per_minute: u32) -> Self {
-        self.export_gate = Spacing::per_minute(per_minute.max(1));
+        let name = format!(
+            "zendesk:{}:exports",
+            self.base.host_str().unwrap_or("zendesk")
+        );
+        self.export_gate = self
+            .budgets
+            .gate(name, per_minute.max(1), Duration::from_secs(60), 1);
         self
     }
 
     /// A GET to an incremental export endpoint, within the export limit as well.
     async fn get_export(&self, url: Url) -> Result<Value, ConnectorError> {
         self.client
-            .send(Call::get(url).gate(&self.export_gate))
+            .send(Call::get(url).gate(self.export_gate.as_ref()))
             .await?
             .found()
             .ok_or_else(|| malformed("the export answered 404"))

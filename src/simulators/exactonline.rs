@@ -19,10 +19,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
-use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use chrono::{NaiveDateTime, TimeZone, Utc};
 use serde_json::{json, Map, Value};
 
-use super::kit::{self, Outgoing, RunningSim, SimControl, WebhookSender};
+use super::kit::{self, FixedWindow, Outgoing, RunningSim, SimControl, WebhookSender};
 use crate::signing;
 
 /// Row versions start above 2^53, where an Int64 read through a floating-point number (as a
@@ -93,10 +93,8 @@ struct Tokens {
 }
 
 struct Limits {
-    minute_start: DateTime<Utc>,
-    minute_used: u32,
-    day_start: DateTime<Utc>,
-    day_used: u32,
+    minute: FixedWindow,
+    day: FixedWindow,
 }
 
 struct Inner {
@@ -402,56 +400,30 @@ impl Inner {
 
     /// Counts a call against the minute and day windows; `Err` is a 429.
     fn take_limits(&mut self) -> Result<(), ()> {
-        let now = Utc::now();
-        if now - self.limits.minute_start >= chrono::Duration::minutes(1) {
-            self.limits.minute_start = now;
-            self.limits.minute_used = 0;
-        }
-        if now - self.limits.day_start >= chrono::Duration::days(1) {
-            self.limits.day_start = now;
-            self.limits.day_used = 0;
-        }
-        if self.limits.minute_used >= self.config.minutely_limit
-            || self.limits.day_used >= self.config.daily_limit
-        {
+        if self.limits.minute.remaining() == 0 || self.limits.day.remaining() == 0 {
             return Err(());
         }
-        self.limits.minute_used += 1;
-        self.limits.day_used += 1;
-        Ok(())
+        self.limits.minute.take().map_err(|_| ())?;
+        self.limits.day.take().map_err(|_| ())
     }
 
-    fn limit_headers(&self) -> Vec<(&'static str, String)> {
-        let minute_reset = self.limits.minute_start + chrono::Duration::minutes(1);
-        let day_reset = self.limits.day_start + chrono::Duration::days(1);
+    fn limit_headers(&mut self) -> Vec<(&'static str, String)> {
+        let reset_ms = |window: &FixedWindow| {
+            let reset =
+                Utc::now() + chrono::Duration::from_std(window.resets_in()).unwrap_or_default();
+            reset.timestamp_millis().to_string()
+        };
+        let (minute, day) = (&mut self.limits.minute, &mut self.limits.day);
         vec![
-            ("x-ratelimit-limit", self.config.daily_limit.to_string()),
-            (
-                "x-ratelimit-remaining",
-                self.config
-                    .daily_limit
-                    .saturating_sub(self.limits.day_used)
-                    .to_string(),
-            ),
-            (
-                "x-ratelimit-reset",
-                day_reset.timestamp_millis().to_string(),
-            ),
-            (
-                "x-ratelimit-minutely-limit",
-                self.config.minutely_limit.to_string(),
-            ),
+            ("x-ratelimit-limit", day.limit.to_string()),
+            ("x-ratelimit-remaining", day.remaining().to_string()),
+            ("x-ratelimit-reset", reset_ms(day)),
+            ("x-ratelimit-minutely-limit", minute.limit.to_string()),
             (
                 "x-ratelimit-minutely-remaining",
-                self.config
-                    .minutely_limit
-                    .saturating_sub(self.limits.minute_used)
-                    .to_string(),
+                minute.remaining().to_string(),
             ),
-            (
-                "x-ratelimit-minutely-reset",
-                minute_reset.timestamp_millis().to_string(),
-            ),
+            ("x-ratelimit-minutely-reset", reset_ms(minute)),
         ]
     }
 }
@@ -960,7 +932,6 @@ pub async fn start(
 ) -> std::io::Result<(ExactSim, RunningSim)> {
     let control = SimControl::new(exact_error);
     let webhooks = WebhookSender::new(config.webhook_target.clone(), control.clone());
-    let now = Utc::now();
     let sim = ExactSim {
         inner: Arc::new(Mutex::new(Inner {
             tokens: Tokens {
@@ -971,10 +942,8 @@ pub async fn start(
                 access: BTreeMap::new(),
             },
             limits: Limits {
-                minute_start: now,
-                minute_used: 0,
-                day_start: now,
-                day_used: 0,
+                minute: FixedWindow::new(config.minutely_limit, Duration::from_secs(60)),
+                day: FixedWindow::new(config.daily_limit, Duration::from_secs(86_400)),
             },
             config,
             rows: BTreeMap::new(),

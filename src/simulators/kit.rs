@@ -1,5 +1,5 @@
-//! What every simulator shares: fault knobs, a fixed-window rate limit, request counters, the
-//! `/_sim/*` control endpoints, an in-order webhook sender, and serving on a pre-bound listener.
+//! What every simulator shares: fault knobs, the one fixed-window limiter ([`FixedWindow`]),
+//! request counters with the peak rates seen ([`PeakRates`]), the `/_sim/*` control endpoints, an in-order webhook sender, and serving on a pre-bound listener.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,15 +39,96 @@ pub struct Faults {
 /// Builds the vendor's own error body for a status the kit produces (429, 500, 401).
 pub type ErrorBody = fn(StatusCode, &str) -> Response;
 
-struct Window {
+/// The one limiter of every simulator: at most `limit` requests per fixed window of `length`
+/// (the window starts with its first request after the previous one ended), as vendors that
+/// count per window do.
+#[derive(Debug, Clone)]
+pub struct FixedWindow {
+    pub limit: u32,
+    pub length: Duration,
     started: Instant,
     used: u32,
+}
+
+impl FixedWindow {
+    pub fn new(limit: u32, length: Duration) -> Self {
+        FixedWindow {
+            limit,
+            length,
+            started: Instant::now(),
+            used: 0,
+        }
+    }
+
+    fn roll(&mut self) {
+        if self.started.elapsed() >= self.length {
+            self.started = Instant::now();
+            self.used = 0;
+        }
+    }
+
+    /// Counts one request; `Err(time until the window resets)` when the window is used up.
+    pub fn take(&mut self) -> Result<(), Duration> {
+        self.roll();
+        if self.used >= self.limit {
+            return Err(self.resets_in());
+        }
+        self.used += 1;
+        Ok(())
+    }
+
+    /// Requests left in the current window.
+    pub fn remaining(&mut self) -> u32 {
+        self.roll();
+        self.limit.saturating_sub(self.used)
+    }
+
+    /// Time until the current window ends.
+    pub fn resets_in(&self) -> Duration {
+        self.length.saturating_sub(self.started.elapsed())
+    }
+}
+
+/// The most API requests a simulator saw in one second and in one minute (fixed windows), for
+/// tests that check clients stayed under a vendor's limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PeakRates {
+    pub per_second: u64,
+    pub per_minute: u64,
+}
+
+struct PeakCounter {
+    length: Duration,
+    started: Instant,
+    count: u64,
+    peak: u64,
+}
+
+impl PeakCounter {
+    fn new(length: Duration) -> Self {
+        PeakCounter {
+            length,
+            started: Instant::now(),
+            count: 0,
+            peak: 0,
+        }
+    }
+
+    fn record(&mut self) {
+        if self.started.elapsed() >= self.length {
+            self.started = Instant::now();
+            self.count = 0;
+        }
+        self.count += 1;
+        self.peak = self.peak.max(self.count);
+    }
 }
 
 struct ControlInner {
     faults: Mutex<Faults>,
     counters: Mutex<BTreeMap<String, u64>>,
-    window: Mutex<Window>,
+    window: Mutex<FixedWindow>,
+    peaks: Mutex<(PeakCounter, PeakCounter)>,
     error_body: ErrorBody,
 }
 
@@ -63,10 +144,11 @@ impl SimControl {
             inner: Arc::new(ControlInner {
                 faults: Mutex::new(Faults::default()),
                 counters: Mutex::new(BTreeMap::new()),
-                window: Mutex::new(Window {
-                    started: Instant::now(),
-                    used: 0,
-                }),
+                window: Mutex::new(FixedWindow::new(u32::MAX, Duration::from_secs(60))),
+                peaks: Mutex::new((
+                    PeakCounter::new(Duration::from_secs(1)),
+                    PeakCounter::new(Duration::from_secs(60)),
+                )),
                 error_body,
             }),
         }
@@ -77,10 +159,21 @@ impl SimControl {
     }
 
     pub fn set_faults(&self, faults: Faults) {
+        let window = FixedWindow::new(
+            faults.rate_limit.unwrap_or(u32::MAX),
+            Duration::from_millis(faults.rate_window_ms.unwrap_or(60_000)),
+        );
         *self.inner.faults.lock().unwrap() = faults;
-        let mut window = self.inner.window.lock().unwrap();
-        window.started = Instant::now();
-        window.used = 0;
+        *self.inner.window.lock().unwrap() = window;
+    }
+
+    /// The most API requests seen in one second and in one minute since the start.
+    pub fn peak_rates(&self) -> PeakRates {
+        let peaks = self.inner.peaks.lock().unwrap();
+        PeakRates {
+            per_second: peaks.0.peak,
+            per_minute: peaks.1.peak,
+        }
     }
 
     /// Requests per endpoint, keyed `"METHOD /route/pattern"` (e.g. `"PUT /api/v2/organizations/{id}"`).
@@ -117,40 +210,28 @@ impl SimControl {
 
     fn record(&self, key: String) {
         *self.inner.counters.lock().unwrap().entry(key).or_insert(0) += 1;
+        let mut peaks = self.inner.peaks.lock().unwrap();
+        peaks.0.record();
+        peaks.1.record();
     }
 
     /// The rate-limit window as a vendor reports it in headers: `(limit, remaining, seconds until
     /// the window resets)`, or `None` when no limit is set.
     pub fn rate_status(&self) -> Option<(u32, u32, u64)> {
-        let faults = self.faults();
-        let limit = faults.rate_limit?;
-        let window_len = Duration::from_millis(faults.rate_window_ms.unwrap_or(60_000));
-        let window = self.inner.window.lock().unwrap();
-        let elapsed = window.started.elapsed();
-        if elapsed >= window_len {
-            return Some((limit, limit, window_len.as_secs_f64().ceil() as u64));
-        }
-        let reset = (window_len - elapsed).as_secs_f64().ceil() as u64;
-        Some((limit, limit.saturating_sub(window.used), reset))
+        let limit = self.faults().rate_limit?;
+        let mut window = self.inner.window.lock().unwrap();
+        let remaining = window.remaining();
+        let reset = window.resets_in().as_secs_f64().ceil() as u64;
+        Some((limit, remaining, reset))
     }
 
     /// Takes one request from the rate-limit window; `Err(seconds to wait)` when it is used up.
     fn take_rate(&self, faults: &Faults) -> Result<(), u64> {
-        let Some(limit) = faults.rate_limit else {
+        if faults.rate_limit.is_none() {
             return Ok(());
-        };
-        let window_len = Duration::from_millis(faults.rate_window_ms.unwrap_or(60_000));
-        let mut window = self.inner.window.lock().unwrap();
-        if window.started.elapsed() >= window_len {
-            window.started = Instant::now();
-            window.used = 0;
         }
-        if window.used >= limit {
-            let left = window_len.saturating_sub(window.started.elapsed());
-            return Err(left.as_secs_f64().ceil().max(1.0) as u64);
-        }
-        window.used += 1;
-        Ok(())
+        let taken = self.inner.window.lock().unwrap().take();
+        taken.map_err(|left| left.as_secs_f64().ceil().max(1.0) as u64)
     }
 
     /// Whether to drop this webhook (the `drop_webhooks` knob).
@@ -212,6 +293,7 @@ pub fn with_kit(api: Router, control: SimControl) -> Router {
     let api = api.layer(middleware::from_fn_with_state(control.clone(), api_layer));
     let admin = Router::new()
         .route("/_sim/counters", get(get_counters))
+        .route("/_sim/peaks", get(get_peaks))
         .route("/_sim/faults", put(put_faults).get(get_faults))
         .route("/_sim/reset-counters", post(reset_counters))
         .with_state(control);
@@ -220,6 +302,10 @@ pub fn with_kit(api: Router, control: SimControl) -> Router {
 
 async fn get_counters(State(control): State<SimControl>) -> Json<BTreeMap<String, u64>> {
     Json(control.counters())
+}
+
+async fn get_peaks(State(control): State<SimControl>) -> Json<PeakRates> {
+    Json(control.peak_rates())
 }
 
 async fn get_faults(State(control): State<SimControl>) -> Json<Faults> {
@@ -429,4 +515,38 @@ pub fn has_bearer(headers: &HeaderMap, token: &str) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| t == token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_window_refuses_past_its_limit_until_it_resets() {
+        let mut window = FixedWindow::new(2, Duration::from_millis(200));
+        assert!(window.take().is_ok());
+        assert!(window.take().is_ok());
+        assert_eq!(window.remaining(), 0);
+        assert!(matches!(window.take(), Err(wait) if wait <= Duration::from_millis(200)));
+        std::thread::sleep(Duration::from_millis(210));
+        assert_eq!(window.remaining(), 2);
+        assert!(window.take().is_ok());
+    }
+
+    #[test]
+    fn peak_rates_keep_the_busiest_second_and_minute() {
+        let control = SimControl::new(json_error);
+        for _ in 0..3 {
+            control.record("GET /x".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(1010));
+        control.record("GET /x".to_owned());
+        assert_eq!(
+            control.peak_rates(),
+            PeakRates {
+                per_second: 3,
+                per_minute: 4
+            }
+        );
+    }
 }

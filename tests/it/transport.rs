@@ -351,7 +351,7 @@ async fn a_pause_seen_by_one_replica_holds_the_others() {
     };
     let first = gate(db.pool.clone());
     let second = gate(sqlx::PgPool::connect(db.url.expose_secret()).await.unwrap());
-    first.admit(Duration::ZERO).await.unwrap();
+    first.admit(Duration::from_secs(5)).await.unwrap();
     first.pause(Duration::from_secs(2)).await;
     match second.admit(Duration::from_millis(100)).await {
         Err(wait) => assert!(wait > Duration::from_millis(1500), "{wait:?}"),

@@ -32,6 +32,45 @@ pub use token::{Credential, TokenSource};
 use super::ConnectorError;
 use crate::domain::SystemId;
 
+/// Where a connector's per-account limits are counted.
+#[derive(Clone)]
+pub enum Budgets {
+    /// In this process only (tests; a single process).
+    Local,
+    /// In PostgreSQL's `rate_budgets`, shared by every replica ([`shared::SharedGate`]).
+    Shared(sqlx::PgPool),
+}
+
+impl Budgets {
+    /// `calls` per `period` for the budget `name` (vendor, account and limit, no secrets),
+    /// letting `burst` calls go at once where the budget is shared.
+    pub fn gate(
+        &self,
+        name: String,
+        calls: u32,
+        period: Duration,
+        burst: u32,
+    ) -> Arc<dyn RateGate> {
+        match self {
+            Budgets::Local => Arc::new(gate::Spacing::new(calls, period)),
+            Budgets::Shared(pool) => Arc::new(shared::SharedGate::new(
+                pool.clone(),
+                name,
+                calls,
+                period,
+                burst,
+            )),
+        }
+    }
+}
+
+/// A short, stable name for an account identified by a secret (a subscription key): the first
+/// 16 hex digits of its SHA-256, never the secret itself.
+pub fn account_tag(secret: &SecretString) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(secret.expose_secret().as_bytes()))[..16].to_owned()
+}
+
 /// A gate's wait up to this long is slept inline; a longer one is returned as back-pressure
 /// ([`ConnectorError::RateLimited`]) so the worker is not held.
 pub const DEFAULT_MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
