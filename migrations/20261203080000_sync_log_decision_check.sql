@@ -10,4 +10,4 @@
 UPDATE sync_log SET decision = 'idle' WHERE decision = 'flow_disabled';
 
 ALTER TABLE sync_log ADD CONSTRAINT sync_log_decision_known
-    CHECK (decision IN ('created', 'linked_after_retry', 'linked_by_merge_criteria', 'linked_by_other_flow', 'no_match', 'not_created_back', 'updated', 'converged', 'echo', 'unchanged', 'stale', 'conflict', 'waiting_for_reference', 'waiting_for_create', 'deleted', 'not_found', 'no_dataflow', 'idle', 'paused', 'not_connected', 'system_stopped', 'error'));
+    CHECK (decision IN ('created', 'linked_after_retry', 'linked_by_merge_criteria', 'linked_by_other_flow', 'no_match', 'not_created_back', 'updated', 'converged', 'echo', 'unchanged', 'stale', 'conflict', 'waiting_for_reference', 'waiting_for_create', 'deleted', 'not_found', 'no_dataflow', 'idle', 'not_connected', 'system_stopped', 'paused', 'error'));

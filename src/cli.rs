@@ -102,7 +102,15 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init(config.log_format, &config.log_level);
+    // People read the sandbox's output: readable lines unless JSON was asked for.
+    let default_format = match cli.command {
+        Command::Sandbox { .. } => crate::config::LogFormat::Text,
+        _ => crate::config::LogFormat::Json,
+    };
+    crate::telemetry::init(
+        config.log_format.unwrap_or(default_format),
+        &config.log_level,
+    );
     if let Command::Registry { command } = &cli.command {
         return registry_command(command, &config);
     }

@@ -409,7 +409,8 @@ pub enum LogFormat {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub log_format: LogFormat,
+    /// `None`: the command's own default (JSON for `serve`, text for `sandbox`).
+    pub log_format: Option<LogFormat>,
     /// A `tracing_subscriber::EnvFilter` directive; `RUST_LOG` wins when set.
     pub log_level: String,
     /// How long in-flight requests and jobs get to finish after SIGTERM/SIGINT.
@@ -422,6 +423,15 @@ pub struct Config {
     pub systems: SystemsConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
+    pub secrets: SecretsConfig,
+}
+
+/// Keys that encrypt credentials stored in PostgreSQL (`at_rest`).
+#[derive(Debug, Clone, Default)]
+pub struct SecretsConfig {
+    /// `secrets.key`: 32-byte keys, base64; the first encrypts, all decrypt. Empty: stored
+    /// credentials stay in clear text.
+    pub keys: Vec<SecretString>,
 }
 
 /// The admin API and console (`/admin`): off unless a token is configured.
@@ -580,15 +590,19 @@ impl Config {
 
     /// Validates an already assembled source (tests build one by hand).
     pub fn from_source(mut s: Source) -> Result<Config, ConfigError> {
-        let log_format = match s.string("log_format")?.as_deref() {
-            None | Some("json") => LogFormat::Json,
-            Some("pretty") | Some("text") => LogFormat::Text,
+        // `[log] format`/`level`; the top-level `log_format`/`log_level` of earlier versions too.
+        let (format, old_format) = (s.string("log.format")?, s.string("log_format")?);
+        let log_format = match format.or(old_format).as_deref() {
+            None => None,
+            Some("json") => Some(LogFormat::Json),
+            Some("pretty") | Some("text") => Some(LogFormat::Text),
             Some(other) => {
                 return Err(ConfigError(format!(
-                    "configuration key `log_format` is {other:?}; use \"json\" or \"text\"."
+                    "configuration key `log.format` is {other:?}; use \"json\" or \"text\"."
                 )))
             }
         };
+        let (level, old_level) = (s.string("log.level")?, s.string("log_level")?);
         let config = Config {
             listen: s
                 .socket_addr("listen")?
@@ -598,7 +612,7 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("./data")),
             log_format,
-            log_level: s.string("log_level")?.unwrap_or_else(|| "info".to_owned()),
+            log_level: level.or(old_level).unwrap_or_else(|| "info".to_owned()),
             shutdown_timeout: s
                 .duration("shutdown_timeout")?
                 .unwrap_or(Duration::from_secs(25)),
@@ -670,6 +684,9 @@ impl Config {
             metrics: MetricsConfig {
                 listen: s.socket_addr("metrics.listen")?,
             },
+            secrets: SecretsConfig {
+                keys: secrets_keys(&mut s)?,
+            },
         };
         s.finish()?;
         config.check()?;
@@ -679,7 +696,7 @@ impl Config {
     /// Rules that span several keys.
     fn check(&self) -> Result<(), ConfigError> {
         // A lease shorter than a slow outbound call lets a second worker claim a job that is still
-        // running (engineering.md item 10).
+        // running (docs/queue.md, leases).
         let margin = Duration::from_secs(5);
         if self.workers.lease < self.outbound.timeout + margin {
             return Err(ConfigError(format!(
@@ -708,6 +725,20 @@ fn admin_token(s: &mut Source) -> Result<Option<SecretString>, ConfigError> {
         }
     }
     Ok(token)
+}
+
+fn secrets_keys(s: &mut Source) -> Result<Vec<SecretString>, ConfigError> {
+    let keys = s.secret_list("secrets.key")?.unwrap_or_default();
+    for (i, key) in keys.iter().enumerate() {
+        if let Err(problem) = crate::at_rest::decode_key(key) {
+            return Err(ConfigError(format!(
+                "configuration key `secrets.key` (key {} of {}) {problem}.",
+                i + 1,
+                keys.len()
+            )));
+        }
+    }
+    Ok(keys)
 }
 
 fn require<T>(value: Option<T>, key: &str, section: &str) -> Result<T, ConfigError> {
@@ -891,6 +922,38 @@ mod tests {
         assert_eq!(c.http.body_limit, 1024 * 1024);
         assert!(c.systems.zendesk.is_none());
         assert!(c.database.url.is_none());
+    }
+
+    #[test]
+    fn log_format_text_json_or_the_commands_default() {
+        let c = Config::from_source(source("[log]\nformat = \"text\"\n", &[])).unwrap();
+        assert_eq!(c.log_format, Some(LogFormat::Text));
+        let c = Config::from_source(source("log_format = \"json\"\n", &[])).unwrap();
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        let c = Config::from_source(source("", &[("TETHER_LOG__LEVEL", "warn")])).unwrap();
+        assert_eq!((c.log_format, c.log_level.as_str()), (None, "warn"));
+        let e = Config::from_source(source("[log]\nformat = \"xml\"\n", &[])).unwrap_err();
+        assert!(e.to_string().contains("`log.format`"), "{e}");
+    }
+
+    #[test]
+    fn admin_token_must_be_long_enough() {
+        let e = Config::from_source(source("[admin]\ntoken = \"short\"\n", &[])).unwrap_err();
+        assert!(
+            e.to_string().contains("`admin.token` is 5 characters"),
+            "{e}"
+        );
+        assert!(
+            !e.to_string().contains("short"),
+            "the token itself is never printed: {e}"
+        );
+        let c = Config::from_source(source(
+            "[admin]\ntoken = \"0123456789abcdef0123456789\"\n",
+            &[],
+        ))
+        .unwrap();
+        assert!(c.admin.token.is_some());
+        assert!(!format!("{c:?}").contains("0123456789abcdef"));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// The systems Tether connects. The string form is the id used in URLs, configuration and the
-/// registry (product.md section 1).
+/// registry (docs/architecture.md, "The per-system table").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SystemId {

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod at_rest;
 pub mod cli;
 pub mod config;
 pub mod connectors;
@@ -26,5 +27,6 @@ pub mod shutdown;
 pub mod signing;
 pub mod simulators;
 pub mod sync;
+pub mod systems;
 pub mod telemetry;
 pub mod testing;

@@ -137,7 +137,9 @@ impl Simulators {
         format!(
             r#"listen = "{listen}"
 data_dir = {data_dir:?}
-log_format = "text"
+
+[log]
+format = "text"
 
 [workers]
 poll_interval = "200ms"
@@ -301,13 +303,17 @@ pub async fn run(
 
     let code = if demo {
         let report = demo::run(&sims, &db.pool).await;
-        print!("{}", report.render());
+        // The report is printed once the service has stopped, so no log line lands inside it.
         shutdown.cancel();
-        if report.ok() {
+        let stopped = service.await;
+        db.close().await;
+        stopped??;
+        print!("{}", report.render());
+        return Ok(if report.ok() {
             std::process::ExitCode::SUCCESS
         } else {
             std::process::ExitCode::FAILURE
-        }
+        });
     } else {
         sims.seed();
         print_welcome(&sims, &tether_url);

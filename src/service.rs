@@ -35,10 +35,11 @@ pub fn build_connectors(
     if let Some(exact) = &systems.exactonline {
         out.insert(
             SystemId::ExactOnline,
-            Arc::new(connectors::exactonline::ExactOnline::new(
+            Arc::new(connectors::exactonline::ExactOnline::with_keyring(
                 exact.clone(),
                 pool.clone(),
                 timeout,
+                crate::at_rest::Keyring::from_config(&config.secrets.keys).map(Arc::new),
             )),
         );
     }
@@ -122,6 +123,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::ops::metrics::install();
+    // Before any token is read: seal clear rows under `secrets.key`, or refuse without the key.
+    let keyring = crate::at_rest::Keyring::from_config(&config.secrets.keys);
+    let sealed = crate::at_rest::seal_stored_credentials(&pool, keyring.as_ref()).await?;
+    if sealed.values > 0 {
+        tracing::info!(
+            values = sealed.values,
+            "stored credentials encrypted under the first secrets.key"
+        );
+    }
     let connectors = build_connectors(&config, &pool)?;
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(address) = config.metrics.listen {

@@ -1,4 +1,4 @@
-//! Graceful shutdown from one cancellation token (engineering.md item 14): SIGTERM or SIGINT
+//! Graceful shutdown from one cancellation token (README, "Operations"): SIGTERM or SIGINT
 //! cancels it; `/readyz` fails at once, workers stop claiming, and the server stops accepting;
 //! in-flight requests and jobs then get `shutdown_timeout` to finish or be released.
 

@@ -2,8 +2,8 @@
 //!
 //! Shared by `intake` (verify, on the raw bytes, before anything is parsed) and `simulators`
 //! (sign what they send), so the two can never drift apart. Verification compares in constant
-//! time with `Mac::verify_slice`. Facts and test vectors: vendor-apis.md sections 1.1 and 2.4,
-//! product.md section 5.
+//! time with `Mac::verify_slice`. Facts and test vectors: docs/vendors.md (Zendesk and Exact
+//! Online webhooks) and the README's "The custom-system contract" (Standard Webhooks).
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -137,7 +137,7 @@ mod tests {
 
     #[test]
     fn zendesk_old_doc_vector_is_body_then_timestamp_and_is_refused() {
-        // vendor-apis.md 1.1: the old doc vector matches body+timestamp; timestamp+body gives this.
+        // docs/vendors.md (Zendesk webhooks): the old doc vector matches body+timestamp; timestamp+body gives this.
         let secret = "HRkRd4BeOAoUkfZr-mhauJT64rvBASlJRoIyPsd3zeA=";
         let body = br#"{"say": "hello"}"#;
         let ts = "2021-07-25T10:00:00Z";

@@ -1,4 +1,5 @@
-//! Logging: structured JSON lines by default, human-readable when asked (`log_format = "text"`).
+//! Logging: structured JSON lines by default for `serve`, human-readable lines (`[log] format =
+//! "text"`) when asked and by default in `sandbox`.
 //! The current span's fields (such as `request_id`) are on every line logged inside it.
 
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
@@ -24,6 +25,7 @@ pub fn init(format: LogFormat, level: &str) {
         LogFormat::Text => registry
             .with(
                 fmt::layer()
+                    .with_target(false)
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .with_writer(std::io::stderr),
             )

@@ -7,7 +7,7 @@
 //! deletes it once no registered test process is alive, so nothing is left behind, even when a
 //! test run is killed.
 //!
-//! Each test gets its own database cloned from a migrated template (engineering.md item 2), so
+//! Each test gets its own database cloned from a migrated template (docs/architecture.md, "Tests and documents"), so
 //! tests never see each other's rows.
 
 use std::path::{Path, PathBuf};

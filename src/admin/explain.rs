@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use utoipa::ToSchema;
 
 use crate::domain::RecordKey;
-use crate::sync::history;
+use crate::sync::{history, Decision};
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RecordExplanation {
@@ -106,7 +106,7 @@ pub async fn explain(pool: &PgPool, key: &RecordKey) -> Result<RecordExplanation
     } else {
         let own_last = log.iter().rev().find(|e| e.record == record);
         Some(why_not_synced(
-            own_last.map(|e| (e.decision.as_str(), e.detail.as_deref(), e.error.as_deref())),
+            own_last.map(|e| (e.decision, e.detail.as_deref(), e.error.as_deref())),
             jobs_pending,
             jobs_dead,
         ))
@@ -124,7 +124,7 @@ pub async fn explain(pool: &PgPool, key: &RecordKey) -> Result<RecordExplanation
 
 /// Classifies the record's last own decision (decision, detail, error).
 pub fn why_not_synced(
-    last: Option<(&str, Option<&str>, Option<&str>)>,
+    last: Option<(Decision, Option<&str>, Option<&str>)>,
     jobs_pending: i64,
     jobs_dead: i64,
 ) -> NotSynced {
@@ -151,11 +151,14 @@ pub fn why_not_synced(
         };
     };
     let reason = match decision {
-        "waiting_for_reference" | "waiting_for_create" => WaitingForReference,
-        "idle" | "flow_disabled" | "not_connected" | "no_dataflow" => Filtered,
-        "no_match" | "not_created_back" | "linked_by_other_flow" => SkippedByPlan,
-        super::pause::PAUSED_DECISION => Paused,
-        "error" | "system_stopped" => Failed,
+        Decision::WaitingForReference | Decision::WaitingForCreate => WaitingForReference,
+        Decision::Idle | Decision::NotConnected | Decision::NoDataflow => Filtered,
+        Decision::NoMatch
+        | Decision::NotCreatedBack
+        | Decision::LinkedByOtherFlow
+        | Decision::TargetClosed => SkippedByPlan,
+        Decision::Paused => Paused,
+        Decision::Error | Decision::SystemStopped => Failed,
         _ => Other,
     };
     NotSynced {
@@ -203,21 +206,21 @@ mod tests {
             NotSyncedReason::NeverSeen
         );
         assert_eq!(why_not_synced(None, 2, 0).reason, NotSyncedReason::Queued);
-        let waiting = why_not_synced(Some(("waiting_for_reference", Some("x"), None)), 1, 0);
+        let waiting = why_not_synced(Some((Decision::WaitingForReference, Some("x"), None)), 1, 0);
         assert_eq!(waiting.reason, NotSyncedReason::WaitingForReference);
         assert_eq!(
-            why_not_synced(Some(("idle", None, None)), 0, 0).reason,
+            why_not_synced(Some((Decision::Idle, None, None)), 0, 0).reason,
             NotSyncedReason::Filtered
         );
         assert_eq!(
-            why_not_synced(Some(("no_match", None, None)), 0, 0).reason,
+            why_not_synced(Some((Decision::NoMatch, None, None)), 0, 0).reason,
             NotSyncedReason::SkippedByPlan
         );
         assert_eq!(
-            why_not_synced(Some(("paused", None, None)), 0, 0).reason,
+            why_not_synced(Some((Decision::Paused, None, None)), 0, 0).reason,
             NotSyncedReason::Paused
         );
-        let dead = why_not_synced(Some(("error", None, Some("boom"))), 0, 1);
+        let dead = why_not_synced(Some((Decision::Error, None, Some("boom"))), 0, 1);
         assert_eq!(dead.reason, NotSyncedReason::Failed);
         assert!(dead.detail.contains("boom"));
     }

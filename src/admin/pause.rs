@@ -19,8 +19,8 @@ use sqlx::PgPool;
 /// How stale a worker's view of the pauses may be when it decides about an event.
 pub const PAUSE_REFRESH: Duration = Duration::from_secs(1);
 
-/// The `sync_log` decision a paused flow leaves.
-pub const PAUSED_DECISION: &str = crate::sync::Decision::Paused.as_str();
+/// The `sync_log` decision a paused flow leaves: the name of `sync::Decision::Paused` (a test in src/sync/decision.rs checks they agree).
+pub const PAUSED_DECISION: &str = "paused";
 
 /// One paused flow.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]

@@ -67,8 +67,10 @@ struct EntityDef {
     /// The key property (`ID` GUID or `Code` integer).
     key: &'static str,
     guid_key: bool,
-    /// Whether the API accepts creates and updates (divisions are read-only).
+    /// Whether the API accepts creates and updates (departments and divisions are GET only).
     writable: bool,
+    /// The sync API's path under `sync/`, where the type has one.
+    sync_path: Option<&'static str>,
 }
 
 fn entity(entity_type: &str, operation: &'static str) -> Result<EntityDef, ConnectorError> {
@@ -78,18 +80,22 @@ fn entity(entity_type: &str, operation: &'static str) -> Result<EntityDef, Conne
             key: "ID",
             guid_key: true,
             writable: true,
+            sync_path: Some("CRM/Accounts"),
         },
+        // GET only in Exact's REST API (docs/vendors.md, Exact item 1).
         "Departments" => EntityDef {
             path: "hrm/Departments",
             key: "ID",
             guid_key: true,
-            writable: true,
+            writable: false,
+            sync_path: None,
         },
         "Divisions" => EntityDef {
             path: "hrm/Divisions",
             key: "Code",
             guid_key: false,
             writable: false,
+            sync_path: None,
         },
         other => {
             return Err(ConnectorError::Unsupported {
@@ -104,6 +110,11 @@ fn entity(entity_type: &str, operation: &'static str) -> Result<EntityDef, Conne
 impl EntityDef {
     /// `crm/Accounts(guid'…')` or `hrm/Divisions(123)`, after checking the id has the key's form.
     fn keyed_path(&self, id: &str) -> Result<String, ConnectorError> {
+        Ok(format!("{}({})", self.path, self.key_literal(id)?))
+    }
+
+    /// The key as an OData literal (`guid'…'` or an integer), after checking its form.
+    fn key_literal(&self, id: &str) -> Result<String, ConnectorError> {
         if self.guid_key {
             let guid = uuid::Uuid::parse_str(id).map_err(|_| {
                 bad_input(format!(
@@ -111,7 +122,7 @@ impl EntityDef {
                     self.path
                 ))
             })?;
-            Ok(format!("{}(guid'{}')", self.path, guid.hyphenated()))
+            Ok(format!("guid'{}'", guid.hyphenated()))
         } else {
             let code: i64 = id.parse().map_err(|_| {
                 bad_input(format!(
@@ -119,7 +130,7 @@ impl EntityDef {
                     self.path
                 ))
             })?;
-            Ok(format!("{}({code})", self.path))
+            Ok(code.to_string())
         }
     }
 }
@@ -228,8 +239,18 @@ impl std::fmt::Debug for ExactOnline {
 }
 
 impl ExactOnline {
-    /// `timeout` bounds every call (the `outbound.timeout` setting).
+    /// `timeout` bounds every call (the `outbound.timeout` setting). Tokens are stored in clear.
     pub fn new(config: ExactConfig, pool: PgPool, timeout: Duration) -> Self {
+        Self::with_keyring(config, pool, timeout, None)
+    }
+
+    /// Like [`ExactOnline::new`], storing the tokens encrypted under `keyring` (`secrets.key`).
+    pub fn with_keyring(
+        config: ExactConfig,
+        pool: PgPool,
+        timeout: Duration,
+        keyring: Option<Arc<crate::at_rest::Keyring>>,
+    ) -> Self {
         let http = http_client(timeout);
         let tokens = StoredRefreshToken::new(
             RefreshConfig {
@@ -249,7 +270,8 @@ impl ExactOnline {
             },
             pool,
             http.clone(),
-        );
+        )
+        .with_keyring(keyring);
         let gates = Gates::new(vec![
             // Exact counts per division for the whole app; this process's own calls are kept
             // under the minute's limit even before the first answer's headers arrive.
@@ -323,6 +345,98 @@ impl ExactOnline {
     }
 }
 
+/// Exact's first sync call of a division filters `Timestamp gt 1` (docs/vendors.md, Exact item 2).
+const FIRST_SYNC_TIMESTAMP: i64 = 1;
+
+/// A sync row's `Timestamp`: an Edm.Int64, which OData v2 sends as a JSON string; a number is
+/// accepted too. Anything else is an error, never a silently kept cursor.
+pub fn sync_timestamp(item: &Value) -> Result<i64, ConnectorError> {
+    match item.get("Timestamp") {
+        Some(Value::String(s)) => s.trim().trim_end_matches('L').parse().ok(),
+        Some(Value::Number(n)) => n.as_i64(),
+        _ => None,
+    }
+    .ok_or_else(|| malformed("a sync row has no Int64 `Timestamp`"))
+}
+
+/// Where a sync API read stands. Between runs it is the highest `Timestamp` seen, stored as plain
+/// digits. Within a run of `__next` pages it also keeps the link and the highest seen so far:
+/// the vendor does not promise the rows come sorted, so the run's start stays the cursor until
+/// its last page (a restart repeats the run, which is harmless).
+#[derive(Debug, Serialize, Deserialize)]
+struct SyncCursor {
+    from: i64,
+    highest: i64,
+    next: Option<String>,
+}
+
+impl SyncCursor {
+    fn parse(text: Option<&str>) -> Result<SyncCursor, ConnectorError> {
+        let Some(text) = text else {
+            return Ok(SyncCursor::at(FIRST_SYNC_TIMESTAMP));
+        };
+        if let Ok(from) = text.trim().parse::<i64>() {
+            return Ok(SyncCursor::at(from));
+        }
+        serde_json::from_str(text)
+            .map_err(|_| bad_input(format!("`{text}` is not an Exact sync cursor")))
+    }
+
+    fn at(from: i64) -> SyncCursor {
+        SyncCursor {
+            from,
+            highest: from,
+            next: None,
+        }
+    }
+
+    fn to_text(&self) -> String {
+        match self.next {
+            None => self.highest.to_string(),
+            Some(_) => serde_json::to_string(self).expect("cursor serialises"),
+        }
+    }
+}
+
+impl ExactOnline {
+    /// One page of a sync API (`sync/CRM/Accounts`): rows whose row version `Timestamp` is above
+    /// the cursor's. The vendor documents only the Timestamp filter for sync APIs, so no
+    /// `$orderby` is sent.
+    async fn list_synced(
+        &self,
+        def: &EntityDef,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError> {
+        let mut state = SyncCursor::parse(cursor)?;
+        let url = match state.next.take() {
+            Some(next) => next,
+            None => self.url(&format!(
+                "sync/{}?$filter=Timestamp%20gt%20{}L",
+                def.sync_path.unwrap_or(def.path),
+                state.from
+            )),
+        };
+        let (results, next) = self.get_page(&url).await?;
+        let mut records = Vec::with_capacity(results.len());
+        for item in &results {
+            state.highest = state.highest.max(sync_timestamp(item)?);
+            let mut record = to_record(def, item)?;
+            record.fields.remove("Timestamp");
+            records.push(record);
+        }
+        let has_more = next.is_some();
+        state.next = next;
+        if !has_more {
+            state.from = state.highest;
+        }
+        Ok(ChangePage {
+            records,
+            next_cursor: Some(state.to_text()),
+            has_more,
+        })
+    }
+}
+
 /// `list_changed` cursor for types filtered on `Modified` (no sync endpoint): the highest
 /// `Modified` seen, the ids already emitted at exactly that time (the filter is inclusive), and
 /// a `__next` link while walking a page run of equal timestamps.
@@ -339,13 +453,27 @@ impl Connector for ExactOnline {
         SYSTEM
     }
 
+    /// Exact sends `Delete` only for records it deleted, and a GUID never comes back.
+    fn deletes_are_final(&self) -> bool {
+        true
+    }
+
+    /// Looked up with `$filter` on the key and `$top=1`, never by key in the path: a missing
+    /// record is then an empty 200 instead of a 404, which Exact counts among the 10 errors per
+    /// endpoint and hour that block the app (docs/vendors.md, Exact Online item 3).
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let def = entity(entity_type, "fetch")?;
-        let url = self.url(&def.keyed_path(id)?);
-        match self.call(Method::GET, &url, None).await? {
-            None | Some(Value::Null) => Ok(None),
-            Some(value) => Ok(Some(to_record(&def, &Self::single(value)?)?)),
-        }
+        let filter = format!("{} eq {}", def.key, def.key_literal(id)?);
+        let mut url = url::Url::parse(&self.url(def.path))
+            .map_err(|_| bad_input("exactonline.base_url does not form a valid URL".to_owned()))?;
+        url.query_pairs_mut()
+            .append_pair("$filter", &filter)
+            .append_pair("$top", "1");
+        let (results, _) = self.get_page(url.as_str()).await?;
+        results
+            .first()
+            .map(|item| to_record(&def, item))
+            .transpose()
     }
 
     async fn create(
@@ -429,31 +557,7 @@ impl Connector for ExactOnline {
     ) -> Result<ChangePage, ConnectorError> {
         let def = entity(entity_type, "list_changed")?;
         if entity_type == "Accounts" {
-            // Sync API: `Timestamp` is a row version; everything above the stored one is new.
-            // Exact's row versions start at 1, so `gt 0` is "everything".
-            let from: i64 = match cursor {
-                None => 0,
-                Some(c) => c
-                    .parse()
-                    .map_err(|_| bad_input(format!("`{c}` is not an Exact sync cursor")))?,
-            };
-            let url = self.url(&format!(
-                "sync/CRM/Accounts?$filter=Timestamp%20gt%20{from}&$orderby=Timestamp"
-            ));
-            let (results, next) = self.get_page(&url).await?;
-            let mut highest = from;
-            let mut records = Vec::with_capacity(results.len());
-            for item in &results {
-                if let Some(ts) = item.get("Timestamp").and_then(Value::as_i64) {
-                    highest = highest.max(ts);
-                }
-                records.push(to_record(&def, item)?);
-            }
-            return Ok(ChangePage {
-                records,
-                next_cursor: Some(highest.to_string()),
-                has_more: next.is_some(),
-            });
+            return self.list_synced(&def, cursor).await;
         }
 
         let mut state: ModifiedCursor = match cursor {

@@ -26,6 +26,8 @@ pub enum Failure {
     Transient,
     Rejected,
     Unauthorized,
+    /// The record refuses changes in its state (a closed Zendesk ticket).
+    TargetClosed,
 }
 
 /// Operation names used by counters and failure knobs.
@@ -48,6 +50,7 @@ struct State {
     fail_next: HashMap<&'static str, Failure>,
     crash_after_create: bool,
     read_only_types: Vec<String>,
+    final_deletes: bool,
     pause_after_update: Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>,
 }
 
@@ -144,6 +147,12 @@ impl MemoryConnector {
             .unwrap_or_default()
     }
 
+    /// Declares this system's delete notifications final, as Exact Online's are
+    /// ([`Connector::deletes_are_final`]).
+    pub fn declare_final_deletes(&self) {
+        self.lock().final_deletes = true;
+    }
+
     /// How many calls of `op` ("fetch", "create", ...) were made.
     pub fn count(&self, op: &str) -> u64 {
         self.lock().counters.get(op).copied().unwrap_or(0)
@@ -209,6 +218,11 @@ impl MemoryConnector {
                 system,
                 message: "injected credential failure".into(),
             },
+            Failure::TargetClosed => ConnectorError::TargetClosed {
+                system,
+                entity_type: "injected".into(),
+                id: "injected".into(),
+            },
         }
     }
 }
@@ -240,6 +254,10 @@ fn merge_into(target: &mut Map<String, Value>, changes: &Map<String, Value>) {
 impl Connector for MemoryConnector {
     fn system(&self) -> SystemId {
         self.system
+    }
+
+    fn deletes_are_final(&self) -> bool {
+        self.lock().final_deletes
     }
 
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {

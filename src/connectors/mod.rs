@@ -115,6 +115,15 @@ pub enum ConnectorError {
         entity_type: String,
         operation: &'static str,
     },
+    /// The record refuses this change for good because of its state: a closed Zendesk ticket
+    /// (docs/vendors.md, Zendesk "Closed tickets refuse updates"). Not an error of the request
+    /// and never worth a retry; the caller records the decision and moves on.
+    #[error("{system} {entity_type} {id} is closed and refuses the change")]
+    TargetClosed {
+        system: SystemId,
+        entity_type: String,
+        id: String,
+    },
     /// The system has no configuration section: its dataflows are idle.
     #[error("{system} is not configured")]
     NotConfigured { system: SystemId },
@@ -145,6 +154,14 @@ impl ConnectorError {
 #[async_trait]
 pub trait Connector: Send + Sync + 'static {
     fn system(&self) -> SystemId;
+
+    /// Whether this system's delete notifications are final, so the engine ends a record's links
+    /// on one without reading the record first (a deleted record cannot come back, and reading
+    /// it would only cost a call, or, where the vendor counts 404s, an error: Exact Online,
+    /// docs/vendors.md item 3).
+    fn deletes_are_final(&self) -> bool {
+        false
+    }
 
     /// The record's current state, or `None` if it does not exist (any more).
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError>;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -195,6 +195,18 @@ fn loosely_equal(a: &Value, b: &Value) -> bool {
         _ => None,
     };
     matches!((text(a), text(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// A time as Go's `lastChangedDateTimeOffsetGreaterThan` takes it: RFC 3339 in UTC with exactly
+/// 7 fractional digits, the 100 ns ticks of a .NET `DateTimeOffset` (docs/vendors.md, PowerOffice
+/// item 8). Sub-tick nanoseconds are cut off: the filter is exclusive, so rounding down can only
+/// repeat a record, never skip one.
+pub fn ticks_text(at: DateTime<Utc>) -> String {
+    format!(
+        "{}.{:07}Z",
+        at.format("%Y-%m-%dT%H:%M:%S"),
+        at.timestamp_subsec_nanos() / 100
+    )
 }
 
 /// How far below the cursor's time each poll looks again. The vendor stamps
@@ -472,10 +484,7 @@ impl Connector for PowerOffice {
         ];
         let window_start = state.at.map(|at| at - LOOKBACK);
         if let Some(start) = window_start {
-            query.push((
-                "lastChangedDateTimeOffsetGreaterThan",
-                start.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-            ));
+            query.push(("lastChangedDateTimeOffsetGreaterThan", ticks_text(start)));
         }
         let items = self.list(kind, &query).await?;
         let full = items.len() >= size;
@@ -566,6 +575,18 @@ impl Connector for PowerOffice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_times_have_seven_fractional_digits() {
+        let at = DateTime::parse_from_rfc3339("2021-09-30T08:03:00.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(ticks_text(at), "2021-09-30T08:03:00.1234567Z");
+        let whole = DateTime::parse_from_rfc3339("2021-09-30T08:03:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(ticks_text(whole), "2021-09-30T08:03:00.0000000Z");
+    }
 
     #[test]
     fn token_url_is_derived_from_the_base() {

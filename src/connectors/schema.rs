@@ -126,6 +126,12 @@ pub fn entities(system: SystemId) -> impl Iterator<Item = &'static EntityDecl> {
     ENTITIES.iter().filter(move |e| e.system == system)
 }
 
+/// Exact's REST API offers only GET on these (docs/vendors.md, Exact item 1).
+const READ_ONLY_DEPARTMENTS: &str =
+    "Exact Online's hrm/Departments is read-only (GET only): departments cannot be created or changed through the API";
+const READ_ONLY_DIVISIONS: &str =
+    "Exact Online's hrm/Divisions is read-only (GET only): divisions cannot be created or changed through the API";
+
 const fn rw(path: &'static str) -> FieldDecl {
     FieldDecl {
         path,
@@ -225,9 +231,10 @@ pub static ENTITIES: &[EntityDecl] = &[
         entity_type: "Users",
         fields: &[
             ro("id"),
-            // `UserCreateInput` requires both.
+            // `UserCreateInput` requires both. The primary email is "writeable on create only"
+            // (docs/vendors.md, Zendesk item 10): an update would add a secondary identity.
             req("name"),
-            req("email"),
+            with(rw("email"), Access::CreateOnly, true),
             rw("external_id"),
             reference("organization_id", &["Organizations"]),
             rw("role"),
@@ -358,13 +365,13 @@ pub static ENTITIES: &[EntityDecl] = &[
         entity_type: "Departments",
         fields: &[
             ro("ID"),
-            rw("Code"),
+            ro("Code"),
             // The label: Exact departments have no `Name`.
-            rw("Description"),
-            rw("Costcenter"),
-            rw("CostcenterDescription"),
+            ro("Description"),
+            ro("Costcenter"),
+            ro("CostcenterDescription"),
             ro("Division"),
-            rw("Notes"),
+            ro("Notes"),
             ro("Created"),
             ro("Creator"),
             ro("CreatorFullName"),
@@ -373,9 +380,9 @@ pub static ENTITIES: &[EntityDecl] = &[
             ro("ModifierFullName"),
         ],
         open: false,
-        creatable: true,
-        updatable: true,
-        limitation: None,
+        creatable: false,
+        updatable: false,
+        limitation: Some(READ_ONLY_DEPARTMENTS),
         assumption: None,
     },
     EntityDecl {
@@ -384,26 +391,26 @@ pub static ENTITIES: &[EntityDecl] = &[
         fields: &[
             ro("Code"),
             // The label: Exact divisions have no `Name`.
-            rw("Description"),
-            rw("HID"),
-            rw("Main"),
-            rw("Status"),
-            rw("Country"),
-            rw("Currency"),
-            rw("Customer"),
-            rw("CustomerCode"),
-            rw("CustomerName"),
-            rw("VATNumber"),
-            rw("Website"),
-            rw("StartDate"),
-            rw("ArchiveDate"),
+            ro("Description"),
+            ro("HID"),
+            ro("Main"),
+            ro("Status"),
+            ro("Country"),
+            ro("Currency"),
+            ro("Customer"),
+            ro("CustomerCode"),
+            ro("CustomerName"),
+            ro("VATNumber"),
+            ro("Website"),
+            ro("StartDate"),
+            ro("ArchiveDate"),
             ro("Created"),
             ro("Modified"),
         ],
         open: false,
-        creatable: true,
-        updatable: true,
-        limitation: None,
+        creatable: false,
+        updatable: false,
+        limitation: Some(READ_ONLY_DIVISIONS),
         assumption: None,
     },
     // PowerOffice Go v2: vendor-apis.md section 3 (DTOs; `RO` there is ReadOnly here).

@@ -36,6 +36,9 @@ use super::{get_path, ChangePage, Connector, ConnectorError, Record};
 use crate::config::{Config, ZendeskConfig};
 use crate::domain::SystemId;
 
+mod lookup;
+mod timed;
+
 const SYSTEM: SystemId = SystemId::Zendesk;
 /// Fields Zendesk sets itself; never sent, never presented as data.
 const READ_ONLY: [&str; 4] = ["id", "url", "created_at", "updated_at"];
@@ -164,6 +167,41 @@ fn malformed(message: impl fmt::Display) -> ConnectorError {
     }
 }
 
+/// Zendesk answers 409 when another request wrote the same record at the same moment (or a
+/// uniqueness check raced): a later retry, which re-reads the record first, is the remedy.
+fn conflict_is_transient(error: ConnectorError) -> ConnectorError {
+    match error {
+        ConnectorError::Rejected {
+            status: 409,
+            message,
+            ..
+        } => ConnectorError::Transient {
+            system: SYSTEM,
+            message: format!("409 Conflict: {message}"),
+        },
+        other => other,
+    }
+}
+
+/// Zendesk's refusal of a change to a closed ticket (422 "Status: closed prevents ticket
+/// update") as [`ConnectorError::TargetClosed`]: a decision, not an error to retry.
+fn closed_ticket(error: ConnectorError, entity: Entity, id: &str) -> ConnectorError {
+    match error {
+        ConnectorError::Rejected {
+            status: 422,
+            ref message,
+            ..
+        } if entity == Entity::Tickets && message.contains("closed prevents ticket update") => {
+            ConnectorError::TargetClosed {
+                system: SYSTEM,
+                entity_type: entity.name().to_owned(),
+                id: id.to_owned(),
+            }
+        }
+        other => other,
+    }
+}
+
 /// The `external_id` that carries an idempotency key.
 pub fn external_id_for(idempotency_key: &str) -> String {
     format!("{EXTERNAL_ID_PREFIX}{idempotency_key}")
@@ -261,7 +299,12 @@ impl ZendeskConnector {
         url: Url,
         body: &Value,
     ) -> Result<Value, ConnectorError> {
-        match self.client.send(Call::new(method, url).json(body)).await? {
+        let answer = self
+            .client
+            .send(Call::new(method, url).json(body))
+            .await
+            .map_err(conflict_is_transient)?;
+        match answer {
             Answer::NotFound => Err(ConnectorError::Rejected {
                 system: SYSTEM,
                 status: 404,
@@ -421,7 +464,8 @@ impl ZendeskConnector {
                 self.url(&format!("/api/v2/tickets/{ticket_id}"), &[]),
                 &json!({"ticket": {"comment": comment}}),
             )
-            .await?;
+            .await
+            .map_err(|e| closed_ticket(e, Entity::Tickets, &ticket_id.to_string()))?;
         // The audit of the update holds the comment it added.
         let event = answer["audit"]["events"]
             .as_array()
@@ -440,77 +484,6 @@ impl ZendeskConnector {
                 .and_then(|mut all| all.pop())
                 .ok_or_else(|| malformed("the ticket update returned no comment")),
         }
-    }
-
-    async fn list_organizations(&self, cursor: ExportCursor) -> Result<ChangePage, ConnectorError> {
-        // Zendesk refuses a `start_time` less than a minute old; ask from a minute back and drop
-        // what the cursor already covers.
-        let sent_start = cursor
-            .start
-            .min(Utc::now().timestamp() - EXPORT_MIN_AGE_SECS);
-        let url = self.url(
-            "/api/v2/incremental/organizations",
-            &[
-                ("start_time", sent_start.to_string()),
-                ("per_page", self.export_page_size.to_string()),
-            ],
-        );
-        let page = self.get_export(url).await?;
-        let end_of_stream = page["end_of_stream"].as_bool().unwrap_or(true);
-        let end_time = page["end_time"].as_i64().unwrap_or(sent_start);
-        if end_time < cursor.start {
-            // The page lies wholly before the cursor (only when asking from a minute back): all
-            // of it was returned before. Caught up until the minute has passed.
-            return Ok(ChangePage {
-                records: Vec::new(),
-                next_cursor: Some(cursor.encode()),
-                has_more: false,
-            });
-        }
-        let mut records = Vec::new();
-        let mut at_end = Vec::new();
-        for item in array(&page, "organizations")? {
-            let record = record(Entity::Organizations, &item)?;
-            let second = record.updated_at.map(|t| t.timestamp()).unwrap_or(0);
-            // The export repeats records at the boundary second; skip those already returned.
-            if second < cursor.start || (second == cursor.start && cursor.seen.contains(&record.id))
-            {
-                continue;
-            }
-            if second == end_time {
-                at_end.push(record.id.clone());
-            }
-            records.push(record);
-        }
-        let next = if end_time == cursor.start {
-            if end_of_stream {
-                let mut seen = cursor.seen;
-                seen.extend(at_end);
-                ExportCursor {
-                    start: end_time,
-                    seen,
-                    ..ExportCursor::default()
-                }
-            } else {
-                // A full page within one second: Zendesk pages hold the whole last second, so
-                // the next page starts after it (and this cannot loop).
-                ExportCursor {
-                    start: end_time + 1,
-                    ..ExportCursor::default()
-                }
-            }
-        } else {
-            ExportCursor {
-                start: end_time,
-                seen: at_end,
-                ..ExportCursor::default()
-            }
-        };
-        Ok(ChangePage {
-            records,
-            next_cursor: Some(next.encode()),
-            has_more: !end_of_stream,
-        })
     }
 
     /// One page of a cursor-based export (users, tickets) and the cursor after it.
@@ -537,58 +510,22 @@ impl ZendeskConnector {
         }
         Ok((items, next, end_of_stream))
     }
-
-    async fn list_comments_changed(
-        &self,
-        cursor: ExportCursor,
-    ) -> Result<ChangePage, ConnectorError> {
-        // Zendesk has no comment export; a comment changes its ticket's `updated_at`, so walk the
-        // ticket export and take each changed ticket's comments newer than the watermark of the
-        // passes already finished.
-        let (tickets, mut next, end_of_stream) = self.export_page(Entity::Tickets, &cursor).await?;
-        let mut records = Vec::new();
-        for ticket in &tickets {
-            let Some(ticket_id) = as_id(&ticket["id"]) else {
-                return Err(malformed("a ticket without a numeric id"));
-            };
-            for comment in self.comments_of(ticket_id).await?.unwrap_or_default() {
-                let second = comment.updated_at.map(|t| t.timestamp()).unwrap_or(0);
-                if second >= cursor.since {
-                    next.newest = next.newest.max(second);
-                    records.push(comment);
-                }
-            }
-        }
-        if end_of_stream {
-            next.since = next.since.max(next.newest);
-        }
-        Ok(ChangePage {
-            records,
-            next_cursor: Some(next.encode()),
-            has_more: !end_of_stream,
-        })
-    }
 }
 
 /// What an export cursor holds (serialized as JSON; opaque to callers).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct ExportCursor {
-    /// Time-based export (organizations): the next `start_time`; for cursor exports, the
-    /// `start_time` of the first page.
+    /// Time-based exports (organizations, ticket events): the next `start_time`; for cursor
+    /// exports, the `start_time` of the first page.
     #[serde(default)]
     start: i64,
-    /// Organizations already returned whose `updated_at` second is `start`.
+    /// Time-based exports: the items (organizations, ticket events) already returned whose
+    /// second is `start`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     seen: Vec<String>,
     /// Cursor exports (users, tickets): Zendesk's `after_cursor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     after: Option<String>,
-    /// Comments: only comments created at or after this second are new.
-    #[serde(default)]
-    since: i64,
-    /// Comments: the newest comment second seen in the pass under way.
-    #[serde(default)]
-    newest: i64,
 }
 
 impl ExportCursor {
@@ -755,6 +692,11 @@ fn matches_all(record: &Record, criteria: &Map<String, Value>) -> bool {
     })
 }
 
+/// An `external_id` criterion `show_many` can look up (its list is comma-separated).
+fn lookup_id(criteria: &Map<String, Value>) -> Option<String> {
+    criterion(criteria, "external_id").filter(|id| !id.contains(','))
+}
+
 /// A criterion usable as a search term: a non-empty string or a number.
 fn criterion(criteria: &Map<String, Value>, key: &str) -> Option<String> {
     match criteria.get(key)? {
@@ -785,6 +727,9 @@ impl Connector for ZendeskConnector {
         let url = self.url(&format!("/api/v2/{}/{id}", entity.plural()), &[]);
         match self.get_json(url).await? {
             None => Ok(None),
+            // Zendesk answers 404 for a soft-deleted ticket; one that shows as deleted (as the
+            // ticket export does) is gone just the same and never synced as a live record.
+            Some(answer) if answer[entity.singular()]["status"] == "deleted" => Ok(None),
             Some(answer) => record(entity, envelope(&answer, entity.singular())?).map(Some),
         }
     }
@@ -804,11 +749,21 @@ impl Connector for ZendeskConnector {
             Entity::Organizations | Entity::Users => {
                 let mut body = writable(fields);
                 body.insert("external_id".into(), json!(external_id));
-                if entity == Entity::Users {
+                let path = if entity == Entity::Users {
+                    // `users/create_or_update` would adopt a user with the same email and
+                    // overwrite its `external_id` (another integration's, perhaps): a user is
+                    // adopted only through the flow's merge criteria, before a create. A retried
+                    // create finds its first attempt's user by our `external_id` instead.
+                    if let Some(made) = self.by_external_id(entity, &external_id).await? {
+                        return Ok(made);
+                    }
                     // A synced user must not get a verification email from Zendesk.
                     body.insert("skip_verify_email".into(), json!(true));
-                }
-                let path = format!("/api/v2/{}/create_or_update", entity.plural());
+                    "/api/v2/users".to_owned()
+                } else {
+                    // Organizations match on `external_id` (or `id`) only, so this is idempotent.
+                    "/api/v2/organizations/create_or_update".to_owned()
+                };
                 let answer = self
                     .send_json(
                         Method::POST,
@@ -830,33 +785,13 @@ impl Connector for ZendeskConnector {
     ) -> Result<Option<Record>, ConnectorError> {
         let entity = Entity::parse(entity_type, "find_created")?;
         let external_id = external_id_for(idempotency_key);
-        let found = match entity {
-            Entity::Organizations => {
-                self.search(
-                    entity,
-                    "/api/v2/organizations/search",
-                    &[("external_id", external_id.clone())],
-                )
-                .await?
+        match entity {
+            Entity::Organizations | Entity::Users => {
+                self.by_external_id(entity, &external_id).await
             }
-            Entity::Users => {
-                self.search(
-                    entity,
-                    "/api/v2/users/search",
-                    &[("external_id", external_id.clone())],
-                )
-                .await?
-            }
-            Entity::Tickets => return self.find_ticket_by_external_id(&external_id).await,
-            Entity::Ticketcomments => return Err(entity.unsupported("find_created")),
-        };
-        Ok(found.into_iter().find(|r| {
-            values_match(
-                "external_id",
-                r.fields.get("external_id"),
-                &json!(external_id),
-            )
-        }))
+            Entity::Tickets => self.find_ticket_by_external_id(&external_id).await,
+            Entity::Ticketcomments => Err(entity.unsupported("find_created")),
+        }
     }
 
     async fn update(
@@ -870,7 +805,14 @@ impl Connector for ZendeskConnector {
             return Err(entity.unsupported("update"));
         }
         let numeric = parse_numeric_id(entity, id)?;
-        let body = writable(changed);
+        let mut body = writable(changed);
+        if entity == Entity::Users && body.remove("email").is_some() {
+            // Zendesk: "Writeable on create only. On update, a secondary email is added."
+            tracing::info!(
+                user = id,
+                "a Zendesk user's primary email is set only when the user is created; the changed email is not written"
+            );
+        }
         if body.is_empty() {
             // Nothing writable changed: no call that could only bump `updated_at`.
             return self
@@ -885,7 +827,8 @@ impl Connector for ZendeskConnector {
         let url = self.url(&format!("/api/v2/{}/{numeric}", entity.plural()), &[]);
         let answer = self
             .send_json(Method::PUT, url, &json!({ entity.singular(): body }))
-            .await?;
+            .await
+            .map_err(|e| closed_ticket(e, entity, id))?;
         record(entity, envelope(&answer, entity.singular())?)
     }
 
@@ -925,13 +868,9 @@ impl Connector for ZendeskConnector {
         }
         let candidates = match entity {
             Entity::Organizations => {
-                if let Some(external_id) = criterion(criteria, "external_id") {
-                    self.search(
-                        entity,
-                        "/api/v2/organizations/search",
-                        &[("external_id", external_id)],
-                    )
-                    .await?
+                if let Some(external_id) = lookup_id(criteria) {
+                    self.show_many_by_external_id(entity, &[external_id])
+                        .await?
                 } else if let Some(name) = criterion(criteria, "name") {
                     self.search(entity, "/api/v2/organizations/search", &[("name", name)])
                         .await?
@@ -940,14 +879,13 @@ impl Connector for ZendeskConnector {
                 }
             }
             Entity::Users => {
-                if let Some(external_id) = criterion(criteria, "external_id") {
-                    self.search(
-                        entity,
-                        "/api/v2/users/search",
-                        &[("external_id", external_id)],
-                    )
-                    .await?
+                if let Some(external_id) = lookup_id(criteria) {
+                    self.show_many_by_external_id(entity, &[external_id])
+                        .await?
                 } else if let Some(email) = criterion(criteria, "email") {
+                    // The only lookup by email is the search index, which lags minutes behind
+                    // writes (docs/vendors.md): fine for records that existed before, not for a
+                    // user created a moment ago.
                     self.search(
                         entity,
                         "/api/v2/users/search",

@@ -1,7 +1,8 @@
 //! The HTTP side: the axum router, health endpoints, request ids and request tracing.
 //!
 //! Owns: routing and cross-cutting layers. Webhook handling itself lives in `intake`.
-//! Built from a pre-bound listener so tests can bind `127.0.0.1:0` (engineering.md item 1).
+//! Built from a pre-bound listener so tests can bind `127.0.0.1:0` and know the port before it
+//! serves. docs/architecture.md shows where `http` sits on the data path.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +36,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .merge(crate::intake::routes(&state))
+        .merge(crate::intake::routes(&state.config, state.pool.clone()))
         .merge(crate::ops::routes(&state))
         .merge(crate::admin::routes(&state))
         .with_state(state)

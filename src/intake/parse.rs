@@ -72,7 +72,7 @@ impl Id<'_> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Zendesk (vendor-apis.md 1.4)
+// Zendesk (docs/vendors.md, Zendesk webhooks)
 
 #[derive(Deserialize)]
 struct ZendeskEvent<'a> {
@@ -112,6 +112,10 @@ struct ZendeskComment<'a> {
 /// engine fetch a user to find nothing to write (a login alone fires one per sign-in).
 const ZENDESK_NOISE: &[&str] = &["user.last_login_changed", "user.password_changed"];
 
+/// Ticket events about one comment: added, redacted, made private (docs/vendors.md, Zendesk
+/// "Comments are redacted or made private"). The record is the comment, `{ticket}:{comment}`.
+const COMMENT_CHANGES: &[&str] = &["comment_added", "comment_redacted", "comment_made_private"];
+
 /// Parses a Zendesk event-subscription body (`zen:event-type:<resource>.<change>`).
 pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
     let ev: ZendeskEvent<'_> = serde_json::from_slice(body).map_err(|e| {
@@ -137,7 +141,7 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
     let entity = match resource {
         "organization" => "Organizations",
         "user" => "Users",
-        "ticket" if change == "comment_added" => "Ticketcomments",
+        "ticket" if COMMENT_CHANGES.contains(&change) => "Ticketcomments",
         "ticket" => "Tickets",
         _ => {
             return Ok(Parsed::Ignored(format!(
@@ -164,7 +168,7 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
         let comment = ev
             .event
             .and_then(|e| e.comment)
-            .ok_or_else(|| format_error("ticket.comment_added without `event.comment.id`"))?
+            .ok_or_else(|| format_error(format!("ticket.{change} without `event.comment.id`")))?
             .id
             .into_string();
         check_id("event.comment.id", &comment)?;
@@ -174,7 +178,9 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
     };
     let action = match change {
         "created" => Action::Created,
-        "deleted" => Action::Deleted,
+        // A soft-deleted ticket answers 404 like a permanently deleted one (docs/vendors.md,
+        // Zendesk "Deleted tickets"); `ticket.undeleted` is an update that finds it again.
+        "deleted" | "soft_deleted" | "permanently_deleted" => Action::Deleted,
         // comment_added creates the comment record; everything else changes an existing record.
         "comment_added" => Action::Created,
         _ => Action::Updated,
@@ -192,7 +198,7 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exact Online (vendor-apis.md 2.4)
+// Exact Online (docs/vendors.md, Exact Online webhooks)
 
 /// The signed part of an Exact callback: the raw `Content` text exactly as it stands in the body,
 /// and the `HashCode` claimed for it.
@@ -282,7 +288,7 @@ pub fn exact_content(content_raw: &str) -> Result<Parsed, FormatError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Custom systems (product.md section 5)
+// Custom systems (README, "The custom-system contract")
 
 #[derive(Deserialize)]
 struct CustomBody<'a> {
@@ -399,6 +405,38 @@ mod tests {
         assert_eq!(e.record.entity_type, "Ticketcomments");
         assert_eq!(e.record.record_id, "7:99");
         assert_eq!(e.action, Action::Created);
+    }
+
+    #[test]
+    fn zendesk_redacted_and_private_comments_are_comment_updates() {
+        for kind in ["comment_redacted", "comment_made_private"] {
+            let body = format!(
+                r#"{{"type":"zen:event-type:ticket.{kind}","id":"d-{kind}","detail":{{"id":"7"}},"event":{{"comment":{{"id":"99","is_public":false}}}}}}"#
+            );
+            let e = event(zendesk(body.as_bytes()).unwrap());
+            assert_eq!(e.record.entity_type, "Ticketcomments", "{kind}");
+            assert_eq!(e.record.record_id, "7:99", "{kind}");
+            assert_eq!(e.action, Action::Updated, "{kind}");
+        }
+        let missing = zendesk(br#"{"type":"zen:event-type:ticket.comment_redacted","id":"d","detail":{"id":"7"},"event":{}}"#);
+        assert!(missing.is_err());
+    }
+
+    #[test]
+    fn zendesk_deleted_tickets_are_deletes_and_undeleted_an_update() {
+        let parse = |kind: &str| {
+            let body = format!(
+                r#"{{"type":"zen:event-type:ticket.{kind}","id":"d-{kind}","subject":"zen:ticket:35436","detail":{{"id":"35436","status":"DELETED"}},"event":{{}}}}"#
+            );
+            event(zendesk(body.as_bytes()).unwrap())
+        };
+        for kind in ["soft_deleted", "permanently_deleted"] {
+            let e = parse(kind);
+            assert_eq!(e.record.entity_type, "Tickets");
+            assert_eq!(e.record.record_id, "35436");
+            assert_eq!(e.action, Action::Deleted, "{kind}");
+        }
+        assert_eq!(parse("undeleted").action, Action::Updated);
     }
 
     #[test]

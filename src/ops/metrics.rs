@@ -33,6 +33,7 @@ pub const VENDOR_REQUEST_DURATION: &str = "tether_vendor_request_duration_second
 pub const VENDOR_THROTTLED: &str = "tether_vendor_throttled_total";
 pub const SYNC_DECISIONS: &str = "tether_sync_decisions_total";
 pub const POLL_LAG: &str = "tether_poll_lag_seconds";
+pub const POLL_CHANGES: &str = "tether_poll_changes_total";
 pub const CREDENTIALS_FAILURES: &str = "tether_credentials_failures_total";
 pub const FLOWS_PAUSED: &str = "tether_flows_paused";
 
@@ -90,6 +91,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         POLL_LAG,
         Kind::Gauge,
         "Age of the newest change a poll cursor has passed, by system and entity type.",
+    ),
+    (
+        POLL_CHANGES,
+        Kind::Counter,
+        "Changes that polling (or reconciliation) found and enqueued, by system and entity type.",
     ),
     (
         CREDENTIALS_FAILURES,
@@ -214,6 +220,12 @@ pub fn sync_decision(flow: Option<&str>, decision: &str) {
         "decision" => decision.to_owned()
     )
     .increment(1);
+}
+
+/// Changes a poll found and enqueued (records new or changed since the cursor).
+pub fn poll_changes(system: SystemId, entity_type: &str, n: u64) {
+    counter!(POLL_CHANGES, "system" => system.as_str(), "entity_type" => entity_type.to_owned())
+        .increment(n);
 }
 
 /// A vendor refused credentials. Also remembered with the time, for the admin API's

@@ -215,6 +215,7 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
             .collect();
         queue::enqueue(&mut tx, &jobs).await?;
         report.emitted += jobs.len() as u64;
+        let found = jobs.len() as u64;
 
         // newest_change_at: the age of the newest change passed is `tether_poll_lag_seconds`.
         sqlx::query(
@@ -229,6 +230,7 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        crate::ops::metrics::poll_changes(system, &spec.entity_type, found);
 
         if !page.has_more || report.pages >= MAX_PAGES_PER_ROUND {
             return Ok(report);

@@ -69,7 +69,7 @@ impl Queue {
     }
 
     /// Claims one due job, runs it and records the outcome: one unit of work, so tests can drain
-    /// the queue deterministically (engineering.md item 4).
+    /// the queue deterministically (docs/queue.md).
     pub async fn run_once(&self, handler: &dyn JobHandler) -> Result<RunOnce, sqlx::Error> {
         let (claims, unreadable) = store::claim(&self.pool, self.owner, 1, self.cfg.lease).await?;
         if let Some(bad) = unreadable.into_iter().next() {
@@ -210,7 +210,7 @@ async fn dispatch(
     while !shutdown.is_cancelled() {
         while tasks.try_join_next().is_some() {}
         // Refill the local buffer when it runs low: one claim query serves many jobs
-        // (engineering.md item 9); `batch_size` bounds how many leases wait here unstarted.
+        // (docs/queue.md); `batch_size` bounds how many leases wait here unstarted.
         let mut claimed_full = false;
         // Leases held but not yet written back (buffered, running, or waiting for the
         // completer). Without this bound a completer that falls behind (a slow database) lets
@@ -557,8 +557,8 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
 fn job_end(t: &Transition) -> crate::ops::metrics::JobEnd {
     use crate::ops::metrics::JobEnd;
     match t.state {
-        JobState::Done => JobEnd::Done,
-        JobState::Dead => JobEnd::Dead,
+        store::JobState::Done => JobEnd::Done,
+        store::JobState::Dead => JobEnd::Dead,
         _ if t.deferral_delta > 0 => JobEnd::Deferred,
         _ => JobEnd::Retried,
     }

@@ -100,7 +100,7 @@ pub fn check(registry: &Registry) -> Vec<Finding> {
 }
 
 /// A warning per system that dataflows use but the configuration does not connect: those flows
-/// are idle (product.md section 1).
+/// are idle (README, "Configuration").
 pub fn idle_systems(registry: &Registry, connected: impl Fn(SystemId) -> bool) -> Vec<Finding> {
     SystemId::ALL
         .into_iter()

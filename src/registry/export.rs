@@ -1,4 +1,4 @@
-//! `tether registry export`: the effective registry as JSON in the shape product.md section 2 fixes:
+//! `tether registry export`: the effective registry as JSON in the shape the README's "Dataflows: the mapping registry" describes:
 //! `{"dataflows":[{"source":{"system","type"},"target":{...},"properties":[{"source","target","type"}]}]}`.
 //! Those keys come first, in that order; the extra keys (`id`, `reference`, `sync`, `note`,
 //! `merge_criteria`, `switches`, `rules`) follow them.
@@ -85,7 +85,7 @@ mod tests {
         let flows = value["dataflows"].as_array().unwrap();
         assert_eq!(flows.len(), 18);
 
-        // product.md's example, key for key.
+        // The documented shape, key for key.
         let customers = flows
             .iter()
             .find(|f| f["source"]["type"] == "Customers")

@@ -762,8 +762,8 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                (file("000_exactonline_zendesk.toml"), 23, "required"),
-                (file("000_exactonline_zendesk.toml"), 27, "required"),
+                (file("000_exactonline_zendesk.toml"), 26, "required"),
+                (file("000_exactonline_zendesk.toml"), 31, "required"),
                 (file("001_zendesk_crmoffice.toml"), 40, "reference"),
                 (file("003_poweroffice_zendesk.toml"), 11, "required"),
                 (file("003_poweroffice_zendesk.toml"), 39, "off"),
@@ -891,6 +891,31 @@ resolve = "latest_wins"
             .properties
             .iter()
             .any(|p| p.target == "organization_fields.website" && p.syncs_to_target()));
+        let departments = registry
+            .flow("exactonline.Departments->zendesk.Organizations")
+            .unwrap();
+        assert!(!departments.switches.write_back_to_source);
+    }
+
+    #[test]
+    fn writing_back_to_read_only_exact_departments_and_divisions_is_refused() {
+        for source in ["exactonline.Departments", "exactonline.Divisions"] {
+            let overlay = format!(
+                "[[dataflow]]\nsource = \"{source}\"\ntarget = \"zendesk.Organizations\"\nwrite_back_to_source = true\n"
+            );
+            let (_, findings) = assemble(SHIPPED, Some(("o.toml", &overlay))).unwrap();
+            let errors: Vec<_> = findings
+                .iter()
+                .filter(|f| f.severity == Severity::Error)
+                .collect();
+            assert_eq!(errors.len(), 1, "{findings:?}");
+            assert!(
+                errors[0].message.contains("read-only (GET only)")
+                    && errors[0].message.contains("write_back_to_source = false"),
+                "{}",
+                errors[0]
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! Called by: `sync`, `cli`, `sandbox`. Calls: `connectors::schema` (static declarations) only.
 //!
 //! Submodules: [`load`] (the TOML files, the overlay, [`load()`] for `serve`), [`check`] (findings
-//! with file and line), [`export`] (the JSON of product.md section 2).
+//! with file and line), [`export`] (the JSON `tether registry export` prints).
 
 pub mod check;
 pub mod export;
@@ -128,7 +128,7 @@ pub struct PropertyRule {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Resolution {
-    /// The later change wins (product.md section 3.4), whichever flow carries it.
+    /// The later change wins (docs/sync-rules.md, the three-way merge), whichever flow carries it.
     LatestWins,
     /// Only this flow (by id) writes the property; the others' values for it are ignored.
     Owner(String),

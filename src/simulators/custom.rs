@@ -1,4 +1,4 @@
-//! A stateful server implementing the custom-system contract (product.md section 5), one
+//! A stateful server implementing the custom-system contract (README, "The custom-system contract"), one
 //! parametrised implementation for `customerp` (customer, project, contact) and `custompms`
 //! (customer, project).
 //!

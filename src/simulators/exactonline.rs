@@ -25,6 +25,10 @@ use serde_json::{json, Map, Value};
 use super::kit::{self, Outgoing, RunningSim, SimControl, WebhookSender};
 use crate::signing;
 
+/// Row versions start above 2^53, where an Int64 read through a floating-point number (as a
+/// JavaScript client or a careless parser would) loses its last digits.
+const FIRST_ROW_VERSION: i64 = (1 << 53) + 1;
+
 /// How the simulated tenant is set up.
 #[derive(Debug, Clone)]
 pub struct ExactSimConfig {
@@ -41,6 +45,9 @@ pub struct ExactSimConfig {
     /// Key of the webhook HashCode; with `webhook_target`, account changes are sent there.
     pub webhook_secret: String,
     pub webhook_target: Option<String>,
+    /// Exact's strict rotation (set per app by Exact): a refresh token is dead the moment it is
+    /// used, so a lost refresh response cannot be retried with it.
+    pub strict_rotation: bool,
 }
 
 impl Default for ExactSimConfig {
@@ -57,6 +64,7 @@ impl Default for ExactSimConfig {
             page_size: 60,
             webhook_secret: "sim-webhook-secret".to_owned(),
             webhook_target: None,
+            strict_rotation: false,
         }
     }
 }
@@ -99,6 +107,59 @@ struct Inner {
     limits: Limits,
     public_base: String,
     token_calls: u64,
+    errors: ErrorCounts,
+    /// The next token answer is held this long after the refresh was done (a lost response).
+    hold_next_token_answer: Option<Duration>,
+}
+
+/// Exact's error rule (docs/vendors.md, Exact Online item 3): "No more than 10 errors per API
+/// key, per user, per company, per endpoint, and per hour … Response code 400, 401, 403, and 404
+/// are counted as errors." The simulator has one app, user and division, so it counts per
+/// endpoint (`crm/Accounts`, the key stripped) and clock hour, 405 included, and blocks the
+/// endpoint for the rest of the hour once the count passes 10.
+#[derive(Default)]
+struct ErrorCounts {
+    /// (endpoint, hours since the epoch) -> errors.
+    counts: BTreeMap<(String, i64), u32>,
+}
+
+/// Errors an endpoint may cause within an hour before Exact blocks it.
+pub const ERRORS_PER_ENDPOINT_AND_HOUR: u32 = 10;
+
+impl ErrorCounts {
+    fn hour() -> i64 {
+        Utc::now().timestamp().div_euclid(3600)
+    }
+
+    fn count(&mut self, endpoint: &str, status: StatusCode) {
+        if matches!(status.as_u16(), 400 | 401 | 403 | 404 | 405) {
+            *self
+                .counts
+                .entry((endpoint.to_owned(), Self::hour()))
+                .or_default() += 1;
+        }
+    }
+
+    fn this_hour(&self, endpoint: &str) -> u32 {
+        self.counts
+            .get(&(endpoint.to_owned(), Self::hour()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn blocked(&self, endpoint: &str) -> bool {
+        self.this_hour(endpoint) > ERRORS_PER_ENDPOINT_AND_HOUR
+    }
+}
+
+/// The endpoint Exact counts errors for: the path after `/api/v1/{division}/` without a key.
+fn endpoint_of(path: &str) -> String {
+    let rest = path
+        .strip_prefix("/api/v1/")
+        .and_then(|r| r.split_once('/'))
+        .map(|(_, r)| r)
+        .unwrap_or(path);
+    rest.split('(').next().unwrap_or(rest).to_owned()
 }
 
 /// Handle to a running Exact simulator's state.
@@ -125,6 +186,17 @@ fn odata_date(ms: i64) -> Value {
 impl ExactSim {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap()
+    }
+
+    /// Errors Exact counts (400, 401, 403, 404, 405) on `endpoint` (`crm/Accounts`) this hour.
+    pub fn errors_this_hour(&self, endpoint: &str) -> u32 {
+        self.lock().errors.this_hour(endpoint)
+    }
+
+    /// The next refresh is carried out, but its answer is held for `delay` before it is sent:
+    /// a client with a shorter timeout loses it (the rotation happened all the same).
+    pub fn lose_next_token_response(&self, delay: Duration) {
+        self.lock().hold_next_token_answer = Some(delay);
     }
 
     /// Calls to the token endpoint so far.
@@ -384,21 +456,30 @@ impl Inner {
     }
 }
 
-/// Auth and the per-division limits, with the headers on every answer (429 included).
+/// Auth, the error block and the per-division limits, with the headers on every answer (429
+/// included); every answer Exact counts as an error is counted.
 async fn api_guard(State(sim): State<ExactSim>, request: Request, next: Next) -> Response {
-    let (authorised, limited, headers) = {
+    let endpoint = endpoint_of(request.uri().path());
+    let (authorised, blocked, limited, headers) = {
         let mut inner = sim.lock();
+        let blocked = inner.errors.blocked(&endpoint);
         let authorised = inner.check_bearer(request.headers());
-        let limited = authorised && inner.take_limits().is_err();
-        (authorised, limited, inner.limit_headers())
+        let limited = authorised && !blocked && inner.take_limits().is_err();
+        (authorised, blocked, limited, inner.limit_headers())
     };
-    let mut response = if !authorised {
+    let mut response = if blocked {
+        exact_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "API key blocked: too many errors on this endpoint within the hour",
+        )
+    } else if !authorised {
         exact_error(StatusCode::UNAUTHORIZED, "Unauthorized")
     } else if limited {
         exact_error(StatusCode::TOO_MANY_REQUESTS, "API rate limit exceeded")
     } else {
         next.run(request).await
     };
+    sim.lock().errors.count(&endpoint, response.status());
     for (name, value) in headers {
         if let Ok(value) = HeaderValue::from_str(&value) {
             response
@@ -413,7 +494,24 @@ async fn token(
     State(sim): State<ExactSim>,
     Form(form): Form<BTreeMap<String, String>>,
 ) -> Response {
-    let mut inner = sim.lock();
+    let (response, hold) = {
+        let mut inner = sim.lock();
+        let response = refresh(&mut inner, &form);
+        let hold = response
+            .status()
+            .is_success()
+            .then(|| inner.hold_next_token_answer.take())
+            .flatten();
+        (response, hold)
+    };
+    if let Some(delay) = hold {
+        tokio::time::sleep(delay).await;
+    }
+    response
+}
+
+/// The token endpoint's work: checks the client and the refresh token, rotates.
+fn refresh(inner: &mut Inner, form: &BTreeMap<String, String>) -> Response {
     inner.token_calls += 1;
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     if field("client_id") != inner.config.client_id
@@ -447,7 +545,10 @@ async fn token(
     }
     let ttl = inner.config.access_token_ttl;
     let tokens = &mut inner.tokens;
-    if presented == tokens.current {
+    if inner.config.strict_rotation {
+        // Strict: the token just used is dead at once.
+        tokens.previous = None;
+    } else if presented == tokens.current {
         // Using the newest token retires the one before it; it stays valid itself until its
         // successor is used, so a lost response can be retried.
         tokens.previous = Some(presented);
@@ -536,6 +637,9 @@ fn parse_filter(filter: &str) -> Result<Vec<Clause>, String> {
             json!(literal == "true")
         } else if literal == "null" {
             Value::Null
+        } else if let Ok(whole) = literal.strip_suffix('L').unwrap_or(literal).parse::<i64>() {
+            // Int64 literals (`Timestamp gt 9007199254740993L`) stay exact: no detour via f64.
+            json!(whole)
         } else {
             json!(literal
                 .parse::<f64>()
@@ -579,7 +683,10 @@ fn split_and(filter: &str) -> Vec<String> {
 
 fn compare(have: &Value, op: &str, want: &Value) -> bool {
     let ordering = match (have, want) {
-        (Value::Number(a), Value::Number(b)) => a.as_f64().partial_cmp(&b.as_f64()),
+        (Value::Number(a), Value::Number(b)) => match (a.as_i64(), b.as_i64()) {
+            (Some(a), Some(b)) => Some(a.cmp(&b)),
+            _ => a.as_f64().partial_cmp(&b.as_f64()),
+        },
         (Value::String(a), Value::String(b)) => Some(a.to_lowercase().cmp(&b.to_lowercase())),
         (Value::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
         (Value::Null, Value::Null) => Some(std::cmp::Ordering::Equal),
@@ -652,6 +759,12 @@ fn list(
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let page = if sync { 1000 } else { inner.config.page_size };
+    let page = match query.get("$top").map(|t| t.parse::<usize>()) {
+        None => page,
+        Some(Ok(top)) => page.min(top),
+        Some(Err(_)) => return exact_error(StatusCode::BAD_REQUEST, "$top is not a number"),
+    };
+    let top_reached = query.contains_key("$top");
     let results: Vec<Value> = rows
         .iter()
         .skip(skip)
@@ -659,13 +772,14 @@ fn list(
         .map(|(_, row)| {
             let mut v = inner.render(set, row);
             if sync {
-                v["Timestamp"] = json!(row.timestamp);
+                // Edm.Int64 travels as a JSON string in OData v2 (docs/vendors.md, Exact item 2).
+                v["Timestamp"] = json!(row.timestamp.to_string());
             }
             v
         })
         .collect();
     let mut d = json!({ "results": results });
-    if rows.len() > skip + page {
+    if rows.len() > skip + page && !top_reached {
         d["__next"] = json!(next_link(&inner.public_base, path, query, skip + page));
     }
     kit::respond(StatusCode::OK, json!({ "d": d }))
@@ -711,6 +825,13 @@ async fn sync_accounts(
     list(&inner, Set::Accounts, uri.path(), &query, true)
 }
 
+/// `hrm/Departments` and `hrm/Divisions` are GET only in Exact's REST API (docs/vendors.md, Exact
+/// item 1): a write is refused with 405 and Exact's error envelope.
+fn read_only(set: Set) -> Option<Response> {
+    matches!(set, Set::Departments | Set::Divisions)
+        .then(|| exact_error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed"))
+}
+
 async fn entity_post(
     State(sim): State<ExactSim>,
     Path((_division, module, segment)): Path<(i64, String, String)>,
@@ -722,8 +843,8 @@ async fn entity_post(
     else {
         return exact_error(StatusCode::NOT_FOUND, "unknown resource");
     };
-    if set == Set::Divisions {
-        return exact_error(StatusCode::METHOD_NOT_ALLOWED, "Divisions are read-only");
+    if let Some(refusal) = read_only(set) {
+        return refusal;
     }
     let Value::Object(props) = body else {
         return exact_error(StatusCode::BAD_REQUEST, "body must be an object");
@@ -767,8 +888,8 @@ async fn entity_put(
     let Some(set) = set_of(&module, name) else {
         return exact_error(StatusCode::NOT_FOUND, "unknown resource");
     };
-    if set == Set::Divisions {
-        return exact_error(StatusCode::METHOD_NOT_ALLOWED, "Divisions are read-only");
+    if let Some(refusal) = read_only(set) {
+        return refusal;
     }
     let Value::Object(changes) = body else {
         return exact_error(StatusCode::BAD_REQUEST, "body must be an object");
@@ -802,6 +923,9 @@ async fn entity_delete(
     let Some(set) = set_of(&module, name) else {
         return exact_error(StatusCode::NOT_FOUND, "unknown resource");
     };
+    if let Some(refusal) = read_only(set) {
+        return refusal;
+    }
     let removed = sim.lock().rows.remove(&(set, key.clone())).is_some();
     if !removed {
         return exact_error(StatusCode::NOT_FOUND, "Not found");
@@ -854,9 +978,11 @@ pub async fn start(
             },
             config,
             rows: BTreeMap::new(),
-            row_version: 0,
+            row_version: FIRST_ROW_VERSION,
             public_base: String::new(),
             token_calls: 0,
+            errors: ErrorCounts::default(),
+            hold_next_token_answer: None,
         })),
         control,
         webhooks,

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use base64::Engine;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 
 use super::kit::{self, RunningSim, SimControl};
@@ -95,8 +95,36 @@ fn collection(name: &str) -> Option<&'static str> {
     COLLECTIONS.iter().copied().find(|c| *c == name)
 }
 
+/// Go stores .NET `DateTimeOffset`s (100 ns ticks) and writes them as .NET's JSON serialiser
+/// does: up to 7 fractional digits with trailing zeros trimmed (`…:00.1234567Z`, `…:00.12Z`,
+/// `…:00Z`); docs/vendors.md, PowerOffice item 8.
 fn stamp(at: DateTime<Utc>) -> Value {
-    Value::String(at.to_rfc3339_opts(SecondsFormat::Micros, false))
+    let ticks = at.timestamp_subsec_nanos() / 100;
+    let fraction = format!("{ticks:07}");
+    let fraction = fraction.trim_end_matches('0');
+    let seconds = at.format("%Y-%m-%dT%H:%M:%S");
+    Value::String(if fraction.is_empty() {
+        format!("{seconds}Z")
+    } else {
+        format!("{seconds}.{fraction}Z")
+    })
+}
+
+/// A `lastChangedDateTimeOffsetGreaterThan` value as Go takes it: a date-time with at most 7
+/// fractional digits (a tick is 100 ns). More digits are not a .NET `DateTimeOffset`; how Go
+/// treats them is undocumented, so the simulator refuses them as the model binder refuses any
+/// value it cannot convert.
+fn filter_time(text: &str) -> Result<DateTime<Utc>, &'static str> {
+    let at = DateTime::parse_from_rfc3339(text)
+        .map_err(|_| "lastChangedDateTimeOffsetGreaterThan is not a date-time")?;
+    let digits = text
+        .split_once('.')
+        .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).count())
+        .unwrap_or(0);
+    if digits > 7 {
+        return Err("lastChangedDateTimeOffsetGreaterThan has more than 7 fractional digits");
+    }
+    Ok(at.with_timezone(&Utc))
 }
 
 fn changed_at(dto: &Map<String, Value>) -> Option<DateTime<Utc>> {
@@ -298,14 +326,9 @@ async fn list(
     };
     let after = match query.get("lastChangedDateTimeOffsetGreaterThan") {
         None => None,
-        Some(s) => match DateTime::parse_from_rfc3339(s) {
-            Ok(t) => Some(t.with_timezone(&Utc)),
-            Err(_) => {
-                return po_error(
-                    StatusCode::BAD_REQUEST,
-                    "lastChangedDateTimeOffsetGreaterThan is not a date-time",
-                )
-            }
+        Some(s) => match filter_time(s) {
+            Ok(t) => Some(t),
+            Err(message) => return po_error(StatusCode::BAD_REQUEST, message),
         },
     };
     let list_filter = |key: &str| -> Option<Vec<String>> {
@@ -608,6 +631,17 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamps_are_dotnet_ticks_and_filters_take_at_most_seven_digits() {
+        let at = DateTime::parse_from_rfc3339("2021-09-30T08:03:00.120000099Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(stamp(at), json!("2021-09-30T08:03:00.12Z"));
+        assert!(filter_time("2021-09-30T08:03:00.1234567Z").is_ok());
+        assert!(filter_time("2021-09-30T08:03:00Z").is_ok());
+        assert!(filter_time("2021-09-30T08:03:00.123456700Z").is_err());
+    }
 
     #[test]
     fn json_patch_replaces_nested_leaves_and_refuses_read_only() {

@@ -1,19 +1,34 @@
 //! A Zendesk Support API of its own, in memory: organizations, users, tickets and ticket comments.
 //!
 //! Owns: the simulated records, the vendor's paths, JSON envelopes, error shapes and status codes
-//! (vendor-apis.md section 1.5), cursor and offset pagination (1.6), the incremental export
-//! endpoints, auth (API token basic and OAuth bearer), the `X-Rate-Limit` headers, and a signed
-//! event-subscription webhook (1.1, 1.4) for every change made through its API.
+//! (docs/vendors.md, Zendesk), cursor and offset pagination, the incremental export endpoints,
+//! auth (API token basic and OAuth bearer), the `X-Rate-Limit` headers, and a signed
+//! event-subscription webhook for every change made through its API.
 //! May call: `simulators::kit` (faults, counters, 429s, webhook delivery) and `signing::zendesk`.
 //!
-//! Simplifications, on purpose: no deletes, no `create_many`/`update_many`/`show_many`; a ticket
-//! without `requester_id` keeps it null (Zendesk would use the API user); user search understands
-//! `email:` and otherwise matches name or email substrings; an organization change without a
-//! Zendesk event type (`notes`, `details`, `domain_names`) sends no webhook, as in Zendesk.
+//! Vendor behaviours that break naive clients, each in its own module and in docs/vendors.md
+//! (Zendesk): a user's primary email is fixed after create ([`lookups`]: an update adds a
+//! secondary identity), search sees a write only after a lag while `show_many` sees it at once
+//! ([`lookups`]), a closed ticket refuses updates, tickets are soft-deleted and comments redacted
+//! or made private ([`life`]), comments are exported as ticket events ([`events`]), and 429s come
+//! as `text/plain` while the exports have their own 10-a-minute limit and 409s happen ([`limits`]).
+//!
+//! Simplifications, on purpose: no organization or user deletes, no `create_many`/`update_many`;
+//! a ticket without `requester_id` keeps it null (Zendesk would use the API user); user search
+//! understands `email:` and otherwise matches name or email substrings; search hides a record
+//! written through the API for the lag and then shows its current state (Zendesk's index would
+//! show an older one); an organization change without a Zendesk event type (`notes`, `details`,
+//! `domain_names`) sends no webhook, as in Zendesk.
 
-use std::collections::{BTreeMap, HashMap};
+mod events;
+mod life;
+mod limits;
+mod lookups;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
@@ -161,6 +176,14 @@ struct Store {
     /// (kind, unique field, case-folded value) -> id, so a uniqueness check is a lookup rather
     /// than a scan of every record (Zendesk keeps such indexes too).
     unique: HashMap<(Kind, &'static str, String), u64>,
+    /// Secondary email addresses an update of `email` added, per user ([`lookups`]).
+    identities: BTreeMap<u64, Vec<String>>,
+    /// Soft-deleted tickets: 404 to every call, `status: "deleted"` in the ticket export ([`life`]).
+    deleted_tickets: BTreeSet<u64>,
+    /// Ticket audits in the order they happened, for `incremental/ticket_events` ([`events`]).
+    audits: Vec<events::Audit>,
+    /// When a record written through the API shows up in search ([`lookups`]); absent: at once.
+    indexed_at: HashMap<(Kind, u64), Instant>,
 }
 
 impl Store {
@@ -204,6 +227,11 @@ impl Store {
             .is_some_and(|holder| Some(*holder) != own_id)
     }
 
+    /// A soft-deleted ticket ([`life`]).
+    fn is_deleted(&self, kind: Kind, id: u64) -> bool {
+        kind == Kind::Ticket && self.deleted_tickets.contains(&id)
+    }
+
     fn id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -221,6 +249,8 @@ struct Shared {
     webhooks: WebhookSender,
     webhook_secret: String,
     control: SimControl,
+    /// Vendor limits and lags a test may tune ([`limits`]).
+    tuning: Mutex<limits::Tuning>,
 }
 
 /// Entry point: `ZendeskSim::start(options)`.
@@ -244,6 +274,7 @@ impl ZendeskSim {
             ),
             webhook_secret: options.webhook_secret,
             control: control.clone(),
+            tuning: Mutex::new(limits::Tuning::default()),
         });
         let router = kit::with_kit(router(shared.clone()), control);
         let running = kit::serve(router, options.bind).await?;
@@ -374,6 +405,10 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v2/organizations/search", get(search_organizations))
         .route(
+            "/api/v2/organizations/show_many",
+            get(move |s, q| lookups::show_many(Organization, s, q)),
+        )
+        .route(
             "/api/v2/organizations/{id}",
             get(move |s, p| show(Organization, s, p))
                 .put(move |s, p, b| update(Organization, s, p, b)),
@@ -388,18 +423,53 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v2/users/search", get(search_users))
         .route(
+            "/api/v2/users/show_many",
+            get(move |s, q| lookups::show_many(User, s, q)),
+        )
+        .route(
             "/api/v2/users/{id}",
             get(move |s, p| show(User, s, p)).put(move |s, p, b| update(User, s, p, b)),
         )
+        .route("/api/v2/users/{id}/identities", get(lookups::identities))
         .route(
             "/api/v2/tickets",
             get(move |s, h, q| list(Ticket, s, h, q)).post(move |s, h, b| create(Ticket, s, h, b)),
         )
         .route(
             "/api/v2/tickets/{id}",
-            get(move |s, p| show(Ticket, s, p)).put(move |s, p, b| update(Ticket, s, p, b)),
+            get(move |s, p| show(Ticket, s, p))
+                .put(move |s, p, b| update(Ticket, s, p, b))
+                .delete(life::soft_delete),
         )
         .route("/api/v2/tickets/{id}/comments", get(list_comments))
+        .route(
+            "/api/v2/tickets/{id}/comments/{comment_id}/redact",
+            axum::routing::put(life::redact),
+        )
+        .route(
+            "/api/v2/tickets/{id}/comments/{comment_id}/make_private",
+            axum::routing::put(life::make_private),
+        )
+        .route(
+            "/api/v2/deleted_tickets/{id}",
+            axum::routing::delete(life::delete_permanently),
+        )
+        .route(
+            "/api/v2/deleted_tickets/{id}/restore",
+            axum::routing::put(life::restore),
+        )
+        .merge(export_routes(shared.clone()))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            auth_and_headers,
+        ))
+        .with_state(shared)
+}
+
+/// The incremental exports, behind their own per-minute limit ([`limits::export_limit`]).
+fn export_routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
+    use Kind::*;
+    Router::new()
         .route(
             "/api/v2/incremental/organizations",
             get(incremental_organizations),
@@ -412,19 +482,19 @@ fn router(shared: Arc<Shared>) -> Router {
             "/api/v2/incremental/tickets/cursor",
             get(move |s, h, q| incremental_cursor(Ticket, s, h, q)),
         )
-        .layer(middleware::from_fn_with_state(
-            shared.clone(),
-            auth_and_headers,
-        ))
-        .with_state(shared)
+        .route(
+            "/api/v2/incremental/ticket_events",
+            get(events::ticket_events),
+        )
+        .route_layer(middleware::from_fn_with_state(shared, limits::export_limit))
 }
 
-/// Error bodies in Zendesk's shapes, for the statuses the kit produces.
+/// Error bodies in Zendesk's shapes, for the statuses the kit produces. A 429 is plain text, as
+/// Zendesk sends it for its rate limits (docs/vendors.md, Zendesk "429 and 409"): a client must
+/// read `Retry-After`, never the body.
 fn error_body(status: StatusCode, message: &str) -> Response {
     let body = match status {
-        StatusCode::TOO_MANY_REQUESTS => {
-            json!({"error": "APIRateLimitExceeded", "description": message})
-        }
+        StatusCode::TOO_MANY_REQUESTS => return limits::too_many_text(),
         StatusCode::UNAUTHORIZED => json!({"error": "Couldn't authenticate you"}),
         _ => json!({"error": "InternalServerError", "description": message}),
     };
@@ -758,12 +828,20 @@ fn add_comment(
     comment.insert("audit_id".into(), json!(audit_id));
     comment.insert("via".into(), json!({"channel": "api"}));
     comment.insert("metadata".into(), json!({}));
-    comment.insert("created_at".into(), json!(timestamp(now())));
+    let at = now();
+    comment.insert("created_at".into(), json!(timestamp(at)));
     state
         .comments
         .entry(ticket_id)
         .or_default()
         .push(comment.clone());
+    state.audits.push(events::Audit {
+        id: audit_id,
+        ticket_id,
+        at,
+        author: comment["author_id"].clone(),
+        child: events::Child::Comment(id),
+    });
     (comment, audit_id)
 }
 
@@ -777,8 +855,10 @@ async fn show(kind: Kind, State(shared): State<Arc<Shared>>, Path(raw): Path<Str
     };
     let state = shared.state.lock().unwrap();
     match state.table(kind).get(&id) {
-        Some(stored) => kit::respond(StatusCode::OK, envelope(kind, &stored.body)),
-        None => not_found(),
+        Some(stored) if !state.is_deleted(kind, id) => {
+            kit::respond(StatusCode::OK, envelope(kind, &stored.body))
+        }
+        _ => not_found(),
     }
 }
 
@@ -809,6 +889,9 @@ fn write_create(shared: &Shared, kind: Kind, input: Map<String, Value>, origin: 
         return *response;
     }
     let record = build(&mut state, kind, &input, origin);
+    if let Some(id) = record.get("id").and_then(Value::as_u64) {
+        lookups::index_later(shared, &mut state, kind, id);
+    }
     shared.emit_created(kind, &record);
     let mut response = kit::respond(StatusCode::CREATED, envelope(kind, &record));
     set_location(&mut response, kind, &record);
@@ -887,12 +970,24 @@ async fn update(
     write_update(&shared, kind, id, input)
 }
 
-fn write_update(shared: &Shared, kind: Kind, id: u64, input: Map<String, Value>) -> Response {
+fn write_update(shared: &Shared, kind: Kind, id: u64, mut input: Map<String, Value>) -> Response {
     let mut state = shared.state.lock().unwrap();
     let Some(stored) = state.table(kind).get(&id) else {
         return not_found();
     };
+    if state.is_deleted(kind, id) {
+        return not_found();
+    }
     let before = stored.body.clone();
+    if let Some(refusal) = life::closed_refusal(kind, &before, &input) {
+        return refusal;
+    }
+    if let Some(conflict) = limits::take_conflict(shared) {
+        return conflict;
+    }
+    if kind == Kind::User {
+        lookups::email_becomes_identity(&mut state, id, &before, &mut input);
+    }
     let mut after = before.clone();
     let changed = apply(kind, &mut after, &input);
     if let Err(response) = validate(&state, kind, &after, Some(id)) {
@@ -930,6 +1025,7 @@ fn write_update(shared: &Shared, kind: Kind, id: u64, input: Map<String, Value>)
             body: after.clone(),
         },
     );
+    lookups::index_later(shared, &mut state, kind, id);
     for key in &changed {
         shared.emit_change(kind, &after, key, &before[key], &after[key]);
     }
@@ -1095,6 +1191,7 @@ async fn list(
         state
             .table(kind)
             .iter()
+            .filter(|(id, _)| !state.is_deleted(kind, **id))
             .filter(|(_, s)| {
                 kind == Kind::Organization
                     || external_id
@@ -1129,7 +1226,9 @@ async fn search_organizations(
     let state = shared.state.lock().unwrap();
     let records = state
         .organizations
-        .values()
+        .iter()
+        .filter(|(id, _)| lookups::searchable(&state, Kind::Organization, **id))
+        .map(|(_, s)| s)
         .filter(|s| s.body.get(key).is_some_and(|v| ci_eq(v, &wanted)))
         .map(|s| Value::Object(s.body.clone()))
         .collect();
@@ -1141,7 +1240,11 @@ async fn search_users(
     Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
     let state = shared.state.lock().unwrap();
-    let users = state.users.values().map(|s| &s.body);
+    let users = state
+        .users
+        .iter()
+        .filter(|(id, _)| lookups::searchable(&state, Kind::User, **id))
+        .map(|(_, s)| &s.body);
     let records: Vec<Value> = if let Some(external_id) = query_get(&query, "external_id") {
         let wanted = json!(external_id);
         users
@@ -1186,7 +1289,7 @@ async fn list_comments(
     };
     let items: Vec<(u64, Value)> = {
         let state = shared.state.lock().unwrap();
-        if !state.tickets.contains_key(&ticket_id) {
+        if !state.tickets.contains_key(&ticket_id) || state.deleted_tickets.contains(&ticket_id) {
             return not_found();
         }
         state
@@ -1345,7 +1448,10 @@ async fn incremental_cursor(
         .cloned()
         .collect();
     let after_url = link(&base, &path, &plain, &[("cursor", after_cursor.clone())]);
-    let records: Vec<Value> = page.iter().map(|s| Value::Object(s.body.clone())).collect();
+    let records: Vec<Value> = page
+        .iter()
+        .map(|s| life::as_exported(&state, kind, &s.body))
+        .collect();
     kit::respond(
         StatusCode::OK,
         json!({

@@ -1,7 +1,7 @@
 //! What the engine decided about one event and flow: the `decision` column of `sync_log`.
 //!
-//! A closed set, stored as its snake_case name under the table's CHECK constraint (migration
-//! `20261203080000_sync_log_decision_check.sql`), so a new decision needs both a variant here and
+//! A closed set, stored as its snake_case name under the table's CHECK constraint (the latest
+//! migration that sets it, `20261203090000_sync_log_target_closed.sql`), so a new decision needs both a variant here and
 //! the migration's list extended; a unit test below holds the two together. What each one means
 //! is described in `docs/sync-rules.md`.
 
@@ -21,7 +21,7 @@ macro_rules! decisions {
             pub const ALL: &'static [Decision] = &[$(Decision::$variant,)*];
 
             /// The name stored in `sync_log.decision`.
-            pub const fn as_str(self) -> &'static str {
+            pub fn as_str(self) -> &'static str {
                 match self {
                     $(Decision::$variant => $text,)*
                 }
@@ -68,12 +68,15 @@ decisions! {
     NoDataflow = "no_dataflow",
     /// Dataflows of the record that cannot run (switched off, or a system not connected).
     Idle = "idle",
-    /// The flow is paused by an operator; the event is replayed for it on resume.
-    Paused = "paused",
     /// A system the event needs is not configured.
     NotConnected = "not_connected",
     /// A system whose credentials were refused is left alone for a while.
     SystemStopped = "system_stopped",
+    /// The dataflow is paused by an operator; the event is replayed on resume.
+    Paused = "paused",
+    /// The target refuses changes for good in its state (a closed Zendesk ticket): nothing
+    /// written, not retried.
+    TargetClosed = "target_closed",
     /// The event failed; the error column says why.
     Error = "error",
 }
@@ -114,7 +117,7 @@ mod tests {
     use super::*;
 
     const MIGRATION: &str =
-        include_str!("../../migrations/20261203080000_sync_log_decision_check.sql");
+        include_str!("../../migrations/20261203090000_sync_log_target_closed.sql");
 
     #[test]
     fn every_decision_round_trips_and_is_allowed_by_the_check_constraint() {

@@ -41,9 +41,18 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use crate::connectors::{Connector, ConnectorError, Record};
-use crate::domain::SystemId;
+use crate::domain::{Action, SystemId};
 use crate::queue::{ClaimedJob, JobHandler, JobOutcome};
 use crate::registry::{Dataflow, Registry};
+
+/// How the engine learned a record is gone.
+#[derive(Debug, Clone, Copy)]
+enum Gone {
+    /// Reading it found nothing.
+    NotFound,
+    /// Its system said so in a delete notification it declares final.
+    Notified,
+}
 pub use decision::Decision;
 use mapping::{entity, mapped};
 use merge::Side;
@@ -92,11 +101,13 @@ pub(crate) enum Step {
     Later(String),
 }
 
+/// A flow that runs for an event: the flow, the record's side and the other side's connector.
+type ActiveFlow<'a> = (&'a Dataflow, Side, &'a Arc<dyn Connector>);
+
 /// The flows of one event: those that run (with the record's side and the other side's
-/// connector), those an operator paused, and why the others cannot run.
+/// connector) and why the others cannot.
 struct Flows<'a> {
-    active: Vec<(&'a Dataflow, Side, &'a Arc<dyn Connector>)>,
-    paused: Vec<&'a Dataflow>,
+    active: Vec<ActiveFlow<'a>>,
     idle: Vec<String>,
 }
 
@@ -148,12 +159,10 @@ impl SyncEngine {
     /// The flows that have the event's record type on either side; `None` if there are none.
     /// Flows that cannot run (switched off, or a side not connected) are set aside, so that an
     /// event only they would handle costs no API call and one log entry.
-    async fn flows_of(&self, job: &ClaimedJob) -> Option<Flows<'_>> {
+    fn flows_of(&self, job: &ClaimedJob) -> Option<Flows<'_>> {
         let rec = &job.event.record;
-        let paused = self.paused.current().await;
         let mut flows = Flows {
             active: Vec::new(),
-            paused: Vec::new(),
             idle: Vec::new(),
         };
         let mut any = false;
@@ -164,10 +173,6 @@ impl SyncEngine {
                     continue;
                 }
                 any = true;
-                if paused.contains(&flow.id) {
-                    flows.paused.push(flow);
-                    continue;
-                }
                 if !flow.switches.enabled {
                     flows.idle.push(format!("{} is switched off", flow.id));
                     continue;
@@ -193,7 +198,7 @@ impl SyncEngine {
 
     async fn run(&self, job: &ClaimedJob) -> Result<Option<String>, Fail> {
         let rec = &job.event.record;
-        let Some(flows) = self.flows_of(job).await else {
+        let Some(flows) = self.flows_of(job) else {
             let detail = format!(
                 "no dataflow has {}/{} on either side",
                 rec.system, rec.entity_type
@@ -208,30 +213,34 @@ impl SyncEngine {
             .await?;
             return Ok(None);
         };
-        self.log_paused(job, &flows.paused).await?;
-        if flows.active.is_empty() && flows.idle.is_empty() {
-            return Ok(None);
-        }
         let (Some(conn), false) = (self.connector(rec.system), flows.active.is_empty()) else {
             self.log_idle(job, "every dataflow of this record is idle", &flows.idle)
                 .await?;
             return Ok(None);
         };
+        let active = self.set_aside_paused(job, flows.active).await?;
+        if active.is_empty() {
+            return Ok(None);
+        }
         self.check_not_stopped(
             std::iter::once(rec.system).chain(
-                flows
-                    .active
+                active
                     .iter()
                     .map(|(f, side, _)| entity(f, side.other()).system),
             ),
         )?;
+        // A final delete needs no read (docs/vendors.md, Exact Online item 3): its links end.
+        if job.event.action == Action::Deleted && conn.deletes_are_final() {
+            self.record_deleted(job, Gone::Notified).await?;
+            return Ok(None);
+        }
         // Rule 7: the current state, never the event's data.
         let Some(current) = conn.fetch(&rec.entity_type, &rec.record_id).await? else {
-            self.record_deleted(job).await?;
+            self.record_deleted(job, Gone::NotFound).await?;
             return Ok(None);
         };
         let mut later: Vec<String> = Vec::new();
-        for (flow, side, other_conn) in flows.active {
+        for (flow, side, other_conn) in active {
             if let Step::Later(reason) = self
                 .on_record(job, flow, side, &current, other_conn)
                 .await?
@@ -247,10 +256,18 @@ impl SyncEngine {
         Ok((!later.is_empty()).then(|| later.join("; ")))
     }
 
-    /// A `paused` entry for each flow of the event an operator paused (`admin::pause` replays
-    /// the events so recorded on resume).
-    async fn log_paused(&self, job: &ClaimedJob, paused: &[&Dataflow]) -> Result<(), sqlx::Error> {
-        for flow in paused {
+    /// Records a `paused` entry for each active flow an operator paused and returns the others
+    /// (`admin::pause` replays the recorded events on resume).
+    async fn set_aside_paused<'f>(
+        &self,
+        job: &ClaimedJob,
+        active: Vec<ActiveFlow<'f>>,
+    ) -> Result<Vec<ActiveFlow<'f>>, sqlx::Error> {
+        let paused = self.paused.current().await;
+        let (held, run): (Vec<_>, Vec<_>) = active
+            .into_iter()
+            .partition(|(f, _, _)| paused.contains(&f.id));
+        for (flow, _, _) in held {
             let entry = Entry {
                 flow: Some(&flow.id),
                 detail: Some("the dataflow is paused by an operator".to_owned()),
@@ -258,7 +275,7 @@ impl SyncEngine {
             };
             self.log(job, entry).await?;
         }
-        Ok(())
+        Ok(run)
     }
 
     /// One log entry for the flows of this event that cannot run, and why.
@@ -276,13 +293,21 @@ impl SyncEngine {
     }
 
     /// Rule 9: a deleted record's links end; the counterparts stay.
-    async fn record_deleted(&self, job: &ClaimedJob) -> Result<(), sqlx::Error> {
+    async fn record_deleted(&self, job: &ClaimedJob, gone: Gone) -> Result<(), sqlx::Error> {
+        let what = match gone {
+            Gone::NotFound => "record not found at its system",
+            Gone::Notified => "its system says the record was deleted (final, not re-read)",
+        };
         let ended = store::end_links_of(&self.pool, &job.event.record).await?;
         if ended.is_empty() {
-            let detail = "record not found at its system (deleted, or never of this type); \
-                          it had no active links";
+            let detail = match gone {
+                Gone::NotFound => {
+                    format!("{what} (deleted, or never of this type); it had no active links")
+                }
+                Gone::Notified => format!("{what}; it had no active links"),
+            };
             let entry = Entry {
-                detail: Some(detail.into()),
+                detail: Some(detail),
                 ..Entry::new(Decision::NotFound)
             };
             self.log(job, entry).await?;
@@ -291,7 +316,7 @@ impl SyncEngine {
             let entry = Entry {
                 flow: Some(&flow),
                 link: Some(link_id),
-                detail: Some("record not found at its system: link ended, counterpart kept".into()),
+                detail: Some(format!("{what}: link ended, counterpart kept")),
                 ..Entry::new(Decision::Deleted)
             };
             self.log(job, entry).await?;
@@ -432,8 +457,12 @@ impl SyncEngine {
                     error: format!("{message} (retrying the same request would not help)"),
                 }
             }
+            // A decision, not a failure: the record refuses every write in its state
+            // (docs/vendors.md, Zendesk "Closed tickets refuse updates").
+            ConnectorError::TargetClosed { .. } => {
+                return (JobOutcome::Done, Decision::TargetClosed)
+            }
             ConnectorError::Unauthorized { system, .. } => {
-                crate::ops::metrics::credentials_failure(*system);
                 self.stop_system(*system);
                 tracing::error!(
                     %system,

@@ -3,19 +3,15 @@
 //! dead letters and their retry, pausing a dataflow (durable, honoured by the workers, replayed on
 //! resume), and the metric families after real traffic.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
-use tether::config::{Config, Source};
-use tether::sandbox::Simulators;
 use tether::simulators::zendesk::Kind;
-use tether::testing::{self, TestDb};
-use tokio_util::sync::CancellationToken;
+
+use crate::support::{eventually, Service};
 
 pub const TOKEN: &str = "test-admin-token-0123456789abcdef";
-const WAIT: Duration = Duration::from_secs(30);
+pub const WAIT: Duration = Duration::from_secs(30);
 const ERP_FLOW: &str = "zendesk.Organizations->customerp.Customer";
 
 /// Maps organization names to Custom ERP customers, so a Zendesk organization creates one.
@@ -34,56 +30,32 @@ property = "name"
 resolve = "latest_wins"
 "#;
 
-/// A running Tether with the simulators and an admin token.
+/// A running Tether with the simulators and, if given, an admin token.
 pub struct Harness {
-    pub sims: Simulators,
-    pub db: TestDb,
-    pub base: String,
-    shutdown: CancellationToken,
-    service: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    service: Service,
     http: reqwest::Client,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = Service;
+    fn deref(&self) -> &Service {
+        &self.service
+    }
 }
 
 impl Harness {
     pub async fn start(admin_token: Option<&str>) -> Harness {
-        let db = testing::database().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sims = Simulators::start(addr.ip(), &format!("http://{addr}"))
-            .await
-            .unwrap();
-        let dir = std::env::temp_dir();
-        let overlay = dir.join(format!(
-            "tether-admin-overlay-{}.toml",
-            uuid::Uuid::new_v4()
-        ));
-        std::fs::write(&overlay, OVERLAY).unwrap();
-        let mut toml = sims.config_toml(addr, &dir, "300ms");
-        toml.push_str(&format!(
-            "\n[registry]\noverlay = {:?}\n",
-            overlay.display().to_string()
-        ));
-        if let Some(token) = admin_token {
-            toml.push_str(&format!("\n[admin]\ntoken = \"{token}\"\n"));
-        }
-        let mut source = Source::empty();
-        source.add_toml(&toml, Path::new("admin.toml")).unwrap();
-        let config = Arc::new(Config::from_source(source).unwrap());
-        let (registry, _) = tether::registry::load(Some(&overlay)).unwrap();
-        let shutdown = CancellationToken::new();
-        let service = tokio::spawn(tether::service::run(
-            config,
-            db.pool.clone(),
-            Arc::new(registry),
-            Some(listener),
-            shutdown.clone(),
-        ));
+        Harness::start_with(admin_token, "").await
+    }
+
+    /// `extra` is appended to the configuration TOML (whole sections).
+    pub async fn start_with(admin_token: Option<&str>, extra: &str) -> Harness {
+        let mut admin = admin_token
+            .map(|token| format!("\n[admin]\ntoken = \"{token}\"\n"))
+            .unwrap_or_default();
+        admin.push_str(extra);
         Harness {
-            sims,
-            db,
-            base: format!("http://{addr}"),
-            shutdown,
-            service: Some(service),
+            service: Service::start(Some(OVERLAY), &admin).await,
             http: reqwest::Client::new(),
         }
     }
@@ -134,17 +106,6 @@ impl Harness {
             .to_string()
     }
 
-    pub async fn active_link(&self, flow: &str, source_id: &str) -> Option<String> {
-        sqlx::query_scalar(
-            "SELECT target_id FROM links WHERE state = 'active' AND flow_id = $1 AND source_id = $2",
-        )
-        .bind(flow)
-        .bind(source_id)
-        .fetch_optional(&self.db.pool)
-        .await
-        .unwrap()
-    }
-
     /// Makes a real dead letter: an event whose job failed on its last attempt.
     pub async fn dead_letter(&self) -> i64 {
         sqlx::query_scalar(
@@ -160,25 +121,8 @@ impl Harness {
         .unwrap()
     }
 
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(service) = self.service.take() {
-            service.await.unwrap().unwrap();
-        }
-    }
-}
-
-pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut probe: impl FnMut() -> F,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    pub async fn stop(self) {
+        self.service.stop().await;
     }
 }
 
@@ -257,7 +201,7 @@ async fn openapi_document_describes_every_endpoint() {
 async fn a_synced_record_shows_in_systems_flows_explanation_queue_and_metrics() {
     let h = Harness::start(Some(TOKEN)).await;
     let org = h.create_org("Explained AS");
-    let customer = eventually("the ERP link", || h.active_link(ERP_FLOW, &org)).await;
+    let customer = eventually("the ERP link", WAIT, || h.active_link(ERP_FLOW, &org)).await;
 
     let (_, x) = h
         .get(
@@ -325,10 +269,32 @@ async fn a_synced_record_shows_in_systems_flows_explanation_queue_and_metrics() 
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
-    // Bounded labels: no record id is ever a label value.
-    assert!(!metrics.contains(&format!("\"{org}\"")), "{metrics}");
-    assert!(!metrics.contains(&format!("\"{customer}\"")), "{metrics}");
+    // Bounded labels: no record id is ever a label value (bucket bounds `le` are numbers anyway).
+    for (name, value) in label_values(&metrics) {
+        assert!(
+            name == "le" || (value != org && value != customer),
+            "{name}=\"{value}\" is a record id"
+        );
+    }
     h.stop().await;
+}
+
+/// Every `name="value"` label pair of the exposition's samples.
+fn label_values(exposition: &str) -> Vec<(String, String)> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| Some(l.split_once('{')?.1.split_once('}')?.0.to_owned()))
+        .flat_map(|labels| {
+            labels
+                .split("\",")
+                .filter_map(|pair| {
+                    let (name, value) = pair.split_once("=\"")?;
+                    Some((name.to_owned(), value.trim_end_matches('"').to_owned()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -404,7 +370,7 @@ async fn a_paused_flow_is_recorded_not_synced_and_replayed_on_resume() {
     tokio::time::sleep(tether::admin::pause::PAUSE_REFRESH + Duration::from_millis(200)).await;
 
     let org = h.create_org("Paused AS");
-    eventually("a paused entry", || async {
+    eventually("a paused entry", WAIT, || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM sync_log WHERE flow_id = $1 AND record_id = $2 AND decision = 'paused'",
         )
@@ -444,7 +410,7 @@ async fn a_paused_flow_is_recorded_not_synced_and_replayed_on_resume() {
         resumed["events_replayed"].as_u64().unwrap() >= 1,
         "{resumed}"
     );
-    eventually("the ERP link after resume", || {
+    eventually("the ERP link after resume", WAIT, || {
         h.active_link(ERP_FLOW, &org)
     })
     .await;
@@ -453,5 +419,43 @@ async fn a_paused_flow_is_recorded_not_synced_and_replayed_on_resume() {
         .post("/admin/api/flows/no.Such->flow.Here/pause", Some(TOKEN))
         .await;
     assert_eq!(status, 404, "{body}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_move_to_their_own_listener_and_report_poll_lag() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let h = Harness::start_with(
+        None,
+        &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    // A PowerOffice customer changed an hour ago: the poller passes it, its lag is about an hour.
+    let an_hour_ago = chrono::Utc::now() - chrono::TimeDelta::hours(1);
+    h.sims.poweroffice.freeze_clock(Some(an_hour_ago));
+    h.sims
+        .poweroffice
+        .seed("Customers", json!({"Name": "Lagging AS"}));
+    h.sims.poweroffice.freeze_clock(None);
+    assert_eq!(h.text("/metrics").await.0, 404, "not on the main listener");
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let line = eventually("the poll lag of PowerOffice customers", WAIT, || async {
+        tokio::time::sleep(tether::ops::metrics::GAUGE_REFRESH).await;
+        let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        text.lines()
+            .find(|l| {
+                l.starts_with(
+                    "tether_poll_lag_seconds{system=\"poweroffice\",entity_type=\"Customers\"}",
+                )
+            })
+            .map(str::to_owned)
+    })
+    .await;
+    let seconds: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((3590.0..3700.0).contains(&seconds), "{line}");
     h.stop().await;
 }

@@ -15,86 +15,14 @@
 //! - `a_linked_rename_costs_one_read_per_record_and_one_write_and_its_echo_no_write`: the API
 //!   calls of one linked update, counted by the simulators.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tether::config::{Config, Source};
 use tether::connectors::zendesk::ZendeskConnector;
 use tether::connectors::Connector;
-use tether::sandbox::Simulators;
 use tether::simulators::zendesk::Kind;
-use tether::testing::{self, TestDb};
-use tokio_util::sync::CancellationToken;
 
-use crate::support::{eventually, obj, probe};
-
-struct Harness {
-    sims: Simulators,
-    db: TestDb,
-    config: Arc<Config>,
-    shutdown: CancellationToken,
-    service: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Harness {
-    /// Starts the simulators and the service; `overlay` is registry overlay TOML, if any.
-    async fn start(overlay: Option<&str>) -> Harness {
-        let db = testing::database().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sims = Simulators::start(addr.ip(), &format!("http://{addr}"))
-            .await
-            .unwrap();
-        let dir = std::env::temp_dir();
-        let mut source = Source::empty();
-        source
-            .add_toml(
-                &sims.config_toml(addr, &dir, "300ms"),
-                Path::new("e2e.toml"),
-            )
-            .unwrap();
-        let config = Arc::new(Config::from_source(source).unwrap());
-        let overlay_path = overlay.map(|text| {
-            let path = dir.join(format!("tether-e2e-overlay-{}.toml", uuid::Uuid::new_v4()));
-            std::fs::write(&path, text).unwrap();
-            path
-        });
-        let (registry, _warnings) = tether::registry::load(overlay_path.as_deref()).unwrap();
-        let shutdown = CancellationToken::new();
-        let service = tokio::spawn(tether::service::run(
-            config.clone(),
-            db.pool.clone(),
-            Arc::new(registry),
-            Some(listener),
-            shutdown.clone(),
-        ));
-        Harness {
-            sims,
-            db,
-            config,
-            shutdown,
-            service: Some(service),
-        }
-    }
-
-    /// A Zendesk client, as a person using Zendesk (its changes send webhooks to Tether).
-    fn zendesk(&self) -> ZendeskConnector {
-        ZendeskConnector::new(
-            self.config.systems.zendesk.as_ref().unwrap(),
-            Duration::from_secs(10),
-        )
-        .unwrap()
-    }
-
-    async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(service) = self.service.take() {
-            service.await.unwrap().unwrap();
-        }
-    }
-}
+use crate::support::{eventually, obj, probe, Service as Harness};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -116,7 +44,7 @@ fn id_text(v: &Value) -> String {
 /// then an edit in Zendesk comes back to PowerOffice, and the echoes cause no further writes.
 #[tokio::test]
 async fn chain_poweroffice_customer_to_zendesk_to_custom_systems_and_back() {
-    let h = Harness::start(None).await;
+    let h = Harness::start(None, "").await;
     let customer = h.sims.poweroffice.seed(
         "Customers",
         json!({"Name": "Chain Test AS", "WebsiteUrl": "https://chain.example"}),
@@ -197,7 +125,7 @@ async fn chain_poweroffice_customer_to_zendesk_to_custom_systems_and_back() {
 /// while a comment's activity edit does not (write-back off).
 #[tokio::test]
 async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems() {
-    let h = Harness::start(None).await;
+    let h = Harness::start(None, "").await;
     let zd = h.zendesk();
     let user = zd
         .create(
@@ -397,7 +325,7 @@ entity = "zendesk.Organizations"
 property = "name"
 resolve = "latest_wins"
 "#;
-    let h = Harness::start(Some(overlay)).await;
+    let h = Harness::start(Some(overlay), "").await;
     let created = h
         .sims
         .zendesk
@@ -473,27 +401,23 @@ resolve = "latest_wins"
 }
 
 impl Harness {
+    /// A Zendesk client, as a person using Zendesk (its changes send webhooks to Tether).
+    fn zendesk(&self) -> ZendeskConnector {
+        ZendeskConnector::new(
+            self.config.systems.zendesk.as_ref().unwrap(),
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    }
+
     /// The target id linked to `source_id` by the flow `flow_id`, once the link exists.
     async fn linked_target(&self, flow_id: &str, source_id: &str) -> String {
-        let start = Instant::now();
-        loop {
-            let found: Option<String> = sqlx::query_scalar(
-                "SELECT target_id FROM links WHERE state = 'active' AND flow_id = $1 AND source_id = $2",
-            )
-            .bind(flow_id)
-            .bind(source_id)
-            .fetch_optional(&self.db.pool)
-            .await
-            .unwrap();
-            if let Some(target) = found {
-                return target;
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "timed out waiting for a link of {flow_id} from {source_id}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            &format!("a link of {flow_id} from {source_id}"),
+            WAIT,
+            || self.active_link(flow_id, source_id),
+        )
+        .await
     }
 
     /// How many sync decisions were logged about a record.
@@ -568,7 +492,7 @@ target = "zendesk.Organizations"
 source = "Description"
 target = "name"
 "#;
-    let h = Harness::start(Some(overlay)).await;
+    let h = Harness::start(Some(overlay), "").await;
     let dept_org = h
         .sims
         .zendesk
@@ -672,7 +596,7 @@ target = "zendesk.Users"
 source = "EmailAddress"
 target = "email"
 "#;
-    let h = Harness::start(Some(overlay)).await;
+    let h = Harness::start(Some(overlay), "").await;
     let po = &h.sims.poweroffice;
     let supplier = po.seed("Suppliers", json!({"LegalName": "E2E Supplier AS"}));
     let supplier_id = supplier["Id"].as_i64().unwrap();

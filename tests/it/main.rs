@@ -1,12 +1,17 @@
-//! One integration-test binary with a module per feature (engineering.md item 3).
+//! One integration-test binary with a module per feature; what they share is in [`support`]
+//! (docs/architecture.md, "Tests and documents").
 
 mod admin;
+mod at_rest;
+mod console;
 mod crmoffice;
 mod custom;
+mod deploy;
 mod e2e;
 mod exactonline;
 mod foundation;
 mod intake;
+mod metrics;
 mod polling;
 mod poweroffice;
 mod queue;

@@ -345,3 +345,49 @@ async fn poweroffice_429_5xx_and_timeouts_are_classified() {
     ));
     server.verify().await;
 }
+
+/// Go's timestamps are .NET ticks: 7 fractional digits, trailing zeros trimmed by the serialiser;
+/// the change filter goes back in the same form, never with 9 digits (docs/vendors.md, PowerOffice
+/// item 8). The simulator refuses more than 7 digits, so a 9-digit filter fails this test.
+#[tokio::test]
+async fn poweroffice_seven_digit_timestamps_are_read_and_sent_back_with_seven() {
+    use chrono::{TimeZone, Utc};
+    let (po, running) = start().await;
+    let connector = PowerOffice::new(config(&running.base_url()), Duration::from_secs(10));
+    let t1 = Utc.with_ymd_and_hms(2021, 9, 30, 8, 3, 0).unwrap()
+        + chrono::Duration::nanoseconds(123_456_789);
+    po.freeze_clock(Some(t1));
+    let first = po.seed("Customers", json!({"Name": "Ford Motor"}));
+    assert_eq!(
+        first["LastChangedDateTimeOffset"],
+        json!("2021-09-30T08:03:00.1234567Z")
+    );
+    let page = connector.list_changed("Customers", None).await.unwrap();
+    assert_eq!(page.records.len(), 1);
+    assert_eq!(
+        page.records[0].updated_at,
+        Some(t1 - chrono::Duration::nanoseconds(89))
+    );
+
+    // A trimmed stamp (`.12Z`) three seconds later: read, and the next filter is sent with 7
+    // digits (the simulator answers 400 to 9).
+    po.freeze_clock(Some(
+        t1 + chrono::Duration::seconds(3) - chrono::Duration::nanoseconds(3_456_789),
+    ));
+    let second = po.seed("Customers", json!({"Name": "Volvo"}));
+    assert_eq!(
+        second["LastChangedDateTimeOffset"],
+        json!("2021-09-30T08:03:03.12Z")
+    );
+    let page = connector
+        .list_changed("Customers", page.next_cursor.as_deref())
+        .await
+        .unwrap();
+    let ids: Vec<_> = page.records.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids, [second["Id"].to_string()]);
+    let page = connector
+        .list_changed("Customers", page.next_cursor.as_deref())
+        .await
+        .unwrap();
+    assert!(page.records.is_empty());
+}

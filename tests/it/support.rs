@@ -1,10 +1,12 @@
 //! What the integration tests share: JSON objects and timestamps written inline, waiting for a
-//! condition, draining a connector's change feed, a receiver for simulator webhooks, and the
-//! vendor configurations (credentials, simulators, connectors) the tests run against. A test file
+//! condition, draining a connector's change feed, a receiver for simulator webhooks, the whole
+//! service against the simulators, and the vendor configurations (credentials, simulators, connectors) the tests run against. A test file
 //! imports from here instead of defining its own copy, so a changed constructor is mended once.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -13,9 +15,13 @@ use axum::routing::post;
 use axum::Router;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
+use tether::config::{Config, Source};
 use tether::connectors::{Connector, Record};
+use tether::sandbox::Simulators;
 use tether::simulators::kit::{self, RunningSim};
+use tether::testing::{self, TestDb};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// The object inside a `json!({...})` literal, for the field maps connectors take.
 pub fn obj(v: Value) -> Map<String, Value> {
@@ -168,6 +174,82 @@ impl WebhookReceiver {
     }
 }
 
+/// The whole service (HTTP intake, workers, pollers, sync engine, connectors) on a loopback port,
+/// wired to the six simulators and a fresh database, as `tether serve` runs it.
+pub struct Service {
+    pub sims: Simulators,
+    pub db: TestDb,
+    pub config: Arc<Config>,
+    /// `http://host:port` of the service.
+    pub base: String,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Service {
+    /// Starts the simulators and the service; `overlay` is registry overlay TOML, and
+    /// `extra_toml` is appended to the configuration the simulators describe.
+    pub async fn start(overlay: Option<&str>, extra_toml: &str) -> Service {
+        let db = testing::database().await;
+        let listener = tokio::net::TcpListener::bind(any_port()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let base = format!("http://{addr}");
+        let sims = Simulators::start(addr.ip(), &base).await.unwrap();
+        let dir = std::env::temp_dir();
+        let mut toml = sims.config_toml(addr, &dir, "300ms");
+        let overlay_path = overlay.map(|text| {
+            let path = dir.join(format!("tether-test-overlay-{}.toml", uuid::Uuid::new_v4()));
+            std::fs::write(&path, text).unwrap();
+            toml.push_str(&format!(
+                "\n[registry]\noverlay = {:?}\n",
+                path.display().to_string()
+            ));
+            path
+        });
+        toml.push_str(extra_toml);
+        let mut source = Source::empty();
+        source.add_toml(&toml, Path::new("test.toml")).unwrap();
+        let config = Arc::new(Config::from_source(source).unwrap());
+        let (registry, _warnings) = tether::registry::load(overlay_path.as_deref()).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(tether::service::run(
+            config.clone(),
+            db.pool.clone(),
+            Arc::new(registry),
+            Some(listener),
+            shutdown.clone(),
+        ));
+        Service {
+            sims,
+            db,
+            config,
+            base,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The target id the flow `flow_id` links to `source_id`, if an active link exists.
+    pub async fn active_link(&self, flow_id: &str, source_id: &str) -> Option<String> {
+        sqlx::query_scalar(
+            "SELECT target_id FROM links WHERE state = 'active' AND flow_id = $1 AND source_id = $2",
+        )
+        .bind(flow_id)
+        .bind(source_id)
+        .fetch_optional(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Shuts the service down the way SIGTERM does and fails the test if it ended in an error.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
 /// Zendesk: the simulator's credentials and a connector configured for it (or for `wiremock`).
 pub mod zendesk {
     use std::time::Duration;
@@ -201,9 +283,11 @@ pub mod zendesk {
             .with_export_rate_per_minute(60_000)
     }
 
-    /// The simulator, sending its webhooks to `target` if given.
+    /// The simulator, sending its webhooks to `target` if given. Its export limit is raised to
+    /// the rate [`connector`] is configured for (as an account with a higher limit would have);
+    /// the vendor's 10 a minute is tested on its own.
     pub async fn sim_with(target: Option<String>) -> (RunningSim, ZendeskSimHandle) {
-        ZendeskSim::start(SimOptions {
+        let (running, handle) = ZendeskSim::start(SimOptions {
             webhook_lanes: 1,
             bind: super::any_port(),
             credentials: SimCredentials {
@@ -215,7 +299,9 @@ pub mod zendesk {
             webhook_secret: WEBHOOK_SECRET.to_owned(),
         })
         .await
-        .unwrap()
+        .unwrap();
+        handle.set_export_limit_per_minute(60_000);
+        (running, handle)
     }
 
     /// The simulator without webhooks, and a connector to it.

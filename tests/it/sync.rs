@@ -1,5 +1,5 @@
 //! The sync engine against a real PostgreSQL with in-memory connectors, driven deterministically by
-//! calling `handle` on each job (no workers). One test or more per rule of product.md section 3.
+//! calling `handle` on each job (no workers). One test or more per rule of docs/sync-rules.md.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -163,24 +163,37 @@ impl Harness {
 
     /// Stores an event and its job as intake would, and returns the job as a worker would claim it.
     async fn event(&self, system: SystemId, entity_type: &str, id: &str) -> ClaimedJob {
+        self.event_of(system, entity_type, id, Action::Updated)
+            .await
+    }
+
+    /// [`Harness::event`] with the vendor's action.
+    async fn event_of(
+        &self,
+        system: SystemId,
+        entity_type: &str,
+        id: &str,
+        action: Action,
+    ) -> ClaimedJob {
         let event = ChangeEvent {
             record: RecordKey {
                 system,
                 entity_type: entity_type.into(),
                 record_id: id.into(),
             },
-            action: Action::Updated,
+            action,
             occurred_at: None,
             delivery_id: uuid::Uuid::new_v4().to_string(),
         };
         let mut tx = self.db.pool.begin().await.unwrap();
         let event_id: i64 = sqlx::query_scalar(
             "INSERT INTO events (system, entity_type, record_id, action, delivery_id) \
-             VALUES ($1, $2, $3, 'updated', $4) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
         .bind(system.as_str())
         .bind(entity_type)
         .bind(id)
+        .bind(action.as_str())
         .bind(&event.delivery_id)
         .fetch_one(&mut *tx)
         .await
@@ -1089,6 +1102,30 @@ async fn rule9_a_deleted_record_ends_its_links_and_the_counterpart_stays() {
     assert_eq!(h.decisions().await.last().unwrap(), "deleted");
 }
 
+#[tokio::test]
+async fn rule9_a_final_delete_notification_ends_the_links_without_reading_the_record() {
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let (c, org) = h.linked_customer("Gone for good AS", "").await;
+    // As Exact Online: a Delete webhook is final, and reading the deleted record by key would
+    // be a 404 that Exact counts against the app (docs/vendors.md, Exact Online item 3).
+    h.m(PowerOffice).declare_final_deletes();
+    h.m(PowerOffice).delete("Customers", &c.id);
+    h.reset_counters();
+    let job = h
+        .event_of(PowerOffice, "Customers", &c.id, Action::Deleted)
+        .await;
+    assert_eq!(h.handle(&job).await, JobOutcome::Done);
+    assert_eq!(
+        h.m(PowerOffice).count("fetch"),
+        0,
+        "no read of a deleted record"
+    );
+    assert!(h.active_links().await.is_empty());
+    assert!(h.m(Zendesk).get("Organizations", &org.id).is_some());
+    assert_eq!(h.decisions().await.last().unwrap(), "deleted");
+    assert!(h.detail_of("deleted").await[0].contains("not re-read"));
+}
+
 // ---- rule 10 and idle flows ----------------------------------------------------------------
 
 #[tokio::test]
@@ -1220,6 +1257,34 @@ async fn connector_errors_map_to_job_outcomes() {
     .await
     .unwrap();
     assert_eq!(errors, 5);
+}
+
+/// A write the target refuses for good in its state (a closed Zendesk ticket, docs/vendors.md)
+/// is a recorded decision: the job is done, not retried and not dead-lettered.
+#[tokio::test]
+async fn a_closed_target_is_a_recorded_decision_not_a_retry() {
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let (c, org) = h.linked_customer("Closed AS", "https://closed.no").await;
+    h.m(PowerOffice)
+        .edit("Customers", &c.id, obj(json!({"Name": "Closed Group"})));
+    h.m(Zendesk).fail_next("update", Failure::TargetClosed);
+    assert_eq!(
+        h.run(PowerOffice, "Customers", &c.id).await,
+        JobOutcome::Done
+    );
+    assert_eq!(
+        h.m(Zendesk).get("Organizations", &org.id).unwrap().fields["name"],
+        json!("Closed AS")
+    );
+    let decisions: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT decision, error FROM sync_log WHERE decision IN ('target_closed', 'error')",
+    )
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    assert_eq!(decisions[0].0, "target_closed");
+    assert!(decisions[0].1.as_deref().unwrap().contains("closed"));
 }
 
 /// A refused credential stops the system for every job of this process, not only the job that

@@ -1,17 +1,24 @@
 //! The vendor transport (`tether::connectors::transport`) against wiremock, with call counts:
 //! one credential renewal on a 401 (never a loop), pauses on 429 honouring `Retry-After` as
-//! seconds or an HTTP date (also on a `text/plain` body), and the error classes.
+//! seconds or an HTTP date (also on a `text/plain` body), the error classes, and a rate budget
+//! shared by several replicas through one PostgreSQL database.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use secrecy::ExposeSecret;
 use serde_json::json;
+use tether::connectors::transport::gate::Spacing;
+use tether::connectors::transport::shared::SharedGate;
 use tether::connectors::transport::token::{StaticToken, TokenSource};
-use tether::connectors::transport::{http_client, Answer, Call, Credential, Gates, VendorClient};
+use tether::connectors::transport::{
+    http_client, Answer, Call, Credential, Gates, RateGate, VendorClient,
+};
 use tether::connectors::ConnectorError;
 use tether::domain::SystemId;
+use tether::testing;
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockBuilder, MockServer, ResponseTemplate};
 
@@ -256,4 +263,101 @@ async fn answers_are_classified() {
         other => panic!("expected Transient, got {other:?}"),
     }
     server.verify().await;
+}
+
+/// Lets `calls` calls through each of `tasks` callers per gate (one gate per replica) and
+/// returns the instants at which they were let through, sorted.
+async fn let_through(gates: Vec<Arc<dyn RateGate>>, tasks: usize, calls: usize) -> Vec<Instant> {
+    let mut handles = Vec::new();
+    for gate in gates {
+        for _ in 0..tasks {
+            let gate = gate.clone();
+            handles.push(tokio::spawn(async move {
+                let mut stamps = Vec::new();
+                while stamps.len() < calls {
+                    if gate.admit(Duration::from_secs(30)).await.is_ok() {
+                        stamps.push(Instant::now());
+                    }
+                }
+                stamps
+            }));
+        }
+    }
+    let mut stamps = Vec::new();
+    for handle in handles {
+        stamps.extend(handle.await.unwrap());
+    }
+    stamps.sort();
+    stamps
+}
+
+/// The most calls in any window of `length`.
+fn busiest(stamps: &[Instant], length: Duration) -> usize {
+    let mut start = 0;
+    let mut most = 0;
+    for end in 0..stamps.len() {
+        while stamps[end].duration_since(stamps[start]) >= length {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+// A thread per replica, as three processes would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn three_replicas_sharing_a_budget_stay_under_ten_calls_a_second() {
+    let db = testing::database().await;
+    let mut gates: Vec<Arc<dyn RateGate>> = Vec::new();
+    for _ in 0..3 {
+        // Each replica has its own pool, as separate processes would.
+        let pool = sqlx::PgPool::connect(db.url.expose_secret()).await.unwrap();
+        gates.push(Arc::new(SharedGate::new(
+            pool,
+            "poweroffice:test:second".to_owned(),
+            10,
+            Duration::from_secs(1),
+            1,
+        )));
+    }
+    let stamps = let_through(gates, 2, 8).await;
+    let most = busiest(&stamps, Duration::from_secs(1));
+    assert!(most <= 10, "{most} calls within one second");
+    // The budget is used, not starved (9 a second is its pace; this allows a loaded machine).
+    let span = stamps[stamps.len() - 1].duration_since(stamps[0]);
+    let rate = (stamps.len() - 1) as f64 / span.as_secs_f64();
+    assert!(rate >= 5.0, "{rate:.1} calls a second");
+
+    // The same load through one in-process gate per replica breaks the limit: what the shared
+    // budget is for.
+    let unshared: Vec<Arc<dyn RateGate>> = (0..3)
+        .map(|_| Arc::new(Spacing::per_second(10)) as Arc<dyn RateGate>)
+        .collect();
+    let stamps = let_through(unshared, 4, 5).await;
+    assert!(busiest(&stamps, Duration::from_secs(1)) > 10);
+}
+
+#[tokio::test]
+async fn a_pause_seen_by_one_replica_holds_the_others() {
+    let db = testing::database().await;
+    let gate = |pool| {
+        SharedGate::new(
+            pool,
+            "zendesk:test:minute".to_owned(),
+            700,
+            Duration::from_secs(60),
+            1,
+        )
+    };
+    let first = gate(db.pool.clone());
+    let second = gate(sqlx::PgPool::connect(db.url.expose_secret()).await.unwrap());
+    first.admit(Duration::ZERO).await.unwrap();
+    first.pause(Duration::from_secs(2)).await;
+    match second.admit(Duration::from_millis(100)).await {
+        Err(wait) => assert!(wait > Duration::from_millis(1500), "{wait:?}"),
+        Ok(()) => panic!("the other replica must wait out the pause"),
+    }
+    let started = Instant::now();
+    second.admit(Duration::from_secs(5)).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1500));
 }

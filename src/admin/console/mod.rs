@@ -41,6 +41,7 @@ pub fn routes(state: AdminState) -> Router<AdminState> {
     Router::new()
         .route("/admin/login", get(login_page).post(login))
         .route("/admin/console.css", get(stylesheet))
+        .route("/admin/favicon.svg", get(favicon))
         .merge(pages)
         .layer(axum::middleware::from_fn(security_headers))
 }
@@ -82,6 +83,14 @@ async fn stylesheet() -> Response {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
         include_str!("console.css"),
+    )
+        .into_response()
+}
+
+async fn favicon() -> Response {
+    (
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        include_str!("favicon.svg"),
     )
         .into_response()
 }

@@ -43,6 +43,7 @@ fn document(title: &str, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Tether" }
                 link rel="stylesheet" href="/admin/console.css";
+                link rel="icon" type="image/svg+xml" href="/admin/favicon.svg";
             }
             body { (body) }
         }
@@ -168,7 +169,7 @@ pub fn overview(
         h1 { "Overview" }
         (notice(note))
         section.panel id="attention" {
-            h2 style="margin-top:0" { "Needs attention" }
+            h2.first { "Needs attention" }
             @if items.is_empty() {
                 ul.attention { li.ok { "Nothing: every connected system answers and no job is stuck." } }
             } @else {
@@ -308,7 +309,7 @@ pub fn records(ctx: &Ctx, form: Option<&RecordForm>, x: Option<&RecordExplanatio
 fn explanation(x: &RecordExplanation) -> Markup {
     html! {
         section.panel id="explanation" {
-            h2 style="margin-top:0" { code { (x.record) } }
+            h2.first { code { (x.record) } }
             @if let Some(n) = &x.not_synced {
                 p id="not-synced" { span.chip.warn { "not synced" } " " strong { (format!("{:?}", n.reason)) } " — " (n.detail) }
             } @else {

@@ -78,6 +78,7 @@ pub fn classify(
             retry_after,
         },
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            crate::ops::metrics::credentials_failure(system);
             ConnectorError::Unauthorized { system, message }
         }
         StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => {

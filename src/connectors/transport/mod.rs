@@ -13,6 +13,7 @@ pub mod classify;
 pub mod gate;
 pub mod quota;
 pub mod refresh;
+pub mod shared;
 pub mod token;
 
 use std::sync::Arc;
@@ -34,6 +35,10 @@ use crate::domain::SystemId;
 /// A gate's wait up to this long is slept inline; a longer one is returned as back-pressure
 /// ([`ConnectorError::RateLimited`]) so the worker is not held.
 pub const DEFAULT_MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
+
+/// A gate's wait at least this long counts in `tether_vendor_throttled_total` (shorter ones are
+/// the ordinary spacing of calls, not throttling).
+const COUNTED_WAIT: Duration = Duration::from_secs(1);
 
 /// A client with a timeout on every call (no call may hang a worker past its lease).
 pub fn http_client(timeout: Duration) -> reqwest::Client {
@@ -198,19 +203,21 @@ impl VendorClient {
         let mut credential = self.tokens.current().await?;
         let mut renewed = false;
         loop {
-            self.gates
-                .admit(call.gate, self.max_inline_wait)
-                .await
-                .map_err(|wait| ConnectorError::RateLimited {
-                    system: self.system,
-                    retry_after: Some(wait),
-                })?;
+            let queued = std::time::Instant::now();
+            let admitted = self.gates.admit(call.gate, self.max_inline_wait).await;
+            if admitted.is_err() || queued.elapsed() >= COUNTED_WAIT {
+                crate::ops::metrics::vendor_throttled(self.system);
+            }
+            admitted.map_err(|wait| ConnectorError::RateLimited {
+                system: self.system,
+                retry_after: Some(wait),
+            })?;
             tracing::debug!(system = %self.system, method = %call.method, path = call.url.path(), "call");
-            let response = self
-                .request(&call, &credential)
-                .send()
-                .await
-                .map_err(|e| send_error(self.system, e))?;
+            let sent = std::time::Instant::now();
+            let response = self.request(&call, &credential).send().await;
+            let status = response.as_ref().ok().map(|r| r.status().as_u16());
+            crate::ops::metrics::vendor_request(self.system, status, sent.elapsed());
+            let response = response.map_err(|e| send_error(self.system, e))?;
             let status = response.status();
             self.gates.observe(call.gate, status, response.headers());
             if status == StatusCode::UNAUTHORIZED && !renewed {

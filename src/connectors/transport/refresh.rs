@@ -7,6 +7,7 @@
 //! only seeds the row; when the vendor rejects the stored one, the system is stopped (no more
 //! token calls) until the operator configures a different one (its hash differs from the seed's).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +21,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::classify::{classify, malformed, send_error};
 use super::token::{Credential, TokenSource};
+use crate::at_rest::{self, token_context, Keyring};
 use crate::connectors::ConnectorError;
 use crate::domain::SystemId;
 
@@ -51,6 +53,8 @@ pub struct StoredRefreshToken {
     config: RefreshConfig,
     pool: PgPool,
     http: reqwest::Client,
+    /// `secrets.key`: token columns are sealed on write and opened on read (`at_rest`).
+    keyring: Option<Arc<Keyring>>,
 }
 
 #[derive(Deserialize)]
@@ -81,7 +85,44 @@ const SELECT_ROW: &str = "SELECT access_token, access_expires_at, refresh_token,
 
 impl StoredRefreshToken {
     pub fn new(config: RefreshConfig, pool: PgPool, http: reqwest::Client) -> Self {
-        StoredRefreshToken { config, pool, http }
+        StoredRefreshToken {
+            config,
+            pool,
+            http,
+            keyring: None,
+        }
+    }
+
+    /// Stores the tokens encrypted under `keyring` (`secrets.key`).
+    pub fn with_keyring(mut self, keyring: Option<Arc<Keyring>>) -> Self {
+        self.keyring = keyring;
+        self
+    }
+
+    /// The one place token columns are written: sealed when a keyring is configured.
+    fn seal(&self, column: &str, plain: &str) -> String {
+        let context = token_context(self.system().as_str(), &self.config.account, column);
+        at_rest::seal_token(self.keyring.as_deref(), plain, &context)
+    }
+
+    /// The one place token columns are read: a stored row with its tokens opened.
+    fn open(&self, mut row: TokenRow) -> Result<TokenRow, ConnectorError> {
+        let open = |column: &str, stored: &str| {
+            let context = token_context(self.system().as_str(), &self.config.account, column);
+            at_rest::open_token(self.keyring.as_deref(), stored, &context)
+                .map(|s| s.expose_secret().to_owned())
+                .map_err(|e| ConnectorError::Unauthorized {
+                    system: self.system(),
+                    message: e.to_string(),
+                })
+        };
+        row.refresh_token = open("refresh_token", &row.refresh_token)?;
+        row.access_token = row
+            .access_token
+            .as_deref()
+            .map(|a| open("access_token", a))
+            .transpose()?;
+        Ok(row)
     }
 
     fn system(&self) -> SystemId {
@@ -132,7 +173,9 @@ impl StoredRefreshToken {
             .bind(&self.config.account)
             .fetch_optional(&self.pool)
             .await
-            .map_err(self.db_error())?;
+            .map_err(self.db_error())?
+            .map(|row| self.open(row))
+            .transpose()?;
         match &row {
             Some(row) => {
                 if let Some(reason) = &row.stopped_reason {
@@ -156,7 +199,10 @@ impl StoredRefreshToken {
         )
         .bind(self.system().as_str())
         .bind(&self.config.account)
-        .bind(self.config.seed_refresh_token.expose_secret())
+        .bind(self.seal(
+            "refresh_token",
+            self.config.seed_refresh_token.expose_secret(),
+        ))
         .bind(seed)
         .execute(&self.pool)
         .await
@@ -179,7 +225,8 @@ impl StoredRefreshToken {
             .bind(&self.config.account)
             .fetch_one(&mut *tx)
             .await
-            .map_err(self.db_error())?;
+            .map_err(self.db_error())
+            .and_then(|row| self.open(row))?;
         if let Some(reason) = &row.stopped_reason {
             if row.seed_sha256 == seed {
                 return Err(self.stopped_error(reason));
@@ -220,7 +267,10 @@ impl StoredRefreshToken {
         )
         .bind(self.system().as_str())
         .bind(&self.config.account)
-        .bind(self.config.seed_refresh_token.expose_secret())
+        .bind(self.seal(
+            "refresh_token",
+            self.config.seed_refresh_token.expose_secret(),
+        ))
         .bind(seed)
         .execute(&mut **tx)
         .await
@@ -270,9 +320,9 @@ impl StoredRefreshToken {
         )
         .bind(self.system().as_str())
         .bind(&self.config.account)
-        .bind(&body.access_token)
+        .bind(self.seal("access_token", &body.access_token))
         .bind(expires_in as f64)
-        .bind(&body.refresh_token)
+        .bind(self.seal("refresh_token", &body.refresh_token))
         .execute(&mut *tx)
         .await
         .map_err(self.db_error())?;
@@ -297,6 +347,7 @@ impl StoredRefreshToken {
         if status == StatusCode::UNAUTHORIZED
             || (status == StatusCode::BAD_REQUEST && error == "invalid_grant")
         {
+            crate::ops::metrics::credentials_failure(system);
             let code = if error.is_empty() {
                 String::new()
             } else {

@@ -186,6 +186,7 @@ impl ClientCredentials {
             .map_err(|e| send_error(self.system, e))?;
         let status = response.status();
         if status == StatusCode::BAD_REQUEST || status == StatusCode::UNAUTHORIZED {
+            crate::ops::metrics::credentials_failure(self.system);
             return Err(ConnectorError::Unauthorized {
                 system: self.system,
                 message: format!(

@@ -12,11 +12,13 @@ use tether::connectors::{Connector, ConnectorError};
 use tether::signing;
 use tether::simulators::exactonline::{self as sim, ExactSimConfig};
 use tether::testing;
-use wiremock::matchers::{body_string_contains, header, method, path, path_regex};
+use wiremock::matchers::{body_string_contains, header, method, path, query_param_contains};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::support::exactonline::{config, DIVISION};
 use crate::support::obj;
+
+mod vendor;
 
 const GUID: &str = "11111111-1111-1111-1111-111111111111";
 
@@ -54,8 +56,9 @@ fn token_body(access: &str, refresh: &str) -> Value {
     json!({"access_token": access, "token_type": "bearer", "expires_in": "600", "refresh_token": refresh})
 }
 
+/// An account as Exact answers the connector's lookup (`$filter=ID eq guid'…'&$top=1`).
 fn account_body(name: &str) -> Value {
-    json!({"d": {"ID": GUID, "Name": name, "Modified": "/Date(1700000000000)/"}})
+    json!({"d": {"results": [{"ID": GUID, "Name": name, "Modified": "/Date(1700000000000)/"}]}})
 }
 
 #[tokio::test]
@@ -147,26 +150,12 @@ async fn exact_connector_against_simulator_every_operation() {
     assert_eq!(again.records[0].id, seeded);
     assert_eq!(again.records[0].fields["Name"], json!("Seeded BV"));
 
-    // Departments: create, update, list by Modified.
-    let department = connector
-        .create(
-            "Departments",
-            &obj(json!({"Code": "D1", "Description": "Support"})),
-            "k2",
-        )
-        .await
-        .unwrap();
-    let department = connector
-        .update(
-            "Departments",
-            &department.id,
-            &obj(json!({"Description": "Service"})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(department.fields["Description"], json!("Service"));
+    // Departments: GET only in Exact (docs/vendors.md, Exact item 1): listed by Modified, never
+    // written.
+    let department = exact.seed_department(json!({"Code": "D1", "Description": "Support"}));
     let page = connector.list_changed("Departments", None).await.unwrap();
     assert_eq!(page.records.len(), 1);
+    assert_eq!(page.records[0].id, department);
     let later = connector
         .list_changed("Departments", page.next_cursor.as_deref())
         .await
@@ -175,6 +164,22 @@ async fn exact_connector_against_simulator_every_operation() {
         later.records.is_empty(),
         "an unchanged department is not listed again"
     );
+    assert!(matches!(
+        connector
+            .create("Departments", &obj(json!({"Description": "x"})), "k2")
+            .await,
+        Err(ConnectorError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        connector
+            .update(
+                "Departments",
+                &department,
+                &obj(json!({"Description": "x"}))
+            )
+            .await,
+        Err(ConnectorError::Unsupported { .. })
+    ));
 
     // Divisions: read-only, integer keys.
     exact.seed_division(json!({"Code": 7, "Description": "Main"}));
@@ -437,7 +442,7 @@ async fn exact_429_5xx_and_timeouts_are_classified() {
     store_token(&db.pool, "A1", 600, "R1", 10).await;
     let reset_ms = chrono::Utc::now().timestamp_millis() + 30_000;
     Mock::given(method("GET"))
-        .and(path_regex(r"crm/Accounts\(guid'1{8}-"))
+        .and(query_param_contains("$filter", "guid'11111111-"))
         .respond_with(
             ResponseTemplate::new(429)
                 .insert_header("x-ratelimit-minutely-remaining", "0")
@@ -447,12 +452,12 @@ async fn exact_429_5xx_and_timeouts_are_classified() {
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path_regex(r"crm/Accounts\(guid'2{8}-"))
+        .and(query_param_contains("$filter", "guid'22222222-"))
         .respond_with(ResponseTemplate::new(503))
         .mount(&server)
         .await;
     Mock::given(method("GET"))
-        .and(path_regex(r"crm/Accounts\(guid'3{8}-"))
+        .and(query_param_contains("$filter", "guid'33333333-"))
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
         .mount(&server)
         .await;

@@ -1,0 +1,60 @@
+//! Finding organizations and users by `external_id` without the search index (docs/vendors.md,
+//! Zendesk "Search lags; look up by external id with show_many"): Zendesk indexes a write for
+//! search only minutes later, so a retried create that searched for the record its first attempt
+//! made would not find it and make a second one. `show_many?external_ids=` reads the records
+//! themselves (up to 100 ids a call; unknown ids are simply absent).
+
+use serde_json::json;
+
+use super::{array, malformed, record, values_match, Entity, ZendeskConnector};
+use crate::connectors::{ConnectorError, Record};
+
+/// Zendesk's limit on ids per `show_many` call.
+const SHOW_MANY_MAX: usize = 100;
+
+impl ZendeskConnector {
+    /// The organizations or users whose `external_id` is one of `external_ids`.
+    pub(super) async fn show_many_by_external_id(
+        &self,
+        entity: Entity,
+        external_ids: &[String],
+    ) -> Result<Vec<Record>, ConnectorError> {
+        let mut found = Vec::new();
+        for chunk in external_ids.chunks(SHOW_MANY_MAX) {
+            let path = format!("/api/v2/{}/show_many", entity.plural());
+            let url = self.url(&path, &[("external_ids", chunk.join(","))]);
+            let page = self
+                .get_json(url)
+                .await?
+                .ok_or_else(|| malformed(format!("{path} answered 404")))?;
+            for item in array(&page, entity.plural())? {
+                let record = record(entity, &item)?;
+                // Only exact (case-insensitive) matches: never trust a lookup's filtering alone.
+                let matches = chunk.iter().any(|wanted| {
+                    values_match(
+                        "external_id",
+                        record.fields.get("external_id"),
+                        &json!(wanted),
+                    )
+                });
+                if matches {
+                    found.push(record);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The one organization or user with this `external_id`, if there is one.
+    pub(super) async fn by_external_id(
+        &self,
+        entity: Entity,
+        external_id: &str,
+    ) -> Result<Option<Record>, ConnectorError> {
+        Ok(self
+            .show_many_by_external_id(entity, &[external_id.to_owned()])
+            .await?
+            .into_iter()
+            .next())
+    }
+}
