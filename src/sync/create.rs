@@ -26,9 +26,11 @@ struct Built {
     unset: Vec<String>,
 }
 
-/// The snapshot of a counterpart an earlier attempt created: its own values, and for references
-/// the pair the source would give now if it still translates to the counterpart's id.
-fn base_from_created(
+/// The merge base of a counterpart found by the key of an intent recorded before intents kept
+/// what their create sent: the counterpart's own values, and for references the pair the source
+/// would give now if it still translates to the counterpart's id. (Intents recorded since keep
+/// the create's values, which are the base.)
+fn base_from_found(
     flow: &Dataflow,
     built: &Map<String, Value>,
     created: &Record,
@@ -106,7 +108,8 @@ impl SyncEngine {
             store::log(&self.pool, job, &entry).await?;
             return Ok(Step::Done);
         }
-        let Some((intent_id, idem)) = self.hold_intent(job, flow, src, intent).await? else {
+        let held = self.hold_intent(job, flow, (src, &built.snapshot), intent);
+        let Some((intent_id, idem)) = held.await? else {
             return Ok(Step::Later(
                 "another job recorded a create intent for this record first".into(),
             ));
@@ -163,6 +166,7 @@ impl SyncEngine {
             idempotency_key,
             owner_job_id,
             live,
+            written,
         }) = store::pending_intent(&self.pool, flow, &src.id).await?
         else {
             return Ok(IntentCheck::Proceed(None));
@@ -176,9 +180,13 @@ impl SyncEngine {
         // An earlier attempt may have created the record and died before the link.
         match tconn.find_created(tt, &idempotency_key.to_string()).await {
             Ok(Some(found)) => {
-                // The base is what the earlier attempt created, so a source edit made since then
-                // is a source change (written), never reverted.
-                let base = base_from_created(flow, &built.snapshot, &found);
+                // The base is what the earlier attempt sent: a source edit made since then is a
+                // source change (written), and an edit of the created record since then (an agent
+                // renaming it) is a change of that side, never reverted.
+                let base = match written {
+                    Some(sent) => sent,
+                    None => base_from_found(flow, &built.snapshot, &found),
+                };
                 let step = self
                     .link_existing(
                         job,
@@ -242,21 +250,22 @@ impl SyncEngine {
         Ok(None)
     }
 
-    /// Rule 8: the intent is committed before the vendor call; `None` (logged) when another job
-    /// recorded one first.
+    /// Rule 8: the intent, with the snapshot of the values about to be sent, is committed before
+    /// the vendor call; `None` (logged) when another job recorded one first.
     async fn hold_intent(
         &self,
         job: &ClaimedJob,
         flow: &Dataflow,
-        src: &Record,
+        (src, written): (&Record, &Map<String, Value>),
         intent: Option<(i64, Uuid)>,
     ) -> Result<Option<(i64, Uuid)>, Fail> {
         if let Some((id, key)) = intent {
-            store::renew_intent(&self.pool, id, job.job_id).await?;
+            store::renew_intent(&self.pool, id, job.job_id, written).await?;
             return Ok(Some((id, key)));
         }
         let key = Uuid::new_v4();
-        match store::insert_intent(&self.pool, flow, &src.id, key, job.job_id).await? {
+        let source = (src.id.as_str(), written);
+        match store::insert_intent(&self.pool, flow, source, key, job.job_id).await? {
             Some(id) => Ok(Some((id, key))),
             None => {
                 let reason = "another job recorded a create intent for this record first";

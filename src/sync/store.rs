@@ -321,6 +321,8 @@ pub(crate) struct Intent {
     pub owner_job_id: Option<i64>,
     /// Its lease has not expired.
     pub live: bool,
+    /// The snapshot of the values the create sent (`None` on intents of older versions).
+    pub written: Option<Map<String, Value>>,
 }
 
 /// The open create intent of `src_id` in `flow`, if there is one.
@@ -330,7 +332,7 @@ pub(crate) async fn pending_intent(
     src_id: &str,
 ) -> Result<Option<Intent>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT id, idempotency_key, owner_job_id, lease_until > now() AS live \
+        "SELECT id, idempotency_key, owner_job_id, lease_until > now() AS live, written \
          FROM link_intents WHERE state = 'pending' AND source_system = $1 \
          AND source_type = $2 AND source_id = $3 AND flow_id = $4",
     )
@@ -346,37 +348,49 @@ pub(crate) async fn pending_intent(
             idempotency_key: row.try_get("idempotency_key")?,
             owner_job_id: row.try_get("owner_job_id")?,
             live: row.try_get("live")?,
+            written: match row.try_get::<Option<Value>, _>("written")? {
+                Some(Value::Object(m)) => Some(m),
+                _ => None,
+            },
         })
     })
     .transpose()
 }
 
-/// Takes over an open intent for `job_id` with a fresh lease.
-pub(crate) async fn renew_intent(pool: &PgPool, id: i64, job_id: i64) -> Result<(), sqlx::Error> {
+/// Takes over an open intent for `job_id` with a fresh lease, about to create with the values
+/// whose snapshot is `written`.
+pub(crate) async fn renew_intent(
+    pool: &PgPool,
+    id: i64,
+    job_id: i64,
+    written: &Map<String, Value>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE link_intents SET owner_job_id = $2, \
-         lease_until = now() + make_interval(secs => $3) WHERE id = $1",
+         lease_until = now() + make_interval(secs => $3), written = $4 WHERE id = $1",
     )
     .bind(id)
     .bind(job_id)
     .bind(INTENT_LEASE_SECS)
+    .bind(Value::Object(written.clone()))
     .execute(pool)
     .await?;
     Ok(())
 }
 
-/// Records a new intent with `key`; `None` if another job recorded one for the record first.
+/// Records a new intent with `key` to create with the values whose snapshot is `written`; `None`
+/// if another job recorded one for the record first.
 pub(crate) async fn insert_intent(
     pool: &PgPool,
     flow: &Dataflow,
-    src_id: &str,
+    (src_id, written): (&str, &Map<String, Value>),
     key: Uuid,
     job_id: i64,
 ) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar(
         "INSERT INTO link_intents (flow_id, source_system, source_type, source_id, \
-         idempotency_key, owner_job_id, lease_until) \
-         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) \
+         idempotency_key, owner_job_id, lease_until, written) \
+         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7), $8) \
          ON CONFLICT DO NOTHING RETURNING id",
     )
     .bind(&flow.id)
@@ -386,6 +400,7 @@ pub(crate) async fn insert_intent(
     .bind(key)
     .bind(job_id)
     .bind(INTENT_LEASE_SECS)
+    .bind(Value::Object(written.clone()))
     .fetch_optional(pool)
     .await
 }

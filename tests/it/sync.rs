@@ -1023,6 +1023,43 @@ async fn rule8_source_edited_between_crash_and_retry_is_written_not_reverted() {
     assert_eq!(h.m(PowerOffice).count("update"), 0);
 }
 
+/// Issue 19: the create timed out although the vendor made the record, an agent renamed the new
+/// record, then the retry found it. The base is what the create sent, so the rename is a change
+/// of the target (kept, and written back), not an old value to overwrite.
+#[tokio::test]
+async fn rule8_counterpart_edited_between_crash_and_retry_is_kept_not_reverted() {
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let c = h
+        .m(PowerOffice)
+        .insert("Customers", obj(json!({"Name": "As sent"})));
+    h.m(Zendesk).crash_after_next_create();
+    let job = h.event(PowerOffice, "Customers", &c.id).await;
+    assert!(matches!(h.handle(&job).await, JobOutcome::Later { .. }));
+    let org = h.m(Zendesk).all("Organizations").remove(0);
+    h.m(Zendesk).edit(
+        "Organizations",
+        &org.id,
+        obj(json!({"name": "Renamed by an agent"})),
+    );
+    assert_eq!(
+        h.handle(&ClaimedJob { attempt: 2, ..job }).await,
+        JobOutcome::Done
+    );
+    let orgs = h.m(Zendesk).all("Organizations");
+    assert_eq!(orgs.len(), 1);
+    assert_eq!(orgs[0].fields["name"], json!("Renamed by an agent"));
+    assert_eq!(
+        h.m(Zendesk).count("update"),
+        0,
+        "the rename was not overwritten"
+    );
+    assert_eq!(
+        h.m(PowerOffice).get("Customers", &c.id).unwrap().fields["Name"],
+        json!("Renamed by an agent"),
+        "the agent's edit flows back like any target change"
+    );
+}
+
 #[tokio::test]
 async fn rule8_another_job_holding_the_intent_makes_a_second_job_wait() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
