@@ -244,6 +244,34 @@ async fn list_and_filter_follow_cursor_pages() {
     assert_eq!(handle.control().count("GET /api/v2/organizations"), 3);
 }
 
+/// Regression: organizations changed within the last minute across a second boundary. The
+/// export is asked from a minute back once the cursor is that recent; with small pages it used to
+/// return the first second's organizations again and again, and the rest only after a minute.
+#[tokio::test]
+async fn organization_export_returns_the_last_minute_across_a_second_boundary_at_once() {
+    let (_running, handle, zd) = sim().await;
+    let zd = zd.with_page_size(2);
+    for i in 0..3 {
+        handle.insert_organization(json!({"name": format!("Early {i}")}));
+    }
+    // Let the clock pass into the next second, so the two groups differ in `updated_at`.
+    let second = chrono::Utc::now().timestamp();
+    while chrono::Utc::now().timestamp() == second {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..2 {
+        handle.insert_organization(json!({"name": format!("Late {i}")}));
+    }
+    let drained = drain(&zd, "Organizations", None).await;
+    let names: HashSet<String> = drained
+        .records
+        .iter()
+        .map(|r| r.fields["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert_eq!(drained.records.len(), 5, "nothing returned twice");
+}
+
 #[tokio::test]
 async fn change_cursors_page_through_exports_and_resume() {
     let (_running, handle, zd) = sim().await;

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{
     array, as_id, comment_record, malformed, record, Entity, ExportCursor, ZendeskConnector,
-    EXPORT_MIN_AGE_SECS,
+    EXPORT_MIN_AGE_SECS, MAX_EXPORT_PAGE,
 };
 use crate::connectors::{ChangePage, ConnectorError, Record};
 
@@ -56,9 +56,18 @@ impl ZendeskConnector {
         let sent_start = cursor
             .start
             .min(Utc::now().timestamp() - EXPORT_MIN_AGE_SECS);
+        // Asked from a minute back, the page starts with items the cursor already covers and the
+        // next page could only be asked from the same minute back again: ask for the largest page,
+        // so the last minute's changes fit in one. If they do not, the rest are read once the
+        // minute has passed and `start_time` can be the cursor itself.
+        let per_page = if sent_start < cursor.start {
+            MAX_EXPORT_PAGE
+        } else {
+            self.export_page_size
+        };
         let mut query = vec![
             ("start_time", sent_start.to_string()),
-            ("per_page", self.export_page_size.to_string()),
+            ("per_page", per_page.to_string()),
         ];
         query.extend(extra.iter().cloned());
         let page = self.get_export(self.url(path, &query)).await?;
