@@ -54,6 +54,20 @@ pub enum Command {
     /// Jobs that failed for good: list them, or put them back in the queue.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(DeadLetters),
+    /// Register, inspect and remove the vendor-side webhooks that send Tether changes.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Create (or update, found by its endpoint `<public_url>/webhooks/<system>`) the webhook,
+    /// subscribed to the events the enabled dataflows need, and store its signing secret.
+    Install { system: SystemId },
+    /// The vendor's view of the installed webhooks and when Tether last received a delivery.
+    Status { system: SystemId },
+    /// Remove the webhooks install created (only those) and forget their secrets.
+    Uninstall { system: SystemId },
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +147,7 @@ pub fn main() -> ExitCode {
                     },
             } => links_show(config, system, entity_type, id).await,
             Command::DeadLetters(cmd) => dead_letters(config, cmd).await,
+            Command::Webhooks(cmd) => webhooks_command(config, cmd).await,
         }
     });
     match result {
@@ -240,6 +255,44 @@ async fn links_show(
     db.close().await;
     print!("{}", result.context("cannot read the record's links")?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tether webhooks ...`: migrates first (install writes the registrations table).
+async fn webhooks_command(config: Config, cmd: WebhooksCommand) -> anyhow::Result<ExitCode> {
+    let (registry, _) = registry::load(config.registry.overlay.as_deref())
+        .context("the mapping registry cannot be used")?;
+    let db = Database::open(&config).await?;
+    let result = async {
+        crate::db::migrate(&db.pool).await.context("migrations failed")?;
+        use crate::webhooks::{self, Removed};
+        match cmd {
+            WebhooksCommand::Install { system } => {
+                let installed = webhooks::install(&config, &db.pool, &registry, system).await?;
+                println!("{installed}");
+            }
+            WebhooksCommand::Status { system } => {
+                println!("{}", webhooks::status(&config, &db.pool, system).await?);
+            }
+            WebhooksCommand::Uninstall { system } => {
+                let removed = webhooks::uninstall(&config, &db.pool, system).await?;
+                if removed.is_empty() {
+                    println!("{system}: nothing installed by Tether");
+                }
+                for r in removed {
+                    match r {
+                        Removed::Deleted(id) => println!("{system} webhook {id} deleted"),
+                        Removed::LeftInPlace(id) => println!(
+                            "{system} webhook {id} existed before Tether took it over: left in place, forgotten here"
+                        ),
+                    }
+                }
+            }
+        }
+        anyhow::Ok(ExitCode::SUCCESS)
+    }
+    .await;
+    db.close().await;
+    result
 }
 
 async fn dead_letters(config: Config, cmd: DeadLetters) -> anyhow::Result<ExitCode> {

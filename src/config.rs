@@ -408,6 +408,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `public_url`: the address vendors reach Tether at; webhooks are registered at
+    /// `<public_url>/webhooks/<system>` (`tether webhooks install`).
+    pub public_url: Option<url::Url>,
     pub data_dir: PathBuf,
     /// `None`: the command's own default (JSON for `serve`, text for `sandbox`).
     pub log_format: Option<LogFormat>,
@@ -607,6 +610,7 @@ impl Config {
             listen: s
                 .socket_addr("listen")?
                 .unwrap_or_else(|| "0.0.0.0:8080".parse().expect("valid")),
+            public_url: s.url("public_url")?,
             data_dir: s
                 .string("data_dir")?
                 .map(PathBuf::from)

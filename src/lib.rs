@@ -30,3 +30,4 @@ pub mod sync;
 pub mod systems;
 pub mod telemetry;
 pub mod testing;
+pub mod webhooks;

@@ -20,7 +20,6 @@ use crate::simulators::zendesk::{SimCredentials, SimOptions, ZendeskSim, Zendesk
 pub mod credentials {
     pub const ZENDESK_EMAIL: &str = "sandbox@tether.test";
     pub const ZENDESK_TOKEN: &str = "sandbox-zendesk-token";
-    pub const ZENDESK_WEBHOOK_SECRET: &str = "sandbox-zendesk-webhook-secret";
     pub const CRMOFFICE_TOKEN: &str = "sandbox-crmoffice-token";
     pub const CUSTOMERP_TOKEN: &str = "sandbox-customerp-token";
     pub const CUSTOMPMS_TOKEN: &str = "sandbox-custompms-token";
@@ -62,8 +61,9 @@ impl Simulators {
                 api_token: credentials::ZENDESK_TOKEN.to_owned(),
                 oauth_token: None,
             },
-            webhook_target: hook("zendesk"),
-            webhook_secret: credentials::ZENDESK_WEBHOOK_SECRET.to_owned(),
+            // No webhook until Tether installs its own ([`install_webhooks`]), as in a new account.
+            webhook_target: None,
+            webhook_secret: String::new(),
         })
         .await?;
         let exact_config = ExactSimConfig {
@@ -136,6 +136,7 @@ impl Simulators {
         let p = &self.poweroffice_config;
         format!(
             r#"listen = "{listen}"
+public_url = "http://{listen}"
 data_dir = {data_dir:?}
 
 [log]
@@ -152,7 +153,6 @@ timeout = "10s"
 base_url = "{zendesk}"
 email = "{zd_email}"
 api_token = "{zd_token}"
-webhook_secrets = ["{zd_secret}"]
 rate_limit_per_minute = 6000
 
 [exactonline]
@@ -191,7 +191,6 @@ webhook_secret = "{pms_secret}"
             zendesk = self.url(SystemId::Zendesk),
             zd_email = credentials::ZENDESK_EMAIL,
             zd_token = credentials::ZENDESK_TOKEN,
-            zd_secret = credentials::ZENDESK_WEBHOOK_SECRET,
             exact = self.url(SystemId::ExactOnline),
             division = e.division,
             client_id = e.client_id,
@@ -287,12 +286,14 @@ pub async fn run(
     // A sandbox starts from a clean slate each time: the simulators are new, so old links and
     // queued events would point at records that no longer exist.
     sqlx::query(
-        "TRUNCATE events, jobs, links, link_intents, sync_log, poll_cursors, oauth_tokens CASCADE",
+        "TRUNCATE events, jobs, links, link_intents, sync_log, poll_cursors, oauth_tokens, \
+         webhook_registrations CASCADE",
     )
     .execute(&db.pool)
     .await
     .context("cannot reset the sandbox database")?;
 
+    install_webhooks(&config, &db.pool, &registry).await?;
     let service = tokio::spawn(crate::service::run(
         config.clone(),
         db.pool.clone(),
@@ -632,4 +633,18 @@ resolve = "latest_wins"
             .await
             .unwrap_or(0);
     }
+}
+
+/// Registers Tether's webhooks at the simulators the way an operator does with
+/// `tether webhooks install zendesk` (the same code), so the simulators, which deliver only to
+/// registered webhooks, send their changes to this sandbox.
+pub async fn install_webhooks(
+    config: &crate::config::Config,
+    pool: &sqlx::PgPool,
+    registry: &crate::registry::Registry,
+) -> anyhow::Result<()> {
+    crate::webhooks::install(config, pool, registry, SystemId::Zendesk)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot install the Zendesk webhook: {e}"))?;
+    Ok(())
 }

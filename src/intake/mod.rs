@@ -34,6 +34,7 @@ use sqlx::PgPool;
 use crate::config::Config;
 use crate::domain::SystemId;
 use crate::systems::{self, WebhookScheme};
+use crate::webhooks::store::StoredSecrets;
 pub use answer::{IntakeError, Missing, Taken};
 use parse::Parsed;
 use store::{GroupCommit, StoreError, Stored};
@@ -46,7 +47,10 @@ pub fn routes<S>(config: &Arc<Config>, pool: PgPool) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
-    let intake = Intake::new(config, GroupCommit::start(pool));
+    let keyring = crate::at_rest::Keyring::from_config(&config.secrets.keys);
+    let stored = StoredSecrets::new(SystemId::Zendesk, pool.clone(), keyring);
+    stored.spawn_refresh();
+    let intake = Intake::new(config, GroupCommit::start(pool), stored);
     Router::new()
         .route("/webhooks/{system}", post(receive))
         .layer(DefaultBodyLimit::max(config.http.body_limit))
@@ -64,6 +68,8 @@ struct Inner {
     /// One per system, in `SystemId::ALL` order.
     verifiers: Vec<(SystemId, Verifier)>,
     commit: GroupCommit,
+    /// Zendesk signing secrets `tether webhooks install` stored, refreshed while running.
+    stored: StoredSecrets,
 }
 
 /// How one system's deliveries are checked, decided once at start-up from the per-system table
@@ -73,6 +79,8 @@ enum Verifier {
     Polled,
     /// No signature could ever verify: the section or its secret is missing.
     NotConnected(Missing),
+    /// The configured secrets; the stored ones ([`StoredSecrets`]) are tried as well, so the
+    /// section alone is enough once a webhook is installed.
     Zendesk(Vec<SecretString>),
     Exact(SecretString),
     Standard(StandardKey),
@@ -92,6 +100,9 @@ impl Verifier {
             key: scheme.secret_key(),
         });
         let mut secrets = spec.webhook_secrets(&config.systems);
+        if scheme == WebhookScheme::Zendesk {
+            return Verifier::Zendesk(secrets);
+        }
         if secrets.is_empty() {
             return missing_secret;
         }
@@ -110,7 +121,7 @@ impl Verifier {
 }
 
 impl Intake {
-    pub fn new(config: &Arc<Config>, commit: GroupCommit) -> Intake {
+    pub fn new(config: &Arc<Config>, commit: GroupCommit, stored: StoredSecrets) -> Intake {
         let verifiers = SystemId::ALL
             .into_iter()
             .map(|system| (system, Verifier::new(system, config)))
@@ -120,6 +131,7 @@ impl Intake {
                 config: config.clone(),
                 verifiers,
                 commit,
+                stored,
             }),
         }
     }
@@ -185,7 +197,16 @@ async fn handle(
         },
         status => IntakeError::UnreadableBody { status },
     })?;
-    let parsed = verify_and_parse(intake, system, headers, &body)?;
+    let parsed = match verify_and_parse(intake, system, headers, &body) {
+        // A webhook installed moments ago: its secret may not be loaded yet.
+        Err(
+            IntakeError::Unauthentic(Unauthentic::BadSignature) | IntakeError::NotConnected { .. },
+        ) if system == SystemId::Zendesk => {
+            intake.inner.stored.ensure_fresh().await;
+            verify_and_parse(intake, system, headers, &body)?
+        }
+        other => other?,
+    };
     let event = match parsed {
         Ok(Parsed::Event(event)) => event,
         Ok(Parsed::Ignored(reason)) => return Ok(Taken::Ignored { reason }),
@@ -216,9 +237,20 @@ fn verify_and_parse(
             system,
             missing: *missing,
         }),
-        Verifier::Zendesk(secrets) => {
+        Verifier::Zendesk(configured) => {
+            let mut secrets = configured.clone();
+            secrets.extend(intake.inner.stored.current());
+            if secrets.is_empty() {
+                return Err(IntakeError::NotConnected {
+                    system,
+                    missing: Missing::WebhookSecret {
+                        section: "zendesk",
+                        key: WebhookScheme::Zendesk.secret_key(),
+                    },
+                });
+            }
             verify::zendesk(
-                secrets,
+                &secrets,
                 header(headers, "x-zendesk-webhook-signature-timestamp")?,
                 header(headers, "x-zendesk-webhook-signature")?,
                 body,

@@ -384,7 +384,8 @@ pub struct Outgoing {
 /// short pause, as vendors do; after that it is given up and counted.
 #[derive(Clone)]
 pub struct WebhookSender {
-    lanes: Vec<mpsc::UnboundedSender<Outgoing>>,
+    /// Each message carries its own URL when the vendor delivers to registered endpoints.
+    lanes: Vec<mpsc::UnboundedSender<(Option<String>, Outgoing)>>,
     stats: Arc<Mutex<WebhookStats>>,
 }
 
@@ -412,7 +413,7 @@ impl WebhookSender {
             .expect("a plain HTTP client builds");
         let lanes = (0..lanes.max(1))
             .map(|_| {
-                let (queue, rx) = mpsc::unbounded_channel::<Outgoing>();
+                let (queue, rx) = mpsc::unbounded_channel::<(Option<String>, Outgoing)>();
                 tokio::spawn(deliver_lane(
                     rx,
                     target.clone(),
@@ -427,12 +428,22 @@ impl WebhookSender {
     }
 
     pub fn send(&self, outgoing: Outgoing) {
+        self.enqueue(None, outgoing);
+    }
+
+    /// Delivers to `url` instead of the sender's target (a vendor with registered webhooks
+    /// delivers to each registration's own endpoint).
+    pub fn send_to(&self, url: String, outgoing: Outgoing) {
+        self.enqueue(Some(url), outgoing);
+    }
+
+    fn enqueue(&self, url: Option<String>, outgoing: Outgoing) {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         outgoing.record.hash(&mut hasher);
         let lane = &self.lanes[(hasher.finish() % self.lanes.len() as u64) as usize];
         // The receiver lives as long as the runtime; a send error only means shutdown.
-        let _ = lane.send(outgoing);
+        let _ = lane.send((url, outgoing));
     }
 
     pub fn stats(&self) -> WebhookStats {
@@ -442,14 +453,14 @@ impl WebhookSender {
 
 /// Delivers one lane's webhooks one after the other.
 async fn deliver_lane(
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::UnboundedReceiver<(Option<String>, Outgoing)>,
     target: Option<String>,
     client: reqwest::Client,
     control: SimControl,
     stats: Arc<Mutex<WebhookStats>>,
 ) {
-    while let Some(outgoing) = rx.recv().await {
-        let Some(url) = target.as_deref() else {
+    while let Some((url, outgoing)) = rx.recv().await {
+        let Some(url) = url.as_deref().or(target.as_deref()) else {
             continue;
         };
         if control.should_drop_webhook() {

@@ -21,6 +21,7 @@
 //! `domain_names`) sends no webhook, as in Zendesk.
 
 mod events;
+mod hooks;
 mod life;
 mod limits;
 mod lookups;
@@ -50,9 +51,11 @@ pub struct SimOptions {
     /// Where to listen; port 0 picks a free one.
     pub bind: SocketAddr,
     pub credentials: SimCredentials,
-    /// Full URL the webhooks go to (e.g. `http://127.0.0.1:8080/webhooks/zendesk`); `None` sends none.
+    /// A webhook made by hand before Tether came (as an admin would in Zendesk's UI), subscribed
+    /// to every event type, with this endpoint (e.g. `http://127.0.0.1:8080/webhooks/zendesk`);
+    /// `None`: no webhook until one is registered through the Webhooks API ([`hooks`]).
     pub webhook_target: Option<String>,
-    /// The webhook signing secret.
+    /// The signing secret of the hand-made webhook.
     pub webhook_secret: String,
     /// Webhooks delivered at once (in order per record); 1 keeps every webhook in order.
     pub webhook_lanes: usize,
@@ -247,7 +250,8 @@ struct Shared {
     state: Mutex<Store>,
     credentials: SimCredentials,
     webhooks: WebhookSender,
-    webhook_secret: String,
+    /// The registered webhooks ([`hooks`]); deliveries go only to these.
+    hooks: Mutex<hooks::Hooks>,
     control: SimControl,
     /// Vendor limits and lags a test may tune ([`limits`]).
     tuning: Mutex<limits::Tuning>,
@@ -260,6 +264,10 @@ impl ZendeskSim {
     /// Starts serving and returns the server and a handle to its state and knobs.
     pub async fn start(options: SimOptions) -> std::io::Result<(RunningSim, ZendeskSimHandle)> {
         let control = SimControl::new(error_body);
+        let mut premade = hooks::Hooks::default();
+        if let Some(target) = options.webhook_target {
+            premade.premade(target, options.webhook_secret);
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(Store {
                 // Zendesk ids are large; starting high catches code that assumes small ones.
@@ -267,12 +275,8 @@ impl ZendeskSim {
                 ..Store::default()
             }),
             credentials: options.credentials,
-            webhooks: WebhookSender::with_lanes(
-                options.webhook_target,
-                control.clone(),
-                options.webhook_lanes,
-            ),
-            webhook_secret: options.webhook_secret,
+            webhooks: WebhookSender::with_lanes(None, control.clone(), options.webhook_lanes),
+            hooks: Mutex::new(premade),
             control: control.clone(),
             tuning: Mutex::new(limits::Tuning::default()),
         });
@@ -459,6 +463,7 @@ fn router(shared: Arc<Shared>) -> Router {
             axum::routing::put(life::restore),
         )
         .merge(export_routes(shared.clone()))
+        .merge(hooks::routes())
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             auth_and_headers,
@@ -1636,26 +1641,31 @@ impl Shared {
         });
         let body = serde_json::to_vec(&envelope).expect("JSON values serialize");
         let signed_at = timestamp(at);
-        let signature = crate::signing::zendesk::sign(&self.webhook_secret, &signed_at, &body);
-        let mut headers = HeaderMap::new();
-        let mut put = |name: &'static str, value: &str| {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), value);
-            }
-        };
-        put("x-zendesk-webhook-signature", &signature);
-        put("x-zendesk-webhook-signature-timestamp", &signed_at);
-        put("x-zendesk-webhook-id", WEBHOOK_ID);
-        put(
-            "x-zendesk-webhook-invocation-id",
-            &uuid::Uuid::new_v4().to_string(),
-        );
-        put("x-zendesk-account-id", &ACCOUNT_ID.to_string());
-        self.webhooks.send(Outgoing {
-            body,
-            headers,
-            record: format!("{}/{id_text}", kind.singular()),
-        });
+        for (webhook_id, endpoint, secret) in hooks::targets(self, event_type) {
+            let signature = crate::signing::zendesk::sign(&secret, &signed_at, &body);
+            let mut headers = HeaderMap::new();
+            let mut put = |name: &'static str, value: &str| {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            };
+            put("x-zendesk-webhook-signature", &signature);
+            put("x-zendesk-webhook-signature-timestamp", &signed_at);
+            put("x-zendesk-webhook-id", &webhook_id);
+            put(
+                "x-zendesk-webhook-invocation-id",
+                &uuid::Uuid::new_v4().to_string(),
+            );
+            put("x-zendesk-account-id", &ACCOUNT_ID.to_string());
+            self.webhooks.send_to(
+                endpoint,
+                Outgoing {
+                    body: body.clone(),
+                    headers,
+                    record: format!("{}/{id_text}", kind.singular()),
+                },
+            );
+        }
     }
 }
 

@@ -19,4 +19,5 @@ mod registry;
 mod support;
 mod sync;
 mod transport;
+mod webhooks;
 mod zendesk;

@@ -211,6 +211,12 @@ impl Service {
         source.add_toml(&toml, Path::new("test.toml")).unwrap();
         let config = Arc::new(Config::from_source(source).unwrap());
         let (registry, _warnings) = tether::registry::load(overlay_path.as_deref()).unwrap();
+        // The simulators deliver only to registered webhooks: register them as an operator
+        // would (`tether webhooks install`), then count the tests' own calls from zero.
+        tether::sandbox::install_webhooks(&config, &db.pool, &registry)
+            .await
+            .unwrap();
+        sims.zendesk.control().reset_counters();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tether::service::run(
             config.clone(),
