@@ -163,7 +163,10 @@ pub const CLAIM: &str = r#"
         SET state = 'running',
             lease_owner = $2,
             lease_until = now() + $3 * interval '1 millisecond',
-            attempts = j.attempts + 1,
+            -- Taking over an expired lease (its worker died) keeps the attempt that lease
+            -- took: a lease that ran out is not a failed attempt, and a SIGKILLed replica
+            -- would otherwise cost an attempt to every job it held, run or not.
+            attempts = CASE WHEN j.state = 'running' THEN j.attempts ELSE j.attempts + 1 END,
             claims = j.claims + 1
         FROM candidates c
         WHERE j.id = c.id

@@ -212,6 +212,69 @@ async fn expired_lease_is_claimed_again_and_only_the_holder_completes() {
     assert_eq!(job_row(&db.pool, taken.lease.job_id).await.0, "done");
 }
 
+/// Regression (issue 19): a replica that is SIGKILLed held its claimed jobs, and each takeover of
+/// an expired lease used to count as one more attempt, so kills alone dead-lettered healthy jobs.
+#[tokio::test]
+async fn lease_expiry_takeover_is_not_a_failed_attempt() {
+    let db = testing::database().await;
+    let ids = enqueue(&db.pool, &[("x".into(), 1)], 10).await;
+    let mut c = cfg();
+    c.retry_schedule = vec![Duration::ZERO];
+    // Far more takeovers than the schedule allows attempts: each lease expires unused.
+    let mut last_claims = 0;
+    for owner in (0..5).map(|_| Uuid::new_v4()) {
+        let taken = claim_eventually(&db.pool, owner, Duration::ZERO).await;
+        assert_eq!(
+            taken.lease.attempts, 1,
+            "a takeover keeps the first attempt"
+        );
+        assert!(taken.lease.claims > last_claims);
+        last_claims = taken.lease.claims;
+    }
+    assert_eq!(job_row(&db.pool, ids[0]).await.1, 1);
+    // The job still runs with its attempts intact: one real failure retries, it is not dead.
+    let q = Queue::new(db.pool.clone(), c);
+    let failing = Fixed::new(JobOutcome::Retry {
+        error: "boom".into(),
+    });
+    let ran = claim_then_run(&q, &failing).await;
+    assert_eq!(
+        ran,
+        JobOutcome::Retry {
+            error: "boom".into()
+        }
+    );
+    let (state, attempts, _, error) = job_row(&db.pool, ids[0]).await;
+    assert_eq!((state.as_str(), attempts), ("ready", 1));
+    assert_eq!(error.as_deref(), Some("boom"));
+    // The second real failure exhausts the one-entry schedule: only real failures count.
+    claim_then_run(&q, &failing).await;
+    assert_eq!(job_row(&db.pool, ids[0]).await.0, "dead");
+}
+
+/// Claims the one job for `owner` once its previous lease has expired.
+async fn claim_eventually(pool: &PgPool, owner: Uuid, lease: Duration) -> store::Claim {
+    for _ in 0..200 {
+        let (taken, _) = store::claim(pool, owner, 1, lease).await.unwrap();
+        if let Some(claim) = taken.into_iter().next() {
+            return claim;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the expired lease was never taken over");
+}
+
+/// Runs the one job through `run_once` once its previous lease has expired; the outcome.
+async fn claim_then_run(q: &Queue, handler: &Fixed) -> JobOutcome {
+    for _ in 0..200 {
+        if let RunOnce::Ran { outcome, .. } = q.run_once(handler).await.unwrap() {
+            return outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the job was never run");
+}
+
 trait FirstClaim {
     fn unwrap_or_default_first(self) -> store::Claim;
 }
