@@ -25,6 +25,7 @@ fn cfg() -> WorkerConfig {
     WorkerConfig {
         enabled: true,
         concurrency: 8,
+        backfill_concurrency: 1,
         batch_size: 20,
         lease: Duration::from_secs(60),
         poll_interval: Duration::from_millis(100),
@@ -769,6 +770,8 @@ async fn claim_plan_walks_the_index_in_order_with_stale_statistics() {
         .bind(500i64)
         .bind(Uuid::new_v4())
         .bind(60_000i64)
+        .bind(0i16)
+        .bind(2i16)
         .fetch_all(&mut *tx)
         .await
         .unwrap();
