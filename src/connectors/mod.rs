@@ -200,6 +200,15 @@ pub trait Connector: Send + Sync + 'static {
         cursor: Option<&str>,
     ) -> Result<ChangePage, ConnectorError>;
 
+    /// A [`Connector::list_changed`] cursor meaning "changes at or after `at`", in the vendor's
+    /// own cursor form: where polling and reconciliation of a system start when it is first
+    /// connected, so its past is not read as new changes. `None`: this connector cannot start
+    /// at a time and reads from the beginning.
+    fn start_cursor(&self, entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let _ = (entity_type, at);
+        None
+    }
+
     /// Records whose fields equal all the given values (merge criteria), for linking records that
     /// already exist on both sides.
     async fn find_by(

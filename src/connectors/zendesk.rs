@@ -743,6 +743,16 @@ impl Connector for ZendeskConnector {
         SYSTEM
     }
 
+    /// Every export (time-based and cursor-based) takes a `start_time` in whole seconds, and
+    /// returns items changed at or after it.
+    fn start_cursor(&self, _entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let cursor = ExportCursor {
+            start: at.timestamp(),
+            ..ExportCursor::default()
+        };
+        Some(cursor.encode())
+    }
+
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let entity = Entity::parse(entity_type, "fetch")?;
         if entity == Entity::Ticketcomments {

@@ -14,6 +14,8 @@
 //!
 //! May call: `connectors` (through the trait), `queue::enqueue`, `db`.
 
+pub mod connections;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +33,18 @@ use crate::queue::{self, NewJob};
 /// the stored cursor resumes it next round.
 pub const MAX_PAGES_PER_ROUND: u32 = 1000;
 
+/// Why a type is read on an interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollKind {
+    /// The system sends no webhooks for the type: polling is how its changes arrive.
+    Poll,
+    /// Reconciliation of a webhook-driven type (`reconcile_interval`): finds the changes whose
+    /// webhook never arrived. Its first round comes one interval after start, so a start does
+    /// not spend the vendor's export budget at once; its cursor is durable, so a change made
+    /// while Tether was down is still found within one interval of the restart.
+    Reconcile,
+}
+
 /// One thing to poll: a connector, one of its entity types, and how often.
 #[derive(Clone)]
 pub struct PollerSpec {
@@ -38,6 +52,7 @@ pub struct PollerSpec {
     /// The registry's name for the type (`Customers`, `Contacts`, ...).
     pub entity_type: String,
     pub interval: Duration,
+    pub kind: PollKind,
 }
 
 impl std::fmt::Debug for PollerSpec {
@@ -46,6 +61,7 @@ impl std::fmt::Debug for PollerSpec {
             .field("system", &self.connector.system())
             .field("entity_type", &self.entity_type)
             .field("interval", &self.interval)
+            .field("kind", &self.kind)
             .finish()
     }
 }
@@ -132,13 +148,7 @@ fn write_canonical(value: &Value, out: &mut String) {
 #[tracing::instrument(skip_all, fields(system = %spec.connector.system(), entity_type = %spec.entity_type))]
 pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, PollError> {
     let system = spec.connector.system();
-    sqlx::query(
-        "INSERT INTO poll_cursors (system, entity_type) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(system.as_str())
-    .bind(&spec.entity_type)
-    .execute(pool)
-    .await?;
+    ensure_cursor(pool, spec).await?;
 
     let mut report = PollReport::default();
     loop {
@@ -213,6 +223,8 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
                 event,
             })
             .collect();
+        // The one place polled and reconciled changes are enqueued: reconciliation's jobs are
+        // to rank below live webhooks' once the queue has priorities (`spec.kind`).
         queue::enqueue(&mut tx, &jobs).await?;
         report.emitted += jobs.len() as u64;
         let found = jobs.len() as u64;
@@ -236,6 +248,37 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
             return Ok(report);
         }
     }
+}
+
+/// Creates the cursor row on the first round. A system with a recorded first connection starts
+/// at that moment, in the connector's own cursor form, so its past is not read as new changes
+/// (loading the past is the backfill's job). Without one (a poll run outside `serve`), the
+/// cursor starts empty: from the beginning.
+async fn ensure_cursor(pool: &PgPool, spec: &PollerSpec) -> Result<(), PollError> {
+    let system = spec.connector.system();
+    let exists: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM poll_cursors WHERE system = $1 AND entity_type = $2")
+            .bind(system.as_str())
+            .bind(&spec.entity_type)
+            .fetch_optional(pool)
+            .await?;
+    if exists.is_some() {
+        return Ok(());
+    }
+    let start = match connections::first_connected_at(pool, system).await? {
+        Some(at) => spec.connector.start_cursor(&spec.entity_type, at),
+        None => None,
+    };
+    sqlx::query(
+        "INSERT INTO poll_cursors (system, entity_type, cursor) VALUES ($1, $2, $3) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(system.as_str())
+    .bind(&spec.entity_type)
+    .bind(start)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 async fn record_error(pool: &PgPool, system: SystemId, entity_type: &str, error: &ConnectorError) {
@@ -287,7 +330,13 @@ pub fn start_pollers(
 
 async fn run_poller(pool: PgPool, spec: PollerSpec, shutdown: CancellationToken) {
     tracing::info!(system = %spec.connector.system(), entity_type = %spec.entity_type,
-        interval = ?spec.interval, "poller started");
+        interval = ?spec.interval, kind = ?spec.kind, "poller started");
+    if spec.kind == PollKind::Reconcile {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(spec.interval) => {}
+        }
+    }
     loop {
         let wait = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -217,6 +217,10 @@ impl Service {
             .await
             .unwrap();
         sims.zendesk.control().reset_counters();
+        // Connected before the test seeds anything, as an operator's first `serve` would be.
+        tether::service::record_first_connections(&config, &db.pool)
+            .await
+            .unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tether::service::run(
             config.clone(),
