@@ -14,8 +14,8 @@ use crate::config::Config;
 use crate::connectors::{self, Connector};
 use crate::domain::SystemId;
 use crate::polling::{PollKind, PollerSpec};
-use std::time::Duration;
 use crate::registry::Registry;
+use std::time::Duration;
 
 /// One client per connected system (a system without a configuration section has none).
 pub fn build_connectors(
@@ -95,20 +95,39 @@ pub fn poller_specs(
     let mut specs = Vec::new();
     for flow in registry.dataflows.iter().filter(|f| f.switches.enabled) {
         for side in [&flow.source, &flow.target] {
-            let reconcile = systems.reconcile.of(side.system).map(|d| (d, PollKind::Reconcile));
+            let reconcile = systems
+                .reconcile
+                .of(side.system)
+                .map(|d| (d, PollKind::Reconcile));
             let poll = |d: Duration| Some((d, PollKind::Poll));
             let schedule = match side.system {
                 SystemId::Zendesk => reconcile,
-                SystemId::PowerOffice => systems.poweroffice.as_ref().and_then(|c| poll(c.poll_interval)),
-                SystemId::CrmOffice => systems.crmoffice.as_ref().and_then(|c| poll(c.poll_interval)),
-                SystemId::ExactOnline if side.entity_type != "Accounts" => {
-                    systems.exactonline.as_ref().and_then(|c| poll(c.poll_interval))
-                }
+                SystemId::PowerOffice => systems
+                    .poweroffice
+                    .as_ref()
+                    .and_then(|c| poll(c.poll_interval)),
+                SystemId::CrmOffice => systems
+                    .crmoffice
+                    .as_ref()
+                    .and_then(|c| poll(c.poll_interval)),
+                SystemId::ExactOnline if side.entity_type != "Accounts" => systems
+                    .exactonline
+                    .as_ref()
+                    .and_then(|c| poll(c.poll_interval)),
                 SystemId::ExactOnline => reconcile,
-                SystemId::CustomErp => systems.customerp.as_ref().and_then(|c| c.poll_interval).map_or(reconcile, poll),
-                SystemId::CustomPms => systems.custompms.as_ref().and_then(|c| c.poll_interval).map_or(reconcile, poll),
+                SystemId::CustomErp => systems
+                    .customerp
+                    .as_ref()
+                    .and_then(|c| c.poll_interval)
+                    .map_or(reconcile, poll),
+                SystemId::CustomPms => systems
+                    .custompms
+                    .as_ref()
+                    .and_then(|c| c.poll_interval)
+                    .map_or(reconcile, poll),
             };
-            let (Some((interval, kind)), Some(connector)) = (schedule, connectors.get(&side.system))
+            let (Some((interval, kind)), Some(connector)) =
+                (schedule, connectors.get(&side.system))
             else {
                 continue;
             };
@@ -121,6 +140,17 @@ pub fn poller_specs(
                 });
             }
         }
+    }
+    // Exact reports deletions of every type in one stream, `sync/Deleted`, read on the
+    // reconciliation interval whenever a flow touches Exact (rule 9: deletes end links).
+    let exact_used = seen.iter().any(|(s, _)| *s == SystemId::ExactOnline);
+    if let (true, Some(connector)) = (exact_used, connectors.get(&SystemId::ExactOnline)) {
+        specs.push(PollerSpec {
+            connector: connector.clone(),
+            entity_type: connectors::DELETIONS.to_owned(),
+            interval: systems.reconcile.exactonline,
+            kind: PollKind::Reconcile,
+        });
     }
     specs
 }

@@ -10,6 +10,8 @@
 //! Field names in a [`Record`] are Exact's own (`Name`, `Description`, ...), which are the
 //! registry's names for these types. `/Date(ms)/` values are presented as RFC 3339 strings.
 
+mod deleted;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +26,7 @@ use super::transport::gate::Window;
 use super::transport::quota::{LowQuota, QuotaGate, QuotaHeaders, ResetFormat};
 use super::transport::refresh::{RefreshConfig, StoredRefreshToken};
 use super::transport::{http_client, Budgets, Call, Gates, RateGate, VendorClient};
-use super::{ChangePage, Connector, ConnectorError, Record};
+use super::{ChangePage, Connector, ConnectorError, DeletionPage, Record, DELETIONS};
 use crate::config::ExactConfig;
 use crate::domain::SystemId;
 
@@ -510,7 +512,7 @@ impl Connector for ExactOnline {
     /// Accounts (sync API): a first pass from the oldest row version that passes over rows last
     /// modified before `at`. Other types: their `Modified` filter starts at `at`.
     fn start_cursor(&self, entity_type: &str, at: DateTime<Utc>) -> Option<String> {
-        if entity_type == "Accounts" {
+        if entity_type == "Accounts" || entity_type == DELETIONS {
             let mut cursor = SyncCursor::at(FIRST_SYNC_TIMESTAMP);
             cursor.since_ms = Some(at.timestamp_millis());
             return Some(cursor.to_text());
@@ -520,6 +522,10 @@ impl Connector for ExactOnline {
             ..ModifiedCursor::default()
         };
         Some(serde_json::to_string(&cursor).expect("cursor serialises"))
+    }
+
+    async fn list_deleted(&self, cursor: Option<&str>) -> Result<DeletionPage, ConnectorError> {
+        self.deleted_page(cursor).await
     }
 
     /// Exact sends `Delete` only for records it deleted, and a GUID never comes back.

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::connectors::{Connector, ConnectorError, Record};
+use crate::connectors::{Connector, ConnectorError, Record, DELETIONS};
 use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
 use crate::queue::{self, NewJob};
 
@@ -142,6 +142,75 @@ fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
+/// One page read from a connector, as the events it stands for.
+struct FoundPage {
+    events: Vec<ChangeEvent>,
+    next_cursor: Option<String>,
+    has_more: bool,
+}
+
+/// Reads the next page of the spec's type: changed records, or (for [`DELETIONS`]) the
+/// vendor's stream of deletions.
+async fn read_page(spec: &PollerSpec, cursor: Option<&str>) -> Result<FoundPage, ConnectorError> {
+    let system = spec.connector.system();
+    if spec.entity_type == DELETIONS {
+        let page = spec.connector.list_deleted(cursor).await?;
+        let events = page
+            .deletions
+            .into_iter()
+            .map(|deletion| ChangeEvent {
+                delivery_id: deletion_id(system, &deletion.entity_type, &deletion.id),
+                record: RecordKey {
+                    system,
+                    entity_type: deletion.entity_type,
+                    record_id: deletion.id,
+                },
+                action: Action::Deleted,
+                occurred_at: deletion.deleted_at,
+            })
+            .collect();
+        return Ok(FoundPage {
+            events,
+            next_cursor: page.next_cursor,
+            has_more: page.has_more,
+        });
+    }
+    let page = spec
+        .connector
+        .list_changed(&spec.entity_type, cursor)
+        .await?;
+    let events = page
+        .records
+        .iter()
+        .map(|record| ChangeEvent {
+            record: RecordKey {
+                system,
+                entity_type: spec.entity_type.clone(),
+                record_id: record.id.clone(),
+            },
+            // A poll cannot tell a create from an update; the sync engine fetches and decides.
+            action: Action::Updated,
+            occurred_at: record.updated_at,
+            delivery_id: delivery_id(system, &spec.entity_type, record),
+        })
+        .collect();
+    Ok(FoundPage {
+        events,
+        next_cursor: page.next_cursor,
+        has_more: page.has_more,
+    })
+}
+
+/// The deduplication key of a reported deletion: a record is deleted once.
+fn deletion_id(system: SystemId, entity_type: &str, id: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in [system.as_str(), entity_type, id] {
+        hash.update(part.len().to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    format!("poll-deleted:{}", hex::encode(hash.finalize()))
+}
+
 /// Polls one (system, type) until the connector says it is caught up (or [`MAX_PAGES_PER_ROUND`]),
 /// one transaction per page.
 /// Returns `busy` at once if another replica holds the cursor.
@@ -167,11 +236,7 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         };
         // The row stays locked while the vendor is asked: the call is bounded by the outbound
         // timeout, and no other replica may poll the same cursor meanwhile.
-        let page = match spec
-            .connector
-            .list_changed(&spec.entity_type, cursor.as_deref())
-            .await
-        {
+        let page = match read_page(spec, cursor.as_deref()).await {
             Ok(page) => page,
             Err(error) => {
                 drop(tx);
@@ -180,23 +245,8 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
             }
         };
         report.pages += 1;
-        report.records += page.records.len() as u64;
-
-        let events: Vec<ChangeEvent> = page
-            .records
-            .iter()
-            .map(|record| ChangeEvent {
-                record: RecordKey {
-                    system,
-                    entity_type: spec.entity_type.clone(),
-                    record_id: record.id.clone(),
-                },
-                // A poll cannot tell a create from an update; the sync engine fetches and decides.
-                action: Action::Updated,
-                occurred_at: record.updated_at,
-                delivery_id: delivery_id(system, &spec.entity_type, record),
-            })
-            .collect();
+        report.records += page.events.len() as u64;
+        let events = page.events;
         let mut stored: Vec<(i64, &ChangeEvent)> = Vec::new();
         for event in &events {
             let id: Option<i64> = sqlx::query_scalar(
@@ -238,7 +288,7 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         .bind(system.as_str())
         .bind(&spec.entity_type)
         .bind(page.next_cursor.as_deref())
-        .bind(page.records.iter().filter_map(|r| r.updated_at).max())
+        .bind(events.iter().filter_map(|e| e.occurred_at).max())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
