@@ -313,3 +313,35 @@ async fn an_exact_delete_found_in_sync_deleted_ends_the_link() {
     assert_eq!(deleted_events, 1, "found in sync/Deleted");
     h.stop().await;
 }
+
+#[test]
+fn reconcile_interval_defaults_to_15_minutes_and_refuses_zero() {
+    let base =
+        "[zendesk]\nbase_url = \"http://127.0.0.1:1\"\napi_token = \"t\"\nemail = \"a@b.c\"\n";
+    let load = |extra: &str| {
+        let mut source = Source::empty();
+        source
+            .add_toml(&format!("{base}{extra}"), Path::new("t.toml"))
+            .unwrap();
+        Config::from_source(source)
+    };
+    let config = load("").unwrap();
+    assert_eq!(
+        config.systems.reconcile.of(SystemId::Zendesk),
+        Some(Duration::from_secs(15 * 60))
+    );
+    assert_eq!(config.systems.reconcile.of(SystemId::PowerOffice), None);
+    let config = load("reconcile_interval = \"2m\"\n").unwrap();
+    assert_eq!(config.systems.reconcile.zendesk, Duration::from_secs(120));
+    let error = load("reconcile_interval = \"0s\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("zendesk.reconcile_interval") && error.contains("longer than zero"),
+        "{error}"
+    );
+    let error = load("reconcile_interval = \"soon\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("zendesk.reconcile_interval"), "{error}");
+}
