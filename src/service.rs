@@ -159,11 +159,20 @@ pub fn poller_specs(
 /// reconciliation cursors start there. `run` calls it; the sandbox and the test harness call it
 /// before they seed records, so what they seed is new to Tether.
 pub async fn record_first_connections(config: &Config, pool: &PgPool) -> Result<(), sqlx::Error> {
+    record_first_connections_at(config, pool, chrono::Utc::now()).await
+}
+
+/// As [`record_first_connections`], at a given moment (tests of systems connected earlier).
+pub async fn record_first_connections_at(
+    config: &Config,
+    pool: &PgPool,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), sqlx::Error> {
     let connected = SystemId::ALL
         .iter()
         .copied()
         .filter(|s| config.systems.is_connected(*s));
-    crate::polling::connections::record_first(pool, connected, chrono::Utc::now()).await
+    crate::polling::connections::record_first(pool, connected, at).await
 }
 
 /// Runs HTTP (if enabled and a listener is given), workers (if enabled) and pollers until

@@ -200,6 +200,17 @@ impl Service {
         extra_toml: &str,
         layer_toml: &str,
     ) -> Service {
+        Service::start_connected_at(overlay, extra_toml, layer_toml, Utc::now()).await
+    }
+
+    /// As [`Service::start_layered`], with every system first connected at `connected_at`
+    /// (what changed before it is the past, which polling and reconciliation do not read).
+    pub async fn start_connected_at(
+        overlay: Option<&str>,
+        extra_toml: &str,
+        layer_toml: &str,
+        connected_at: DateTime<Utc>,
+    ) -> Service {
         let db = testing::database().await;
         let listener = tokio::net::TcpListener::bind(any_port()).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -231,7 +242,7 @@ impl Service {
             .unwrap();
         sims.zendesk.control().reset_counters();
         // Connected before the test seeds anything, as an operator's first `serve` would be.
-        tether::service::record_first_connections(&config, &db.pool)
+        tether::service::record_first_connections_at(&config, &db.pool, connected_at)
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
