@@ -95,37 +95,7 @@ pub fn poller_specs(
     let mut specs = Vec::new();
     for flow in registry.dataflows.iter().filter(|f| f.switches.enabled) {
         for side in [&flow.source, &flow.target] {
-            let reconcile = systems
-                .reconcile
-                .of(side.system)
-                .map(|d| (d, PollKind::Reconcile));
-            let poll = |d: Duration| Some((d, PollKind::Poll));
-            let schedule = match side.system {
-                SystemId::Zendesk => reconcile,
-                SystemId::PowerOffice => systems
-                    .poweroffice
-                    .as_ref()
-                    .and_then(|c| poll(c.poll_interval)),
-                SystemId::CrmOffice => systems
-                    .crmoffice
-                    .as_ref()
-                    .and_then(|c| poll(c.poll_interval)),
-                SystemId::ExactOnline if side.entity_type != "Accounts" => systems
-                    .exactonline
-                    .as_ref()
-                    .and_then(|c| poll(c.poll_interval)),
-                SystemId::ExactOnline => reconcile,
-                SystemId::CustomErp => systems
-                    .customerp
-                    .as_ref()
-                    .and_then(|c| c.poll_interval)
-                    .map_or(reconcile, poll),
-                SystemId::CustomPms => systems
-                    .custompms
-                    .as_ref()
-                    .and_then(|c| c.poll_interval)
-                    .map_or(reconcile, poll),
-            };
+            let schedule = schedule(systems, side.system, &side.entity_type);
             let (Some((interval, kind)), Some(connector)) =
                 (schedule, connectors.get(&side.system))
             else {
@@ -153,6 +123,45 @@ pub fn poller_specs(
         });
     }
     specs
+}
+
+/// How often a type is read and why: polled (no webhooks for it) or reconciled (webhook-driven).
+fn schedule(
+    systems: &crate::config::SystemsConfig,
+    system: SystemId,
+    entity_type: &str,
+) -> Option<(Duration, PollKind)> {
+    let reconcile = systems
+        .reconcile
+        .of(system)
+        .map(|d| (d, PollKind::Reconcile));
+    let poll = |d: Duration| Some((d, PollKind::Poll));
+    match system {
+        SystemId::Zendesk => reconcile,
+        SystemId::PowerOffice => systems
+            .poweroffice
+            .as_ref()
+            .and_then(|c| poll(c.poll_interval)),
+        SystemId::CrmOffice => systems
+            .crmoffice
+            .as_ref()
+            .and_then(|c| poll(c.poll_interval)),
+        SystemId::ExactOnline if entity_type != "Accounts" => systems
+            .exactonline
+            .as_ref()
+            .and_then(|c| poll(c.poll_interval)),
+        SystemId::ExactOnline => reconcile,
+        SystemId::CustomErp => systems
+            .customerp
+            .as_ref()
+            .and_then(|c| c.poll_interval)
+            .map_or(reconcile, poll),
+        SystemId::CustomPms => systems
+            .custompms
+            .as_ref()
+            .and_then(|c| c.poll_interval)
+            .map_or(reconcile, poll),
+    }
 }
 
 /// Records now as the first connection of every configured system that has none yet: poll and
