@@ -64,6 +64,17 @@ async fn first_poll_of_a_prepopulated_system_creates_nothing() {
         crate::support::obj(json!({"name": "Existing Customer"})),
         None,
     );
+    sims.zendesk
+        .insert_user(json!({"name": "Existing User", "email": "existing@example.com"}));
+    sims.zendesk.insert_ticket(json!({
+        "subject": "Existing ticket",
+        "comment": {"body": "An old question", "public": true}
+    }));
+    sims.crmoffice.insert(
+        "contacts",
+        crate::support::obj(json!({"firstName": "Old", "lastName": "Contact"})),
+        None,
+    );
     // Zendesk's export cursors count whole seconds: the first connection comes in a later one.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     tether::service::record_first_connections(&config, &db.pool)
@@ -82,6 +93,9 @@ async fn first_poll_of_a_prepopulated_system_creates_nothing() {
         (SystemId::ExactOnline, "Accounts"),
         (SystemId::ExactOnline, "sync/Deleted"),
         (SystemId::PowerOffice, "Customers"),
+        (SystemId::CrmOffice, "Contacts"),
+        (SystemId::Zendesk, "Users"),
+        (SystemId::CustomErp, "Customer"),
     ] {
         assert!(
             streams.contains(&(wanted.0, wanted.1.to_owned())),
@@ -115,6 +129,7 @@ async fn first_poll_of_a_prepopulated_system_creates_nothing() {
     // What changes after the first connection is found.
     sims.zendesk
         .insert_organization(json!({"name": "New Org AS"}));
+    sims.zendesk.insert_ticket(json!({"subject": "New ticket"}));
     let account = sims.exact.seed_account(json!({"Name": "New Account BV"}));
     sims.poweroffice
         .seed("Customers", json!({"Name": "Ny Kunde AS"}));
@@ -128,6 +143,7 @@ async fn first_poll_of_a_prepopulated_system_creates_nothing() {
     }
     for stream in [
         (SystemId::Zendesk, "Organizations"),
+        (SystemId::Zendesk, "Tickets"),
         (SystemId::ExactOnline, "Accounts"),
         (SystemId::PowerOffice, "Customers"),
     ] {
