@@ -7,6 +7,9 @@
 //! `secrecy::SecretString`: they never reach logs, error messages or `Debug` output.
 //! The commented defaults are in `tether.example.toml`.
 
+mod reconcile;
+pub use reconcile::{ReconcileIntervals, DEFAULT_RECONCILE_INTERVAL};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -516,6 +519,8 @@ pub struct SystemsConfig {
     pub crmoffice: Option<CrmOfficeConfig>,
     pub customerp: Option<CustomSystemConfig>,
     pub custompms: Option<CustomSystemConfig>,
+    /// `<system>.reconcile_interval` of the systems that send webhooks (README, "Reconciliation").
+    pub reconcile: ReconcileIntervals,
 }
 
 impl SystemsConfig {
@@ -688,6 +693,7 @@ impl Config {
                 crmoffice: crmoffice(&mut s)?,
                 customerp: custom(&mut s, "customerp")?,
                 custompms: custom(&mut s, "custompms")?,
+                reconcile: ReconcileIntervals::load(&mut s)?,
             },
             admin: AdminConfig {
                 token: admin_token(&mut s)?,

@@ -287,13 +287,15 @@ pub async fn run(
     // queued events would point at records that no longer exist.
     sqlx::query(
         "TRUNCATE events, jobs, links, link_intents, sync_log, poll_cursors, oauth_tokens, \
-         webhook_registrations CASCADE",
+         webhook_registrations, system_connections CASCADE",
     )
     .execute(&db.pool)
     .await
     .context("cannot reset the sandbox database")?;
 
     install_webhooks(&config, &db.pool, &registry).await?;
+    // Connected before anything is seeded: the seeds are changes after the first connection.
+    crate::service::record_first_connections(&config, &db.pool).await?;
     let service = tokio::spawn(crate::service::run(
         config.clone(),
         db.pool.clone(),

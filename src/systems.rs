@@ -43,7 +43,8 @@ impl WebhookScheme {
 /// How a system's changes reach Tether.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Changes {
-    /// Signed webhooks for every entity type; never polled.
+    /// Signed webhooks for every entity type; not polled, only reconciled every
+    /// `reconcile_interval` (`service::poller_specs`).
     Webhooks(WebhookScheme),
     /// Signed webhooks for the listed entity types only; the others are polled.
     WebhooksFor(WebhookScheme, &'static [&'static str]),

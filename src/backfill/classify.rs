@@ -56,7 +56,10 @@ pub fn classify(
 
 /// Target records by their normalised merge-criteria values (records with an empty criterion
 /// value are not indexed: they can match nothing).
-fn index_targets<'t>(flow: &Dataflow, targets: &'t [Record]) -> HashMap<Vec<String>, Vec<&'t Record>> {
+fn index_targets<'t>(
+    flow: &Dataflow,
+    targets: &'t [Record],
+) -> HashMap<Vec<String>, Vec<&'t Record>> {
     let mut index: HashMap<Vec<String>, Vec<&Record>> = HashMap::new();
     if flow.merge_criteria.is_empty() {
         return index;
@@ -84,7 +87,11 @@ fn creation_blocker(flow: &Dataflow) -> Option<Skip> {
         return Some(Skip::TargetCannotBeCreated);
     }
     decl.required_fields()
-        .find(|f| !flow.mappings(Direction::ToTarget).any(|p| p.target == f.path))
+        .find(|f| {
+            !flow
+                .mappings(Direction::ToTarget)
+                .any(|p| p.target == f.path)
+        })
         .map(|f| Skip::RequiredFieldUnmapped {
             field: f.path.to_owned(),
         })

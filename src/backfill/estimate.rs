@@ -84,9 +84,10 @@ pub fn add_item_calls(
         Verdict::Create => create_calls(flow),
         Verdict::Linked { .. } | Verdict::Conflict(_) | Verdict::Skip(_) => return,
     };
-    let fan_out = registry.dataflows.iter().any(|f| {
-        f.id != flow.id && f.switches.enabled && f.touches(&flow.target)
-    });
+    let fan_out = registry
+        .dataflows
+        .iter()
+        .any(|f| f.id != flow.id && f.switches.enabled && f.touches(&flow.target));
     *calls.entry(source).or_default() += 1;
     *calls.entry(target).or_default() += target_calls + u64::from(fan_out);
 }

@@ -23,7 +23,10 @@ pub enum Followed {
 /// How progress is shown.
 enum Display {
     Bar(ProgressBar),
-    Lines { every: Duration, last: Option<Instant> },
+    Lines {
+        every: Duration,
+        last: Option<Instant>,
+    },
 }
 
 impl Display {
@@ -60,9 +63,11 @@ impl Display {
                 *last = Some(Instant::now());
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 let rate = passed.saturating_sub(at_start) as f64 / secs;
-                let eta = (rate > 0.0)
-                    .then(|| duration(((p.total - passed.min(p.total)) as f64 / rate) as u64))
-                    .unwrap_or_else(|| "unknown".into());
+                let eta = if rate > 0.0 {
+                    duration(((p.total - passed.min(p.total)) as f64 / rate) as u64)
+                } else {
+                    "unknown".into()
+                };
                 eprintln!(
                     "backfill plan {plan}: {passed}/{} records ({} failed), {rate:.0}/s, ETA {eta}",
                     p.total, p.failed

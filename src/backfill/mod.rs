@@ -16,6 +16,7 @@
 //! - [`follow`]: `tether backfill run`'s progress bar or lines.
 
 pub mod classify;
+pub mod command;
 pub mod estimate;
 pub mod follow;
 pub mod normalize;
@@ -162,7 +163,9 @@ impl Verdict {
     /// The reason in a sentence, for the table and the CSV.
     pub fn detail(&self) -> Option<String> {
         Some(match self {
-            Verdict::Link { criterion, writes, .. } => {
+            Verdict::Link {
+                criterion, writes, ..
+            } => {
                 format!("matched on {criterion}; {writes} value(s) to write")
             }
             Verdict::Conflict(Conflict::SeveralCandidates { candidates }) => format!(
@@ -183,9 +186,9 @@ impl Verdict {
             Verdict::Skip(Skip::TargetCannotBeCreated) => {
                 "nothing matched and the target type cannot be created through its API".into()
             }
-            Verdict::Skip(Skip::RequiredFieldUnmapped { field }) => format!(
-                "nothing matched and no mapping gives the target its required `{field}`"
-            ),
+            Verdict::Skip(Skip::RequiredFieldUnmapped { field }) => {
+                format!("nothing matched and no mapping gives the target its required `{field}`")
+            }
             Verdict::Skip(Skip::RequiredFieldEmpty { field }) => format!(
                 "nothing matched and the record has no value for the target's required `{field}`"
             ),

@@ -45,7 +45,10 @@ mod tests {
 
     #[test]
     fn text_is_trimmed_collapsed_and_case_insensitive() {
-        assert_eq!(k(json!("  Acme   Trading\tBV \n")), k(json!("acme trading bv")));
+        assert_eq!(
+            k(json!("  Acme   Trading\tBV \n")),
+            k(json!("acme trading bv"))
+        );
         assert_eq!(text("ACME  Corp"), "acme corp");
         assert_ne!(k(json!("Acme Corp")), k(json!("Acme Corporation")));
     }

@@ -116,7 +116,10 @@ pub async fn make(
         for side in [&flow.source, &flow.target] {
             if !records.contains_key(side) {
                 let conn = &connectors[&side.system];
-                records.insert(side.clone(), read_all(conn.as_ref(), &side.entity_type).await?);
+                records.insert(
+                    side.clone(),
+                    read_all(conn.as_ref(), &side.entity_type).await?,
+                );
             }
         }
     }
@@ -190,7 +193,9 @@ async fn links_of(pool: &PgPool, flow: &Dataflow) -> Result<Linked, sqlx::Error>
     let mut linked = Linked::default();
     let (src, tgt) = (&flow.source, &flow.target);
     for (ss, st, sid, ts, tt, tid) in rows {
-        let is = |e: &EntityRef, system: &str, ty: &str| e.system.as_str() == system && e.entity_type == ty;
+        let is = |e: &EntityRef, system: &str, ty: &str| {
+            e.system.as_str() == system && e.entity_type == ty
+        };
         if is(src, &ss, &st) && is(tgt, &ts, &tt) {
             linked.counterpart.insert(sid.clone(), tid.clone());
         } else if is(tgt, &ss, &st) && is(src, &ts, &tt) {

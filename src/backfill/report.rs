@@ -79,7 +79,11 @@ fn csv_field(s: &str) -> String {
 }
 
 /// `tether backfill status`: the plan's figures and where its run stands.
-pub fn status(s: &Summary, p: &Progress, decisions: &std::collections::BTreeMap<String, u64>) -> String {
+pub fn status(
+    s: &Summary,
+    p: &Progress,
+    decisions: &std::collections::BTreeMap<String, u64>,
+) -> String {
     let mut out = table(s);
     if !p.enqueued {
         let _ = writeln!(out, "\nnot run yet: `tether backfill run {}`", s.plan);

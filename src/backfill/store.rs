@@ -47,7 +47,9 @@ pub async fn save(pool: &PgPool, plan: &mut Plan) -> Result<i64, sqlx::Error> {
         .bind(id)
         .bind(col(&|(f, _)| Some(f.flow.id.clone())))
         .bind(chunk.iter().map(|(f, _)| f.stage).collect::<Vec<i32>>())
-        .bind(col(&|(f, _)| Some(f.flow.source.system.as_str().to_owned())))
+        .bind(col(&|(f, _)| {
+            Some(f.flow.source.system.as_str().to_owned())
+        }))
         .bind(col(&|(f, _)| Some(f.flow.source.entity_type.clone())))
         .bind(col(&|(_, i)| Some(i.source_id.clone())))
         .bind(
@@ -300,7 +302,9 @@ pub struct PlannedItem {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PlannedAction {
     /// Link to this target record.
-    Link { target_id: String },
+    Link {
+        target_id: String,
+    },
     Create,
 }
 

@@ -277,6 +277,16 @@ impl Connector for CrmOfficeConnector {
         SYSTEM
     }
 
+    /// `updated_since` is inclusive; nothing at `at` was delivered yet.
+    fn start_cursor(&self, _entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let cursor = Cursor {
+            since: Some(at),
+            seen: Vec::new(),
+            page: 1,
+        };
+        Some(serde_json::to_string(&cursor).expect("cursor serialises"))
+    }
+
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let collection = self.collection(entity_type, "fetch")?;
         self.send(Call::get(join(&self.base_url, &[collection, id])))

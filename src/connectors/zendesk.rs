@@ -526,7 +526,16 @@ impl ZendeskConnector {
         let mut query = vec![("per_page", self.export_page_size.to_string())];
         match &cursor.after {
             Some(after) => query.push(("cursor", after.clone())),
-            None => query.push(("start_time", cursor.start.to_string())),
+            // Zendesk refuses a `start_time` less than a minute old (a cursor that starts at a
+            // first connection moments ago): ask from a minute back; `list_changed` drops what
+            // changed before the cursor's start.
+            None => query.push((
+                "start_time",
+                cursor
+                    .start
+                    .min(Utc::now().timestamp() - EXPORT_MIN_AGE_SECS)
+                    .to_string(),
+            )),
         }
         let url = self.url(
             &format!("/api/v2/incremental/{}/cursor", entity.plural()),
@@ -743,6 +752,16 @@ impl Connector for ZendeskConnector {
         SYSTEM
     }
 
+    /// Every export (time-based and cursor-based) takes a `start_time` in whole seconds, and
+    /// returns items changed at or after it.
+    fn start_cursor(&self, _entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let cursor = ExportCursor {
+            start: at.timestamp(),
+            ..ExportCursor::default()
+        };
+        Some(cursor.encode())
+    }
+
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let entity = Entity::parse(entity_type, "fetch")?;
         if entity == Entity::Ticketcomments {
@@ -874,10 +893,13 @@ impl Connector for ZendeskConnector {
             Entity::Organizations => self.list_organizations(cursor).await,
             Entity::Users | Entity::Tickets => {
                 let (items, next, end_of_stream) = self.export_page(entity, &cursor).await?;
-                let records = items
+                let mut records = items
                     .iter()
                     .map(|v| record(entity, v))
                     .collect::<Result<Vec<_>, _>>()?;
+                // The stream is ordered by change time: what changed before the cursor's start
+                // (asked from a minute back) is the past, not a change after the start.
+                records.retain(|r| r.updated_at.is_none_or(|at| at.timestamp() >= cursor.start));
                 Ok(ChangePage {
                     records,
                     next_cursor: Some(next.encode()),

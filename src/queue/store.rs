@@ -59,7 +59,14 @@ pub async fn claim(
     limit: usize,
     lease: Duration,
 ) -> Result<(Vec<Claim>, Vec<Unreadable>), sqlx::Error> {
-    claim_in(pool, owner, limit, lease, JobPriority::Live..=JobPriority::Backfill).await
+    claim_in(
+        pool,
+        owner,
+        limit,
+        lease,
+        JobPriority::Live..=JobPriority::Backfill,
+    )
+    .await
 }
 
 /// [`claim`] restricted to the jobs whose priority lies in `priorities`, in (priority, id)

@@ -331,7 +331,11 @@ impl Buffer {
     }
 
     fn leases(&self) -> Vec<Lease> {
-        self.fore.iter().chain(&self.back).map(|c| c.lease).collect()
+        self.fore
+            .iter()
+            .chain(&self.back)
+            .map(|c| c.lease)
+            .collect()
     }
 }
 

@@ -8,6 +8,8 @@
 //! is invalid (`400 invalid_grant`). A refresh sooner than `min_refresh_interval` after the last
 //! one is refused with `400 invalid_request`.
 
+mod deleted;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -108,6 +110,8 @@ struct Inner {
     errors: ErrorCounts,
     /// The next token answer is held this long after the refresh was done (a lost response).
     hold_next_token_answer: Option<Duration>,
+    /// What `sync/Deleted` reports, oldest first.
+    deleted: Vec<deleted::Tombstone>,
 }
 
 /// Exact's error rule (docs/vendors.md, Exact Online item 3): "No more than 10 errors per API
@@ -273,11 +277,7 @@ impl ExactSim {
     /// Deletes an account as a user in Exact would, with a `Delete` webhook.
     pub fn delete_account(&self, id: &str) -> bool {
         let id = id.to_lowercase();
-        let removed = self
-            .lock()
-            .rows
-            .remove(&(Set::Accounts, id.clone()))
-            .is_some();
+        let removed = self.lock().remove(Set::Accounts, &id);
         if removed {
             self.notify("Delete", &id);
         }
@@ -330,6 +330,23 @@ impl ExactSim {
 }
 
 impl Inner {
+    /// Removes a row as a delete in Exact does: with a `sync/Deleted` entry of a new row version.
+    fn remove(&mut self, set: Set, key: &str) -> bool {
+        if self.rows.remove(&(set, key.to_owned())).is_none() {
+            return false;
+        }
+        if let Some(entity_type) = deleted::entity_type(set) {
+            self.row_version += 1;
+            self.deleted.push(deleted::Tombstone {
+                timestamp: self.row_version,
+                entity_type,
+                key: key.to_owned(),
+                deleted_ms: Utc::now().timestamp_millis(),
+            });
+        }
+        true
+    }
+
     fn key_field(set: Set) -> &'static str {
         match set {
             Set::Divisions => "Code",
@@ -898,7 +915,7 @@ async fn entity_delete(
     if let Some(refusal) = read_only(set) {
         return refusal;
     }
-    let removed = sim.lock().rows.remove(&(set, key.clone())).is_some();
+    let removed = sim.lock().remove(set, &key);
     if !removed {
         return exact_error(StatusCode::NOT_FOUND, "Not found");
     }
@@ -919,6 +936,10 @@ pub fn router(sim: ExactSim) -> Router {
                 .delete(entity_delete),
         )
         .route("/api/v1/{division}/sync/CRM/Accounts", get(sync_accounts))
+        .route(
+            "/api/v1/{division}/sync/Deleted",
+            get(deleted::sync_deleted),
+        )
         .layer(middleware::from_fn_with_state(sim.clone(), api_guard))
         .route("/api/oauth2/token", post(token))
         .with_state(sim.clone());
@@ -948,6 +969,7 @@ pub async fn start(
             config,
             rows: BTreeMap::new(),
             row_version: FIRST_ROW_VERSION,
+            deleted: Vec::new(),
             public_base: String::new(),
             token_calls: 0,
             errors: ErrorCounts::default(),

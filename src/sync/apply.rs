@@ -242,7 +242,14 @@ impl SyncEngine {
         pending: &[RecordKey],
     ) -> Result<Step, Fail> {
         let mut tx = self.pool.begin().await?;
-        store::enqueue_records(&mut tx, pending, "reference", Some(job.event_id), job.priority).await?;
+        store::enqueue_records(
+            &mut tx,
+            pending,
+            "reference",
+            Some(job.event_id),
+            job.priority,
+        )
+        .await?;
         tx.commit().await?;
         let names: Vec<String> = pending.iter().map(ToString::to_string).collect();
         let detail = format!(

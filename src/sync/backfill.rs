@@ -74,8 +74,9 @@ impl SyncEngine {
                     .planned_match(flow, src, target_id, tconn)
                     .await?
                     .map(Matching::Planned),
-                PlannedAction::Create => (src.updated_at == item.source_updated_at)
-                    .then_some(Matching::PlannedNone),
+                PlannedAction::Create => {
+                    (src.updated_at == item.source_updated_at).then_some(Matching::PlannedNone)
+                }
             };
             let result = match matching {
                 Some(_) => ItemResult::Followed,

@@ -247,7 +247,10 @@ impl SyncEngine {
         let mut later: Vec<String> = Vec::new();
         for (flow, side, other_conn) in active {
             let step = match planned.iter().find(|i| i.flow_id == flow.id) {
-                Some(item) => self.on_planned(job, flow, &current, other_conn, item).await?,
+                Some(item) => {
+                    self.on_planned(job, flow, &current, other_conn, item)
+                        .await?
+                }
                 None => {
                     self.on_record(job, flow, side, &current, other_conn)
                         .await?

@@ -15,6 +15,7 @@ mod metrics;
 mod polling;
 mod poweroffice;
 mod queue;
+mod reconcile;
 mod registry;
 mod support;
 mod sync;

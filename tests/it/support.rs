@@ -190,6 +190,27 @@ impl Service {
     /// Starts the simulators and the service; `overlay` is registry overlay TOML, and
     /// `extra_toml` is appended to the configuration the simulators describe.
     pub async fn start(overlay: Option<&str>, extra_toml: &str) -> Service {
+        Service::start_layered(overlay, extra_toml, "").await
+    }
+
+    /// As [`Service::start`], with `layer_toml` read as a second configuration file over the
+    /// first (so it may set keys of sections the simulators' configuration already has).
+    pub async fn start_layered(
+        overlay: Option<&str>,
+        extra_toml: &str,
+        layer_toml: &str,
+    ) -> Service {
+        Service::start_connected_at(overlay, extra_toml, layer_toml, Utc::now()).await
+    }
+
+    /// As [`Service::start_layered`], with every system first connected at `connected_at`
+    /// (what changed before it is the past, which polling and reconciliation do not read).
+    pub async fn start_connected_at(
+        overlay: Option<&str>,
+        extra_toml: &str,
+        layer_toml: &str,
+        connected_at: DateTime<Utc>,
+    ) -> Service {
         let db = testing::database().await;
         let listener = tokio::net::TcpListener::bind(any_port()).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -209,6 +230,9 @@ impl Service {
         toml.push_str(extra_toml);
         let mut source = Source::empty();
         source.add_toml(&toml, Path::new("test.toml")).unwrap();
+        source
+            .add_toml(layer_toml, Path::new("test-layer.toml"))
+            .unwrap();
         let config = Arc::new(Config::from_source(source).unwrap());
         let (registry, _warnings) = tether::registry::load(overlay_path.as_deref()).unwrap();
         // The simulators deliver only to registered webhooks: register them as an operator
@@ -217,6 +241,10 @@ impl Service {
             .await
             .unwrap();
         sims.zendesk.control().reset_counters();
+        // Connected before the test seeds anything, as an operator's first `serve` would be.
+        tether::service::record_first_connections_at(&config, &db.pool, connected_at)
+            .await
+            .unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tether::service::run(
             config.clone(),
