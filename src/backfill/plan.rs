@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::connectors::{Connector, ConnectorError, Record};
+use crate::connectors::{ChangePage, Connector, ConnectorError, Record};
 use crate::domain::SystemId;
 use crate::registry::{Dataflow, EntityRef, Registry};
 
@@ -158,8 +159,7 @@ async fn read_all(conn: &dyn Connector, entity_type: &str) -> Result<Vec<Record>
     let mut by_id: BTreeMap<String, Record> = BTreeMap::new();
     let mut cursor: Option<String> = None;
     loop {
-        let page = conn
-            .list_existing(entity_type, cursor.as_deref())
+        let page = read_page(conn, entity_type, cursor.as_deref())
             .await
             .map_err(read_error)?;
         for r in page.records {
@@ -176,6 +176,32 @@ async fn read_all(conn: &dyn Connector, entity_type: &str) -> Result<Vec<Record>
             });
         }
         cursor = page.next_cursor;
+    }
+}
+
+/// One page, waiting out the vendor's rate limit (as long as it says) and retrying a transient
+/// failure a few times: a plan of thousands of records must not fail on the limit it keeps to.
+async fn read_page(
+    conn: &dyn Connector,
+    entity_type: &str,
+    cursor: Option<&str>,
+) -> Result<ChangePage, ConnectorError> {
+    const TRANSIENT_TRIES: u32 = 5;
+    let mut transient = 0;
+    loop {
+        match conn.list_existing(entity_type, cursor).await {
+            Err(ConnectorError::RateLimited { retry_after, .. }) => {
+                let wait = retry_after.unwrap_or(Duration::from_secs(1));
+                tokio::time::sleep(wait.min(Duration::from_secs(120))).await;
+            }
+            Err(ConnectorError::Transient { .. } | ConnectorError::Timeout { .. })
+                if transient < TRANSIENT_TRIES =>
+            {
+                transient += 1;
+                tokio::time::sleep(Duration::from_millis(500) * transient).await;
+            }
+            other => return other,
+        }
     }
 }
 
