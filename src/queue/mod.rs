@@ -77,7 +77,8 @@ pub enum JobPriority {
     /// A change found by reconciliation (a webhook that never arrived).
     Reconcile,
     /// Loading the past (`tether backfill run`): runs only when no live job is ready, on at most
-    /// `workers.backfill_concurrency` tasks, and yields the vendor budget to live calls.
+    /// `workers.backfill_concurrency` tasks, so at most that many backfill calls wait at a
+    /// vendor's rate gate ahead of a live call (docs/queue.md, "Priorities").
     Backfill,
 }
 
