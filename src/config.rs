@@ -479,6 +479,9 @@ pub struct WorkerConfig {
     pub enabled: bool,
     /// Jobs run at once by this process.
     pub concurrency: usize,
+    /// Of those, backfill jobs at most (fewer than `concurrency`, so live work always finds a
+    /// task; docs/queue.md, "Priorities").
+    pub backfill_concurrency: usize,
     /// Jobs claimed per query.
     pub batch_size: usize,
     /// How long a claim is valid without renewal; must exceed the outbound timeout plus a margin.
@@ -646,6 +649,10 @@ impl Config {
             workers: WorkerConfig {
                 enabled: s.bool("workers.enabled")?.unwrap_or(true),
                 concurrency: s.integer("workers.concurrency", 1, 1024)?.unwrap_or(8) as usize,
+                // 0 stands for "half of `concurrency`", resolved in `check`.
+                backfill_concurrency: s
+                    .integer("workers.backfill_concurrency", 1, 1023)?
+                    .unwrap_or(0) as usize,
                 batch_size: s.integer("workers.batch_size", 1, 10_000)?.unwrap_or(100) as usize,
                 lease: s
                     .duration("workers.lease")?
@@ -699,12 +706,22 @@ impl Config {
             },
         };
         s.finish()?;
+        let mut config = config;
         config.check()?;
         Ok(config)
     }
 
     /// Rules that span several keys.
-    fn check(&self) -> Result<(), ConfigError> {
+    fn check(&mut self) -> Result<(), ConfigError> {
+        let w = &mut self.workers;
+        if w.backfill_concurrency == 0 {
+            w.backfill_concurrency = (w.concurrency / 2).max(1);
+        } else if w.concurrency > 1 && w.backfill_concurrency >= w.concurrency {
+            return Err(ConfigError(format!(
+                "configuration key `workers.backfill_concurrency` is {}, but it must be less than `workers.concurrency` ({}), so that live work always finds a free task.",
+                w.backfill_concurrency, w.concurrency
+            )));
+        }
         // A lease shorter than a slow outbound call lets a second worker claim a job that is still
         // running (docs/queue.md, leases).
         let margin = Duration::from_secs(5);

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod at_rest;
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod connectors;

@@ -221,6 +221,19 @@ pub trait Connector: Send + Sync + 'static {
         cursor: Option<&str>,
     ) -> Result<ChangePage, ConnectorError>;
 
+    /// Every record of the type, one page at a time from `None` (the backfill's reading,
+    /// docs/backfill.md). The same as [`Connector::list_changed`] from the beginning, except
+    /// where a vendor's change feed cannot list everything at once: Zendesk's time-based
+    /// organization export holds back the newest minute and allows 10 calls a minute, so its
+    /// cursor-paginated list is read instead.
+    async fn list_existing(
+        &self,
+        entity_type: &str,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError> {
+        self.list_changed(entity_type, cursor).await
+    }
+
     /// Records deleted after the cursor, for a vendor with a stream of deletions (read as the
     /// type [`DELETIONS`]); `Unsupported` elsewhere, where deletes arrive by webhook or in the
     /// change lists themselves.

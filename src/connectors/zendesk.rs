@@ -910,6 +910,17 @@ impl Connector for ZendeskConnector {
         }
     }
 
+    async fn list_existing(
+        &self,
+        entity_type: &str,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError> {
+        match Entity::parse(entity_type, "list_existing")? {
+            Entity::Organizations => self.list_page(Entity::Organizations, cursor).await,
+            _ => self.list_changed(entity_type, cursor).await,
+        }
+    }
+
     async fn find_by(
         &self,
         entity_type: &str,
@@ -971,6 +982,37 @@ impl Connector for ZendeskConnector {
 }
 
 impl ZendeskConnector {
+    /// One page of a cursor-paginated list (`GET /api/v2/{plural}?page[size]=…`); the cursor is
+    /// the page's `links.next`, followed only on the configured host.
+    async fn list_page(
+        &self,
+        entity: Entity,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError> {
+        let url = match cursor {
+            Some(next) => self.same_origin(next)?,
+            None => self.url(
+                &format!("/api/v2/{}", entity.plural()),
+                &[("page[size]", self.page_size.to_string())],
+            ),
+        };
+        let page = self
+            .get_json(url)
+            .await?
+            .ok_or_else(|| malformed("the list answered 404"))?;
+        let records = array(&page, entity.plural())?
+            .iter()
+            .map(|v| record(entity, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let has_more = page["meta"]["has_more"].as_bool().unwrap_or(false);
+        let next = page["links"]["next"].as_str().map(str::to_owned);
+        Ok(ChangePage {
+            records,
+            has_more: has_more && next.is_some(),
+            next_cursor: next,
+        })
+    }
+
     async fn list_records(
         &self,
         entity: Entity,

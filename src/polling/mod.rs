@@ -45,6 +45,16 @@ pub enum PollKind {
     Reconcile,
 }
 
+impl PollKind {
+    /// Where the jobs of the changes found rank in the queue.
+    pub fn priority(self) -> queue::JobPriority {
+        match self {
+            PollKind::Poll => queue::JobPriority::Live,
+            PollKind::Reconcile => queue::JobPriority::Reconcile,
+        }
+    }
+}
+
 /// One thing to poll: a connector, one of its entity types, and how often.
 #[derive(Clone)]
 pub struct PollerSpec {
@@ -273,9 +283,9 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
                 event,
             })
             .collect();
-        // The one place polled and reconciled changes are enqueued: reconciliation's jobs are
-        // to rank below live webhooks' once the queue has priorities (`spec.kind`).
-        queue::enqueue(&mut tx, &jobs).await?;
+        // The one place polled and reconciled changes are enqueued: a change found by
+        // reconciliation ranks below live work and above backfill (docs/queue.md, "Priorities").
+        queue::enqueue_with_priority(&mut tx, &jobs, spec.kind.priority()).await?;
         report.emitted += jobs.len() as u64;
         let found = jobs.len() as u64;
 

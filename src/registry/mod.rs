@@ -47,7 +47,7 @@ pub struct Locations {
 }
 
 /// One side of a dataflow: an entity type of a system.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct EntityRef {
     pub system: SystemId,
     /// The registry's name for the type (`Organizations`, `Accounts`, `Customer`, ...).

@@ -22,6 +22,7 @@
 //! snapshot changed under it returns `Later` and re-reads both sides, which then look converged.
 
 mod apply;
+mod backfill;
 mod create;
 pub mod decision;
 pub mod history;
@@ -219,6 +220,9 @@ impl SyncEngine {
             return Ok(None);
         };
         let active = self.set_aside_paused(job, flows.active).await?;
+        // A backfill job runs exactly the flows its plan items name (docs/backfill.md).
+        let planned = self.planned_items(job).await?;
+        let active = backfill::restrict_to_plan(active, &planned);
         if active.is_empty() {
             return Ok(None);
         }
@@ -237,14 +241,22 @@ impl SyncEngine {
         // Rule 7: the current state, never the event's data.
         let Some(current) = conn.fetch(&rec.entity_type, &rec.record_id).await? else {
             self.record_deleted(job, Gone::NotFound).await?;
+            self.planned_record_gone(&planned).await?;
             return Ok(None);
         };
         let mut later: Vec<String> = Vec::new();
         for (flow, side, other_conn) in active {
-            if let Step::Later(reason) = self
-                .on_record(job, flow, side, &current, other_conn)
-                .await?
-            {
+            let step = match planned.iter().find(|i| i.flow_id == flow.id) {
+                Some(item) => {
+                    self.on_planned(job, flow, &current, other_conn, item)
+                        .await?
+                }
+                None => {
+                    self.on_record(job, flow, side, &current, other_conn)
+                        .await?
+                }
+            };
+            if let Step::Later(reason) = step {
                 later.push(format!("{}: {reason}", flow.id));
             }
         }

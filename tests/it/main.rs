@@ -3,6 +3,7 @@
 
 mod admin;
 mod at_rest;
+mod backfill;
 mod console;
 mod crmoffice;
 mod custom;

@@ -275,6 +275,27 @@ impl Service {
         .unwrap()
     }
 
+    /// Stops the service the way `kill -9` does: every task is dropped where it stands, nothing
+    /// is released, leases run out on their own.
+    pub fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Runs the service again on the same database, configuration and simulators (a restart
+    /// after [`Service::kill`]); webhooks then reach no one, as after a crash of the listener.
+    pub fn restart(&mut self, registry: tether::registry::Registry) {
+        self.shutdown = CancellationToken::new();
+        self.task = Some(tokio::spawn(tether::service::run(
+            self.config.clone(),
+            self.db.pool.clone(),
+            Arc::new(registry),
+            None,
+            self.shutdown.clone(),
+        )));
+    }
+
     /// Shuts the service down the way SIGTERM does and fails the test if it ended in an error.
     pub async fn stop(mut self) {
         self.shutdown.cancel();

@@ -1,0 +1,261 @@
+//! Backfill (issue 17): a plan of the records that existed before Tether, reviewed and then run
+//! by the service's workers through the engine's own path, against the simulators and a real
+//! PostgreSQL.
+//!
+//! - `plan_counts_every_verdict_and_run_links_or_creates_each_record_once`: exact plan counts
+//!   (matching normalised), the run links and creates exactly what the plan said, and a second
+//!   plan finds everything linked.
+//! - `a_run_killed_mid_way_resumes_without_duplicates`: the service is killed (`kill -9`
+//!   semantics) half way through a run and started again: every record gets exactly one
+//!   counterpart.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether::backfill::store::{self, Enqueued};
+use tether::backfill::{estimate, plan, report, FlowCounts, Summary};
+use tether::registry::Registry;
+
+use crate::support::{eventually, obj, Service as Harness};
+
+const FLOW: &str = "zendesk.Organizations->customerp.Customer";
+
+/// The shipped flow maps no property and has no merge criteria: link and copy by name.
+const OVERLAY: &str = r#"
+[[dataflow]]
+source = "zendesk.Organizations"
+target = "customerp.Customer"
+[[dataflow.property]]
+source = "name"
+target = "name"
+type = "string"
+[[dataflow.merge]]
+source = "name"
+target = "name"
+
+[[rule]]
+entity = "zendesk.Organizations"
+property = "name"
+resolve = "latest_wins"
+"#;
+
+/// A short lease, so that jobs of a killed service are taken over within seconds.
+const LAYER: &str = r#"
+[outbound]
+timeout = "1s"
+[workers]
+lease = "7s"
+"#;
+
+fn registry(h: &Harness) -> Registry {
+    tether::registry::load(h.config.registry.overlay.as_deref())
+        .unwrap()
+        .0
+}
+
+/// Makes and stores a plan of [`FLOW`].
+async fn make_plan(h: &Harness) -> Summary {
+    let connectors = tether::service::build_connectors(&h.config, &h.db.pool).unwrap();
+    let limits = estimate::limits(&h.config);
+    let mut made = plan::make(
+        &h.db.pool,
+        &registry(h),
+        &connectors,
+        &limits,
+        &[FLOW.to_owned()],
+    )
+    .await
+    .unwrap();
+    store::save(&h.db.pool, &mut made).await.unwrap();
+    made.summary
+}
+
+/// Waits until every item of the plan is carried out (none may fail).
+async fn run_to_the_end(h: &Harness, id: i64) {
+    eventually(
+        "the plan to be carried out",
+        Duration::from_secs(120),
+        || async {
+            let p = store::progress(&h.db.pool, id).await.unwrap();
+            assert_eq!(p.failed, 0, "no item fails");
+            p.finished()
+        },
+    )
+    .await;
+}
+
+async fn active_links(h: &Harness) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM links WHERE state = 'active' AND flow_id = $1")
+        .bind(FLOW)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Customers of the custom ERP by name: how many carry each.
+fn customers_by_name(h: &Harness, ids: impl Iterator<Item = u64>) -> HashMap<String, usize> {
+    let mut names = HashMap::new();
+    for id in ids {
+        if let Some(c) = h.sims.customerp.get("customer", &id.to_string()) {
+            let name = c["name"].as_str().unwrap_or_default().to_owned();
+            *names.entry(name).or_default() += 1;
+        }
+    }
+    names
+}
+
+#[tokio::test]
+async fn plan_counts_every_verdict_and_run_links_or_creates_each_record_once() {
+    let h = Harness::start_layered(Some(OVERLAY), "", LAYER).await;
+    let z = &h.sims.zendesk;
+    let erp = &h.sims.customerp;
+    let mut matched = Vec::new();
+    for i in 0..30 {
+        z.insert_organization(json!({ "name": format!("Match Co {i}") }));
+        // Case and whitespace differ: a person would call them the same name.
+        let id = erp.insert(
+            "customer",
+            obj(json!({ "name": format!("  match   CO {i} ") })),
+            None,
+        );
+        matched.push(id);
+    }
+    for i in 0..20 {
+        z.insert_organization(json!({ "name": format!("New Co {i}") }));
+    }
+    // Two customers fit one organization; one customer fits two organizations.
+    z.insert_organization(json!({"name": "Twin Co"}));
+    erp.insert("customer", obj(json!({"name": "Twin Co"})), None);
+    erp.insert("customer", obj(json!({"name": "twin co"})), None);
+    z.insert_organization(json!({"name": "Pair Co"}));
+    z.insert_organization(json!({"name": "Pair Co"}));
+    erp.insert("customer", obj(json!({"name": "Pair Co"})), None);
+    for i in 0..5 {
+        erp.insert(
+            "customer",
+            obj(json!({ "name": format!("Only in the ERP {i}") })),
+            None,
+        );
+    }
+
+    let first = make_plan(&h).await;
+    let counts = &first.flows[0];
+    assert_eq!(
+        (
+            counts.flow.as_str(),
+            counts.linked,
+            counts.link,
+            counts.create,
+            counts.conflict,
+            counts.skip
+        ),
+        (FLOW, 0, 30, 20, 3, 0),
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.writes, 30,
+        "each matched customer's name differs from the organization's"
+    );
+    assert!(first.vendor_calls["customerp"] > 0 && first.vendor_calls["zendesk"] > 0);
+    // Exactly the issue's shape, in its order (serde_json's map would sort the keys: compare text).
+    let text = report::json(&first);
+    let prefix = format!(
+        r#"{{"plan":{},"flows":[{{"flow":"{FLOW}","linked":0,"link":30,"create":20,"conflict":3,"skip":0"#,
+        first.plan
+    );
+    assert!(text.starts_with(&prefix), "{text}");
+    let after_flows = &text[text.find("]").unwrap()..];
+    assert!(after_flows.starts_with(r#"],"vendor_calls":{"#), "{text}");
+    assert!(after_flows.contains(r#"},"estimated_seconds":"#), "{text}");
+    let printed: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(printed["flows"][0]["create"], 20);
+    // Nothing was written to a vendor by planning.
+    assert_eq!(erp.len("customer"), 38);
+    assert_eq!(active_links(&h).await, 0);
+
+    assert_eq!(
+        store::enqueue(&h.db.pool, first.plan).await.unwrap(),
+        Enqueued::Now(50)
+    );
+    run_to_the_end(&h, first.plan).await;
+    assert_eq!(
+        store::enqueue(&h.db.pool, first.plan).await.unwrap(),
+        Enqueued::Before
+    );
+
+    assert_eq!(active_links(&h).await, 50);
+    assert_eq!(erp.len("customer"), 58, "20 created, nothing else");
+    for (i, id) in matched.iter().enumerate() {
+        let c = erp.get("customer", id).unwrap();
+        assert_eq!(
+            c["name"],
+            format!("Match Co {i}"),
+            "the link wrote the source's name"
+        );
+    }
+    let names = customers_by_name(&h, 1..=100);
+    for i in 0..20 {
+        assert_eq!(names.get(&format!("New Co {i}")), Some(&1));
+    }
+
+    let second = make_plan(&h).await;
+    assert_eq!(
+        second.flows[0],
+        FlowCounts {
+            flow: FLOW.into(),
+            linked: 50,
+            conflict: 3,
+            ..FlowCounts::default()
+        }
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_killed_mid_way_resumes_without_duplicates() {
+    let mut h = Harness::start_layered(Some(OVERLAY), "", LAYER).await;
+    const N: usize = 400;
+    for i in 0..N {
+        h.sims
+            .zendesk
+            .insert_organization(json!({ "name": format!("Old Org {i}") }));
+    }
+    let plan = make_plan(&h).await;
+    assert_eq!(plan.flows[0].create, N as u64);
+    assert_eq!(
+        store::enqueue(&h.db.pool, plan.plan).await.unwrap(),
+        Enqueued::Now(N as u64)
+    );
+    eventually(
+        "the run to be under way",
+        Duration::from_secs(60),
+        || async { store::progress(&h.db.pool, plan.plan).await.unwrap().done >= 20 },
+    )
+    .await;
+    h.kill();
+    let done_at_kill = store::progress(&h.db.pool, plan.plan).await.unwrap().done;
+    assert!(
+        done_at_kill < N as u64,
+        "killed half way ({done_at_kill} of {N} done)"
+    );
+
+    h.restart(registry(&h));
+    // Running it again adds nothing: the jobs are in the queue already.
+    assert_eq!(
+        store::enqueue(&h.db.pool, plan.plan).await.unwrap(),
+        Enqueued::Before
+    );
+    run_to_the_end(&h, plan.plan).await;
+
+    assert_eq!(active_links(&h).await, N as i64);
+    assert_eq!(
+        h.sims.customerp.len("customer"),
+        N,
+        "exactly one counterpart each"
+    );
+    let names = customers_by_name(&h, 1..=(2 * N as u64));
+    assert_eq!(names.len(), N);
+    assert!(names.values().all(|&n| n == 1));
+    h.stop().await;
+}
