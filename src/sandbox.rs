@@ -66,10 +66,8 @@ impl Simulators {
             webhook_secret: String::new(),
         })
         .await?;
-        let exact_config = ExactSimConfig {
-            webhook_target: hook("exactonline"),
-            ..ExactSimConfig::default()
-        };
+        // No subscription until Tether makes its own ([`install_webhooks`]).
+        let exact_config = ExactSimConfig::default();
         let (exact, exact_running) = exactonline::start(exact_config.clone(), any).await?;
         let poweroffice_config = PowerOfficeSimConfig::default();
         let (poweroffice, po_running) = poweroffice::start(poweroffice_config.clone(), any).await?;
@@ -294,12 +292,17 @@ pub async fn run(
     .context("cannot reset the sandbox database")?;
 
     install_webhooks(&config, &db.pool, &registry).await?;
-    // Connected before anything is seeded: the seeds are changes after the first connection.
+    if !demo {
+        // The systems' past: records made before Tether connects, loaded by a backfill below.
+        sims.seed();
+    }
+    // The demo's records are made after the first connection: changes that arrive live.
     crate::service::record_first_connections(&config, &db.pool).await?;
+    let registry = Arc::new(registry);
     let service = tokio::spawn(crate::service::run(
         config.clone(),
         db.pool.clone(),
-        Arc::new(registry),
+        registry.clone(),
         Some(listener),
         shutdown.clone(),
     ));
@@ -318,8 +321,9 @@ pub async fn run(
             std::process::ExitCode::FAILURE
         });
     } else {
-        sims.seed();
-        print_welcome(&sims, &tether_url);
+        let plan = backfill_the_past(&config, &db.pool, &registry).await?;
+        print!("{}", crate::backfill::report::table(&plan));
+        print_welcome(&sims, &tether_url, plan.plan);
         shutdown.cancelled().await;
         std::process::ExitCode::SUCCESS
     };
@@ -329,7 +333,23 @@ pub async fn run(
     Ok(code)
 }
 
-fn print_welcome(sims: &Simulators, tether_url: &str) {
+/// Plans the backfill of every enabled flow, as an operator would with `tether backfill plan`,
+/// and runs it (`tether backfill run --detach`): the seeded records reach the other systems.
+async fn backfill_the_past(
+    config: &crate::config::Config,
+    pool: &sqlx::PgPool,
+    registry: &crate::registry::Registry,
+) -> anyhow::Result<crate::backfill::Summary> {
+    use crate::backfill::{estimate, plan, store};
+    let connectors = crate::service::build_connectors(config, pool)?;
+    let limits = estimate::limits(config);
+    let mut made = plan::make(pool, registry, &connectors, &limits, &[]).await?;
+    store::save(pool, &mut made).await?;
+    store::enqueue(pool, made.summary.plan).await?;
+    Ok(made.summary)
+}
+
+fn print_welcome(sims: &Simulators, tether_url: &str, plan: i64) {
     let zd = sims.url(SystemId::Zendesk);
     let po = sims.url(SystemId::PowerOffice);
     let erp = sims.url(SystemId::CustomErp);
@@ -345,8 +365,10 @@ Tether sandbox is running. Ctrl-C stops everything.
   Custom ERP       {erp}
   Custom PMS       {pms}
 
-A few records are already in PowerOffice and Exact; within seconds they appear in Zendesk and,
-from there, in the Custom ERP and PMS. Try:
+A few records were in PowerOffice and Exact before Tether connected: the sandbox planned their
+backfill (plan {plan}, above) and runs it, so within seconds they appear in Zendesk and, from
+there, in the Custom ERP and PMS (`tether backfill status {plan}` with the sandbox's database
+shows how it went). Try:
 
   # 1. the organizations Tether created in Zendesk
   curl -s -u '{email}/token:{token}' {zd}/api/v2/organizations
@@ -638,15 +660,19 @@ resolve = "latest_wins"
 }
 
 /// Registers Tether's webhooks at the simulators the way an operator does with
-/// `tether webhooks install zendesk` (the same code), so the simulators, which deliver only to
+/// `tether webhooks install zendesk` and `... exactonline` (the same code), so the simulators, which deliver only to
 /// registered webhooks, send their changes to this sandbox.
 pub async fn install_webhooks(
     config: &crate::config::Config,
     pool: &sqlx::PgPool,
     registry: &crate::registry::Registry,
 ) -> anyhow::Result<()> {
-    crate::webhooks::install(config, pool, registry, SystemId::Zendesk)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot install the Zendesk webhook: {e}"))?;
+    for system in [SystemId::Zendesk, SystemId::ExactOnline] {
+        match crate::webhooks::install(config, pool, registry, system).await {
+            // An overlay may switch off every flow of a system: nothing to subscribe to.
+            Ok(_) | Err(crate::webhooks::WebhookError::NothingNeeded(_)) => {}
+            Err(e) => anyhow::bail!("cannot install the {system} webhooks: {e}"),
+        }
+    }
     Ok(())
 }

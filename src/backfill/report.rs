@@ -4,12 +4,16 @@
 use std::fmt::Write as _;
 
 use super::store::{ItemRow, Progress};
-use super::Summary;
+use super::{FlowCounts, Summary};
 
 /// The table: one block per flow with its counts, then the calls and the estimate.
 pub fn table(s: &Summary) -> String {
     let mut out = format!("backfill plan {}\n", s.plan);
-    for f in &s.flows {
+    let (empty, flows): (Vec<&FlowCounts>, Vec<&FlowCounts>) = s
+        .flows
+        .iter()
+        .partition(|f| f.linked + f.link + f.create + f.conflict + f.skip == 0);
+    for f in flows {
         let _ = writeln!(out, "\n  {}", f.flow);
         for (label, n) in [
             ("already linked", f.linked),
@@ -21,6 +25,13 @@ pub fn table(s: &Summary) -> String {
             let _ = writeln!(out, "    {label:<28} {n:>8}");
         }
         let _ = writeln!(out, "    {:<28} {:>8}", "values written by links", f.writes);
+    }
+    if !empty.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n  {} more flow(s) with no records on either side",
+            empty.len()
+        );
     }
     let _ = writeln!(out, "\n  vendor calls to run it:");
     for (system, n) in &s.vendor_calls {

@@ -11,6 +11,7 @@
 //! registry's names for these types. `/Date(ms)/` values are presented as RFC 3339 strings.
 
 mod deleted;
+pub mod subscriptions;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,6 +9,7 @@ mod crmoffice;
 mod custom;
 mod deploy;
 mod e2e;
+mod exact_webhooks;
 mod exactonline;
 mod foundation;
 mod intake;
