@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tether::backfill::store::{self, Enqueued};
 use tether::backfill::{estimate, plan, report, FlowCounts, Summary};
 use tether::registry::Registry;
+use tether::simulators::zendesk::Kind;
 
 use crate::support::{eventually, obj, Service as Harness};
 
@@ -105,13 +106,32 @@ fn customers_by_name(h: &Harness, ids: impl Iterator<Item = u64>) -> HashMap<Str
     names
 }
 
+/// Organizations linked live before the plan, matching customers, and new ones.
+const LIVE: usize = 5;
+const MATCHED: usize = 1_200;
+const NEW: usize = 800;
+
 #[tokio::test]
 async fn plan_counts_every_verdict_and_run_links_or_creates_each_record_once() {
     let h = Harness::start_layered(Some(OVERLAY), "", LAYER).await;
     let z = &h.sims.zendesk;
     let erp = &h.sims.customerp;
+    // Already linked: made in Zendesk while Tether runs, synced live.
+    for i in 0..LIVE {
+        let made = z.create(
+            Kind::Organization,
+            json!({ "name": format!("Live Co {i}") }),
+        );
+        assert!(made.status().is_success());
+    }
+    eventually(
+        "the live organizations to be linked",
+        Duration::from_secs(60),
+        || async { active_links(&h).await == LIVE as i64 },
+    )
+    .await;
     let mut matched = Vec::new();
-    for i in 0..30 {
+    for i in 0..MATCHED {
         z.insert_organization(json!({ "name": format!("Match Co {i}") }));
         // Case and whitespace differ: a person would call them the same name.
         let id = erp.insert(
@@ -121,7 +141,7 @@ async fn plan_counts_every_verdict_and_run_links_or_creates_each_record_once() {
         );
         matched.push(id);
     }
-    for i in 0..20 {
+    for i in 0..NEW {
         z.insert_organization(json!({ "name": format!("New Co {i}") }));
     }
     // Two customers fit one organization; one customer fits two organizations.
@@ -150,18 +170,18 @@ async fn plan_counts_every_verdict_and_run_links_or_creates_each_record_once() {
             counts.conflict,
             counts.skip
         ),
-        (FLOW, 0, 30, 20, 3, 0),
+        (FLOW, LIVE as u64, MATCHED as u64, NEW as u64, 3, 0),
         "{counts:?}"
     );
     assert_eq!(
-        counts.writes, 30,
+        counts.writes, MATCHED as u64,
         "each matched customer's name differs from the organization's"
     );
     assert!(first.vendor_calls["customerp"] > 0 && first.vendor_calls["zendesk"] > 0);
     // Exactly the issue's shape, in its order (serde_json's map would sort the keys: compare text).
     let text = report::json(&first);
     let prefix = format!(
-        r#"{{"plan":{},"flows":[{{"flow":"{FLOW}","linked":0,"link":30,"create":20,"conflict":3,"skip":0"#,
+        r#"{{"plan":{},"flows":[{{"flow":"{FLOW}","linked":{LIVE},"link":{MATCHED},"create":{NEW},"conflict":3,"skip":0"#,
         first.plan
     );
     assert!(text.starts_with(&prefix), "{text}");
@@ -169,14 +189,15 @@ async fn plan_counts_every_verdict_and_run_links_or_creates_each_record_once() {
     assert!(after_flows.starts_with(r#"],"vendor_calls":{"#), "{text}");
     assert!(after_flows.contains(r#"},"estimated_seconds":"#), "{text}");
     let printed: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(printed["flows"][0]["create"], 20);
+    assert_eq!(printed["flows"][0]["create"], NEW);
     // Nothing was written to a vendor by planning.
-    assert_eq!(erp.len("customer"), 38);
-    assert_eq!(active_links(&h).await, 0);
+    let before_run = LIVE + MATCHED + 2 + 1 + 5;
+    assert_eq!(erp.len("customer"), before_run);
+    assert_eq!(active_links(&h).await, LIVE as i64);
 
     assert_eq!(
         store::enqueue(&h.db.pool, first.plan).await.unwrap(),
-        Enqueued::Now(50)
+        Enqueued::Now((MATCHED + NEW) as u64)
     );
     run_to_the_end(&h, first.plan).await;
     assert_eq!(
@@ -184,8 +205,12 @@ async fn plan_counts_every_verdict_and_run_links_or_creates_each_record_once() {
         Enqueued::Before
     );
 
-    assert_eq!(active_links(&h).await, 50);
-    assert_eq!(erp.len("customer"), 58, "20 created, nothing else");
+    assert_eq!(active_links(&h).await, (LIVE + MATCHED + NEW) as i64);
+    assert_eq!(
+        erp.len("customer"),
+        before_run + NEW,
+        "the planned creates, nothing else"
+    );
     for (i, id) in matched.iter().enumerate() {
         let c = erp.get("customer", id).unwrap();
         assert_eq!(
@@ -194,8 +219,8 @@ async fn plan_counts_every_verdict_and_run_links_or_creates_each_record_once() {
             "the link wrote the source's name"
         );
     }
-    let names = customers_by_name(&h, 1..=100);
-    for i in 0..20 {
+    let names = customers_by_name(&h, 1..=10_000);
+    for i in 0..NEW {
         assert_eq!(names.get(&format!("New Co {i}")), Some(&1));
     }
 
@@ -204,7 +229,7 @@ async fn plan_counts_every_verdict_and_run_links_or_creates_each_record_once() {
         second.flows[0],
         FlowCounts {
             flow: FLOW.into(),
-            linked: 50,
+            linked: (LIVE + MATCHED + NEW) as u64,
             conflict: 3,
             ..FlowCounts::default()
         }
