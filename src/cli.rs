@@ -60,6 +60,10 @@ pub enum Command {
     /// Load the records that existed before Tether: plan (reviewed first), run, status.
     #[command(subcommand)]
     Backfill(crate::backfill::command::BackfillCommand),
+    /// Hand a running installation a new refresh token (read from standard input) without a
+    /// restart.
+    #[command(subcommand)]
+    Credentials(crate::credentials::CredentialsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +156,12 @@ pub fn main() -> ExitCode {
             Command::DeadLetters(cmd) => dead_letters(config, cmd).await,
             Command::Webhooks(cmd) => webhooks_command(config, cmd).await,
             Command::Backfill(cmd) => backfill_command(config, cmd).await,
+            Command::Credentials(cmd) => {
+                let db = Database::open(&config).await?;
+                let result = crate::credentials::run(&config, &db.pool, cmd).await;
+                db.close().await;
+                result
+            }
         }
     });
     match result {

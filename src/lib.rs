@@ -13,6 +13,7 @@ pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod connectors;
+pub mod credentials;
 pub mod db;
 pub mod domain;
 pub mod http;

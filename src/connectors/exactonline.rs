@@ -61,7 +61,8 @@ const MAX_INLINE_WAIT: Duration = Duration::from_secs(2);
 
 /// The operator-facing instruction when the refresh token is gone.
 const REAUTHORISE: &str =
-    "re-authorise Tether in Exact Online and set exactonline.refresh_token to the new refresh token";
+    "re-authorise Tether in Exact Online and set exactonline.refresh_token to the new refresh token, \
+     or hand it to the running service with `tether credentials set exactonline`";
 
 /// Calls that may go at once when the minute's budget is shared (the rest are spaced so that
 /// no minute holds more than [`MINUTE_LIMIT`]).
@@ -295,26 +296,7 @@ impl ExactOnline {
         budgets: Budgets,
     ) -> Self {
         let http = http_client(timeout);
-        let tokens = StoredRefreshToken::new(
-            RefreshConfig {
-                system: SYSTEM,
-                vendor_name: "Exact Online",
-                account: config.division.to_string(),
-                token_url: format!(
-                    "{}/api/oauth2/token",
-                    config.base_url.as_str().trim_end_matches('/')
-                ),
-                client_id: config.client_id.clone(),
-                client_secret: config.client_secret.clone(),
-                seed_refresh_token: config.refresh_token.clone(),
-                min_refresh_interval: MIN_REFRESH_INTERVAL,
-                reauthorise: REAUTHORISE,
-                client_hint: "check exactonline.client_id and client_secret",
-            },
-            pool,
-            http.clone(),
-        )
-        .with_keyring(keyring);
+        let tokens = token_store(&config, pool, http.clone(), keyring);
         let gates = Gates::new(vec![
             // Exact counts per division for the whole app; the calls are kept under the minute's
             // limit even before the first answer's headers arrive.
@@ -326,7 +308,39 @@ impl ExactOnline {
             .with_max_inline_wait(MAX_INLINE_WAIT);
         ExactOnline { config, client }
     }
+}
 
+/// The division's rotating refresh token as every replica shares it in `oauth_tokens`; also what
+/// `tether credentials set exactonline` hands a new refresh token to.
+pub fn token_store(
+    config: &ExactConfig,
+    pool: PgPool,
+    http: reqwest::Client,
+    keyring: Option<Arc<crate::at_rest::Keyring>>,
+) -> StoredRefreshToken {
+    StoredRefreshToken::new(
+        RefreshConfig {
+            system: SYSTEM,
+            vendor_name: "Exact Online",
+            account: config.division.to_string(),
+            token_url: format!(
+                "{}/api/oauth2/token",
+                config.base_url.as_str().trim_end_matches('/')
+            ),
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            seed_refresh_token: config.refresh_token.clone(),
+            min_refresh_interval: MIN_REFRESH_INTERVAL,
+            reauthorise: REAUTHORISE,
+            client_hint: "check exactonline.client_id and client_secret",
+        },
+        pool,
+        http,
+    )
+    .with_keyring(keyring)
+}
+
+impl ExactOnline {
     fn url(&self, path_and_query: &str) -> String {
         format!(
             "{}/api/v1/{}/{}",
