@@ -25,7 +25,7 @@ pub enum CredentialsCommand {
     /// Store a new refresh token for a system (read from standard input, or `--from-file`) and
     /// resume it; a running `tether serve` uses it at its next call.
     Set {
-        /// The system whose refresh token this is (exactonline).
+        /// The system whose refresh token this is (exactonline, crmoffice).
         system: SystemId,
         /// Read the token from this file instead of standard input.
         #[arg(long, value_name = "FILE")]
@@ -36,8 +36,10 @@ pub enum CredentialsCommand {
 /// Why a token was not stored. Never holds the token.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("{0} has no refresh token to hand over (only exactonline rotates refresh tokens)")]
+    #[error("{0} has no refresh token to hand over (exactonline and crmoffice have)")]
     NoRefreshToken(SystemId),
+    #[error("crmoffice is configured with a fixed `api_token`; set `refresh_token`, `client_id` and `client_secret` to use OAuth2")]
+    FixedToken,
     #[error("{0} is not connected (no [{0}] configuration section)")]
     NotConnected(SystemId),
     #[error("the refresh token read is empty")]
@@ -66,17 +68,27 @@ pub async fn hand_over(
     system: SystemId,
     token: &SecretString,
 ) -> anyhow::Result<()> {
-    if system != SystemId::ExactOnline {
-        return Err(CredentialsError::NoRefreshToken(system).into());
-    }
-    let exact = config
-        .systems
-        .exactonline
-        .as_ref()
-        .ok_or(CredentialsError::NotConnected(system))?;
+    use crate::config::CrmOfficeAuth;
     let keyring = crate::at_rest::Keyring::from_config(&config.secrets.keys).map(Arc::new);
     let http = crate::connectors::transport::http_client(config.outbound.timeout);
-    let store = crate::connectors::exactonline::token_store(exact, pool.clone(), http, keyring);
+    let pool = pool.clone();
+    let store = match system {
+        SystemId::ExactOnline => {
+            let exact = config.systems.exactonline.as_ref();
+            let exact = exact.ok_or(CredentialsError::NotConnected(system))?;
+            crate::connectors::exactonline::token_store(exact, pool, http, keyring)
+        }
+        SystemId::CrmOffice => {
+            let crm = config.systems.crmoffice.as_ref();
+            match &crm.ok_or(CredentialsError::NotConnected(system))?.auth {
+                CrmOfficeAuth::OAuth(oauth) => {
+                    crate::connectors::crmoffice::token_store(oauth, pool, http, keyring)
+                }
+                CrmOfficeAuth::Token(_) => return Err(CredentialsError::FixedToken.into()),
+            }
+        }
+        other => return Err(CredentialsError::NoRefreshToken(other).into()),
+    };
     store.hand_over(token).await?;
     Ok(())
 }

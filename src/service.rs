@@ -62,7 +62,12 @@ pub fn build_connectors(
     if let Some(crm) = &systems.crmoffice {
         out.insert(
             SystemId::CrmOffice,
-            Arc::new(connectors::crmoffice::CrmOfficeConnector::new(crm, timeout)),
+            Arc::new(connectors::crmoffice::CrmOfficeConnector::configured(
+                crm,
+                pool,
+                timeout,
+                crate::at_rest::Keyring::from_config(&config.secrets.keys).map(Arc::new),
+            )),
         );
     }
     for (system, section) in [

@@ -418,7 +418,6 @@ pub mod crmoffice {
     use std::time::Duration;
 
     use secrecy::SecretString;
-    use tether::config::CrmOfficeConfig;
     use tether::connectors::crmoffice::CrmOfficeConnector;
     use tether::simulators::crmoffice::CrmOfficeSim;
     use tether::simulators::kit::RunningSim;
@@ -426,12 +425,9 @@ pub mod crmoffice {
     pub const TOKEN: &str = "crm-token";
 
     pub fn connector(base: &str, page_size: u32) -> CrmOfficeConnector {
-        CrmOfficeConnector::new(
-            &CrmOfficeConfig {
-                base_url: base.parse().unwrap(),
-                api_token: SecretString::from(TOKEN),
-                poll_interval: Duration::from_secs(60),
-            },
+        CrmOfficeConnector::with_token(
+            base.parse().unwrap(),
+            SecretString::from(TOKEN),
             Duration::from_secs(5),
         )
         .with_page_size(page_size)
