@@ -168,6 +168,7 @@ struct FlowDoc {
     enabled: Option<bool>,
     create_in_target: Option<bool>,
     write_back_to_source: Option<bool>,
+    sync_private_comments: Option<bool>,
     #[serde(default)]
     property: Vec<Spanned<PropDoc>>,
     merge: Option<Vec<Spanned<MergeDoc>>>,
@@ -354,6 +355,9 @@ impl Builder {
                 write_back_to_source: flow
                     .write_back_to_source
                     .unwrap_or(defaults.write_back_to_source),
+                sync_private_comments: flow
+                    .sync_private_comments
+                    .unwrap_or(defaults.sync_private_comments),
             },
         });
     }
@@ -366,12 +370,16 @@ impl Builder {
         let switches = &mut existing.switches;
         let changes_switches = flow.enabled.is_some()
             || flow.create_in_target.is_some()
-            || flow.write_back_to_source.is_some();
+            || flow.write_back_to_source.is_some()
+            || flow.sync_private_comments.is_some();
         switches.enabled = flow.enabled.unwrap_or(switches.enabled);
         switches.create_in_target = flow.create_in_target.unwrap_or(switches.create_in_target);
         switches.write_back_to_source = flow
             .write_back_to_source
             .unwrap_or(switches.write_back_to_source);
+        switches.sync_private_comments = flow
+            .sync_private_comments
+            .unwrap_or(switches.sync_private_comments);
         if changes_switches {
             locations.flows.insert(id.clone(), parsed.flow_at);
         }

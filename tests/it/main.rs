@@ -16,6 +16,7 @@ mod intake;
 mod metrics;
 mod polling;
 mod poweroffice;
+mod private_comments;
 mod queue;
 mod reconcile;
 mod registry;
