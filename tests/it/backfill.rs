@@ -8,6 +8,8 @@
 //! - `a_run_killed_mid_way_resumes_without_duplicates`: the service is killed (`kill -9`
 //!   semantics) half way through a run and started again: every record gets exactly one
 //!   counterpart.
+//! - `the_cli_plans_runs_and_reports_a_backfill`: the commands as processes (JSON, CSV, run, status, a
+//!   refused flow).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -282,5 +284,95 @@ async fn a_run_killed_mid_way_resumes_without_duplicates() {
     let names = customers_by_name(&h, 1..=(2 * N as u64));
     assert_eq!(names.len(), N);
     assert!(names.values().all(|&n| n == 1));
+    h.stop().await;
+}
+
+/// The commands as an operator runs them, as processes against the running service's database:
+/// `plan --json --csv`, `run` (followed to the end by the workers of the service), `status`, and a
+/// flow that does not exist (exit 2, nothing stored).
+#[tokio::test]
+async fn the_cli_plans_runs_and_reports_a_backfill() {
+    let h = Harness::start_layered(Some(OVERLAY), "", LAYER).await;
+    for name in ["Cli One", "Cli Two", "Cli Three"] {
+        h.sims.zendesk.insert_organization(json!({ "name": name }));
+    }
+    h.sims
+        .customerp
+        .insert("customer", obj(json!({"name": "cli one"})), None);
+    let dir = std::env::temp_dir().join(format!("tether-backfill-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen: std::net::SocketAddr = h.base.trim_start_matches("http://").parse().unwrap();
+    let overlay = dir.join("overlay.toml");
+    std::fs::write(&overlay, OVERLAY).unwrap();
+    let toml = h.sims.config_toml(listen, &dir, "1s")
+        + &format!(
+            "\n[registry]\noverlay = {:?}\n",
+            overlay.display().to_string()
+        );
+    std::fs::write(dir.join("tether.toml"), toml).unwrap();
+    let run = |args: Vec<String>| {
+        let (config, url) = (dir.join("tether.toml"), h.db.url.clone());
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+                .args(&args)
+                .arg("--config")
+                .arg(&config)
+                .env("DATABASE_URL", secrecy::ExposeSecret::expose_secret(&url))
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let csv = dir.join("plan.csv");
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let plan = run(args(&[
+        "backfill",
+        "plan",
+        "--json",
+        "--flow",
+        FLOW,
+        "--csv",
+        csv.to_str().unwrap(),
+    ]))
+    .await;
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(summary["flows"][0]["link"], 1);
+    assert_eq!(summary["flows"][0]["create"], 2);
+    let id = summary["plan"].as_i64().unwrap().to_string();
+    let lines = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(lines.lines().count(), 4, "{lines}");
+    assert!(lines.contains("link") && lines.contains("create"));
+
+    let ran = run(args(&["backfill", "run", &id])).await;
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ran.stderr).contains("finished, 3 carried out, 0 failed"));
+    assert_eq!(active_links(&h).await, 3);
+    let status = run(args(&["backfill", "status", &id])).await;
+    assert!(String::from_utf8_lossy(&status.stdout).contains("3 of 3 items carried out"));
+
+    let unknown = run(args(&[
+        "backfill",
+        "plan",
+        "--flow",
+        "zendesk.Nope->customerp.Customer",
+    ]))
+    .await;
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("is not a dataflow of the registry"));
+    let plans: i64 = sqlx::query_scalar("SELECT count(*) FROM backfill_plans")
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(plans, 1, "a refused plan stores nothing");
+    std::fs::remove_dir_all(&dir).ok();
     h.stop().await;
 }
