@@ -263,6 +263,22 @@ pub async fn progress(pool: &PgPool, plan: i64) -> Result<Progress, sqlx::Error>
     Ok(p)
 }
 
+/// The newest `n` plans with where each run stands (the console's Backfill page).
+pub async fn recent(pool: &PgPool, n: i64) -> Result<Vec<(Summary, Progress)>, sqlx::Error> {
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM backfill_plans ORDER BY id DESC LIMIT $1")
+            .bind(n)
+            .fetch_all(pool)
+            .await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(summary) = summary(pool, id).await? {
+            out.push((summary, progress(pool, id).await?));
+        }
+    }
+    Ok(out)
+}
+
 /// The engine's decisions for a plan's records, by name (`created`, `linked_by_merge_criteria`,
 /// `updated`, ...), counted per flow entry: what the run did.
 pub async fn decisions(pool: &PgPool, plan: i64) -> Result<BTreeMap<String, u64>, sqlx::Error> {
