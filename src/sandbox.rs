@@ -241,56 +241,15 @@ pub async fn run(
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
-
-    // Tether's own port first: the simulators need it as their webhook target.
-    // `listen` as configured (a container publishes 0.0.0.0:8080); a port in use falls back to
-    // any free one. The simulators reach tether over loopback.
-    let listener = match tokio::net::TcpListener::bind(outer.listen).await {
-        Ok(l) => l,
-        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-    };
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listener.local_addr()?.port()));
+    let (listener, addr) = bind(outer).await?;
     let tether_url = format!("http://{addr}");
     let sims = Simulators::start(addr.ip(), &tether_url)
         .await
         .context("the simulators could not start")?;
-
-    let mut source = crate::config::Source::empty();
-    source.add_toml(
-        &sims.config_toml(addr, &outer.data_dir, "1s"),
-        Path::new("(sandbox)"),
-    )?;
-    let mut config = crate::config::Config::from_source(source)?;
-    config.database = outer.database.clone();
-    config.log_format = outer.log_format;
-    config.registry = outer.registry.clone();
-    let config = Arc::new(config);
-
-    let overlay_file;
-    let overlay = if demo && config.registry.overlay.is_none() {
-        overlay_file = outer.data_dir.join("sandbox-demo-overlay.toml");
-        std::fs::create_dir_all(&outer.data_dir)?;
-        std::fs::write(&overlay_file, demo::OVERLAY)?;
-        Some(overlay_file.as_path())
-    } else {
-        config.registry.overlay.as_deref()
-    };
-    let (registry, _warnings) =
-        crate::registry::load(overlay).context("the mapping registry cannot be used")?;
+    let config = Arc::new(sandbox_config(outer, &sims, addr)?);
+    let registry = load_registry(outer, &config, demo)?;
     let db = crate::db::Database::open(&config).await?;
-    crate::db::migrate(&db.pool)
-        .await
-        .context("migrations failed")?;
-    // A sandbox starts from a clean slate each time: the simulators are new, so old links and
-    // queued events would point at records that no longer exist.
-    sqlx::query(
-        "TRUNCATE events, jobs, links, link_intents, sync_log, poll_cursors, oauth_tokens, \
-         webhook_registrations, system_connections CASCADE",
-    )
-    .execute(&db.pool)
-    .await
-    .context("cannot reset the sandbox database")?;
-
+    reset(&db.pool).await?;
     install_webhooks(&config, &db.pool, &registry).await?;
     if !demo {
         // The systems' past: records made before Tether connects, loaded by a backfill below.
@@ -306,8 +265,7 @@ pub async fn run(
         Some(listener),
         shutdown.clone(),
     ));
-
-    let code = if demo {
+    if demo {
         let report = demo::run(&sims, &db.pool).await;
         // The report is printed once the service has stopped, so no log line lands inside it.
         shutdown.cancel();
@@ -320,17 +278,84 @@ pub async fn run(
         } else {
             std::process::ExitCode::FAILURE
         });
-    } else {
-        let plan = backfill_the_past(&config, &db.pool, &registry).await?;
-        print!("{}", crate::backfill::report::table(&plan));
-        print_welcome(&sims, &tether_url, plan.plan);
-        shutdown.cancelled().await;
-        std::process::ExitCode::SUCCESS
-    };
+    }
+    let plan = backfill_the_past(&config, &db.pool, &registry).await?;
+    print!("{}", crate::backfill::report::table(&plan));
+    print_welcome(&sims, &tether_url, plan.plan);
+    shutdown.cancelled().await;
     let result = service.await;
     db.close().await;
     result??;
-    Ok(code)
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Tether's own port first: the simulators need it as their webhook target. `listen` as
+/// configured (a container publishes 0.0.0.0:8080); a port in use falls back to any free one.
+/// The simulators reach tether over loopback.
+async fn bind(
+    outer: &crate::config::Config,
+) -> std::io::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = match tokio::net::TcpListener::bind(outer.listen).await {
+        Ok(l) => l,
+        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listener.local_addr()?.port()));
+    Ok((listener, addr))
+}
+
+/// The simulators' configuration, with the database, log format and registry the operator gave.
+fn sandbox_config(
+    outer: &crate::config::Config,
+    sims: &Simulators,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<crate::config::Config> {
+    let mut source = crate::config::Source::empty();
+    source.add_toml(
+        &sims.config_toml(addr, &outer.data_dir, "1s"),
+        Path::new("(sandbox)"),
+    )?;
+    let mut config = crate::config::Config::from_source(source)?;
+    config.database = outer.database.clone();
+    config.log_format = outer.log_format;
+    config.registry = outer.registry.clone();
+    Ok(config)
+}
+
+/// The registry with the operator's overlay, or for the demo (without one) the demo's overlay.
+fn load_registry(
+    outer: &crate::config::Config,
+    config: &crate::config::Config,
+    demo: bool,
+) -> anyhow::Result<crate::registry::Registry> {
+    use anyhow::Context as _;
+    let overlay_file = outer.data_dir.join("sandbox-demo-overlay.toml");
+    let overlay = if demo && config.registry.overlay.is_none() {
+        std::fs::create_dir_all(&outer.data_dir)?;
+        std::fs::write(&overlay_file, demo::OVERLAY)?;
+        Some(overlay_file.as_path())
+    } else {
+        config.registry.overlay.as_deref()
+    };
+    let (registry, _warnings) =
+        crate::registry::load(overlay).context("the mapping registry cannot be used")?;
+    Ok(registry)
+}
+
+/// A sandbox starts from a clean slate each time: the simulators are new, so old links and
+/// queued events would point at records that no longer exist.
+async fn reset(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    crate::db::migrate(pool)
+        .await
+        .context("migrations failed")?;
+    sqlx::query(
+        "TRUNCATE events, jobs, links, link_intents, sync_log, poll_cursors, oauth_tokens, \
+         webhook_registrations, system_connections, backfill_plans CASCADE",
+    )
+    .execute(pool)
+    .await
+    .context("cannot reset the sandbox database")?;
+    Ok(())
 }
 
 /// Plans the backfill of every enabled flow, as an operator would with `tether backfill plan`,
