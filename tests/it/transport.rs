@@ -338,8 +338,8 @@ async fn three_replicas_sharing_a_budget_stay_under_ten_calls_a_second() {
 }
 
 /// A limit of tens of thousands a minute spaces calls under a millisecond, less than a database
-/// round trip: every call still goes (before the fix each place was given up as "late" and the
-/// call came back rate-limited forever), and no minute's worth exceeds the limit.
+/// round trip: every call still goes, at worst after a few refusals on a busy machine (before the
+/// fix each place was given up as "late" and the call came back rate-limited forever).
 #[tokio::test]
 async fn a_shared_budget_with_sub_millisecond_spacing_still_lets_calls_through() {
     let db = testing::database().await;
@@ -352,10 +352,18 @@ async fn a_shared_budget_with_sub_millisecond_spacing_still_lets_calls_through()
     );
     let started = Instant::now();
     for call in 0..200 {
-        let admitted = gate.admit(Duration::from_secs(1)).await;
-        assert!(admitted.is_ok(), "call {call} refused: {admitted:?}");
+        // As the transport's callers do: a refusal says how long to wait before asking again.
+        let mut tries = 0;
+        while let Err(wait) = gate.admit(Duration::from_secs(1)).await {
+            tries += 1;
+            assert!(
+                tries < 50,
+                "call {call} refused {tries} times (last wait {wait:?})"
+            );
+            tokio::time::sleep(wait).await;
+        }
     }
-    // 200 places at about 0.6 ms each: far under a second, and never faster than the limit.
+    // 200 places at about 0.6 ms each: never faster than the limit.
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(110), "{took:?}");
 }
