@@ -11,14 +11,18 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
+use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use secrecy::SecretString;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::domain::SystemId;
+use crate::sync::SyncEngine;
 
 #[derive(Debug, Subcommand)]
 pub enum CredentialsCommand {
@@ -116,8 +120,69 @@ pub async fn run(
         .await
         .context("migrations failed")?;
     hand_over(config, pool, system, &token).await?;
-    println!("{system}: new refresh token stored; the system resumes at its next call");
+    println!(
+        "{system}: new refresh token stored; running services resume it within {} s",
+        WATCH_INTERVAL.as_secs()
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often a running service looks for refresh tokens handed over by [`run`].
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Newest `replaced_at` per system: what [`watch`] compares against.
+async fn replacements(pool: &PgPool) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT system, max(replaced_at) FROM oauth_tokens WHERE replaced_at IS NOT NULL \
+         GROUP BY system",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Until `shutdown`: every [`WATCH_INTERVAL`], resumes in `engine` each system whose refresh
+/// token was handed over since the last look. Tokens handed over before this process started
+/// need nothing: a new process has no stop to lift.
+pub async fn watch(pool: PgPool, engine: Arc<SyncEngine>, shutdown: CancellationToken) {
+    let mut seen = replacements(&pool).await.unwrap_or_default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+        }
+        match replacements(&pool).await {
+            Ok(now) => {
+                if resume_replaced(&engine, &seen, &now).await {
+                    seen = now;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not look for handed-over credentials"),
+        }
+    }
+}
+
+/// Resumes every system in `now` newer than in `seen`; false if one failed (it is tried again at
+/// the next look: resuming twice does no harm).
+async fn resume_replaced(
+    engine: &SyncEngine,
+    seen: &[(String, DateTime<Utc>)],
+    now: &[(String, DateTime<Utc>)],
+) -> bool {
+    let mut all_resumed = true;
+    for (name, at) in now {
+        let known = seen.iter().any(|(s, t)| s == name && t >= at);
+        let Ok(system) = name.parse::<SystemId>() else {
+            continue;
+        };
+        if known {
+            continue;
+        }
+        if let Err(e) = engine.resume(system).await {
+            tracing::warn!(%system, error = %e, "could not resume after new credentials");
+            all_resumed = false;
+        }
+    }
+    all_resumed
 }
 
 #[cfg(test)]

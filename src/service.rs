@@ -244,13 +244,23 @@ pub async fn run(
             connected = connectors.len(),
             "starting workers"
         );
-        let engine = crate::sync::SyncEngine::new(pool.clone(), registry.clone(), connectors);
+        let engine = Arc::new(crate::sync::SyncEngine::new(
+            pool.clone(),
+            registry.clone(),
+            connectors,
+        ));
+        // Credentials handed over with `tether credentials set` lift a stop without a restart.
+        tasks.spawn(crate::credentials::watch(
+            pool.clone(),
+            engine.clone(),
+            shutdown.clone(),
+        ));
         // The workers get most of the shutdown bound to drain in-flight jobs, keeping some to
         // release the leases of the rest and write outcomes back.
         let workers = crate::queue::start_workers(
             pool.clone(),
             config.workers.clone(),
-            Arc::new(engine),
+            engine,
             shutdown.clone(),
             config.shutdown_timeout.mul_f64(0.8),
         );

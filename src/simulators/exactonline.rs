@@ -216,6 +216,22 @@ impl ExactSim {
         self.lock().tokens.current.clone()
     }
 
+    /// The user withdrew Tether's access in Exact's app centre: every access and refresh token
+    /// is dead at once, and a re-authorisation would hand out [`Self::current_refresh_token`].
+    pub fn revoke_grant(&self) {
+        let mut inner = self.lock();
+        let tokens = &mut inner.tokens;
+        tokens.access.clear();
+        tokens.previous = None;
+        tokens.last_refresh = None;
+        tokens.generation += 1;
+        tokens.current = format!(
+            "sim-refresh-{}-{}",
+            tokens.generation,
+            uuid::Uuid::new_v4().simple()
+        );
+    }
+
     /// Makes every access token expire now, as if ten minutes had passed.
     pub fn expire_access_tokens(&self) {
         let now = Instant::now();

@@ -32,6 +32,7 @@ mod plan;
 #[cfg(test)]
 mod plan_tests;
 mod references;
+mod resume;
 mod store;
 
 use std::collections::HashMap;
@@ -74,7 +75,8 @@ pub struct SyncEngine {
     pub connectors: HashMap<SystemId, Arc<dyn Connector>>,
     /// Systems whose credentials were refused, and until when this process leaves them alone:
     /// every job that needs one is put off without calling it, so one bad token does not become
-    /// a 401 per queued job. A restart (after fixing the credentials) clears it.
+    /// a 401 per queued job. New credentials (`tether credentials set`, seen by
+    /// `crate::credentials::watch`) or a restart clear it.
     stopped: std::sync::Mutex<HashMap<SystemId, std::time::Instant>>,
     /// Dataflows an operator paused (`admin::pause`): recorded as `paused`, replayed on resume.
     paused: crate::admin::pause::PausedFlows,
@@ -87,7 +89,7 @@ pub(crate) enum Fail {
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error(
-        "{} is stopped: its credentials were refused; fix them and restart, or wait",
+        "{} is stopped: its credentials were refused; hand it new ones (`tether credentials set`) or wait",
         system.display_name()
     )]
     Stopped {

@@ -197,10 +197,11 @@ impl StoredRefreshToken {
     /// holds (docs/vendors.md, Exact Online item 5).
     pub async fn hand_over(&self, refresh_token: &SecretString) -> Result<(), ConnectorError> {
         sqlx::query(
-            "INSERT INTO oauth_tokens (system, account, refresh_token, seed_sha256) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (system, account) DO UPDATE SET \
+            "INSERT INTO oauth_tokens (system, account, refresh_token, seed_sha256, replaced_at) \
+             VALUES ($1, $2, $3, $4, now()) ON CONFLICT (system, account) DO UPDATE SET \
              refresh_token = EXCLUDED.refresh_token, access_token = NULL, \
-             access_expires_at = NULL, stopped_reason = NULL, stopped_at = NULL",
+             access_expires_at = NULL, stopped_reason = NULL, stopped_at = NULL, \
+             replaced_at = now()",
         )
         .bind(self.system().as_str())
         .bind(&self.config.account)

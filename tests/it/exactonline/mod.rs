@@ -18,6 +18,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::support::exactonline::{config, DIVISION};
 use crate::support::obj;
 
+mod credentials;
 mod vendor;
 
 const GUID: &str = "11111111-1111-1111-1111-111111111111";
