@@ -64,6 +64,11 @@ pub enum Command {
     /// restart.
     #[command(subcommand)]
     Credentials(crate::credentials::CredentialsCommand),
+    /// Flows the guard paused after a mass change: list what they hold, release or discard it.
+    #[command(subcommand)]
+    Guard(crate::guard::command::GuardCommand),
+    /// Write back the values a flow's writes since a time replaced (review with --dry-run).
+    Undo(crate::guard::command::UndoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +161,8 @@ pub fn main() -> ExitCode {
             Command::DeadLetters(cmd) => dead_letters(config, cmd).await,
             Command::Webhooks(cmd) => webhooks_command(config, cmd).await,
             Command::Backfill(cmd) => backfill_command(config, cmd).await,
+            Command::Guard(cmd) => guard_command(config, cmd).await,
+            Command::Undo(args) => undo_command(config, args).await,
             Command::Credentials(cmd) => {
                 let db = Database::open(&config).await?;
                 let result = crate::credentials::run(&config, &db.pool, cmd).await;
@@ -318,6 +325,30 @@ async fn backfill_command(
         .context("the mapping registry cannot be used")?;
     let db = Database::open(&config).await?;
     let result = crate::backfill::command::run(&config, &db.pool, &registry, cmd).await;
+    db.close().await;
+    result
+}
+
+async fn guard_command(
+    config: Config,
+    cmd: crate::guard::command::GuardCommand,
+) -> anyhow::Result<ExitCode> {
+    let (registry, _) = registry::load(config.registry.overlay.as_deref())
+        .context("the mapping registry cannot be used")?;
+    let db = Database::open(&config).await?;
+    let result = crate::guard::command::run_guard(&db.pool, &registry, cmd).await;
+    db.close().await;
+    result
+}
+
+async fn undo_command(
+    config: Config,
+    args: crate::guard::command::UndoArgs,
+) -> anyhow::Result<ExitCode> {
+    let (registry, _) = registry::load(config.registry.overlay.as_deref())
+        .context("the mapping registry cannot be used")?;
+    let db = Database::open(&config).await?;
+    let result = crate::guard::command::run_undo(&config, &db.pool, &registry, args).await;
     db.close().await;
     result
 }

@@ -8,6 +8,7 @@
 //! The commented defaults are in `tether.example.toml`.
 
 mod crmoffice;
+mod guard;
 mod reconcile;
 
 pub use crmoffice::{CrmOfficeAuth, CrmOfficeConfig, CrmOfficeOAuth};
@@ -433,6 +434,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
     pub secrets: SecretsConfig,
+    /// `[guard]`: when a flow pauses itself and holds its writes (docs/guard.md).
+    pub guard: crate::guard::GuardSettings,
 }
 
 /// Keys that encrypt credentials stored in PostgreSQL (`at_rest`).
@@ -700,6 +703,7 @@ impl Config {
             secrets: SecretsConfig {
                 keys: secrets_keys(&mut s)?,
             },
+            guard: guard::load(&mut s)?,
         };
         s.finish()?;
         let mut config = config;

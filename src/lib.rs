@@ -16,6 +16,7 @@ pub mod connectors;
 pub mod credentials;
 pub mod db;
 pub mod domain;
+pub mod guard;
 pub mod http;
 pub mod intake;
 pub mod measure;

@@ -244,11 +244,10 @@ pub async fn run(
             connected = connectors.len(),
             "starting workers"
         );
-        let engine = Arc::new(crate::sync::SyncEngine::new(
-            pool.clone(),
-            registry.clone(),
-            connectors,
-        ));
+        let engine = Arc::new(
+            crate::sync::SyncEngine::new(pool.clone(), registry.clone(), connectors)
+                .with_guard(config.guard),
+        );
         // Credentials handed over with `tether credentials set` lift a stop without a restart.
         tasks.spawn(crate::credentials::watch(
             pool.clone(),

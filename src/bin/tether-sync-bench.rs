@@ -201,7 +201,10 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
     // tether's own log (warnings and errors) goes to a file kept after the run.
     let log_path = std::env::temp_dir().join("tether-sync-bench-tether.log");
     let log = std::fs::File::create(&log_path)?;
-    println!("tether's log: {}", log_path.display());
+    println!(
+        "tether's log: {} (guard off: [guard] enabled = false)",
+        log_path.display()
+    );
     let mut tether = tokio::process::Command::new(&tether_bin)
         .arg("serve")
         .env("TETHER_CONFIG", &config_path)
@@ -291,6 +294,10 @@ concurrency = {concurrency}
 
 [registry]
 overlay = {overlay:?}
+
+# Off: the benchmark measures sync throughput, and its rounds are mass changes by design.
+[guard]
+enabled = false
 
 [zendesk]
 base_url = "{zendesk}"

@@ -169,6 +169,7 @@ struct FlowDoc {
     create_in_target: Option<bool>,
     write_back_to_source: Option<bool>,
     sync_private_comments: Option<bool>,
+    guard: Option<Spanned<super::guard::GuardDoc>>,
     #[serde(default)]
     property: Vec<Spanned<PropDoc>>,
     merge: Option<Vec<Spanned<MergeDoc>>>,
@@ -232,6 +233,7 @@ struct ParsedFlow {
     flow_at: Location,
     properties: Vec<(PropertyMapping, Location)>,
     merge: Option<(Vec<MergeCriterion>, Location)>,
+    guard: crate::guard::GuardOverride,
 }
 
 fn merge_criteria(
@@ -295,7 +297,15 @@ impl Builder {
             return;
         };
         let id = Dataflow::id_for(&source, &target);
+        let guard = match &flow.guard {
+            None => Default::default(),
+            Some(doc) => doc.get_ref().to_override().unwrap_or_else(|problem| {
+                self.error(at(doc.span().start), format!("{id}: {problem}"));
+                Default::default()
+            }),
+        };
         let parsed = ParsedFlow {
+            guard,
             properties: self.properties(&id, &flow.property, at),
             merge: flow
                 .merge
@@ -359,6 +369,7 @@ impl Builder {
                     .sync_private_comments
                     .unwrap_or(defaults.sync_private_comments),
             },
+            guard: parsed.guard,
         });
     }
 
@@ -382,6 +393,9 @@ impl Builder {
             .unwrap_or(switches.sync_private_comments);
         if changes_switches {
             locations.flows.insert(id.clone(), parsed.flow_at);
+        }
+        if !parsed.guard.is_empty() {
+            existing.guard = parsed.guard;
         }
         if let Some((list, location)) = parsed.merge {
             locations.merge_criteria.insert(id.clone(), location);

@@ -10,6 +10,7 @@
 
 pub mod check;
 pub mod export;
+mod guard;
 pub mod load;
 
 use std::collections::HashMap;
@@ -67,6 +68,9 @@ pub struct Dataflow {
     /// Fields that identify the same record on both sides, for linking records that already exist.
     pub merge_criteria: Vec<MergeCriterion>,
     pub switches: FlowSwitches,
+    /// The overlay's `[dataflow.guard]`: this flow's guard thresholds over `[guard]`.
+    #[serde(skip)]
+    pub guard: crate::guard::GuardOverride,
 }
 
 /// How one property maps between the two sides.

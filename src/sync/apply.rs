@@ -96,6 +96,10 @@ impl SyncEngine {
             }
             _ => {}
         }
+        let guarded = self.held_by_guard(job, flow, link, &plan, [src, tgt], &read);
+        if let Some(step) = guarded.await? {
+            return Ok(step);
+        }
         let written = self.write(flow, link, &plan, [src, tgt]).await?;
         let mut notes = plan.notes.clone();
         notes.extend(written.notes.iter().cloned());

@@ -141,6 +141,10 @@ impl SyncEngine {
             store::log(&self.pool, job, &entry).await?;
             return Ok(Step::Done);
         }
+        let guarded = self.create_held_by_guard(job, flow, src, &built.fields);
+        if let Some(step) = guarded.await? {
+            return Ok(step);
+        }
         let held = self.hold_intent(job, flow, (src, &built.snapshot), intent);
         let Some((intent_id, idem)) = held.await? else {
             return Ok(Step::Later(

@@ -1,7 +1,7 @@
 //! What the engine decided about one event and flow: the `decision` column of `sync_log`.
 //!
 //! A closed set, stored as its snake_case name under the table's CHECK constraint (the latest
-//! migration that sets it, `20261204050000_sync_log_private_comment.sql`), so a new decision needs both a variant here and
+//! migration that sets it, `20261204060000_guard.sql`), so a new decision needs both a variant here and
 //! the migration's list extended; a unit test below holds the two together. What each one means
 //! is described in `docs/sync-rules.md`.
 
@@ -80,6 +80,13 @@ decisions! {
     /// A private Zendesk comment, and the flow does not sync private comments
     /// (`sync_private_comments = false`): nothing written, the counterpart left as it was.
     PrivateComment = "private_comment",
+    /// The guard holds this write: the flow passed a threshold and paused itself
+    /// (docs/guard.md); released or discarded by the operator.
+    Held = "held",
+    /// A held write the operator discarded (`tether guard discard`): never sent.
+    Discarded = "discarded",
+    /// `tether undo` wrote back a value from before the flow's writes.
+    Undone = "undone",
     /// The event failed; the error column says why.
     Error = "error",
 }
@@ -119,8 +126,7 @@ impl TryFrom<String> for Decision {
 mod tests {
     use super::*;
 
-    const MIGRATION: &str =
-        include_str!("../../migrations/20261204050000_sync_log_private_comment.sql");
+    const MIGRATION: &str = include_str!("../../migrations/20261204060000_guard.sql");
 
     #[test]
     fn every_decision_round_trips_and_is_allowed_by_the_check_constraint() {

@@ -25,6 +25,7 @@ mod apply;
 mod backfill;
 mod create;
 pub mod decision;
+mod guarded;
 pub mod history;
 mod mapping;
 pub mod merge;
@@ -80,6 +81,8 @@ pub struct SyncEngine {
     stopped: std::sync::Mutex<HashMap<SystemId, std::time::Instant>>,
     /// Dataflows an operator paused (`admin::pause`): recorded as `paused`, replayed on resume.
     paused: crate::admin::pause::PausedFlows,
+    /// Counts each flow's writes and holds them past a threshold (`crate::guard`).
+    guard: crate::guard::Guard,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,11 +125,18 @@ impl SyncEngine {
     ) -> SyncEngine {
         SyncEngine {
             paused: crate::admin::pause::PausedFlows::new(pool.clone()),
+            guard: crate::guard::Guard::new(pool.clone(), crate::guard::GuardSettings::default()),
             pool,
             registry,
             connectors,
             stopped: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The engine with the configuration's `[guard]` settings (the default ones otherwise).
+    pub fn with_guard(mut self, settings: crate::guard::GuardSettings) -> SyncEngine {
+        self.guard = crate::guard::Guard::new(self.pool.clone(), settings);
+        self
     }
 
     fn connector(&self, system: SystemId) -> Option<&Arc<dyn Connector>> {

@@ -51,6 +51,7 @@ fn flow(properties: Vec<PropertyMapping>) -> Dataflow {
         properties,
         merge_criteria: Vec::new(),
         switches: FlowSwitches::default(),
+        guard: Default::default(),
     }
 }
 

@@ -12,6 +12,7 @@ mod e2e;
 mod exact_webhooks;
 mod exactonline;
 mod foundation;
+mod guard;
 mod intake;
 mod metrics;
 mod polling;

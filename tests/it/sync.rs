@@ -68,6 +68,7 @@ fn flow(
         properties,
         merge_criteria: Vec::new(),
         switches: FlowSwitches::default(),
+        guard: Default::default(),
     }
 }
 

@@ -1,0 +1,316 @@
+//! The guard against mass changes (docs/guard.md): before a flow's write is sent, the writes the
+//! flow made within its window are counted from PostgreSQL; a write that would pass a threshold
+//! pauses the flow, and from then on its writes are held (durably, in order) until the operator
+//! releases or discards them (`tether guard`). `tether undo` writes back what a flow wrote.
+//!
+//! Owns: `guard_trips`, `guard_writes`, `guard_held`, `guard_released`.
+//! Called by: the sync engine ([`Guard::admit`] before each update or create), the CLI.
+//!
+//! Counting and deciding happen in one transaction under an advisory lock on the flow, so
+//! replicas deciding at once see each other's writes: exactly the writes past a threshold are held.
+
+pub mod command;
+pub mod held;
+pub mod settings;
+pub mod undo;
+
+use serde_json::{Map, Value};
+use sqlx::{PgConnection, PgPool};
+
+use crate::queue::{ClaimedJob, JobPriority};
+use crate::registry::Dataflow;
+pub use settings::{GuardOverride, GuardSettings};
+
+/// One property of a planned write, as the guard counts it and holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteItem {
+    /// `<system>/<type>/<id>` of the record written (for a create: the source record).
+    pub record: String,
+    /// `source` or `target`: the side of the flow written.
+    pub side: &'static str,
+    /// The field written, as that side names it.
+    pub property: String,
+    pub old: Option<Value>,
+    pub new: Value,
+}
+
+/// A write a flow is about to send: an update of a linked pair, or a create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedWrite {
+    pub link_id: Option<i64>,
+    pub is_create: bool,
+    pub items: Vec<WriteItem>,
+}
+
+/// What the guard says about one write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Send it (it was counted).
+    Send,
+    /// Send it without counting: backfill work the operator approved, or a released write.
+    Exempt,
+    /// Held; the flow is paused. `tripped` is the reason when this write paused it.
+    Held { tripped: Option<Trip> },
+}
+
+/// Which threshold a write passed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trip {
+    Writes {
+        limit: u32,
+        window: String,
+    },
+    SameValue {
+        property: String,
+        limit: u32,
+        window: String,
+    },
+    ChangedFraction {
+        changed: i64,
+        links: i64,
+        limit: f64,
+        window: String,
+    },
+}
+
+impl std::fmt::Display for Trip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trip::Writes { limit, window } => {
+                write!(f, "more than {limit} writes within {window} (max_writes)")
+            }
+            Trip::SameValue { property, limit, window } => write!(
+                f,
+                "more than {limit} records given the same new `{property}` within {window} (max_same_value)"
+            ),
+            Trip::ChangedFraction { changed, links, limit, window } => write!(
+                f,
+                "{changed} of {links} linked records changed within {window}, more than {:.0}% (max_changed_fraction)",
+                limit * 100.0
+            ),
+        }
+    }
+}
+
+/// The guard as the sync engine holds it: the configuration's settings and the pool.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    pool: PgPool,
+    settings: GuardSettings,
+}
+
+/// The window's counts for one write.
+struct Counts {
+    writes: i64,
+    /// Other records written within the window.
+    other_records: i64,
+    /// The most records (other than this one) that got one of this write's new values.
+    same_value: i64,
+    same_value_property: Option<String>,
+    links: i64,
+}
+
+impl Guard {
+    pub fn new(pool: PgPool, settings: GuardSettings) -> Guard {
+        Guard { pool, settings }
+    }
+
+    /// The settings `flow` runs under.
+    pub fn settings_of(&self, flow: &Dataflow) -> GuardSettings {
+        flow.guard.over(self.settings)
+    }
+
+    /// Decides about `write` of `flow` for `job`, counting it or holding it (see the module doc).
+    pub async fn admit(
+        &self,
+        flow: &Dataflow,
+        job: &ClaimedJob,
+        write: &PlannedWrite,
+    ) -> Result<Verdict, sqlx::Error> {
+        let settings = self.settings_of(flow);
+        if !settings.enabled || job.priority == JobPriority::Backfill || write.items.is_empty() {
+            return Ok(Verdict::Exempt);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tether-guard:' || $1))")
+            .bind(&flow.id)
+            .execute(&mut *tx)
+            .await?;
+        let verdict = decide(&mut tx, flow, job, write, &settings).await?;
+        if let Verdict::Held { tripped } = &verdict {
+            if let Some(trip) = tripped {
+                held::trip(&mut tx, &flow.id, &trip.to_string()).await?;
+            }
+            held::hold(&mut tx, &flow.id, job, write).await?;
+        }
+        tx.commit().await?;
+        if let Verdict::Held {
+            tripped: Some(trip),
+        } = &verdict
+        {
+            tracing::warn!(
+                flow = %flow.id,
+                reason = %trip,
+                "guard tripped: the flow is paused and holds its writes until `tether guard release` or `discard`"
+            );
+        }
+        Ok(verdict)
+    }
+}
+
+/// The decision inside the flow's lock.
+async fn decide(
+    tx: &mut PgConnection,
+    flow: &Dataflow,
+    job: &ClaimedJob,
+    write: &PlannedWrite,
+    settings: &GuardSettings,
+) -> Result<Verdict, sqlx::Error> {
+    if held::is_tripped(&mut *tx, &flow.id).await? {
+        return Ok(Verdict::Held { tripped: None });
+    }
+    if held::is_released(&mut *tx, &flow.id, job.event_id).await? {
+        return Ok(Verdict::Exempt);
+    }
+    let record = &write.items[0].record;
+    let vals = values_of(write);
+    let counts = count(&mut *tx, &flow.id, settings, record, &vals).await?;
+    if let Some(trip) = passed(&counts, settings) {
+        return Ok(Verdict::Held {
+            tripped: Some(trip),
+        });
+    }
+    sqlx::query(
+        "WITH pruned AS (DELETE FROM guard_writes WHERE flow_id = $1 \
+         AND at < now() - make_interval(secs => $4)) \
+         INSERT INTO guard_writes (flow_id, record, vals) VALUES ($1, $2, $3)",
+    )
+    .bind(&flow.id)
+    .bind(record)
+    .bind(Value::Object(vals))
+    .bind(settings.window.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    Ok(Verdict::Send)
+}
+
+/// The write's new values keyed `<side>.<field>`.
+fn values_of(write: &PlannedWrite) -> Map<String, Value> {
+    write
+        .items
+        .iter()
+        .map(|i| (format!("{}.{}", i.side, i.property), i.new.clone()))
+        .collect()
+}
+
+/// The counts of the window as they stand before this write.
+async fn count(
+    tx: &mut PgConnection,
+    flow_id: &str,
+    settings: &GuardSettings,
+    record: &str,
+    vals: &Map<String, Value>,
+) -> Result<Counts, sqlx::Error> {
+    let row: (i64, i64, Option<i64>, Option<String>, i64) = sqlx::query_as(
+        "WITH w AS (SELECT record, vals FROM guard_writes \
+                    WHERE flow_id = $1 AND at >= now() - make_interval(secs => $2)), \
+              same AS (SELECT e.key, count(DISTINCT w.record) AS n \
+                       FROM w, jsonb_each(w.vals) e, jsonb_each($4::jsonb) mine \
+                       WHERE e.key = mine.key AND e.value = mine.value AND w.record <> $3 \
+                       GROUP BY e.key ORDER BY n DESC, e.key LIMIT 1) \
+         SELECT (SELECT count(*) FROM w), \
+                (SELECT count(DISTINCT record) FROM w WHERE record <> $3), \
+                (SELECT n FROM same), (SELECT key FROM same), \
+                (SELECT count(*) FROM links WHERE flow_id = $1 AND state = 'active')",
+    )
+    .bind(flow_id)
+    .bind(settings.window.as_secs_f64())
+    .bind(record)
+    .bind(Value::Object(vals.clone()))
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(Counts {
+        writes: row.0,
+        other_records: row.1,
+        same_value: row.2.unwrap_or(0),
+        same_value_property: row.3,
+        links: row.4,
+    })
+}
+
+/// The threshold this write would pass, if any (the write itself counted).
+fn passed(c: &Counts, s: &GuardSettings) -> Option<Trip> {
+    let window = humantime::format_duration(s.window).to_string();
+    if c.writes + 1 > i64::from(s.max_writes) {
+        return Some(Trip::Writes {
+            limit: s.max_writes,
+            window,
+        });
+    }
+    if c.same_value + 1 > i64::from(s.max_same_value) {
+        let key = c.same_value_property.clone().unwrap_or_default();
+        let property = key
+            .split_once('.')
+            .map_or(key.clone(), |(_, p)| p.to_owned());
+        return Some(Trip::SameValue {
+            property,
+            limit: s.max_same_value,
+            window,
+        });
+    }
+    let changed = c.other_records + 1;
+    let fraction_applies = c.links >= settings::FRACTION_APPLIES_FROM_LINKS;
+    if fraction_applies && changed as f64 / c.links as f64 > s.max_changed_fraction {
+        return Some(Trip::ChangedFraction {
+            changed,
+            links: c.links,
+            limit: s.max_changed_fraction,
+            window,
+        });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(writes: i64, other_records: i64, same_value: i64, links: i64) -> Counts {
+        Counts {
+            writes,
+            other_records,
+            same_value,
+            same_value_property: Some("target.name".into()),
+            links,
+        }
+    }
+
+    #[test]
+    fn the_write_past_a_threshold_trips_and_not_the_one_at_it() {
+        let s = GuardSettings {
+            max_writes: 5,
+            max_same_value: 3,
+            ..GuardSettings::default()
+        };
+        assert_eq!(passed(&counts(4, 0, 0, 0), &s), None);
+        assert!(matches!(
+            passed(&counts(5, 0, 0, 0), &s),
+            Some(Trip::Writes { limit: 5, .. })
+        ));
+        assert_eq!(passed(&counts(0, 0, 2, 0), &s), None);
+        match passed(&counts(0, 0, 3, 0), &s) {
+            Some(Trip::SameValue { property, .. }) => assert_eq!(property, "name"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_changed_fraction_applies_from_a_hundred_links() {
+        let s = GuardSettings::default();
+        // 30 of 99: no fraction yet.
+        assert_eq!(passed(&counts(29, 29, 0, 99), &s), None);
+        assert_eq!(passed(&counts(19, 19, 0, 100), &s), None);
+        let trip = passed(&counts(20, 20, 0, 100), &s).unwrap();
+        assert!(trip.to_string().contains("21 of 100"), "{trip}");
+    }
+}

@@ -1,0 +1,319 @@
+//! Issue 20, the guard against mass changes (docs/guard.md), against a running Tether with the
+//! simulators: a burst of renames past `max_writes` holds exactly the writes past it and sends
+//! none; a crash while they are held loses none; release sends them once, in order; discard sends
+//! nothing and a later edit still syncs; undo restores the values from before and its echo does
+//! not undo it.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether::guard::held;
+use tether::guard::undo;
+use tether::simulators::zendesk::Kind;
+
+use crate::support::{eventually, Service};
+
+const FLOW: &str = "zendesk.Organizations->customerp.Customer";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Organization names become Custom ERP customer names, both ways.
+const OVERLAY: &str = r#"
+[[dataflow]]
+source = "zendesk.Organizations"
+target = "customerp.Customer"
+[[dataflow.property]]
+source = "name"
+target = "name"
+type = "string"
+
+[[rule]]
+entity = "zendesk.Organizations"
+property = "name"
+resolve = "latest_wins"
+"#;
+
+/// Eight creates and four renames fit; the ninth write of the window is the first held.
+const GUARD: &str = "\n[guard]\nmax_writes = 12\n";
+const ORGS: usize = 8;
+
+/// Creates `count` organizations and waits for their customers; returns (org id, customer id).
+async fn linked_orgs(h: &Service, prefix: &str, count: usize) -> Vec<(u64, String)> {
+    let mut pairs = Vec::new();
+    for i in 0..count {
+        let created = h.sims.zendesk.create(
+            Kind::Organization,
+            json!({ "name": format!("{prefix} {i}") }),
+        );
+        assert!(created.status().is_success());
+        let id = org_id(h, &format!("{prefix} {i}"));
+        let key = id.to_string();
+        let customer = eventually("the customer", WAIT, || h.active_link(FLOW, &key)).await;
+        pairs.push((id, customer));
+    }
+    pairs
+}
+
+fn org_id(h: &Service, name: &str) -> u64 {
+    h.sims
+        .zendesk
+        .all(Kind::Organization)
+        .into_iter()
+        .find(|o| o["name"] == json!(name))
+        .and_then(|o| o["id"].as_u64())
+        .unwrap()
+}
+
+fn rename(h: &Service, org: u64, name: &str) {
+    let updated = h
+        .sims
+        .zendesk
+        .update(Kind::Organization, org, json!({ "name": name }));
+    assert!(updated.status().is_success());
+}
+
+fn customer_name(h: &Service, customer: &str) -> Value {
+    h.sims.customerp.get("customer", customer).unwrap()["name"].clone()
+}
+
+fn erp_updates(h: &Service) -> u64 {
+    h.sims.customerp.control.count_method("PATCH")
+}
+
+async fn held_rows(h: &Service) -> Vec<held::HeldWrite> {
+    let flows = held::list(&h.db.pool, Some(FLOW)).await.unwrap();
+    flows.into_iter().flat_map(|f| f.held).collect()
+}
+
+/// Jobs not finished yet (ready or running), so a test can wait for the queue to settle.
+async fn unfinished_jobs(h: &Service) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state IN ('ready', 'running')")
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn settled(h: &Service) {
+    eventually("the queue drained", WAIT, || async {
+        (unfinished_jobs(h).await == 0).then_some(())
+    })
+    .await;
+}
+
+/// Renames every org to "Renamed i" and waits until four were written and four are held.
+async fn burst_past_the_threshold(h: &Service, pairs: &[(u64, String)]) {
+    for (i, (org, _)) in pairs.iter().enumerate() {
+        rename(h, *org, &format!("Renamed {i}"));
+    }
+    eventually("4 writes sent and 4 held", WAIT, || async {
+        (held_rows(h).await.len() == 4 && erp_updates(h) == 4).then_some(())
+    })
+    .await;
+    settled(h).await;
+}
+
+#[tokio::test]
+async fn a_burst_past_max_writes_holds_exactly_the_writes_past_it_and_release_sends_them_once() {
+    let mut h = Service::start(Some(OVERLAY), GUARD).await;
+    let pairs = linked_orgs(&h, "Guarded", ORGS).await;
+    settled(&h).await;
+    assert_eq!(erp_updates(&h), 0);
+
+    burst_past_the_threshold(&h, &pairs).await;
+    let held = held_rows(&h).await;
+    assert!(held.iter().all(|w| w.property == "name" && !w.create));
+    let renamed: Vec<_> = pairs
+        .iter()
+        .filter(|(_, c)| {
+            customer_name(&h, c)
+                .as_str()
+                .unwrap()
+                .starts_with("Renamed")
+        })
+        .collect();
+    assert_eq!(
+        renamed.len(),
+        4,
+        "exactly the writes before the threshold went out"
+    );
+    for w in &held {
+        let customer = w.record.rsplit('/').next().unwrap();
+        assert_eq!(
+            w.old,
+            Some(customer_name(&h, customer)),
+            "old is the customer's value now"
+        );
+        assert!(w
+            .new
+            .as_ref()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .starts_with("Renamed"));
+    }
+    let trip = &held::list(&h.db.pool, None).await.unwrap()[0];
+    assert!(trip.reason.contains("max_writes"), "{}", trip.reason);
+
+    // While tripped, a held record changes again: both events are held, in order.
+    let (late_org, late_customer) = pairs
+        .iter()
+        .find(|(_, c)| {
+            !customer_name(&h, c)
+                .as_str()
+                .unwrap()
+                .starts_with("Renamed")
+        })
+        .cloned()
+        .unwrap();
+    rename(&h, late_org, "Renamed again");
+    eventually("the second rename held too", WAIT, || async {
+        (held_rows(&h).await.len() == 5).then_some(())
+    })
+    .await;
+    settled(&h).await;
+    assert_eq!(erp_updates(&h), 4, "nothing held was sent");
+
+    // A crash (like kill -9) and a restart lose none of the held writes.
+    h.kill();
+    let (registry, _) = tether::registry::load(h.config.registry.overlay.as_deref()).unwrap();
+    h.restart(registry);
+    assert_eq!(held_rows(&h).await.len(), 5);
+
+    let released = held::release(&h.db.pool, FLOW).await.unwrap();
+    assert_eq!((released.writes, released.events), (5, 5));
+    eventually("every customer renamed", WAIT, || async {
+        pairs
+            .iter()
+            .all(|(_, c)| {
+                customer_name(&h, c)
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Renamed")
+            })
+            .then_some(())
+    })
+    .await;
+    settled(&h).await;
+    assert_eq!(customer_name(&h, &late_customer), json!("Renamed again"));
+    assert_eq!(
+        erp_updates(&h),
+        8,
+        "each held record written once, with its latest value"
+    );
+    assert!(held::list(&h.db.pool, None).await.unwrap().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn discard_sends_nothing_and_a_later_edit_still_syncs() {
+    let h = Service::start(Some(OVERLAY), GUARD).await;
+    let pairs = linked_orgs(&h, "Discarded", ORGS).await;
+    settled(&h).await;
+    burst_past_the_threshold(&h, &pairs).await;
+    let before: Vec<Value> = pairs.iter().map(|(_, c)| customer_name(&h, c)).collect();
+
+    let discarded = held::discard(&h.db.pool, FLOW).await.unwrap();
+    assert_eq!(discarded.writes, 4);
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sync_log WHERE flow_id = $1 AND decision = 'discarded'",
+    )
+    .bind(FLOW)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(logged, 4, "each discarded write is recorded");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    settled(&h).await;
+    assert_eq!(erp_updates(&h), 4, "nothing was sent");
+    let after: Vec<Value> = pairs.iter().map(|(_, c)| customer_name(&h, c)).collect();
+    assert_eq!(before, after);
+    assert!(matches!(
+        held::discard(&h.db.pool, FLOW).await,
+        Err(held::SettleError::NotTripped(_))
+    ));
+
+    // A later real edit of a record whose write was discarded syncs as usual.
+    let (org, customer) = pairs
+        .iter()
+        .find(|(_, c)| {
+            !customer_name(&h, c)
+                .as_str()
+                .unwrap()
+                .starts_with("Renamed")
+        })
+        .cloned()
+        .unwrap();
+    rename(&h, org, "Edited for real");
+    eventually("the edit synced", WAIT, || async {
+        (customer_name(&h, &customer) == json!("Edited for real")).then_some(())
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn undo_restores_the_values_from_before_and_its_echo_does_not_undo_it() {
+    let h = Service::start(Some(OVERLAY), "").await;
+    let pairs = linked_orgs(&h, "Original", 3).await;
+    settled(&h).await;
+    let since = chrono::Utc::now();
+    for (i, (org, _)) in pairs.iter().enumerate() {
+        rename(&h, *org, &format!("Mass renamed {i}"));
+    }
+    eventually("the renames synced", WAIT, || async {
+        pairs
+            .iter()
+            .all(|(_, c)| customer_name(&h, c).as_str().unwrap().starts_with("Mass"))
+            .then_some(())
+    })
+    .await;
+    settled(&h).await;
+    // Someone fixes one customer by hand before the undo: undo leaves it alone.
+    let (_, fixed) = &pairs[2];
+    let hand = crate::support::obj(json!({ "name": "Fixed by hand" }));
+    h.sims.customerp.touch("customer", fixed, hand, None);
+
+    let connectors = tether::service::build_connectors(&h.config, &h.db.pool).unwrap();
+    let (registry, _) = tether::registry::load(h.config.registry.overlay.as_deref()).unwrap();
+    let flow = registry
+        .dataflows
+        .iter()
+        .find(|f| f.id == FLOW)
+        .unwrap()
+        .clone();
+    let plan = undo::plan(&h.db.pool, &connectors, &flow, since)
+        .await
+        .unwrap();
+    let restore: Vec<_> = plan
+        .items
+        .iter()
+        .filter(|i| i.action == undo::Action::Restore)
+        .collect();
+    assert_eq!(restore.len(), 2, "{plan:?}");
+    assert!(plan
+        .items
+        .iter()
+        .any(|i| matches!(i.action, undo::Action::ChangedSince { .. })));
+    let done = undo::carry_out(&h.db.pool, &connectors, &flow, &plan)
+        .await
+        .unwrap();
+    assert_eq!((done.records, done.values), (2, 2));
+    for (i, (_, customer)) in pairs.iter().take(2).enumerate() {
+        assert_eq!(customer_name(&h, customer), json!(format!("Original {i}")));
+    }
+    // The undo's echo arrives and is processed; the two-way flow carries the restored names
+    // back to Zendesk like any edit, and the customers keep them.
+    for (i, (org, _)) in pairs.iter().take(2).enumerate() {
+        let want = json!(format!("Original {i}"));
+        eventually("the org restored too", WAIT, || async {
+            let name = h.sims.zendesk.organization(*org).unwrap()["name"].clone();
+            (name == want).then_some(())
+        })
+        .await;
+    }
+    settled(&h).await;
+    for (i, (_, customer)) in pairs.iter().take(2).enumerate() {
+        assert_eq!(customer_name(&h, customer), json!(format!("Original {i}")));
+    }
+    assert_eq!(customer_name(&h, fixed), json!("Fixed by hand"));
+    h.stop().await;
+}
