@@ -136,6 +136,17 @@ pub struct FlowStatus {
     pub decisions: BTreeMap<String, i64>,
     /// The newest errors among them, newest first.
     pub last_errors: Vec<FlowError>,
+    /// Set while the guard holds the flow's writes after a mass change (docs/guard.md).
+    pub guard: Option<GuardStatus>,
+}
+
+/// A flow the guard paused.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct GuardStatus {
+    pub tripped_at: DateTime<Utc>,
+    pub reason: String,
+    /// Held writes, one per property.
+    pub held: i64,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -149,6 +160,12 @@ pub struct FlowError {
 pub async fn flows(state: &AdminState) -> Result<Vec<FlowStatus>, sqlx::Error> {
     let pool = &state.pool;
     let pauses = super::pause::list(pool).await?;
+    let trips: Vec<(String, DateTime<Utc>, String, i64)> = sqlx::query_as(
+        "SELECT t.flow_id, t.tripped_at, t.reason, \
+         (SELECT count(*) FROM guard_held h WHERE h.flow_id = t.flow_id) FROM guard_trips t",
+    )
+    .fetch_all(pool)
+    .await?;
     let links: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT flow_id, count(*) FILTER (WHERE state = 'active'), \
          count(*) FILTER (WHERE state = 'ended') FROM links GROUP BY flow_id",
@@ -208,6 +225,13 @@ pub async fn flows(state: &AdminState) -> Result<Vec<FlowStatus>, sqlx::Error> {
                         error: error.clone(),
                     })
                     .collect(),
+                guard: trips.iter().find(|(id, ..)| *id == f.id).map(
+                    |(_, tripped_at, reason, held)| GuardStatus {
+                        tripped_at: *tripped_at,
+                        reason: reason.clone(),
+                        held: *held,
+                    },
+                ),
             }
         })
         .collect())

@@ -36,6 +36,7 @@ pub const POLL_LAG: &str = "tether_poll_lag_seconds";
 pub const POLL_CHANGES: &str = "tether_poll_changes_total";
 pub const CREDENTIALS_FAILURES: &str = "tether_credentials_failures_total";
 pub const FLOWS_PAUSED: &str = "tether_flows_paused";
+pub const GUARD_TRIPPED: &str = "tether_guard_tripped";
 
 /// The Prometheus type of a family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +107,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         FLOWS_PAUSED,
         Kind::Gauge,
         "Dataflows an operator has paused, cluster-wide."),
+    (
+        GUARD_TRIPPED,
+        Kind::Gauge,
+        "1 for each dataflow the guard paused after a mass change (held writes await `tether guard release` or `discard`), cluster-wide.",
+    ),
 ];
 
 /// Vendor latency buckets, in seconds: from a fast simulator call to the outbound timeout.
@@ -269,6 +275,26 @@ pub async fn scrape(State(pool): State<PgPool>) -> Response {
 
 static LAST_REFRESH: Mutex<Option<Instant>> = Mutex::new(None);
 
+/// Flows this process reported as tripped, so a released one goes back to 0.
+static GUARD_REPORTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+async fn refresh_guard_gauge(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let tripped: Vec<String> = crate::guard::held::tripped_flows(pool)
+        .await?
+        .into_iter()
+        .map(|(flow, _)| flow)
+        .collect();
+    let mut reported = GUARD_REPORTED.lock().unwrap_or_else(|e| e.into_inner());
+    for flow in reported.iter().filter(|f| !tripped.contains(f)) {
+        gauge!(GUARD_TRIPPED, "flow" => flow.clone()).set(0.0);
+    }
+    for flow in &tripped {
+        gauge!(GUARD_TRIPPED, "flow" => flow.clone()).set(1.0);
+    }
+    *reported = tripped;
+    Ok(())
+}
+
 async fn refresh_gauges(pool: &PgPool) -> Result<(), sqlx::Error> {
     {
         let mut last = LAST_REFRESH.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,6 +309,7 @@ async fn refresh_gauges(pool: &PgPool) -> Result<(), sqlx::Error> {
     }
     gauge!(QUEUE_OLDEST_READY).set(queue.oldest_ready_seconds);
     gauge!(FLOWS_PAUSED).set(queue.flows_paused as f64);
+    refresh_guard_gauge(pool).await?;
     for lag in crate::ops::gauges::poll_lags(pool).await? {
         gauge!(POLL_LAG, "system" => lag.system, "entity_type" => lag.entity_type).set(lag.seconds);
     }

@@ -942,10 +942,29 @@ resolve = "latest_wins"
             .properties
             .iter()
             .any(|p| p.target == "organization_fields.website" && p.syncs_to_target()));
+        assert_eq!(suppliers.guard.max_writes, Some(200));
+        assert_eq!(suppliers.guard.max_same_value, None);
         let departments = registry
             .flow("exactonline.Departments->zendesk.Organizations")
             .unwrap();
         assert!(!departments.switches.write_back_to_source);
+    }
+
+    #[test]
+    fn a_wrong_guard_override_is_an_error_naming_the_flow_and_key() {
+        let overlay = "[[dataflow]]\nsource = \"poweroffice.Suppliers\"\ntarget = \"zendesk.Organizations\"\n\
+                       [dataflow.guard]\nmax_changed_fraction = 2.0\n";
+        let (_, findings) = assemble(SHIPPED, Some(("o.toml", overlay))).unwrap();
+        let error = findings
+            .iter()
+            .find(|f| f.severity == Severity::Error)
+            .expect("an error");
+        let text = error.to_string();
+        assert!(
+            text.contains("poweroffice.Suppliers->zendesk.Organizations")
+                && text.contains("max_changed_fraction"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -64,11 +64,13 @@ async fn make_plan(h: &Harness) -> Summary {
         .unwrap()
 }
 
-/// Waits until every item of the plan is carried out (none may fail).
+/// Waits until every item of the plan is carried out (none may fail). The bound is for liveness
+/// only, generous because the whole suite shares two cores with it (speed is what
+/// `tether-backfill-bench` measures): 2,000 items took 70 s alone and passed 120 s under load.
 async fn run_to_the_end(h: &Harness, id: i64) {
     eventually(
         "the plan to be carried out",
-        Duration::from_secs(120),
+        Duration::from_secs(240),
         || async {
             let p = store::progress(&h.db.pool, id).await.unwrap();
             assert_eq!(p.failed, 0, "no item fails");

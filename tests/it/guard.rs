@@ -99,6 +99,36 @@ async fn settled(h: &Service) {
     .await;
 }
 
+/// Runs the `tether` binary with `args` against the service's database and registry.
+async fn tether_cli(h: &Service, args: &[&str]) -> (bool, String) {
+    use secrecy::ExposeSecret;
+    let dir = std::env::temp_dir().join(format!("tether-guard-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen: std::net::SocketAddr = h.base.trim_start_matches("http://").parse().unwrap();
+    let overlay = h.config.registry.overlay.as_ref().unwrap();
+    let config = h.sims.config_toml(listen, &dir, "1s")
+        + &format!(
+            "\n[registry]\noverlay = {:?}\n",
+            overlay.display().to_string()
+        );
+    std::fs::write(dir.join("tether.toml"), config).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("tether.toml"))
+        .env("DATABASE_URL", h.db.url.expose_secret())
+        .output()
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let errors = String::from_utf8_lossy(&out.stderr).into_owned();
+    (
+        out.status.success(),
+        if out.status.success() { text } else { errors },
+    )
+}
+
 /// Renames every org to "Renamed i" and waits until four were written and four are held.
 async fn burst_past_the_threshold(h: &Service, pairs: &[(u64, String)]) {
     for (i, (org, _)) in pairs.iter().enumerate() {
@@ -111,9 +141,26 @@ async fn burst_past_the_threshold(h: &Service, pairs: &[(u64, String)]) {
     settled(h).await;
 }
 
+/// The value of `tether_guard_tripped` for the flow, as a scrape shows it.
+async fn tripped_gauge(metrics: &str) -> Option<String> {
+    tokio::time::sleep(tether::ops::metrics::GAUGE_REFRESH).await;
+    let text = reqwest::get(metrics).await.ok()?.text().await.ok()?;
+    let series = format!("tether_guard_tripped{{flow=\"{FLOW}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(str::to_owned)
+}
+
 #[tokio::test]
 async fn a_burst_past_max_writes_holds_exactly_the_writes_past_it_and_release_sends_them_once() {
-    let mut h = Service::start(Some(OVERLAY), GUARD).await;
+    let port = std::net::TcpListener::bind(crate::support::any_port())
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let config = format!("{GUARD}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut h = Service::start(Some(OVERLAY), &config).await;
     let pairs = linked_orgs(&h, "Guarded", ORGS).await;
     settled(&h).await;
     assert_eq!(erp_updates(&h), 0);
@@ -152,6 +199,10 @@ async fn a_burst_past_max_writes_holds_exactly_the_writes_past_it_and_release_se
     }
     let trip = &held::list(&h.db.pool, None).await.unwrap()[0];
     assert!(trip.reason.contains("max_writes"), "{}", trip.reason);
+    eventually("the trip in the metrics", WAIT, || async {
+        (tripped_gauge(&metrics).await.as_deref() == Some("1")).then_some(())
+    })
+    .await;
 
     // While tripped, a held record changes again: both events are held, in order.
     let (late_org, late_customer) = pairs
@@ -200,6 +251,10 @@ async fn a_burst_past_max_writes_holds_exactly_the_writes_past_it_and_release_se
         "each held record written once, with its latest value"
     );
     assert!(held::list(&h.db.pool, None).await.unwrap().is_empty());
+    eventually("the release in the metrics", WAIT, || async {
+        (tripped_gauge(&metrics).await.as_deref() == Some("0")).then_some(())
+    })
+    .await;
     h.stop().await;
 }
 
@@ -211,8 +266,35 @@ async fn discard_sends_nothing_and_a_later_edit_still_syncs() {
     burst_past_the_threshold(&h, &pairs).await;
     let before: Vec<Value> = pairs.iter().map(|(_, c)| customer_name(&h, c)).collect();
 
-    let discarded = held::discard(&h.db.pool, FLOW).await.unwrap();
-    assert_eq!(discarded.writes, 4);
+    // The operator reviews what is held: the JSON the issue specifies.
+    let (ok, out) = tether_cli(&h, &["guard", "list", "--flow", FLOW, "--json"]).await;
+    assert!(ok, "{out}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let flows = listed["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0]["flow"], json!(FLOW));
+    assert!(flows[0]["tripped_at"].is_string() && flows[0]["reason"].is_string());
+    let listed_held = flows[0]["held"].as_array().unwrap();
+    assert_eq!(listed_held.len(), 4);
+    for w in listed_held {
+        assert!(
+            w["record"]
+                .as_str()
+                .unwrap()
+                .starts_with("customerp/Customer/"),
+            "{w}"
+        );
+        assert_eq!(w["property"], json!("name"));
+        assert!(w["old"].is_string() && w["new"].is_string(), "{w}");
+    }
+    let (ok, out) = tether_cli(&h, &["guard", "release", "no.Such->flow.X"]).await;
+    assert!(
+        !ok && out.contains("is not a dataflow of the registry"),
+        "{out}"
+    );
+
+    let (ok, out) = tether_cli(&h, &["guard", "discard", FLOW]).await;
+    assert!(ok && out.contains("discarded 4 held write(s)"), "{out}");
     let logged: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sync_log WHERE flow_id = $1 AND decision = 'discarded'",
     )

@@ -170,6 +170,7 @@ pub fn overview(
     let content = html! {
         h1 { "Overview" }
         (notice(note))
+        (guard_banner(flows))
         section.panel id="attention" {
             h2.first { "Needs attention" }
             @if items.is_empty() {
@@ -183,6 +184,32 @@ pub fn overview(
         (flows_table(ctx, flows))
     };
     layout(ctx, "Overview", content)
+}
+
+/// Flows the guard paused after a mass change: the first thing an operator must see.
+fn guard_banner(flows: &[FlowStatus]) -> Markup {
+    let tripped: Vec<_> = flows
+        .iter()
+        .filter_map(|f| f.guard.as_ref().map(|g| (f, g)))
+        .collect();
+    html! {
+        @if !tripped.is_empty() {
+            div.banner id="guard-banner" {
+                strong { "The guard paused " (tripped.len()) " dataflow(s) after a mass change." }
+                ul {
+                    @for (f, g) in &tripped {
+                        li {
+                            code { (f.id) } ": " (g.reason) " — " (g.held) " write(s) held since "
+                            (when(Some(g.tripped_at))) ". Review with "
+                            code { "tether guard list --flow '" (f.id) "'" }
+                            ", then " code { "tether guard release" } " or "
+                            code { "tether guard discard" } "."
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn queue_cards(q: &QueueState) -> Markup {
@@ -428,5 +455,44 @@ fn run_state(p: &Progress) -> String {
             p.failed
         ),
         (true, true) => format!("finished: {} carried out, {} failed", p.done, p.failed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::status::GuardStatus;
+
+    fn flow(id: &str, guard: Option<GuardStatus>) -> FlowStatus {
+        FlowStatus {
+            id: id.to_owned(),
+            source: "zendesk/Organizations".into(),
+            target: "customerp/Customer".into(),
+            enabled: true,
+            paused: false,
+            paused_at: None,
+            links_active: 0,
+            links_ended: 0,
+            decisions: Default::default(),
+            last_errors: Vec::new(),
+            guard,
+        }
+    }
+
+    #[test]
+    fn the_guard_banner_names_each_paused_flow_and_what_to_do() {
+        assert!(guard_banner(&[flow("a->b", None)]).into_string().is_empty());
+        let tripped = GuardStatus {
+            tripped_at: chrono::Utc::now(),
+            reason: "more than 5 writes within 5m (max_writes)".into(),
+            held: 3,
+        };
+        let page = guard_banner(&[flow("a->b", None), flow("c->d", Some(tripped))]).into_string();
+        assert!(page.contains("id=\"guard-banner\""), "{page}");
+        assert!(
+            page.contains("c-&gt;d") && !page.contains("a-&gt;b"),
+            "{page}"
+        );
+        assert!(page.contains("3 write(s) held") && page.contains("tether guard release"));
     }
 }
