@@ -399,3 +399,38 @@ async fn undo_restores_the_values_from_before_and_its_echo_does_not_undo_it() {
     assert_eq!(customer_name(&h, fixed), json!("Fixed by hand"));
     h.stop().await;
 }
+
+#[tokio::test]
+async fn one_value_given_to_too_many_records_trips_max_same_value() {
+    // Zendesk keeps organization names unique, so the shared value is a custom field (whose
+    // change Zendesk announces as `custom_field_changed`).
+    let overlay = OVERLAY.replace(
+        "[[rule]]",
+        "[[dataflow.property]]\nsource = \"organization_fields.region\"\ntarget = \"region\"\n\
+         type = \"string\"\n\n[[rule]]",
+    );
+    let h = Service::start(Some(&overlay), "\n[guard]\nmax_same_value = 3\n").await;
+    let pairs = linked_orgs(&h, "Distinct", 5).await;
+    settled(&h).await;
+    for (org, _) in &pairs {
+        let noted = h.sims.zendesk.update(
+            Kind::Organization,
+            *org,
+            json!({ "organization_fields": { "region": "Imported by a faulty script" } }),
+        );
+        assert!(noted.status().is_success());
+    }
+    eventually("3 sent and 2 held", WAIT, || async {
+        (held_rows(&h).await.len() == 2 && erp_updates(&h) == 3).then_some(())
+    })
+    .await;
+    settled(&h).await;
+    assert_eq!(erp_updates(&h), 3);
+    let trip = &held::list(&h.db.pool, Some(FLOW)).await.unwrap()[0];
+    assert!(
+        trip.reason.contains("max_same_value") && trip.reason.contains("`region`"),
+        "{}",
+        trip.reason
+    );
+    h.stop().await;
+}
