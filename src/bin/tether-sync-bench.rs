@@ -3,7 +3,8 @@
 //! writes the linked Custom ERP customer, and then recognises that customer's own webhook as the
 //! echo of its write. Measured per round: linked updates per second (rename issued to counterpart
 //! written), end-to-end latency, API calls per update, the engine's decisions, and the CPU split
-//! between tether, PostgreSQL and the simulators (plus what else ran on the machine).
+//! between tether, PostgreSQL and the simulators (plus what else ran on the machine), and where
+//! PostgreSQL's time went: the run's cluster loads pg_stat_statements, reset before each round.
 //!
 //! Three kinds of process, so the CPU split can be read from `/proc`:
 //! - this process: the Zendesk and Custom ERP simulators and the driver (renames, checks);
@@ -30,6 +31,14 @@ use tether::measure;
 use tether::simulators::custom::{CustomSim, CustomSimConfig};
 use tether::simulators::kit::RunningSim;
 use tether::simulators::zendesk::{Kind, SimCredentials, SimOptions, ZendeskSim, ZendeskSimHandle};
+
+/// The mark of the benchmark's own statements, which the per-round figures leave out
+/// (pg_stat_statements keeps a statement's leading comment in its text).
+macro_rules! bench_sql {
+    () => {
+        "/* tether-sync-bench */ "
+    };
+}
 
 const FLOW: &str = "zendesk.Organizations->customerp.Customer";
 const ZENDESK_EMAIL: &str = "bench@tether.test";
@@ -80,9 +89,13 @@ struct Args {
     /// tether's `database.max_connections`.
     #[arg(long, default_value_t = 32)]
     max_connections: usize,
-    /// Also print where PostgreSQL's time went (pg_stat_statements, loaded for the run).
+    /// Do not load pg_stat_statements (by default it is loaded for the run, and each round prints
+    /// the statements and PostgreSQL time per linked update and the top statements).
     #[arg(long)]
-    statements: bool,
+    no_statements: bool,
+    /// How many of the statements that took most of PostgreSQL's time each round prints.
+    #[arg(long, default_value_t = 6)]
+    top: usize,
     /// The tether binary (default: `tether` beside this binary).
     #[arg(long)]
     tether: Option<PathBuf>,
@@ -142,13 +155,10 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
     let pg = EmbeddedPostgres::start(&work.join("pg"))
         .await
         .context("cannot start PostgreSQL")?;
-    if args.statements {
-        let conf = pg.root().join("cluster").join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf)?;
-        text.push_str("\nshared_preload_libraries = 'pg_stat_statements'\n");
-        std::fs::write(&conf, text)?;
-        pg.stop().await.context("cannot stop PostgreSQL")?;
-        pg.restart().await.context("cannot restart PostgreSQL")?;
+    if !args.no_statements {
+        pg.preload_libraries(&["pg_stat_statements"])
+            .await
+            .context("cannot load pg_stat_statements")?;
     }
     let postmaster_pid = pg.postmaster_pid().context("no postmaster pid")? as u32;
     let url = pg.url().expose_secret().to_owned();
@@ -233,20 +243,14 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
             links: Vec::new(),
         };
         bench.seed().await?;
-        if bench.args.statements {
+        if !bench.args.no_statements {
             sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-                .execute(&bench.pool)
-                .await?;
-            sqlx::query("SELECT pg_stat_statements_reset()")
                 .execute(&bench.pool)
                 .await?;
         }
         bench.print_header();
         for round in 1..=bench.args.rounds {
             bench.round(round).await?;
-        }
-        if bench.args.statements {
-            bench.print_statements().await?;
         }
         anyhow::Ok(())
     }
@@ -408,10 +412,12 @@ impl Bench {
         let mut last = (0, 0);
         let mut quiet_checks = 0;
         wait_until("the queue to drain", Duration::from_secs(600), async || {
-            let (open,): (i64,) =
-                sqlx::query_as("SELECT count(*) FROM jobs WHERE state IN ('ready', 'running')")
-                    .fetch_one(&pool)
-                    .await?;
+            let (open,): (i64,) = sqlx::query_as(concat!(
+                bench_sql!(),
+                "SELECT count(*) FROM jobs WHERE state IN ('ready', 'running')"
+            ))
+            .fetch_one(&pool)
+            .await?;
             let sent = (
                 zendesk.webhook_stats().delivered,
                 erp.webhook_stats().delivered,
@@ -426,28 +432,6 @@ impl Bench {
             Ok(quiet_checks >= 5)
         })
         .await
-    }
-
-    /// The statements that took most of PostgreSQL's time over all rounds.
-    async fn print_statements(&self) -> anyhow::Result<()> {
-        let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
-            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, mean_exec_time \
-             FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let updates = (self.links.len() * self.args.rounds) as f64;
-        println!(
-            "PostgreSQL statements by total execution time (calls per linked update, mean ms):"
-        );
-        for (query, calls, total, mean) in rows {
-            let query: String = query.chars().take(110).collect();
-            println!(
-                "  {total:>9.0} ms {:>6.2}/update {mean:>7.3} ms  {query}",
-                calls as f64 / updates
-            );
-        }
-        Ok(())
     }
 
     fn print_header(&self) {
@@ -477,9 +461,17 @@ impl Bench {
             self.zendesk.control().counters(),
             self.erp.control.counters(),
         );
-        let (log_before,): (i64,) = sqlx::query_as("SELECT coalesce(max(id), 0) FROM sync_log")
-            .fetch_one(&self.pool)
-            .await?;
+        let (log_before,): (i64,) = sqlx::query_as(concat!(
+            bench_sql!(),
+            "SELECT coalesce(max(id), 0) FROM sync_log"
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        if !self.args.no_statements {
+            sqlx::query(concat!(bench_sql!(), "SELECT pg_stat_statements_reset()"))
+                .execute(&self.pool)
+                .await?;
+        }
         let cpu_before = CpuTicks::read(self.tether_pid, self.postmaster_pid);
         let started = Instant::now();
         // The renames run on a blocking thread, so the simulators' async workers keep serving
@@ -604,7 +596,7 @@ impl Bench {
             zd_write,
         );
         let decisions: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT decision, count(*) FROM sync_log WHERE id > $1 GROUP BY decision ORDER BY decision",
+            concat!(bench_sql!(), "SELECT decision, count(*) FROM sync_log WHERE id > $1 GROUP BY decision ORDER BY decision"),
         )
         .bind(log_before)
         .fetch_all(&self.pool)
@@ -615,6 +607,42 @@ impl Bench {
             issue_time.as_secs_f64(),
             decisions.join(", ")
         );
+        if !self.args.no_statements {
+            self.print_statements(cpu.postgres).await?;
+        }
+        Ok(())
+    }
+
+    /// Where PostgreSQL's time went this round (pg_stat_statements, reset before the round; the
+    /// benchmark's own statements left out): statements and execution time per linked update,
+    /// against PostgreSQL's CPU time per update, and the statements that took most of it.
+    async fn print_statements(&self, postgres_ticks: u64) -> anyhow::Result<()> {
+        let rows: Vec<(String, i64, f64)> = sqlx::query_as(concat!(
+            bench_sql!(),
+            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time \
+             FROM pg_stat_statements WHERE query NOT LIKE '/* tether-sync-bench */%' \
+             ORDER BY total_exec_time DESC"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let n = self.links.len() as f64;
+        let calls: i64 = rows.iter().map(|r| r.1).sum();
+        let exec_ms: f64 = rows.iter().map(|r| r.2).sum();
+        let cpu_ms = postgres_ticks as f64 * 1000.0 / measure::TICKS_PER_SECOND;
+        println!(
+            "      PostgreSQL per linked update: {:.1} statements, {:.3} ms executing them, {:.3} ms of CPU (all processes); top statements:",
+            calls as f64 / n,
+            exec_ms / n,
+            cpu_ms / n
+        );
+        for (query, calls, total) in rows.into_iter().take(self.args.top) {
+            let query: String = query.chars().take(100).collect();
+            println!(
+                "        {:>6.3} ms {:>5.2}x  {query}",
+                total / n,
+                calls as f64 / n
+            );
+        }
         Ok(())
     }
 }

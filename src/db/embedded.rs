@@ -286,6 +286,29 @@ impl EmbeddedPostgres {
         self.start_server().await
     }
 
+    /// Loads `libraries` at the server's start (`shared_preload_libraries`; pg_stat_statements
+    /// only works loaded so) and restarts the server for it. For the benchmarks: the setting
+    /// stays in the cluster's `postgresql.conf`.
+    pub async fn preload_libraries(&self, libraries: &[&str]) -> Result<(), EmbeddedError> {
+        let conf = self.cluster().join("postgresql.conf");
+        let fail = |e: std::io::Error| EmbeddedError::Failed {
+            dir: self.root.clone(),
+            message: format!(
+                "cannot set shared_preload_libraries in {}: {e}",
+                conf.display()
+            ),
+        };
+        let mut text = std::fs::read_to_string(&conf).map_err(fail)?;
+        // The last line that sets a parameter wins, so appending overrides initdb's default.
+        text.push_str(&format!(
+            "\nshared_preload_libraries = '{}'\n",
+            libraries.join(",")
+        ));
+        std::fs::write(&conf, text).map_err(fail)?;
+        self.stop().await?;
+        self.start_server().await
+    }
+
     /// Stops the server (fast shutdown: running transactions are rolled back).
     pub async fn stop(&self) -> Result<(), EmbeddedError> {
         let output = self

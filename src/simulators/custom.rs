@@ -18,6 +18,8 @@
 //! - The list cursor is the `(updated_at, id)` of the last record returned; pages hold
 //!   `page_size` records (default 50, [`CustomSim::set_page_size`]).
 //! - A `PATCH` that changes nothing keeps `updated_at` and sends no webhook.
+//! - Every webhook carries the record's `updated_at` after the change in `data` (optional in the
+//!   contract; Tether then recognises its own echo without a read).
 //! - `GET /{type}?idempotency_key=<k>` is the contract addition described in
 //!   [`crate::connectors::custom`].
 
@@ -260,11 +262,17 @@ impl CustomSim {
         self.inner.webhooks.stats()
     }
 
-    fn notify(&self, kind: &str, action: &str, id: &str) {
+    /// Sends the change's webhook; `updated_at` is the record's stamp after the change (the
+    /// contract's optional `data.updated_at`, which this simulator always sends).
+    fn notify(&self, kind: &str, action: &str, id: &str, updated_at: Option<&Value>) {
         let Some(key) = &self.inner.key else {
             return;
         };
-        let body = json!({"type": format!("{kind}.{action}"), "data": {"id": id}}).to_string();
+        let mut data = json!({"id": id});
+        if let Some(stamp) = updated_at {
+            data["updated_at"] = stamp.clone();
+        }
+        let body = json!({"type": format!("{kind}.{action}"), "data": data}).to_string();
         let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
         let timestamp = Utc::now().timestamp().to_string();
         let signature = standard::sign(key, &msg_id, &timestamp, body.as_bytes());
@@ -471,7 +479,7 @@ async fn create(
             .insert(id.clone(), stored);
         (id, rendered)
     };
-    sim.notify(&kind, "created", &id);
+    sim.notify(&kind, "created", &id, rendered.get("updated_at"));
     respond(StatusCode::CREATED, rendered)
 }
 
@@ -510,7 +518,7 @@ async fn patch(
         (changed, render(&id, stored))
     };
     if changed {
-        sim.notify(&kind, "updated", &id);
+        sim.notify(&kind, "updated", &id, rendered.get("updated_at"));
     }
     respond(StatusCode::OK, rendered)
 }

@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 use super::decision::Decision;
 use super::mapping::{entity, mapped};
 use super::merge::Side;
-use super::plan::{idx, plan, settle, Plan, PlanInput, Planned, Translations};
+use super::plan::{idx, plan, settle, settled_by_one_read, Plan, PlanInput, Planned, Translations};
 use super::store::{self, Entry, Link, LinkState};
 use super::{Fail, Step, SyncEngine};
 use crate::connectors::{ConnectorError, Record};
@@ -23,6 +23,8 @@ struct Written {
     /// The change stamps after the writes (source, target).
     seen: [Option<chrono::DateTime<chrono::Utc>>; 2],
     last_write: Option<Side>,
+    /// What each side's write answered (the record as stored).
+    stored: [Option<Record>; 2],
     fan_out: Vec<RecordKey>,
     /// Sides that could not be written.
     notes: Vec<String>,
@@ -117,11 +119,13 @@ impl SyncEngine {
             detail: (!notes.is_empty()).then(|| notes.join("; ")),
             ..Entry::new(decision)
         };
-        let state = LinkState {
+        let mut state = LinkState {
             snapshot: plan.snapshot_after(written.sides),
             seen: written.seen,
             last_write: written.last_write,
+            last_write_settled: false,
         };
+        state.last_write_settled = write_settled(flow, link, &state, &written.stored);
         self.store_linked(job, entry, link, state, &written.fan_out)
             .await
     }
@@ -139,6 +143,7 @@ impl SyncEngine {
             fields: Map::new(),
             seen: [src.updated_at, tgt.updated_at],
             last_write: None,
+            stored: [None, None],
             fan_out: Vec::new(),
             notes: Vec::new(),
         };
@@ -160,6 +165,7 @@ impl SyncEngine {
                     w.sides[i] = true;
                     w.last_write = Some(to);
                     w.fan_out.extend(self.fan_out_key(flow, e, id));
+                    w.stored[i] = Some(stored);
                 }
                 Err(ConnectorError::Unsupported { .. }) => w.notes.push(format!(
                     "the {} side ({}/{}) cannot be written: skipped",
@@ -269,4 +275,33 @@ impl SyncEngine {
         store::log(&self.pool, job, &entry).await?;
         Ok(Step::Later(detail))
     }
+}
+
+/// Whether the side written last answered its write with every synced property as the new
+/// snapshot has it: exactly what reading it at that answer's stamp would conclude (`echo`), so
+/// a delivery carrying that stamp needs no read (docs/sync-rules.md, "An echo without a read").
+fn write_settled(
+    flow: &Dataflow,
+    link: &Link,
+    state: &LinkState,
+    stored: &[Option<Record>; 2],
+) -> bool {
+    let Some(side) = state.last_write else {
+        return false;
+    };
+    let Some(answer) = &stored[idx(side)] else {
+        return false;
+    };
+    // A vendor that answers a write without its change stamp gives nothing to recognise.
+    if answer.updated_at.is_none() || answer.updated_at != state.seen[idx(side)] {
+        return false;
+    }
+    let after = Link {
+        snapshot: state.snapshot.clone(),
+        source_seen_at: state.seen[0],
+        target_seen_at: state.seen[1],
+        last_write_side: Some(side),
+        ..link.clone()
+    };
+    settled_by_one_read(flow, &after, answer, side) == Some(Decision::Echo)
 }

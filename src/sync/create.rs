@@ -450,6 +450,7 @@ impl SyncEngine {
             source_seen_at: src.updated_at,
             target_seen_at: tgt.updated_at,
             last_write_side: Some(Side::Target),
+            last_write_settled: false,
             version: 0,
         };
         self.sync_linked(job, flow, link, src, &tgt, Side::Source)

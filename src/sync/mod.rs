@@ -12,6 +12,7 @@
 //!   its plan (writes, the link's new state, fan-out);
 //! - [`create`]: linking or creating the counterpart of an unlinked source record, with the
 //!   create intent committed before the vendor call;
+//! - [`echo`]: a custom system's echo recognised by the stamp its webhook carries, unread;
 //! - [`references`]: translating ids through links; [`mapping`]: how a flow reads a record;
 //! - [`store`]: every statement on `links`, `link_intents` and `sync_log`;
 //! - [`decision`]: the decisions a log entry can record; [`merge`]: the per-property rule;
@@ -25,6 +26,7 @@ mod apply;
 mod backfill;
 mod create;
 pub mod decision;
+mod echo;
 mod guarded;
 pub mod history;
 mod mapping;
@@ -250,6 +252,11 @@ impl SyncEngine {
             self.record_deleted(job, Gone::Notified).await?;
             return Ok(None);
         }
+        // A custom system's own echo, recognised by the stamp its webhook carries.
+        if planned.is_empty() && self.echo_by_stamp(job, &active).await? {
+            self.log_idle_beside(job, &flows.idle).await?;
+            return Ok(None);
+        }
         // Rule 7: the current state, never the event's data.
         let Some(current) = conn.fetch(&rec.entity_type, &rec.record_id).await? else {
             self.record_deleted(job, Gone::NotFound).await?;
@@ -272,12 +279,17 @@ impl SyncEngine {
                 later.push(format!("{}: {reason}", flow.id));
             }
         }
-        // Rule 10 for the flows that did not run beside those that did.
-        if !flows.idle.is_empty() {
-            self.log_idle(job, "other dataflows of this record are idle", &flows.idle)
-                .await?;
-        }
+        self.log_idle_beside(job, &flows.idle).await?;
         Ok((!later.is_empty()).then(|| later.join("; ")))
+    }
+
+    /// Rule 10 for the flows that did not run beside those that did.
+    async fn log_idle_beside(&self, job: &ClaimedJob, idle: &[String]) -> Result<(), sqlx::Error> {
+        if idle.is_empty() {
+            return Ok(());
+        }
+        self.log_idle(job, "other dataflows of this record are idle", idle)
+            .await
     }
 
     /// Records a `paused` entry for each active flow an operator paused and returns the others

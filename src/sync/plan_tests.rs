@@ -78,6 +78,7 @@ fn link(snapshot: Value, last_write: Option<Side>) -> Link {
         source_seen_at: Some(t(0)),
         target_seen_at: Some(t(0)),
         last_write_side: last_write,
+        last_write_settled: false,
         version: 3,
     }
 }

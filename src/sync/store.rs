@@ -31,6 +31,9 @@ pub(crate) struct Link {
     pub target_seen_at: Option<DateTime<Utc>>,
     /// The side Tether wrote last, to tell an echo from an unchanged record.
     pub last_write_side: Option<Side>,
+    /// That side's write answered with every synced property as the snapshot has it, at the
+    /// stamp `seen_on` that side: a delivery carrying that stamp is the echo, settled unread.
+    pub last_write_settled: bool,
     /// Optimistic concurrency: the snapshot is only replaced by a writer that read this version.
     pub version: i64,
 }
@@ -59,6 +62,9 @@ pub(crate) struct LinkState {
     pub snapshot: Map<String, Value>,
     pub seen: [Option<DateTime<Utc>>; 2],
     pub last_write: Option<Side>,
+    /// See [`Link::last_write_settled`]; false unless this sync wrote `last_write` and its
+    /// answer showed the new snapshot.
+    pub last_write_settled: bool,
 }
 
 /// One `sync_log` row (the record is the event's).
@@ -104,8 +110,8 @@ static STORE_SYNC_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH updated AS (\
             UPDATE links SET snapshot = $14, source_seen_at = $15, target_seen_at = $16, \
-            last_write_side = COALESCE($17, last_write_side), version = version + 1, \
-            updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
+            last_write_side = COALESCE($17, last_write_side), last_write_settled = $20, \
+            version = version + 1, updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
             RETURNING id) \
          INSERT INTO sync_log {LOG_COLUMNS} SELECT {LOG_VALUES} FROM updated"
     )
@@ -163,6 +169,7 @@ pub(crate) async fn store_sync(
         .bind(state.last_write.map(Side::as_str))
         .bind(link.id)
         .bind(link.version)
+        .bind(state.last_write_settled)
         .execute(conn)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -182,7 +189,7 @@ pub(crate) async fn find_link(
     let e = entity(flow, side);
     let row = sqlx::query(&format!(
         "SELECT id, source_id, target_id, snapshot, source_seen_at, target_seen_at, \
-         last_write_side, version FROM links \
+         last_write_side, last_write_settled, version FROM links \
          WHERE state = 'active' AND {col_sys} = $1 AND {col_type} = $2 AND {col_id} = $3 \
          AND flow_id = $4"
     ))
@@ -210,6 +217,7 @@ pub(crate) async fn find_link(
                 Some("target") => Some(Side::Target),
                 _ => None,
             },
+            last_write_settled: row.try_get("last_write_settled")?,
             version: row.try_get("version")?,
         })
     })

@@ -198,21 +198,29 @@ async fn simulator_sends_signed_standard_webhooks_for_changes_made_through_its_a
     c.update("Customer", &created.id, &obj(json!({"name": "A"})))
         .await
         .unwrap();
-    c.update("Customer", &created.id, &obj(json!({"name": "B"})))
+    let updated = c
+        .update("Customer", &created.id, &obj(json!({"name": "B"})))
         .await
         .unwrap();
+    // Each webhook carries the record's stamp after its change (the contract's optional
+    // `data.updated_at`), as a read of the record at that moment would give it.
+    let stamp = |r: &tether::connectors::Record| {
+        r.updated_at
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    };
 
     let (body, verified) = next_webhook(&mut receiver).await;
     assert!(verified, "signature must verify");
     assert_eq!(
         body,
-        json!({"type": "customer.created", "data": {"id": created.id}})
+        json!({"type": "customer.created", "data": {"id": created.id, "updated_at": stamp(&created)}})
     );
     let (body, verified) = next_webhook(&mut receiver).await;
     assert!(verified, "signature must verify");
     assert_eq!(
         body,
-        json!({"type": "customer.updated", "data": {"id": created.id}})
+        json!({"type": "customer.updated", "data": {"id": created.id, "updated_at": stamp(&updated)}})
     );
 }
 

@@ -176,6 +176,19 @@ impl Harness {
         id: &str,
         action: Action,
     ) -> ClaimedJob {
+        self.delivered(system, entity_type, id, action, None).await
+    }
+
+    /// [`Harness::event_of`] whose delivery gives `occurred_at` (for a custom system: the
+    /// record's `updated_at` its webhook carries).
+    async fn delivered(
+        &self,
+        system: SystemId,
+        entity_type: &str,
+        id: &str,
+        action: Action,
+        occurred_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> ClaimedJob {
         let event = ChangeEvent {
             record: RecordKey {
                 system,
@@ -183,19 +196,20 @@ impl Harness {
                 record_id: id.into(),
             },
             action,
-            occurred_at: None,
+            occurred_at,
             delivery_id: uuid::Uuid::new_v4().to_string(),
         };
         let mut tx = self.db.pool.begin().await.unwrap();
         let event_id: i64 = sqlx::query_scalar(
-            "INSERT INTO events (system, entity_type, record_id, action, delivery_id) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            "INSERT INTO events (system, entity_type, record_id, action, delivery_id, occurred_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
         .bind(system.as_str())
         .bind(entity_type)
         .bind(id)
         .bind(action.as_str())
         .bind(&event.delivery_id)
+        .bind(occurred_at)
         .fetch_one(&mut *tx)
         .await
         .unwrap();
@@ -621,6 +635,73 @@ async fn rule3_echo_and_unchanged_values_cause_no_write_and_calls_are_minimal() 
         0
     );
     assert_eq!(h.decisions().await.last().unwrap(), "unchanged");
+}
+
+/// docs/sync-rules.md, "An echo without a read": a custom system's webhook carrying the stamp
+/// Tether's own write answered with is that write's echo, recorded with no call at all; without a
+/// stamp the record is read as before, and a later stamp (a change of the system's own) is read
+/// and merged.
+#[tokio::test]
+async fn rule3_a_custom_echo_carrying_the_written_stamp_costs_no_call() {
+    let flow = flow(
+        (PowerOffice, "Customers"),
+        (CustomErp, "Customer"),
+        vec![prop("Name", "name")],
+    );
+    let h = Harness::new(vec![flow], &[PowerOffice, CustomErp]).await;
+    let c = h
+        .m(PowerOffice)
+        .insert("Customers", obj(json!({"Name": "Acme AS"})));
+    assert_eq!(
+        h.run(PowerOffice, "Customers", &c.id).await,
+        JobOutcome::Done
+    );
+    let customer = h.active_links().await[0].2.clone();
+    h.m(PowerOffice)
+        .edit("Customers", &c.id, obj(json!({"Name": "Acme Norge AS"})));
+    assert_eq!(
+        h.run(PowerOffice, "Customers", &c.id).await,
+        JobOutcome::Done
+    );
+    let written = h.m(CustomErp).get("Customer", &customer).unwrap();
+    assert_eq!(name_of(&written), json!("Acme Norge AS"));
+    let echo = |stamp| h.delivered(CustomErp, "Customer", &customer, Action::Updated, stamp);
+
+    // No stamp in the webhook: the echo is read, as before.
+    h.reset_counters();
+    assert_eq!(h.handle(&echo(None).await).await, JobOutcome::Done);
+    assert_eq!(h.m(CustomErp).count("fetch"), 1);
+    assert_eq!(h.decisions().await.last().unwrap(), "echo");
+
+    // The write's own stamp: the same decision without a call.
+    h.reset_counters();
+    assert_eq!(
+        h.handle(&echo(written.updated_at).await).await,
+        JobOutcome::Done
+    );
+    assert_eq!(
+        h.m(CustomErp).count("fetch") + h.m(PowerOffice).count("fetch"),
+        0
+    );
+    assert_eq!(
+        h.m(CustomErp).count("update") + h.m(PowerOffice).count("update"),
+        0
+    );
+    assert_eq!(h.decisions().await.last().unwrap(), "echo");
+
+    // A change made in the custom system carries a later stamp: read and merged as ever.
+    let edited = h.m(CustomErp).edit(
+        "Customer",
+        &customer,
+        obj(json!({"name": "Acme Holding AS"})),
+    );
+    h.reset_counters();
+    assert_eq!(
+        h.handle(&echo(edited.updated_at).await).await,
+        JobOutcome::Done
+    );
+    assert_eq!(h.m(CustomErp).count("fetch"), 1);
+    assert_ne!(h.decisions().await.last().unwrap(), "echo");
 }
 
 /// A registry rule naming another flow as the owner of a property: this flow does not write it

@@ -392,3 +392,22 @@ async fn a_pause_seen_by_one_replica_holds_the_others() {
     second.admit(Duration::from_secs(5)).await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(1500));
 }
+
+/// Many callers of one process wanting places at once get them in shared statements (one
+/// `UPDATE` for the places wanted meanwhile): consecutive places, so the limit still holds in
+/// every window, and every caller is let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_callers_of_one_process_stay_under_the_limit_with_shared_statements() {
+    let db = testing::database().await;
+    let gate: Arc<dyn RateGate> = Arc::new(SharedGate::new(
+        db.pool.clone(),
+        "poweroffice:test:second".to_owned(),
+        10,
+        Duration::from_secs(1),
+        1,
+    ));
+    let stamps = let_through(vec![gate], 16, 2).await;
+    assert_eq!(stamps.len(), 32);
+    let most = busiest(&stamps, Duration::from_secs(1));
+    assert!(most <= 10, "{most} calls within one second");
+}

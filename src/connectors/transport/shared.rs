@@ -13,16 +13,26 @@
 //! still cannot make a window count `limit + 1`. A caller that wakes more than half an interval
 //! after its place (a starved machine) gives the place up and takes a new one, so lateness
 //! stays inside that margin.
+//!
+//! One process's callers share one statement: the places wanted while a take is on its way are
+//! taken together by the next one (`n` consecutive places, one `UPDATE`), so a process's workers
+//! never queue on the row's lock. With 64 workers calling a vendor whose limit is tens of
+//! thousands a minute, a statement per call made that one row PostgreSQL's largest cost and
+//! the lock queue made callers late (README, "Benchmark" of "How records are kept in sync").
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::PgPool;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::gate::RateGate;
 
-/// Takes a place when it comes within `max_wait`: answers whether it was granted and the wait.
+/// Takes `$5` consecutive places when the last comes within `max_wait`: answers whether they were
+/// granted and `base`, the seconds from now to the first place before the burst tolerance
+/// (the first's wait is `base - tolerance`, the i-th's `i` spacings more, none below zero).
 /// `$2` the spacing, `$3` the tolerance (burst - 1 spacings), `$4` the longest wait, in seconds.
 /// The `SET` expressions read the row as it was; `RETURNING` reads it as written. Times are
 /// `clock_timestamp()`, the time the row is read under its lock, not `now()` (the statement's
@@ -31,16 +41,16 @@ use super::gate::RateGate;
 const TAKE: &str = "\
 UPDATE rate_budgets SET
     granted = greatest(tat, clock_timestamp()) - clock_timestamp()
-              <= make_interval(secs => $3 + $4),
+              <= make_interval(secs => $3 + $4 - $2 * ($5 - 1)),
     tat = CASE WHEN greatest(tat, clock_timestamp()) - clock_timestamp()
-                    <= make_interval(secs => $3 + $4)
-               THEN greatest(tat, clock_timestamp()) + make_interval(secs => $2)
+                    <= make_interval(secs => $3 + $4 - $2 * ($5 - 1))
+               THEN greatest(tat, clock_timestamp()) + make_interval(secs => $2 * $5)
                ELSE tat END
 WHERE budget = $1
-RETURNING greatest(extract(epoch FROM
-                       CASE WHEN granted THEN tat - make_interval(secs => $2)
-                            ELSE greatest(tat, clock_timestamp()) END
-                       - clock_timestamp())::float8 - $3, 0) AS wait,
+RETURNING extract(epoch FROM
+              CASE WHEN granted THEN tat - make_interval(secs => $2 * $5)
+                   ELSE greatest(tat, clock_timestamp()) END
+              - clock_timestamp())::float8 AS base,
           granted";
 
 /// No places before `$2` seconds from now (a 429's `Retry-After`), for every replica.
@@ -53,12 +63,38 @@ const CREATE: &str = "INSERT INTO rate_budgets (budget, tat) VALUES ($1, clock_t
 
 /// `limit` calls per `period` for one vendor account, across every replica.
 pub struct SharedGate {
+    inner: Arc<Inner>,
+    /// How late after its place a call may still go (see [`LATENESS_FLOOR`]).
+    lateness: Duration,
+}
+
+/// What the statement needs, and the places wanted meanwhile (see the module doc).
+struct Inner {
     pool: PgPool,
     budget: String,
     spacing: Duration,
     tolerance: f64,
-    /// How late after its place a call may still go (see [`LATENESS_FLOOR`]).
-    lateness: Duration,
+    wanted: Mutex<Wanted>,
+}
+
+#[derive(Default)]
+struct Wanted {
+    waiting: Vec<Want>,
+    /// A task is taking places for this process; it takes the waiting ones before it ends.
+    taking: bool,
+}
+
+/// One caller's wish for a place.
+struct Want {
+    max_wait: Duration,
+    answer: oneshot::Sender<Result<Taken, Arc<sqlx::Error>>>,
+}
+
+/// A place (the instant the call may go), or a refusal with the wait until the next place.
+#[derive(Debug, Clone, Copy)]
+enum Taken {
+    At(Instant),
+    Refused(Duration),
 }
 
 /// The least lateness a call may have and still use its place. Half a spacing alone is below a
@@ -70,6 +106,9 @@ const LATENESS_FLOOR: Duration = Duration::from_millis(25);
 
 /// Places given up for lateness before the call is handed back as back-pressure.
 const MAX_RETAKES: usize = 4;
+
+/// The most places one statement takes (the others wait for the next).
+const MAX_PLACES_AT_ONCE: usize = 64;
 
 impl SharedGate {
     /// `budget` names the account and limit (e.g. `poweroffice:<key hash>:second`); `burst`
@@ -86,22 +125,100 @@ impl SharedGate {
             0 | 1 => spacing,
             _ => period / slots.saturating_sub(spare).max(1),
         };
-        SharedGate {
+        let inner = Inner {
             pool,
             budget,
             spacing,
             tolerance: spacing.as_secs_f64() * f64::from(burst - 1),
+            wanted: Mutex::new(Wanted::default()),
+        };
+        SharedGate {
+            inner: Arc::new(inner),
             lateness,
         }
     }
 
-    async fn take(&self, max_wait: Duration) -> Result<(f64, bool), sqlx::Error> {
+    /// A place for this caller, taken with those of the other callers waiting now.
+    async fn take(&self, max_wait: Duration) -> Result<Taken, Arc<sqlx::Error>> {
+        let (answer, taken) = oneshot::channel();
+        let lead = {
+            let mut wanted = self.inner.wanted.lock().unwrap_or_else(|e| e.into_inner());
+            wanted.waiting.push(Want { max_wait, answer });
+            !std::mem::replace(&mut wanted.taking, true)
+        };
+        if lead {
+            // A task of its own, so a caller that gives up (a dropped future) strands no one.
+            tokio::spawn(self.inner.clone().take_while_wanted());
+        }
+        taken
+            .await
+            .unwrap_or_else(|_| Err(Arc::new(sqlx::Error::PoolClosed)))
+    }
+}
+
+impl Inner {
+    /// Takes places until no caller waits for one.
+    async fn take_while_wanted(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                if wanted.waiting.is_empty() {
+                    wanted.taking = false;
+                    return;
+                }
+                let n = wanted.waiting.len().min(MAX_PLACES_AT_ONCE);
+                wanted.waiting.drain(..n).collect::<Vec<_>>()
+            };
+            self.give(batch).await;
+        }
+    }
+
+    /// Consecutive places for `batch` in one statement. If they do not all come within the
+    /// shortest wait asked, each caller is answered on its own, as if it had asked alone.
+    async fn give(&self, batch: Vec<Want>) {
+        let max_wait = batch.iter().map(|w| w.max_wait).min().unwrap_or_default();
+        let sent = Instant::now();
+        match self.statement(batch.len(), max_wait).await {
+            Ok((base, true)) => {
+                for (i, want) in batch.into_iter().enumerate() {
+                    // The wait counts from when PostgreSQL read the row, which is after `sent`:
+                    // counting it from `sent` errs early by at most the round trip, and every
+                    // delay after the read (the answer's way back, a busy machine) shows as
+                    // lateness in `admit`.
+                    let wait = base + self.spacing.as_secs_f64() * i as f64 - self.tolerance;
+                    let place = sent + Duration::from_secs_f64(wait.max(0.0));
+                    let _ = want.answer.send(Ok(Taken::At(place)));
+                }
+            }
+            Ok((base, false)) if batch.len() == 1 => {
+                let wait = Duration::from_secs_f64((base - self.tolerance).max(0.0));
+                for want in batch {
+                    let _ = want.answer.send(Ok(Taken::Refused(wait)));
+                }
+            }
+            Ok((_, false)) => {
+                for want in batch {
+                    Box::pin(self.give(vec![want])).await;
+                }
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                for want in batch {
+                    let _ = want.answer.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    /// Runs [`TAKE`] for `n` places (creating the budget's row the first time).
+    async fn statement(&self, n: usize, max_wait: Duration) -> Result<(f64, bool), sqlx::Error> {
         for _ in 0..2 {
             let row: Option<(f64, bool)> = sqlx::query_as(TAKE)
                 .bind(&self.budget)
                 .bind(self.spacing.as_secs_f64())
                 .bind(self.tolerance)
                 .bind(max_wait.as_secs_f64().min(1e9))
+                .bind(n as i32)
                 .fetch_optional(&self.pool)
                 .await?;
             if let Some(row) = row {
@@ -122,13 +239,8 @@ impl RateGate for SharedGate {
         let deadline = Instant::now().checked_add(max_wait);
         for _ in 0..MAX_RETAKES {
             let left = deadline.map_or(max_wait, |d| d.saturating_duration_since(Instant::now()));
-            // The wait counts from when PostgreSQL read the row, which is after `sent`: counting
-            // it from `sent` errs early by at most the round trip, and every delay after the
-            // read (the answer's way back, a busy machine) shows as lateness below.
-            let sent = Instant::now();
             match self.take(left).await {
-                Ok((wait, true)) => {
-                    let place = sent + Duration::from_secs_f64(wait);
+                Ok(Taken::At(place)) => {
                     tokio::time::sleep_until(place).await;
                     // A call that goes well after its place would bunch with the next ones: it
                     // gives the place up and takes a new one instead.
@@ -136,26 +248,26 @@ impl RateGate for SharedGate {
                         return Ok(());
                     }
                 }
-                Ok((wait, false)) => return Err(Duration::from_secs_f64(wait)),
+                Ok(Taken::Refused(wait)) => return Err(wait),
                 Err(error) => {
                     // Without the database there is no shared budget; the call is given back
                     // as back-pressure rather than sent uncounted.
-                    tracing::warn!(budget = %self.budget, %error, "shared rate budget unavailable");
+                    tracing::warn!(budget = %self.inner.budget, %error, "shared rate budget unavailable");
                     return Err(Duration::from_secs(1));
                 }
             }
         }
-        Err(self.spacing)
+        Err(self.inner.spacing)
     }
 
     async fn pause(&self, delay: Duration) {
         let paused = sqlx::query(PAUSE)
-            .bind(&self.budget)
+            .bind(&self.inner.budget)
             .bind(delay.as_secs_f64())
-            .execute(&self.pool)
+            .execute(&self.inner.pool)
             .await;
         if let Err(error) = paused {
-            tracing::warn!(budget = %self.budget, %error, "could not share a vendor's pause");
+            tracing::warn!(budget = %self.inner.budget, %error, "could not share a vendor's pause");
         }
     }
 }

@@ -1,0 +1,71 @@
+//! An echo recognised without a read (docs/sync-rules.md, "An echo without a read"): a custom
+//! system's webhook may carry the record's `updated_at` (README, "The custom-system contract").
+//! When that stamp is the one Tether's own last write of this side answered with, and that answer
+//! showed every synced property as the link's snapshot has it, reading the record would find
+//! exactly that answer and log `echo`; the event is logged so without the read.
+
+use chrono::{DateTime, Utc};
+
+use super::decision::Decision;
+use super::store::{self, Entry};
+use super::{ActiveFlow, SyncEngine};
+use crate::domain::{Action, SystemId};
+use crate::queue::ClaimedJob;
+
+impl SyncEngine {
+    /// Logs the event as the echo of every running flow and answers true, if the delivery's
+    /// stamp settles each of them (see the module doc); else changes nothing and answers false.
+    pub(super) async fn echo_by_stamp(
+        &self,
+        job: &ClaimedJob,
+        active: &[ActiveFlow<'_>],
+    ) -> Result<bool, sqlx::Error> {
+        let Some(stamp) = delivered_stamp(job) else {
+            return Ok(false);
+        };
+        let id = &job.event.record.record_id;
+        let mut settled = Vec::with_capacity(active.len());
+        for (flow, side, _) in active {
+            let Some(link) = store::find_link(&self.pool, flow, *side, id).await? else {
+                return Ok(false);
+            };
+            let own_write = link.last_write_side == Some(*side) && link.last_write_settled;
+            // PostgreSQL keeps microseconds: the stamp as stored, not finer than that.
+            let same_stamp =
+                link.seen_on(*side).map(|s| s.timestamp_micros()) == Some(stamp.timestamp_micros());
+            if !own_write || !same_stamp {
+                return Ok(false);
+            }
+            settled.push((flow, *side, link.id));
+        }
+        for (flow, side, link_id) in settled {
+            let detail = format!(
+                "the delivery's updated_at ({}) is the stamp of Tether's own write of the {} \
+                 record, whose answer showed every mapped value as last synced: nothing was read",
+                stamp.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                side.as_str()
+            );
+            let entry = Entry {
+                flow: Some(&flow.id),
+                link: Some(link_id),
+                detail: Some(detail),
+                ..Entry::new(Decision::Echo)
+            };
+            self.log(job, entry).await?;
+        }
+        Ok(true)
+    }
+}
+
+/// The record's change stamp as the event's delivery gives it: only a custom system's webhook
+/// (or its poll) of a change gives the record's own `updated_at`; other systems' event times,
+/// deletes and Tether's own synthetic events say nothing about the record's state.
+fn delivered_stamp(job: &ClaimedJob) -> Option<DateTime<Utc>> {
+    let e = &job.event;
+    let custom = matches!(e.record.system, SystemId::CustomErp | SystemId::CustomPms);
+    let synthetic = e.delivery_id.starts_with("tether:");
+    if !custom || synthetic || e.action != Action::Updated {
+        return None;
+    }
+    e.occurred_at
+}
