@@ -220,6 +220,23 @@ impl ExactSim {
         self.seed(Set::Accounts, props)
     }
 
+    /// Creates an account as a user in Exact would: stored with a new `Timestamp` and announced
+    /// by a `Create` webhook. Returns its ID.
+    pub fn create_account(&self, props: Value) -> String {
+        let id = self.seed(Set::Accounts, props);
+        self.notify("Create", &id);
+        id
+    }
+
+    /// The number of accounts.
+    pub fn account_count(&self) -> usize {
+        self.lock()
+            .rows
+            .keys()
+            .filter(|(set, _)| *set == Set::Accounts)
+            .count()
+    }
+
     pub fn seed_department(&self, props: Value) -> String {
         self.seed(Set::Departments, props)
     }

@@ -34,7 +34,26 @@ pub struct Faults {
     pub rate_limit: Option<u32>,
     /// The rate-limit window in milliseconds (default one minute).
     pub rate_window_ms: Option<u64>,
+    /// Share of API requests answered late: handled at once (the change is made), the answer held
+    /// back `slow_ms`, as a vendor whose answer outlives the client's timeout.
+    pub slow_rate: f64,
+    /// How long a slow answer is held back, in milliseconds.
+    pub slow_ms: u64,
+    /// Share of webhooks delivered twice (the same delivery id, as vendors redeliver).
+    pub duplicate_webhooks: f64,
+    /// Share of webhooks held back and delivered after the next webhook of their lane (out of
+    /// order), or after `REORDER_HOLD` when no other webhook comes.
+    pub reorder_webhooks: f64,
+    /// Delivery attempts of one webhook before it is given up (default 4); vendors retry failed
+    /// deliveries for hours, so a run with an outage longer than a few seconds sets more.
+    pub webhook_attempts: Option<u32>,
 }
+
+/// The longest a webhook held back to be delivered out of order waits for a later one.
+pub const REORDER_HOLD: Duration = Duration::from_millis(500);
+
+/// The longest pause between two attempts to deliver a webhook.
+const MAX_DELIVERY_PAUSE: Duration = Duration::from_secs(3);
 
 /// Builds the vendor's own error body for a status the kit produces (429, 500, 401).
 pub type ErrorBody = fn(StatusCode, &str) -> Response;
@@ -208,6 +227,11 @@ impl SimControl {
         self.inner.counters.lock().unwrap().clear();
     }
 
+    /// Counts something that is not a request (no effect on the peak rates).
+    fn note(&self, key: &str) {
+        *self.inner.counters.lock().unwrap().entry(key.to_owned()).or_insert(0) += 1;
+    }
+
     fn record(&self, key: String) {
         *self.inner.counters.lock().unwrap().entry(key).or_insert(0) += 1;
         let mut peaks = self.inner.peaks.lock().unwrap();
@@ -274,7 +298,14 @@ pub async fn api_layer(
     if forced_500 {
         return (control.inner.error_body)(StatusCode::INTERNAL_SERVER_ERROR, "injected fault");
     }
-    next.run(request).await
+    let slow = faults.slow_rate > 0.0 && rand::thread_rng().gen::<f64>() < faults.slow_rate;
+    let response = next.run(request).await;
+    if slow {
+        // The change is made; only the answer is late (a client that gave up never sees it).
+        control.note("slow answers");
+        tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
+    }
+    response
 }
 
 fn too_many(control: &SimControl, retry_after_secs: u64) -> Response {
@@ -395,6 +426,12 @@ pub struct WebhookStats {
     pub delivered: u64,
     pub dropped: u64,
     pub failed: u64,
+    /// Deliveries made a second time on purpose (`Faults::duplicate_webhooks`).
+    pub duplicated: u64,
+    /// Webhooks sent after a later one (`Faults::reorder_webhooks`).
+    pub reordered: u64,
+    /// Delivery attempts that failed before a later one succeeded or the webhook was given up.
+    pub retried: u64,
 }
 
 impl WebhookSender {
@@ -451,7 +488,8 @@ impl WebhookSender {
     }
 }
 
-/// Delivers one lane's webhooks one after the other.
+/// Delivers one lane's webhooks one after the other; with the reorder fault, one is held back and
+/// sent after the next one (or after [`REORDER_HOLD`]).
 async fn deliver_lane(
     mut rx: mpsc::UnboundedReceiver<(Option<String>, Outgoing)>,
     target: Option<String>,
@@ -459,17 +497,88 @@ async fn deliver_lane(
     control: SimControl,
     stats: Arc<Mutex<WebhookStats>>,
 ) {
-    while let Some((url, outgoing)) = rx.recv().await {
-        let Some(url) = url.as_deref().or(target.as_deref()) else {
-            continue;
+    let lane = Lane {
+        target,
+        client,
+        control,
+        stats,
+    };
+    let mut held: Option<(Option<String>, Outgoing)> = None;
+    loop {
+        let next = match held {
+            Some(_) => match tokio::time::timeout(REORDER_HOLD, rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    lane.deliver(held.take().expect("held")).await;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
         };
-        if control.should_drop_webhook() {
-            stats.lock().unwrap().dropped += 1;
+        let Some(outgoing) = next else {
+            if let Some(late) = held.take() {
+                lane.deliver(late).await;
+            }
+            return;
+        };
+        if held.is_none() && lane.roll(lane.control.faults().reorder_webhooks) {
+            held = Some(outgoing);
             continue;
         }
-        let mut delivered = false;
-        for attempt in 0..4u32 {
-            let result = client
+        lane.deliver(outgoing).await;
+        if let Some(late) = held.take() {
+            lane.stats.lock().unwrap().reordered += 1;
+            lane.deliver(late).await;
+        }
+    }
+}
+
+struct Lane {
+    target: Option<String>,
+    client: reqwest::Client,
+    control: SimControl,
+    stats: Arc<Mutex<WebhookStats>>,
+}
+
+impl Lane {
+    fn roll(&self, share: f64) -> bool {
+        share > 0.0 && rand::thread_rng().gen::<f64>() < share
+    }
+
+    /// Delivers one webhook (twice with the duplicate fault), counting what happened.
+    async fn deliver(&self, (url, outgoing): (Option<String>, Outgoing)) {
+        let Some(url) = url.as_deref().or(self.target.as_deref()) else {
+            return;
+        };
+        if self.control.should_drop_webhook() {
+            self.stats.lock().unwrap().dropped += 1;
+            return;
+        }
+        let faults = self.control.faults();
+        let twice = self.roll(faults.duplicate_webhooks);
+        let attempts = faults.webhook_attempts.unwrap_or(4).max(1);
+        let delivered = self.attempt(url, &outgoing, attempts).await;
+        {
+            let mut stats = self.stats.lock().unwrap();
+            if delivered {
+                stats.delivered += 1;
+            } else {
+                stats.failed += 1;
+            }
+        }
+        if twice && delivered {
+            self.stats.lock().unwrap().duplicated += 1;
+            // A redelivery that fails is not a lost webhook: the first one arrived.
+            self.attempt(url, &outgoing, attempts).await;
+        }
+    }
+
+    /// Up to `attempts` tries with a doubling pause (at most [`MAX_DELIVERY_PAUSE`]); whether one
+    /// got a 2xx. A 4xx other than 429 is final.
+    async fn attempt(&self, url: &str, outgoing: &Outgoing, attempts: u32) -> bool {
+        for attempt in 0..attempts {
+            let result = self
+                .client
                 .post(url)
                 .headers(outgoing.headers.clone())
                 .header("content-type", "application/json")
@@ -477,20 +586,16 @@ async fn deliver_lane(
                 .send()
                 .await;
             match result {
-                Ok(r) if r.status().is_success() => {
-                    delivered = true;
-                    break;
+                Ok(r) if r.status().is_success() => return true,
+                Ok(r) if r.status().is_client_error() && r.status() != 429 => return false,
+                _ => {
+                    self.stats.lock().unwrap().retried += 1;
+                    let pause = Duration::from_millis(200 << attempt.min(8));
+                    tokio::time::sleep(pause.min(MAX_DELIVERY_PAUSE)).await;
                 }
-                Ok(r) if r.status().is_client_error() && r.status() != 429 => break,
-                _ => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
             }
         }
-        let mut stats = stats.lock().unwrap();
-        if delivered {
-            stats.delivered += 1;
-        } else {
-            stats.failed += 1;
-        }
+        false
     }
 }
 
