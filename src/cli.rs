@@ -57,6 +57,13 @@ pub enum Command {
     /// Register, inspect and remove the vendor-side webhooks that send Tether changes.
     #[command(subcommand)]
     Webhooks(WebhooksCommand),
+    /// Load the records that existed before Tether: plan (reviewed first), run, status.
+    #[command(subcommand)]
+    Backfill(crate::backfill::command::BackfillCommand),
+    /// Hand a running installation a new refresh token (read from standard input) without a
+    /// restart.
+    #[command(subcommand)]
+    Credentials(crate::credentials::CredentialsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,6 +155,13 @@ pub fn main() -> ExitCode {
             } => links_show(config, system, entity_type, id).await,
             Command::DeadLetters(cmd) => dead_letters(config, cmd).await,
             Command::Webhooks(cmd) => webhooks_command(config, cmd).await,
+            Command::Backfill(cmd) => backfill_command(config, cmd).await,
+            Command::Credentials(cmd) => {
+                let db = Database::open(&config).await?;
+                let result = crate::credentials::run(&config, &db.pool, cmd).await;
+                db.close().await;
+                result
+            }
         }
     });
     match result {
@@ -291,6 +305,19 @@ async fn webhooks_command(config: Config, cmd: WebhooksCommand) -> anyhow::Resul
         anyhow::Ok(ExitCode::SUCCESS)
     }
     .await;
+    db.close().await;
+    result
+}
+
+/// `tether backfill ...` (docs/backfill.md).
+async fn backfill_command(
+    config: Config,
+    cmd: crate::backfill::command::BackfillCommand,
+) -> anyhow::Result<ExitCode> {
+    let (registry, _) = registry::load(config.registry.overlay.as_deref())
+        .context("the mapping registry cannot be used")?;
+    let db = Database::open(&config).await?;
+    let result = crate::backfill::command::run(&config, &db.pool, &registry, cmd).await;
     db.close().await;
     result
 }

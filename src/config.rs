@@ -7,6 +7,9 @@
 //! `secrecy::SecretString`: they never reach logs, error messages or `Debug` output.
 //! The commented defaults are in `tether.example.toml`.
 
+mod reconcile;
+pub use reconcile::{ReconcileIntervals, DEFAULT_RECONCILE_INTERVAL};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -476,6 +479,9 @@ pub struct WorkerConfig {
     pub enabled: bool,
     /// Jobs run at once by this process.
     pub concurrency: usize,
+    /// Of those, backfill jobs at most (fewer than `concurrency`, so live work always finds a
+    /// task; docs/queue.md, "Priorities").
+    pub backfill_concurrency: usize,
     /// Jobs claimed per query.
     pub batch_size: usize,
     /// How long a claim is valid without renewal; must exceed the outbound timeout plus a margin.
@@ -513,6 +519,8 @@ pub struct SystemsConfig {
     pub crmoffice: Option<CrmOfficeConfig>,
     pub customerp: Option<CustomSystemConfig>,
     pub custompms: Option<CustomSystemConfig>,
+    /// `<system>.reconcile_interval` of the systems that send webhooks (README, "Reconciliation").
+    pub reconcile: ReconcileIntervals,
 }
 
 impl SystemsConfig {
@@ -571,8 +579,27 @@ pub struct PowerOfficeConfig {
 #[derive(Debug, Clone)]
 pub struct CrmOfficeConfig {
     pub base_url: url::Url,
-    pub api_token: SecretString,
+    pub auth: CrmOfficeAuth,
     pub poll_interval: Duration,
+}
+
+/// How Tether gets CRMOffice access tokens (docs/vendors.md, CRMOffice item 9).
+#[derive(Debug, Clone)]
+pub enum CrmOfficeAuth {
+    /// A fixed bearer token (`crmoffice.api_token`): for testing, it expires after about an hour.
+    Token(SecretString),
+    /// OAuth2 refresh tokens (`client_id`, `client_secret`, `refresh_token`, `token_url`), kept
+    /// and rotated in PostgreSQL like Exact's.
+    OAuth(CrmOfficeOAuth),
+}
+
+#[derive(Debug, Clone)]
+pub struct CrmOfficeOAuth {
+    pub token_url: url::Url,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    /// Seeds the stored refresh token (handed over later with `tether credentials set`).
+    pub refresh_token: SecretString,
 }
 
 #[derive(Debug, Clone)]
@@ -641,6 +668,10 @@ impl Config {
             workers: WorkerConfig {
                 enabled: s.bool("workers.enabled")?.unwrap_or(true),
                 concurrency: s.integer("workers.concurrency", 1, 1024)?.unwrap_or(8) as usize,
+                // 0 stands for "half of `concurrency`", resolved in `check`.
+                backfill_concurrency: s
+                    .integer("workers.backfill_concurrency", 1, 1023)?
+                    .unwrap_or(0) as usize,
                 batch_size: s.integer("workers.batch_size", 1, 10_000)?.unwrap_or(100) as usize,
                 lease: s
                     .duration("workers.lease")?
@@ -681,6 +712,7 @@ impl Config {
                 crmoffice: crmoffice(&mut s)?,
                 customerp: custom(&mut s, "customerp")?,
                 custompms: custom(&mut s, "custompms")?,
+                reconcile: ReconcileIntervals::load(&mut s)?,
             },
             admin: AdminConfig {
                 token: admin_token(&mut s)?,
@@ -693,12 +725,22 @@ impl Config {
             },
         };
         s.finish()?;
+        let mut config = config;
         config.check()?;
         Ok(config)
     }
 
     /// Rules that span several keys.
-    fn check(&self) -> Result<(), ConfigError> {
+    fn check(&mut self) -> Result<(), ConfigError> {
+        let w = &mut self.workers;
+        if w.backfill_concurrency == 0 {
+            w.backfill_concurrency = (w.concurrency / 2).max(1);
+        } else if w.concurrency > 1 && w.backfill_concurrency >= w.concurrency {
+            return Err(ConfigError(format!(
+                "configuration key `workers.backfill_concurrency` is {}, but it must be less than `workers.concurrency` ({}), so that live work always finds a free task.",
+                w.backfill_concurrency, w.concurrency
+            )));
+        }
         // A lease shorter than a slow outbound call lets a second worker claim a job that is still
         // running (docs/queue.md, leases).
         let margin = Duration::from_secs(5);
@@ -867,15 +909,39 @@ fn crmoffice(s: &mut Source) -> Result<Option<CrmOfficeConfig>, ConfigError> {
         base_url: s
             .url("crmoffice.base_url")?
             .unwrap_or_else(|| url::Url::parse("https://api.crmoffice.no/").expect("valid")),
-        api_token: require(
-            s.secret("crmoffice.api_token")?,
-            "crmoffice.api_token",
-            "crmoffice",
-        )?,
+        auth: crmoffice_auth(s)?,
         poll_interval: s
             .duration("crmoffice.poll_interval")?
             .unwrap_or(Duration::from_secs(60)),
     }))
+}
+
+/// `api_token`, or the OAuth2 keys (`refresh_token` with `client_id` and `client_secret`;
+/// `token_url` defaults to the one Sesam's connector uses).
+fn crmoffice_auth(s: &mut Source) -> Result<CrmOfficeAuth, ConfigError> {
+    let api_token = s.secret("crmoffice.api_token")?;
+    let refresh_token = s.secret("crmoffice.refresh_token")?;
+    let client_id = s.string("crmoffice.client_id")?;
+    let client_secret = s.secret("crmoffice.client_secret")?;
+    let token_url = s.url("crmoffice.token_url")?.unwrap_or_else(|| {
+        url::Url::parse("https://sesam.crmoffice.no/connect/token").expect("valid")
+    });
+    match (api_token, refresh_token) {
+        (Some(_), Some(_)) => Err(ConfigError(
+            "the [crmoffice] section has both `api_token` and `refresh_token`; keep one.".into(),
+        )),
+        (Some(token), None) => Ok(CrmOfficeAuth::Token(token)),
+        (None, Some(refresh_token)) => Ok(CrmOfficeAuth::OAuth(CrmOfficeOAuth {
+            token_url,
+            client_id: require(client_id, "crmoffice.client_id", "crmoffice")?,
+            client_secret: require(client_secret, "crmoffice.client_secret", "crmoffice")?,
+            refresh_token,
+        })),
+        (None, None) => Err(ConfigError::missing(
+            "crmoffice.api_token",
+            "(or `refresh_token` with `client_id` and `client_secret`) when the [crmoffice] section is present",
+        )),
+    }
 }
 
 fn custom(s: &mut Source, name: &str) -> Result<Option<CustomSystemConfig>, ConfigError> {

@@ -9,9 +9,11 @@
 
 pub mod admin;
 pub mod at_rest;
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod connectors;
+pub mod credentials;
 pub mod db;
 pub mod domain;
 pub mod http;

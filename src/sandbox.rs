@@ -66,10 +66,8 @@ impl Simulators {
             webhook_secret: String::new(),
         })
         .await?;
-        let exact_config = ExactSimConfig {
-            webhook_target: hook("exactonline"),
-            ..ExactSimConfig::default()
-        };
+        // No subscription until Tether makes its own ([`install_webhooks`]).
+        let exact_config = ExactSimConfig::default();
         let (exact, exact_running) = exactonline::start(exact_config.clone(), any).await?;
         let poweroffice_config = PowerOfficeSimConfig::default();
         let (poweroffice, po_running) = poweroffice::start(poweroffice_config.clone(), any).await?;
@@ -243,66 +241,31 @@ pub async fn run(
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
-
-    // Tether's own port first: the simulators need it as their webhook target.
-    // `listen` as configured (a container publishes 0.0.0.0:8080); a port in use falls back to
-    // any free one. The simulators reach tether over loopback.
-    let listener = match tokio::net::TcpListener::bind(outer.listen).await {
-        Ok(l) => l,
-        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-    };
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listener.local_addr()?.port()));
+    let (listener, addr) = bind(outer).await?;
     let tether_url = format!("http://{addr}");
     let sims = Simulators::start(addr.ip(), &tether_url)
         .await
         .context("the simulators could not start")?;
-
-    let mut source = crate::config::Source::empty();
-    source.add_toml(
-        &sims.config_toml(addr, &outer.data_dir, "1s"),
-        Path::new("(sandbox)"),
-    )?;
-    let mut config = crate::config::Config::from_source(source)?;
-    config.database = outer.database.clone();
-    config.log_format = outer.log_format;
-    config.registry = outer.registry.clone();
-    let config = Arc::new(config);
-
-    let overlay_file;
-    let overlay = if demo && config.registry.overlay.is_none() {
-        overlay_file = outer.data_dir.join("sandbox-demo-overlay.toml");
-        std::fs::create_dir_all(&outer.data_dir)?;
-        std::fs::write(&overlay_file, demo::OVERLAY)?;
-        Some(overlay_file.as_path())
-    } else {
-        config.registry.overlay.as_deref()
-    };
-    let (registry, _warnings) =
-        crate::registry::load(overlay).context("the mapping registry cannot be used")?;
+    let config = Arc::new(sandbox_config(outer, &sims, addr)?);
+    let registry = load_registry(outer, &config, demo)?;
     let db = crate::db::Database::open(&config).await?;
-    crate::db::migrate(&db.pool)
-        .await
-        .context("migrations failed")?;
-    // A sandbox starts from a clean slate each time: the simulators are new, so old links and
-    // queued events would point at records that no longer exist.
-    sqlx::query(
-        "TRUNCATE events, jobs, links, link_intents, sync_log, poll_cursors, oauth_tokens, \
-         webhook_registrations CASCADE",
-    )
-    .execute(&db.pool)
-    .await
-    .context("cannot reset the sandbox database")?;
-
+    reset(&db.pool).await?;
     install_webhooks(&config, &db.pool, &registry).await?;
+    if !demo {
+        // The systems' past: records made before Tether connects, loaded by a backfill below.
+        sims.seed();
+    }
+    // The demo's records are made after the first connection: changes that arrive live.
+    crate::service::record_first_connections(&config, &db.pool).await?;
+    let registry = Arc::new(registry);
     let service = tokio::spawn(crate::service::run(
         config.clone(),
         db.pool.clone(),
-        Arc::new(registry),
+        registry.clone(),
         Some(listener),
         shutdown.clone(),
     ));
-
-    let code = if demo {
+    if demo {
         let report = demo::run(&sims, &db.pool).await;
         // The report is printed once the service has stopped, so no log line lands inside it.
         shutdown.cancel();
@@ -315,19 +278,103 @@ pub async fn run(
         } else {
             std::process::ExitCode::FAILURE
         });
-    } else {
-        sims.seed();
-        print_welcome(&sims, &tether_url);
-        shutdown.cancelled().await;
-        std::process::ExitCode::SUCCESS
-    };
+    }
+    let plan = backfill_the_past(&config, &db.pool, &registry).await?;
+    print!("{}", crate::backfill::report::table(&plan));
+    print_welcome(&sims, &tether_url, plan.plan);
+    shutdown.cancelled().await;
     let result = service.await;
     db.close().await;
     result??;
-    Ok(code)
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn print_welcome(sims: &Simulators, tether_url: &str) {
+/// Tether's own port first: the simulators need it as their webhook target. `listen` as
+/// configured (a container publishes 0.0.0.0:8080); a port in use falls back to any free one.
+/// The simulators reach tether over loopback.
+async fn bind(
+    outer: &crate::config::Config,
+) -> std::io::Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = match tokio::net::TcpListener::bind(outer.listen).await {
+        Ok(l) => l,
+        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], listener.local_addr()?.port()));
+    Ok((listener, addr))
+}
+
+/// The simulators' configuration, with the database, log format and registry the operator gave.
+fn sandbox_config(
+    outer: &crate::config::Config,
+    sims: &Simulators,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<crate::config::Config> {
+    let mut source = crate::config::Source::empty();
+    source.add_toml(
+        &sims.config_toml(addr, &outer.data_dir, "1s"),
+        Path::new("(sandbox)"),
+    )?;
+    let mut config = crate::config::Config::from_source(source)?;
+    config.database = outer.database.clone();
+    config.log_format = outer.log_format;
+    config.registry = outer.registry.clone();
+    Ok(config)
+}
+
+/// The registry with the operator's overlay, or for the demo (without one) the demo's overlay.
+fn load_registry(
+    outer: &crate::config::Config,
+    config: &crate::config::Config,
+    demo: bool,
+) -> anyhow::Result<crate::registry::Registry> {
+    use anyhow::Context as _;
+    let overlay_file = outer.data_dir.join("sandbox-demo-overlay.toml");
+    let overlay = if demo && config.registry.overlay.is_none() {
+        std::fs::create_dir_all(&outer.data_dir)?;
+        std::fs::write(&overlay_file, demo::OVERLAY)?;
+        Some(overlay_file.as_path())
+    } else {
+        config.registry.overlay.as_deref()
+    };
+    let (registry, _warnings) =
+        crate::registry::load(overlay).context("the mapping registry cannot be used")?;
+    Ok(registry)
+}
+
+/// A sandbox starts from a clean slate each time: the simulators are new, so old links and
+/// queued events would point at records that no longer exist.
+async fn reset(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    crate::db::migrate(pool)
+        .await
+        .context("migrations failed")?;
+    sqlx::query(
+        "TRUNCATE events, jobs, links, link_intents, sync_log, poll_cursors, oauth_tokens, \
+         webhook_registrations, system_connections, backfill_plans CASCADE",
+    )
+    .execute(pool)
+    .await
+    .context("cannot reset the sandbox database")?;
+    Ok(())
+}
+
+/// Plans the backfill of every enabled flow, as an operator would with `tether backfill plan`,
+/// and runs it (`tether backfill run --detach`): the seeded records reach the other systems.
+async fn backfill_the_past(
+    config: &crate::config::Config,
+    pool: &sqlx::PgPool,
+    registry: &crate::registry::Registry,
+) -> anyhow::Result<crate::backfill::Summary> {
+    use crate::backfill::{estimate, plan, store};
+    let connectors = crate::service::build_connectors(config, pool)?;
+    let limits = estimate::limits(config);
+    let mut made = plan::make(pool, registry, &connectors, &limits, &[]).await?;
+    store::save(pool, &mut made).await?;
+    store::enqueue(pool, made.summary.plan).await?;
+    Ok(made.summary)
+}
+
+fn print_welcome(sims: &Simulators, tether_url: &str, plan: i64) {
     let zd = sims.url(SystemId::Zendesk);
     let po = sims.url(SystemId::PowerOffice);
     let erp = sims.url(SystemId::CustomErp);
@@ -343,8 +390,10 @@ Tether sandbox is running. Ctrl-C stops everything.
   Custom ERP       {erp}
   Custom PMS       {pms}
 
-A few records are already in PowerOffice and Exact; within seconds they appear in Zendesk and,
-from there, in the Custom ERP and PMS. Try:
+A few records were in PowerOffice and Exact before Tether connected: the sandbox planned their
+backfill (plan {plan}, above) and runs it, so within seconds they appear in Zendesk and, from
+there, in the Custom ERP and PMS (`tether backfill status {plan}` with the sandbox's database
+shows how it went). Try:
 
   # 1. the organizations Tether created in Zendesk
   curl -s -u '{email}/token:{token}' {zd}/api/v2/organizations
@@ -636,15 +685,19 @@ resolve = "latest_wins"
 }
 
 /// Registers Tether's webhooks at the simulators the way an operator does with
-/// `tether webhooks install zendesk` (the same code), so the simulators, which deliver only to
+/// `tether webhooks install zendesk` and `... exactonline` (the same code), so the simulators, which deliver only to
 /// registered webhooks, send their changes to this sandbox.
 pub async fn install_webhooks(
     config: &crate::config::Config,
     pool: &sqlx::PgPool,
     registry: &crate::registry::Registry,
 ) -> anyhow::Result<()> {
-    crate::webhooks::install(config, pool, registry, SystemId::Zendesk)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot install the Zendesk webhook: {e}"))?;
+    for system in [SystemId::Zendesk, SystemId::ExactOnline] {
+        match crate::webhooks::install(config, pool, registry, system).await {
+            // An overlay may switch off every flow of a system: nothing to subscribe to.
+            Ok(_) | Err(crate::webhooks::WebhookError::NothingNeeded(_)) => {}
+            Err(e) => anyhow::bail!("cannot install the {system} webhooks: {e}"),
+        }
+    }
     Ok(())
 }

@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::connectors::{self, Connector};
 use crate::domain::SystemId;
-use crate::polling::PollerSpec;
+use crate::polling::{PollKind, PollerSpec};
 use crate::registry::Registry;
+use std::time::Duration;
 
 /// One client per connected system (a system without a configuration section has none).
 pub fn build_connectors(
@@ -61,7 +62,12 @@ pub fn build_connectors(
     if let Some(crm) = &systems.crmoffice {
         out.insert(
             SystemId::CrmOffice,
-            Arc::new(connectors::crmoffice::CrmOfficeConnector::new(crm, timeout)),
+            Arc::new(connectors::crmoffice::CrmOfficeConnector::configured(
+                crm,
+                pool,
+                timeout,
+                crate::at_rest::Keyring::from_config(&config.secrets.keys).map(Arc::new),
+            )),
         );
     }
     for (system, section) in [
@@ -80,9 +86,10 @@ pub fn build_connectors(
     Ok(out)
 }
 
-/// The entity types to poll: every type a dataflow touches whose changes do not arrive as
-/// webhooks (PowerOffice Go v2 and CRMOffice send none; Exact has a webhook topic only for
-/// Accounts; custom systems are polled only when a reconciliation `poll_interval` is set).
+/// The entity types to read on an interval: every type a dataflow touches whose changes do not
+/// arrive as webhooks (PowerOffice Go v2 and CRMOffice send none; Exact has a webhook topic only
+/// for Accounts) is polled; every webhook-driven type (Zendesk's, Exact Accounts, custom systems')
+/// is reconciled every `reconcile_interval` (a custom system's `poll_interval`, if set, instead).
 pub fn poller_specs(
     config: &Config,
     registry: &Registry,
@@ -93,18 +100,10 @@ pub fn poller_specs(
     let mut specs = Vec::new();
     for flow in registry.dataflows.iter().filter(|f| f.switches.enabled) {
         for side in [&flow.source, &flow.target] {
-            let interval = match side.system {
-                SystemId::Zendesk => None,
-                SystemId::PowerOffice => systems.poweroffice.as_ref().map(|c| c.poll_interval),
-                SystemId::CrmOffice => systems.crmoffice.as_ref().map(|c| c.poll_interval),
-                SystemId::ExactOnline if side.entity_type != "Accounts" => {
-                    systems.exactonline.as_ref().map(|c| c.poll_interval)
-                }
-                SystemId::ExactOnline => None,
-                SystemId::CustomErp => systems.customerp.as_ref().and_then(|c| c.poll_interval),
-                SystemId::CustomPms => systems.custompms.as_ref().and_then(|c| c.poll_interval),
-            };
-            let (Some(interval), Some(connector)) = (interval, connectors.get(&side.system)) else {
+            let schedule = schedule(systems, side.system, &side.entity_type);
+            let (Some((interval, kind)), Some(connector)) =
+                (schedule, connectors.get(&side.system))
+            else {
                 continue;
             };
             if seen.insert((side.system, side.entity_type.clone())) {
@@ -112,11 +111,82 @@ pub fn poller_specs(
                     connector: connector.clone(),
                     entity_type: side.entity_type.clone(),
                     interval,
+                    kind,
                 });
             }
         }
     }
+    // Exact reports deletions of every type in one stream, `sync/Deleted`, read on the
+    // reconciliation interval whenever a flow touches Exact (rule 9: deletes end links).
+    let exact_used = seen.iter().any(|(s, _)| *s == SystemId::ExactOnline);
+    if let (true, Some(connector)) = (exact_used, connectors.get(&SystemId::ExactOnline)) {
+        specs.push(PollerSpec {
+            connector: connector.clone(),
+            entity_type: connectors::DELETIONS.to_owned(),
+            interval: systems.reconcile.exactonline,
+            kind: PollKind::Reconcile,
+        });
+    }
     specs
+}
+
+/// How often a type is read and why: polled (no webhooks for it) or reconciled (webhook-driven).
+fn schedule(
+    systems: &crate::config::SystemsConfig,
+    system: SystemId,
+    entity_type: &str,
+) -> Option<(Duration, PollKind)> {
+    let reconcile = systems
+        .reconcile
+        .of(system)
+        .map(|d| (d, PollKind::Reconcile));
+    let poll = |d: Duration| Some((d, PollKind::Poll));
+    match system {
+        SystemId::Zendesk => reconcile,
+        SystemId::PowerOffice => systems
+            .poweroffice
+            .as_ref()
+            .and_then(|c| poll(c.poll_interval)),
+        SystemId::CrmOffice => systems
+            .crmoffice
+            .as_ref()
+            .and_then(|c| poll(c.poll_interval)),
+        SystemId::ExactOnline if entity_type != "Accounts" => systems
+            .exactonline
+            .as_ref()
+            .and_then(|c| poll(c.poll_interval)),
+        SystemId::ExactOnline => reconcile,
+        SystemId::CustomErp => systems
+            .customerp
+            .as_ref()
+            .and_then(|c| c.poll_interval)
+            .map_or(reconcile, poll),
+        SystemId::CustomPms => systems
+            .custompms
+            .as_ref()
+            .and_then(|c| c.poll_interval)
+            .map_or(reconcile, poll),
+    }
+}
+
+/// Records now as the first connection of every configured system that has none yet: poll and
+/// reconciliation cursors start there. `run` calls it; the sandbox and the test harness call it
+/// before they seed records, so what they seed is new to Tether.
+pub async fn record_first_connections(config: &Config, pool: &PgPool) -> Result<(), sqlx::Error> {
+    record_first_connections_at(config, pool, chrono::Utc::now()).await
+}
+
+/// As [`record_first_connections`], at a given moment (tests of systems connected earlier).
+pub async fn record_first_connections_at(
+    config: &Config,
+    pool: &PgPool,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), sqlx::Error> {
+    let connected = SystemId::ALL
+        .iter()
+        .copied()
+        .filter(|s| config.systems.is_connected(*s));
+    crate::polling::connections::record_first(pool, connected, at).await
 }
 
 /// Runs HTTP (if enabled and a listener is given), workers (if enabled) and pollers until
@@ -139,6 +209,7 @@ pub async fn run(
         );
     }
     let connectors = build_connectors(&config, &pool)?;
+    record_first_connections(&config, &pool).await?;
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(address) = config.metrics.listen {
         let listener = tokio::net::TcpListener::bind(address)

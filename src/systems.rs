@@ -43,7 +43,8 @@ impl WebhookScheme {
 /// How a system's changes reach Tether.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Changes {
-    /// Signed webhooks for every entity type; never polled.
+    /// Signed webhooks for every entity type; not polled, only reconciled every
+    /// `reconcile_interval` (`service::poller_specs`).
     Webhooks(WebhookScheme),
     /// Signed webhooks for the listed entity types only; the others are polled.
     WebhooksFor(WebhookScheme, &'static [&'static str]),
@@ -180,11 +181,13 @@ static TABLE: [SystemSpec; 6] = [
         changes: Changes::Polled,
         webhook_secrets: |_| Vec::new(),
         poll_interval: |s| s.crmoffice.as_ref().map(|c| c.poll_interval),
-        connect: |config, _| {
+        connect: |config, pool| {
             Ok(config.systems.crmoffice.as_ref().map(|section| {
-                Arc::new(connectors::crmoffice::CrmOfficeConnector::new(
+                Arc::new(connectors::crmoffice::CrmOfficeConnector::configured(
                     section,
+                    pool,
                     config.outbound.timeout,
+                    crate::at_rest::Keyring::from_config(&config.secrets.keys).map(Arc::new),
                 )) as Arc<dyn Connector>
             }))
         },

@@ -38,6 +38,7 @@ fn worker_config(tasks: usize) -> WorkerConfig {
     WorkerConfig {
         enabled: true,
         concurrency: tasks,
+        backfill_concurrency: 1,
         batch_size: batch(),
         lease: Duration::from_secs(60),
         poll_interval: Duration::from_millis(200),

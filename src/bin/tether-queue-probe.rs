@@ -87,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = WorkerConfig {
         enabled: true,
         concurrency,
+        backfill_concurrency: 1,
         batch_size: env_u64("PROBE_BATCH", 20)? as usize,
         lease: Duration::from_millis(env_u64("PROBE_LEASE_MS", 3000)?),
         poll_interval: Duration::from_millis(env_u64("PROBE_POLL_MS", 200)?),

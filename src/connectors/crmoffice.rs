@@ -27,11 +27,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::custom::join;
-use super::transport::token::StaticToken;
+use super::transport::refresh::{RefreshConfig, StoredRefreshToken};
+use super::transport::token::{StaticToken, TokenSource};
 use super::transport::{http_client, Answer, Call, Credential, Gates, VendorClient};
 use super::{get_path, ChangePage, Connector, ConnectorError, Record};
-use crate::config::CrmOfficeConfig;
+use crate::at_rest::Keyring;
+use crate::config::{CrmOfficeAuth, CrmOfficeConfig, CrmOfficeOAuth};
 use crate::domain::SystemId;
+use secrecy::SecretString;
+use sqlx::PgPool;
 
 /// Every assumption about CRMOffice's API, in one place. Each constant says what is assumed and
 /// why; the simulator ([`crate::simulators::crmoffice`]) implements exactly these.
@@ -153,16 +157,69 @@ fn merge_into(target: &mut Map<String, Value>, changed: &Map<String, Value>) {
     }
 }
 
+/// The refresh tokens of CRMOffice's OAuth2 client, kept and rotated in `oauth_tokens` like
+/// Exact's (docs/vendors.md, CRMOffice item 9); also what `tether credentials set crmoffice`
+/// hands a new refresh token to.
+pub fn token_store(
+    oauth: &CrmOfficeOAuth,
+    pool: PgPool,
+    http: reqwest::Client,
+    keyring: Option<Arc<Keyring>>,
+) -> StoredRefreshToken {
+    StoredRefreshToken::new(
+        RefreshConfig {
+            system: SYSTEM,
+            vendor_name: "CRMOffice",
+            account: oauth.client_id.clone(),
+            token_url: oauth.token_url.to_string(),
+            client_id: oauth.client_id.clone(),
+            client_secret: oauth.client_secret.clone(),
+            seed_refresh_token: oauth.refresh_token.clone(),
+            // Nothing documented; a refresh is only asked for near expiry or after a 401.
+            min_refresh_interval: Duration::ZERO,
+            reauthorise: "re-authorise Tether in CRMOffice and set crmoffice.refresh_token to the \
+                          new refresh token, or hand it over with `tether credentials set crmoffice`",
+            client_hint: "check crmoffice.client_id and client_secret",
+        },
+        pool,
+        http,
+    )
+    .with_keyring(keyring)
+}
+
 impl CrmOfficeConnector {
-    pub fn new(config: &CrmOfficeConfig, timeout: Duration) -> Self {
+    /// The connector as `serve` builds it: a fixed token, or OAuth2 refresh tokens stored in
+    /// `pool` (sealed under `keyring`).
+    pub fn configured(
+        config: &CrmOfficeConfig,
+        pool: &PgPool,
+        timeout: Duration,
+        keyring: Option<Arc<Keyring>>,
+    ) -> Self {
+        let http = http_client(timeout);
+        let tokens: Arc<dyn TokenSource> = match &config.auth {
+            CrmOfficeAuth::Token(token) => Arc::new(StaticToken(Credential::Bearer(token.clone()))),
+            CrmOfficeAuth::OAuth(oauth) => {
+                Arc::new(token_store(oauth, pool.clone(), http.clone(), keyring))
+            }
+        };
+        Self::with_tokens(config.base_url.clone(), http, tokens)
+    }
+
+    /// With a fixed bearer token (tests, and a token taken from CRMOffice's Swagger page).
+    pub fn with_token(base_url: url::Url, token: SecretString, timeout: Duration) -> Self {
+        let tokens = Arc::new(StaticToken(Credential::Bearer(token)));
+        Self::with_tokens(base_url, http_client(timeout), tokens)
+    }
+
+    fn with_tokens(
+        base_url: url::Url,
+        http: reqwest::Client,
+        tokens: Arc<dyn TokenSource>,
+    ) -> Self {
         CrmOfficeConnector {
-            base_url: config.base_url.clone(),
-            client: VendorClient::new(
-                SYSTEM,
-                http_client(timeout),
-                Arc::new(StaticToken(Credential::Bearer(config.api_token.clone()))),
-                Arc::new(Gates::default()),
-            ),
+            base_url,
+            client: VendorClient::new(SYSTEM, http, tokens, Arc::new(Gates::default())),
             page_size: a::DEFAULT_PAGE_SIZE,
         }
     }
@@ -275,6 +332,16 @@ fn since_param(t: DateTime<Utc>) -> String {
 impl Connector for CrmOfficeConnector {
     fn system(&self) -> SystemId {
         SYSTEM
+    }
+
+    /// `updated_since` is inclusive; nothing at `at` was delivered yet.
+    fn start_cursor(&self, _entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let cursor = Cursor {
+            since: Some(at),
+            seen: Vec::new(),
+            page: 1,
+        };
+        Some(serde_json::to_string(&cursor).expect("cursor serialises"))
     }
 
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {

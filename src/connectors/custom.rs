@@ -222,6 +222,15 @@ impl Connector for CustomConnector {
         self.system
     }
 
+    /// The list is asked for `updated_after` a microsecond before `at`, so `at` is included.
+    fn start_cursor(&self, _entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let cursor = Cursor {
+            after: Some(at),
+            ..Cursor::default()
+        };
+        Some(serde_json::to_string(&cursor).expect("cursor serialises"))
+    }
+
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let segment = self.segment(entity_type, "fetch")?;
         self.send(Call::get(join(&self.base_url, &[segment, id])))

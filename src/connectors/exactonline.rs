@@ -10,6 +10,9 @@
 //! Field names in a [`Record`] are Exact's own (`Name`, `Description`, ...), which are the
 //! registry's names for these types. `/Date(ms)/` values are presented as RFC 3339 strings.
 
+mod deleted;
+pub mod subscriptions;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +27,7 @@ use super::transport::gate::Window;
 use super::transport::quota::{LowQuota, QuotaGate, QuotaHeaders, ResetFormat};
 use super::transport::refresh::{RefreshConfig, StoredRefreshToken};
 use super::transport::{http_client, Budgets, Call, Gates, RateGate, VendorClient};
-use super::{ChangePage, Connector, ConnectorError, Record};
+use super::{ChangePage, Connector, ConnectorError, DeletionPage, Record, DELETIONS};
 use crate::config::ExactConfig;
 use crate::domain::SystemId;
 
@@ -58,7 +61,8 @@ const MAX_INLINE_WAIT: Duration = Duration::from_secs(2);
 
 /// The operator-facing instruction when the refresh token is gone.
 const REAUTHORISE: &str =
-    "re-authorise Tether in Exact Online and set exactonline.refresh_token to the new refresh token";
+    "re-authorise Tether in Exact Online and set exactonline.refresh_token to the new refresh token, \
+     or hand it to the running service with `tether credentials set exactonline`";
 
 /// Calls that may go at once when the minute's budget is shared (the rest are spaced so that
 /// no minute holds more than [`MINUTE_LIMIT`]).
@@ -292,26 +296,7 @@ impl ExactOnline {
         budgets: Budgets,
     ) -> Self {
         let http = http_client(timeout);
-        let tokens = StoredRefreshToken::new(
-            RefreshConfig {
-                system: SYSTEM,
-                vendor_name: "Exact Online",
-                account: config.division.to_string(),
-                token_url: format!(
-                    "{}/api/oauth2/token",
-                    config.base_url.as_str().trim_end_matches('/')
-                ),
-                client_id: config.client_id.clone(),
-                client_secret: config.client_secret.clone(),
-                seed_refresh_token: config.refresh_token.clone(),
-                min_refresh_interval: MIN_REFRESH_INTERVAL,
-                reauthorise: REAUTHORISE,
-                client_hint: "check exactonline.client_id and client_secret",
-            },
-            pool,
-            http.clone(),
-        )
-        .with_keyring(keyring);
+        let tokens = token_store(&config, pool, http.clone(), keyring);
         let gates = Gates::new(vec![
             // Exact counts per division for the whole app; the calls are kept under the minute's
             // limit even before the first answer's headers arrive.
@@ -323,7 +308,39 @@ impl ExactOnline {
             .with_max_inline_wait(MAX_INLINE_WAIT);
         ExactOnline { config, client }
     }
+}
 
+/// The division's rotating refresh token as every replica shares it in `oauth_tokens`; also what
+/// `tether credentials set exactonline` hands a new refresh token to.
+pub fn token_store(
+    config: &ExactConfig,
+    pool: PgPool,
+    http: reqwest::Client,
+    keyring: Option<Arc<crate::at_rest::Keyring>>,
+) -> StoredRefreshToken {
+    StoredRefreshToken::new(
+        RefreshConfig {
+            system: SYSTEM,
+            vendor_name: "Exact Online",
+            account: config.division.to_string(),
+            token_url: format!(
+                "{}/api/oauth2/token",
+                config.base_url.as_str().trim_end_matches('/')
+            ),
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
+            seed_refresh_token: config.refresh_token.clone(),
+            min_refresh_interval: MIN_REFRESH_INTERVAL,
+            reauthorise: REAUTHORISE,
+            client_hint: "check exactonline.client_id and client_secret",
+        },
+        pool,
+        http,
+    )
+    .with_keyring(keyring)
+}
+
+impl ExactOnline {
     fn url(&self, path_and_query: &str) -> String {
         format!(
             "{}/api/v1/{}/{}",
@@ -408,6 +425,11 @@ struct SyncCursor {
     from: i64,
     highest: i64,
     next: Option<String>,
+    /// First pass after the first connection: rows last modified before this (ms since the
+    /// epoch) are passed over, not emitted. A row version (`Timestamp`) says nothing about time,
+    /// so the first pass reads the rows once to move past them; dropped once it is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since_ms: Option<i64>,
 }
 
 impl SyncCursor {
@@ -427,13 +449,14 @@ impl SyncCursor {
             from,
             highest: from,
             next: None,
+            since_ms: None,
         }
     }
 
     fn to_text(&self) -> String {
-        match self.next {
-            None => self.highest.to_string(),
-            Some(_) => serde_json::to_string(self).expect("cursor serialises"),
+        match (&self.next, self.since_ms) {
+            (None, None) => self.highest.to_string(),
+            _ => serde_json::to_string(self).expect("cursor serialises"),
         }
     }
 }
@@ -462,12 +485,20 @@ impl ExactOnline {
             state.highest = state.highest.max(sync_timestamp(item)?);
             let mut record = to_record(def, item)?;
             record.fields.remove("Timestamp");
-            records.push(record);
+            let before_start = match (state.since_ms, record.updated_at) {
+                (Some(since), Some(at)) => at.timestamp_millis() < since,
+                _ => false,
+            };
+            if !before_start {
+                records.push(record);
+            }
         }
         let has_more = next.is_some();
         state.next = next;
         if !has_more {
             state.from = state.highest;
+            // Every row modified before the start now has a row version at or below `from`.
+            state.since_ms = None;
         }
         Ok(ChangePage {
             records,
@@ -491,6 +522,25 @@ struct ModifiedCursor {
 impl Connector for ExactOnline {
     fn system(&self) -> SystemId {
         SYSTEM
+    }
+
+    /// Accounts (sync API): a first pass from the oldest row version that passes over rows last
+    /// modified before `at`. Other types: their `Modified` filter starts at `at`.
+    fn start_cursor(&self, entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        if entity_type == "Accounts" || entity_type == DELETIONS {
+            let mut cursor = SyncCursor::at(FIRST_SYNC_TIMESTAMP);
+            cursor.since_ms = Some(at.timestamp_millis());
+            return Some(cursor.to_text());
+        }
+        let cursor = ModifiedCursor {
+            modified_ms: Some(at.timestamp_millis()),
+            ..ModifiedCursor::default()
+        };
+        Some(serde_json::to_string(&cursor).expect("cursor serialises"))
+    }
+
+    async fn list_deleted(&self, cursor: Option<&str>) -> Result<DeletionPage, ConnectorError> {
+        self.deleted_page(cursor).await
     }
 
     /// Exact sends `Delete` only for records it deleted, and a GUID never comes back.

@@ -256,6 +256,11 @@ impl Connector for MemoryConnector {
         self.system
     }
 
+    /// The cursor is the last `updated_at` handed out (exclusive): just before `at`.
+    fn start_cursor(&self, _entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        Some((at - chrono::Duration::microseconds(1)).to_rfc3339())
+    }
+
     fn deletes_are_final(&self) -> bool {
         self.lock().final_deletes
     }

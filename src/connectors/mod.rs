@@ -81,6 +81,27 @@ pub struct ChangePage {
     pub has_more: bool,
 }
 
+/// The entity type name of a system's stream of deletions (Exact's `sync/Deleted`, one stream
+/// for all types): what [`Connector::list_deleted`] reads, under its own poll cursor.
+pub const DELETIONS: &str = "sync/Deleted";
+
+/// One record the vendor reports deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deletion {
+    /// The registry's name for the record's type.
+    pub entity_type: String,
+    pub id: String,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+/// One page of a deletion stream; the cursor works as [`ChangePage`]'s does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeletionPage {
+    pub deletions: Vec<Deletion>,
+    pub next_cursor: Option<String>,
+    pub has_more: bool,
+}
+
 /// Why a call to a vendor failed, classified by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -199,6 +220,40 @@ pub trait Connector: Send + Sync + 'static {
         entity_type: &str,
         cursor: Option<&str>,
     ) -> Result<ChangePage, ConnectorError>;
+
+    /// Every record of the type, one page at a time from `None` (the backfill's reading,
+    /// docs/backfill.md). The same as [`Connector::list_changed`] from the beginning, except
+    /// where a vendor's change feed cannot list everything at once: Zendesk's time-based
+    /// organization export holds back the newest minute and allows 10 calls a minute, so its
+    /// cursor-paginated list is read instead.
+    async fn list_existing(
+        &self,
+        entity_type: &str,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError> {
+        self.list_changed(entity_type, cursor).await
+    }
+
+    /// Records deleted after the cursor, for a vendor with a stream of deletions (read as the
+    /// type [`DELETIONS`]); `Unsupported` elsewhere, where deletes arrive by webhook or in the
+    /// change lists themselves.
+    async fn list_deleted(&self, cursor: Option<&str>) -> Result<DeletionPage, ConnectorError> {
+        let _ = cursor;
+        Err(ConnectorError::Unsupported {
+            system: self.system(),
+            entity_type: DELETIONS.to_owned(),
+            operation: "list_deleted",
+        })
+    }
+
+    /// A [`Connector::list_changed`] cursor meaning "changes at or after `at`", in the vendor's
+    /// own cursor form: where polling and reconciliation of a system start when it is first
+    /// connected, so its past is not read as new changes. `None`: this connector cannot start
+    /// at a time and reads from the beginning.
+    fn start_cursor(&self, entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let _ = (entity_type, at);
+        None
+    }
 
     /// Records whose fields equal all the given values (merge criteria), for linking records that
     /// already exist on both sides.

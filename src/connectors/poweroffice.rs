@@ -349,6 +349,16 @@ impl Connector for PowerOffice {
         SYSTEM
     }
 
+    /// The change list reads a window from `at - LOOKBACK` (exclusive): the cursor is placed
+    /// so that window starts just before `at`.
+    fn start_cursor(&self, _entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let cursor = ChangeCursor {
+            at: Some(at - chrono::Duration::microseconds(1) + LOOKBACK),
+            seen: BTreeMap::new(),
+        };
+        Some(serde_json::to_string(&cursor).expect("cursor serialises"))
+    }
+
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let kind = kind(entity_type, "fetch")?;
         let url = self.url(&kind.item_path(id)?);

@@ -526,7 +526,16 @@ impl ZendeskConnector {
         let mut query = vec![("per_page", self.export_page_size.to_string())];
         match &cursor.after {
             Some(after) => query.push(("cursor", after.clone())),
-            None => query.push(("start_time", cursor.start.to_string())),
+            // Zendesk refuses a `start_time` less than a minute old (a cursor that starts at a
+            // first connection moments ago): ask from a minute back; `list_changed` drops what
+            // changed before the cursor's start.
+            None => query.push((
+                "start_time",
+                cursor
+                    .start
+                    .min(Utc::now().timestamp() - EXPORT_MIN_AGE_SECS)
+                    .to_string(),
+            )),
         }
         let url = self.url(
             &format!("/api/v2/incremental/{}/cursor", entity.plural()),
@@ -743,6 +752,16 @@ impl Connector for ZendeskConnector {
         SYSTEM
     }
 
+    /// Every export (time-based and cursor-based) takes a `start_time` in whole seconds, and
+    /// returns items changed at or after it.
+    fn start_cursor(&self, _entity_type: &str, at: DateTime<Utc>) -> Option<String> {
+        let cursor = ExportCursor {
+            start: at.timestamp(),
+            ..ExportCursor::default()
+        };
+        Some(cursor.encode())
+    }
+
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError> {
         let entity = Entity::parse(entity_type, "fetch")?;
         if entity == Entity::Ticketcomments {
@@ -874,10 +893,13 @@ impl Connector for ZendeskConnector {
             Entity::Organizations => self.list_organizations(cursor).await,
             Entity::Users | Entity::Tickets => {
                 let (items, next, end_of_stream) = self.export_page(entity, &cursor).await?;
-                let records = items
+                let mut records = items
                     .iter()
                     .map(|v| record(entity, v))
                     .collect::<Result<Vec<_>, _>>()?;
+                // The stream is ordered by change time: what changed before the cursor's start
+                // (asked from a minute back) is the past, not a change after the start.
+                records.retain(|r| r.updated_at.is_none_or(|at| at.timestamp() >= cursor.start));
                 Ok(ChangePage {
                     records,
                     next_cursor: Some(next.encode()),
@@ -885,6 +907,17 @@ impl Connector for ZendeskConnector {
                 })
             }
             Entity::Ticketcomments => self.list_comments_changed(cursor).await,
+        }
+    }
+
+    async fn list_existing(
+        &self,
+        entity_type: &str,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError> {
+        match Entity::parse(entity_type, "list_existing")? {
+            Entity::Organizations => self.list_page(Entity::Organizations, cursor).await,
+            _ => self.list_changed(entity_type, cursor).await,
         }
     }
 
@@ -949,6 +982,37 @@ impl Connector for ZendeskConnector {
 }
 
 impl ZendeskConnector {
+    /// One page of a cursor-paginated list (`GET /api/v2/{plural}?page[size]=…`); the cursor is
+    /// the page's `links.next`, followed only on the configured host.
+    async fn list_page(
+        &self,
+        entity: Entity,
+        cursor: Option<&str>,
+    ) -> Result<ChangePage, ConnectorError> {
+        let url = match cursor {
+            Some(next) => self.same_origin(next)?,
+            None => self.url(
+                &format!("/api/v2/{}", entity.plural()),
+                &[("page[size]", self.page_size.to_string())],
+            ),
+        };
+        let page = self
+            .get_json(url)
+            .await?
+            .ok_or_else(|| malformed("the list answered 404"))?;
+        let records = array(&page, entity.plural())?
+            .iter()
+            .map(|v| record(entity, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let has_more = page["meta"]["has_more"].as_bool().unwrap_or(false);
+        let next = page["links"]["next"].as_str().map(str::to_owned);
+        Ok(ChangePage {
+            records,
+            has_more: has_more && next.is_some(),
+            next_cursor: next,
+        })
+    }
+
     async fn list_records(
         &self,
         entity: Entity,

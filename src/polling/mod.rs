@@ -14,6 +14,8 @@
 //!
 //! May call: `connectors` (through the trait), `queue::enqueue`, `db`.
 
+pub mod connections;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::connectors::{Connector, ConnectorError, Record};
+use crate::connectors::{Connector, ConnectorError, Record, DELETIONS};
 use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
 use crate::queue::{self, NewJob};
 
@@ -31,6 +33,28 @@ use crate::queue::{self, NewJob};
 /// the stored cursor resumes it next round.
 pub const MAX_PAGES_PER_ROUND: u32 = 1000;
 
+/// Why a type is read on an interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollKind {
+    /// The system sends no webhooks for the type: polling is how its changes arrive.
+    Poll,
+    /// Reconciliation of a webhook-driven type (`reconcile_interval`): finds the changes whose
+    /// webhook never arrived. Its first round comes one interval after start, so a start does
+    /// not spend the vendor's export budget at once; its cursor is durable, so a change made
+    /// while Tether was down is still found within one interval of the restart.
+    Reconcile,
+}
+
+impl PollKind {
+    /// Where the jobs of the changes found rank in the queue.
+    pub fn priority(self) -> queue::JobPriority {
+        match self {
+            PollKind::Poll => queue::JobPriority::Live,
+            PollKind::Reconcile => queue::JobPriority::Reconcile,
+        }
+    }
+}
+
 /// One thing to poll: a connector, one of its entity types, and how often.
 #[derive(Clone)]
 pub struct PollerSpec {
@@ -38,6 +62,7 @@ pub struct PollerSpec {
     /// The registry's name for the type (`Customers`, `Contacts`, ...).
     pub entity_type: String,
     pub interval: Duration,
+    pub kind: PollKind,
 }
 
 impl std::fmt::Debug for PollerSpec {
@@ -46,6 +71,7 @@ impl std::fmt::Debug for PollerSpec {
             .field("system", &self.connector.system())
             .field("entity_type", &self.entity_type)
             .field("interval", &self.interval)
+            .field("kind", &self.kind)
             .finish()
     }
 }
@@ -126,19 +152,82 @@ fn write_canonical(value: &Value, out: &mut String) {
     }
 }
 
+/// One page read from a connector, as the events it stands for.
+struct FoundPage {
+    events: Vec<ChangeEvent>,
+    next_cursor: Option<String>,
+    has_more: bool,
+}
+
+/// Reads the next page of the spec's type: changed records, or (for [`DELETIONS`]) the
+/// vendor's stream of deletions.
+async fn read_page(spec: &PollerSpec, cursor: Option<&str>) -> Result<FoundPage, ConnectorError> {
+    let system = spec.connector.system();
+    if spec.entity_type == DELETIONS {
+        let page = spec.connector.list_deleted(cursor).await?;
+        let events = page
+            .deletions
+            .into_iter()
+            .map(|deletion| ChangeEvent {
+                delivery_id: deletion_id(system, &deletion.entity_type, &deletion.id),
+                record: RecordKey {
+                    system,
+                    entity_type: deletion.entity_type,
+                    record_id: deletion.id,
+                },
+                action: Action::Deleted,
+                occurred_at: deletion.deleted_at,
+            })
+            .collect();
+        return Ok(FoundPage {
+            events,
+            next_cursor: page.next_cursor,
+            has_more: page.has_more,
+        });
+    }
+    let page = spec
+        .connector
+        .list_changed(&spec.entity_type, cursor)
+        .await?;
+    let events = page
+        .records
+        .iter()
+        .map(|record| ChangeEvent {
+            record: RecordKey {
+                system,
+                entity_type: spec.entity_type.clone(),
+                record_id: record.id.clone(),
+            },
+            // A poll cannot tell a create from an update; the sync engine fetches and decides.
+            action: Action::Updated,
+            occurred_at: record.updated_at,
+            delivery_id: delivery_id(system, &spec.entity_type, record),
+        })
+        .collect();
+    Ok(FoundPage {
+        events,
+        next_cursor: page.next_cursor,
+        has_more: page.has_more,
+    })
+}
+
+/// The deduplication key of a reported deletion: a record is deleted once.
+fn deletion_id(system: SystemId, entity_type: &str, id: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in [system.as_str(), entity_type, id] {
+        hash.update(part.len().to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    format!("poll-deleted:{}", hex::encode(hash.finalize()))
+}
+
 /// Polls one (system, type) until the connector says it is caught up (or [`MAX_PAGES_PER_ROUND`]),
 /// one transaction per page.
 /// Returns `busy` at once if another replica holds the cursor.
 #[tracing::instrument(skip_all, fields(system = %spec.connector.system(), entity_type = %spec.entity_type))]
 pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, PollError> {
     let system = spec.connector.system();
-    sqlx::query(
-        "INSERT INTO poll_cursors (system, entity_type) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(system.as_str())
-    .bind(&spec.entity_type)
-    .execute(pool)
-    .await?;
+    ensure_cursor(pool, spec).await?;
 
     let mut report = PollReport::default();
     loop {
@@ -157,11 +246,7 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         };
         // The row stays locked while the vendor is asked: the call is bounded by the outbound
         // timeout, and no other replica may poll the same cursor meanwhile.
-        let page = match spec
-            .connector
-            .list_changed(&spec.entity_type, cursor.as_deref())
-            .await
-        {
+        let page = match read_page(spec, cursor.as_deref()).await {
             Ok(page) => page,
             Err(error) => {
                 drop(tx);
@@ -170,23 +255,8 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
             }
         };
         report.pages += 1;
-        report.records += page.records.len() as u64;
-
-        let events: Vec<ChangeEvent> = page
-            .records
-            .iter()
-            .map(|record| ChangeEvent {
-                record: RecordKey {
-                    system,
-                    entity_type: spec.entity_type.clone(),
-                    record_id: record.id.clone(),
-                },
-                // A poll cannot tell a create from an update; the sync engine fetches and decides.
-                action: Action::Updated,
-                occurred_at: record.updated_at,
-                delivery_id: delivery_id(system, &spec.entity_type, record),
-            })
-            .collect();
+        report.records += page.events.len() as u64;
+        let events = page.events;
         let mut stored: Vec<(i64, &ChangeEvent)> = Vec::new();
         for event in &events {
             let id: Option<i64> = sqlx::query_scalar(
@@ -213,7 +283,9 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
                 event,
             })
             .collect();
-        queue::enqueue(&mut tx, &jobs).await?;
+        // The one place polled and reconciled changes are enqueued: a change found by
+        // reconciliation ranks below live work and above backfill (docs/queue.md, "Priorities").
+        queue::enqueue_with_priority(&mut tx, &jobs, spec.kind.priority()).await?;
         report.emitted += jobs.len() as u64;
         let found = jobs.len() as u64;
 
@@ -226,7 +298,7 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         .bind(system.as_str())
         .bind(&spec.entity_type)
         .bind(page.next_cursor.as_deref())
-        .bind(page.records.iter().filter_map(|r| r.updated_at).max())
+        .bind(events.iter().filter_map(|e| e.occurred_at).max())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -236,6 +308,37 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
             return Ok(report);
         }
     }
+}
+
+/// Creates the cursor row on the first round. A system with a recorded first connection starts
+/// at that moment, in the connector's own cursor form, so its past is not read as new changes
+/// (loading the past is the backfill's job). Without one (a poll run outside `serve`), the
+/// cursor starts empty: from the beginning.
+async fn ensure_cursor(pool: &PgPool, spec: &PollerSpec) -> Result<(), PollError> {
+    let system = spec.connector.system();
+    let exists: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM poll_cursors WHERE system = $1 AND entity_type = $2")
+            .bind(system.as_str())
+            .bind(&spec.entity_type)
+            .fetch_optional(pool)
+            .await?;
+    if exists.is_some() {
+        return Ok(());
+    }
+    let start = match connections::first_connected_at(pool, system).await? {
+        Some(at) => spec.connector.start_cursor(&spec.entity_type, at),
+        None => None,
+    };
+    sqlx::query(
+        "INSERT INTO poll_cursors (system, entity_type, cursor) VALUES ($1, $2, $3) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(system.as_str())
+    .bind(&spec.entity_type)
+    .bind(start)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 async fn record_error(pool: &PgPool, system: SystemId, entity_type: &str, error: &ConnectorError) {
@@ -287,7 +390,13 @@ pub fn start_pollers(
 
 async fn run_poller(pool: PgPool, spec: PollerSpec, shutdown: CancellationToken) {
     tracing::info!(system = %spec.connector.system(), entity_type = %spec.entity_type,
-        interval = ?spec.interval, "poller started");
+        interval = ?spec.interval, kind = ?spec.kind, "poller started");
+    if spec.kind == PollKind::Reconcile {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(spec.interval) => {}
+        }
+    }
     loop {
         let wait = tokio::select! {
             _ = shutdown.cancelled() => break,

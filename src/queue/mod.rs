@@ -21,7 +21,6 @@ pub mod worker;
 pub use store::{DeadLetter, JobState, QueueCounts};
 pub use worker::{start_workers, Queue, RunOnce};
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,22 +37,84 @@ pub struct NewJob<'a> {
     pub event: &'a ChangeEvent,
 }
 
-/// Enqueues jobs for events stored in the same transaction.
+/// Enqueues jobs for events stored in the same transaction, as live work.
 pub async fn enqueue(conn: &mut PgConnection, jobs: &[NewJob<'_>]) -> Result<(), sqlx::Error> {
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        insert_jobs_sql("SELECT * FROM UNNEST($1::bigint[], $2::text[]) AS j(event_id, record_key)")
-    });
+    enqueue_with_priority(conn, jobs, JobPriority::Live).await
+}
+
+/// Enqueues jobs for events stored in the same transaction, at `priority`.
+pub async fn enqueue_with_priority(
+    conn: &mut PgConnection,
+    jobs: &[NewJob<'_>],
+    priority: JobPriority,
+) -> Result<(), sqlx::Error> {
+    const SQL: &str = "INSERT INTO jobs (event_id, record_key, priority) \
+         SELECT event_id, record_key, $3 \
+         FROM UNNEST($1::bigint[], $2::text[]) AS j(event_id, record_key)";
     if jobs.is_empty() {
         return Ok(());
     }
     let event_ids: Vec<i64> = jobs.iter().map(|j| j.event_id).collect();
     let keys: Vec<String> = jobs.iter().map(|j| record_key(j.event)).collect();
-    sqlx::query(SQL.as_str())
+    sqlx::query(SQL)
         .bind(&event_ids)
         .bind(&keys)
+        .bind(priority.as_i16())
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Which work a job is, and so when it is claimed: live events first, then reconciliation, then
+/// backfill (docs/queue.md, "Priorities"). Stored in `jobs.priority` as [`JobPriority::as_i16`]
+/// under a CHECK constraint (migration `20261204010000_backfill.sql`); claims walk the
+/// unfinished jobs in (priority, id) order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JobPriority {
+    /// A webhook or a poll: a change someone is waiting for.
+    #[default]
+    Live,
+    /// A change found by reconciliation (a webhook that never arrived).
+    Reconcile,
+    /// Loading the past (`tether backfill run`): runs only when no live job is ready, on at most
+    /// `workers.backfill_concurrency` tasks, so at most that many backfill calls wait at a
+    /// vendor's rate gate ahead of a live call (docs/queue.md, "Priorities").
+    Backfill,
+}
+
+impl JobPriority {
+    pub const ALL: [JobPriority; 3] = [
+        JobPriority::Live,
+        JobPriority::Reconcile,
+        JobPriority::Backfill,
+    ];
+
+    /// The value stored in `jobs.priority` (lower is claimed first).
+    pub fn as_i16(self) -> i16 {
+        match self {
+            JobPriority::Live => 0,
+            JobPriority::Reconcile => 1,
+            JobPriority::Backfill => 2,
+        }
+    }
+
+    /// The priority stored as `value`, if it is one.
+    pub fn from_i16(value: i16) -> Option<JobPriority> {
+        JobPriority::ALL.into_iter().find(|p| p.as_i16() == value)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPriority::Live => "live",
+            JobPriority::Reconcile => "reconcile",
+            JobPriority::Backfill => "backfill",
+        }
+    }
+
+    /// Work that gives way to live work, in the queue and at the vendors' rate gates.
+    pub fn is_background(self) -> bool {
+        self == JobPriority::Backfill
+    }
 }
 
 /// The one definition of a new job row, for [`enqueue`] and for statements that store events and
@@ -81,6 +142,8 @@ pub struct ClaimedJob {
     pub event: ChangeEvent,
     /// 1 on the first run.
     pub attempt: i32,
+    /// Live, reconciliation or backfill work.
+    pub priority: JobPriority,
 }
 
 /// What became of one run of a job.

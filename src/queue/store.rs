@@ -3,13 +3,14 @@
 //!
 //! Every statement here runs in its own short transaction; no job runs inside one.
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use super::ClaimedJob;
+use super::{ClaimedJob, JobPriority};
 use crate::domain::{ChangeEvent, RecordKey};
 
 /// The channel the `jobs_notify` trigger notifies.
@@ -58,6 +59,29 @@ pub async fn claim(
     limit: usize,
     lease: Duration,
 ) -> Result<(Vec<Claim>, Vec<Unreadable>), sqlx::Error> {
+    claim_in(
+        pool,
+        owner,
+        limit,
+        lease,
+        JobPriority::Live..=JobPriority::Backfill,
+    )
+    .await
+}
+
+/// [`claim`] restricted to the jobs whose priority lies in `priorities`, in (priority, id)
+/// order: the dispatcher claims live and reconciliation work first and backfill work only with
+/// what is left of its batch and its backfill tasks (docs/queue.md, "Priorities").
+pub async fn claim_in(
+    pool: &PgPool,
+    owner: Uuid,
+    limit: usize,
+    lease: Duration,
+    priorities: RangeInclusive<JobPriority>,
+) -> Result<(Vec<Claim>, Vec<Unreadable>), sqlx::Error> {
+    if limit == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let mut tx = pool.begin().await?;
     sqlx::query(CLAIM_PLANNER_SETTINGS)
         .execute(&mut *tx)
@@ -66,6 +90,8 @@ pub async fn claim(
         .bind(limit as i64)
         .bind(owner)
         .bind(lease.as_millis() as i64)
+        .bind(priorities.start().as_i16())
+        .bind(priorities.end().as_i16())
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -80,6 +106,8 @@ pub async fn claim(
             deferrals: row.try_get("deferrals")?,
         };
         let event_id: i64 = row.try_get("event_id")?;
+        // The CHECK constraint allows only known values; an unknown one runs as live work.
+        let priority = JobPriority::from_i16(row.try_get("priority")?).unwrap_or_default();
         let system: String = row.try_get("system")?;
         let action: String = row.try_get("action")?;
         let parsed = system
@@ -102,6 +130,7 @@ pub async fn claim(
                         delivery_id: row.try_get("delivery_id")?,
                     },
                     attempt: lease.attempts,
+                    priority,
                 },
                 lease,
             }),
@@ -111,9 +140,9 @@ pub async fn claim(
             }),
         }
     }
-    // Started in id order; the statement leaves ordering to us (no sort in its plan: see
-    // CLAIM_PLANNER_SETTINGS).
-    claims.sort_by_key(|c| c.lease.job_id);
+    // Started in (priority, id) order; the statement leaves ordering to us (no sort in its plan:
+    // see CLAIM_PLANNER_SETTINGS).
+    claims.sort_by_key(|c| (c.job.priority, c.lease.job_id));
     Ok((claims, unreadable))
 }
 
@@ -136,8 +165,11 @@ pub const CLAIM_PLANNER_SETTINGS: &str = "SELECT set_config('enable_seqscan', 'o
      set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true), \
      set_config('jit', 'off', true)";
 
-/// The claim statement: `$1` limit, `$2` owner, `$3` lease in milliseconds. Public so that tests
-/// can EXPLAIN it.
+/// The claim statement: `$1` limit, `$2` owner, `$3` lease in milliseconds, `$4`..`$5` the
+/// priorities to claim ([`JobPriority::as_i16`]). Public so that tests can EXPLAIN it.
+///
+/// Candidates are walked in (priority, id) order, the key of `jobs_unfinished` (migration
+/// 20261204010000), so a live job is taken before an older backfill job.
 ///
 /// The ordering check says `o.state NOT IN ('done', 'dead')` rather than `IN ('ready',
 /// 'running')` on purpose: that clause does not imply `jobs_unfinished`'s predicate, so the check
@@ -147,6 +179,7 @@ pub const CLAIM: &str = r#"
         SELECT j.id
         FROM jobs j
         WHERE j.state IN ('ready', 'running')
+          AND j.priority BETWEEN $4 AND $5
           AND ((j.state = 'ready' AND j.run_at <= now())
                OR (j.state = 'running' AND j.lease_until < now()))
           AND NOT EXISTS (
@@ -155,7 +188,7 @@ pub const CLAIM: &str = r#"
                 AND o.state NOT IN ('done', 'dead')
                 AND o.id <> j.id
                 AND (o.state = 'running' OR o.id < j.id))
-        ORDER BY j.id
+        ORDER BY j.priority, j.id
         LIMIT $1
         FOR UPDATE SKIP LOCKED
     ), claimed AS (
@@ -170,9 +203,9 @@ pub const CLAIM: &str = r#"
             claims = j.claims + 1
         FROM candidates c
         WHERE j.id = c.id
-        RETURNING j.id, j.event_id, j.attempts, j.deferrals, j.claims
+        RETURNING j.id, j.event_id, j.attempts, j.deferrals, j.claims, j.priority
     )
-    SELECT c.id, c.event_id, c.attempts, c.deferrals, c.claims,
+    SELECT c.id, c.event_id, c.attempts, c.deferrals, c.claims, c.priority,
            e.system, e.entity_type, e.record_id, e.action, e.occurred_at, e.delivery_id
     FROM claimed c JOIN events e ON e.id = c.event_id
 "#;

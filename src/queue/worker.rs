@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::store::{self, Claim, JobState, Lease, Transition};
-use super::{JobHandler, JobOutcome};
+use super::{JobHandler, JobOutcome, JobPriority};
 use crate::config::WorkerConfig;
 
 /// Rows per pruning statement.
@@ -140,6 +141,8 @@ struct Shared {
     running: Mutex<HashMap<i64, Lease>>,
     /// Wakes the dispatcher: a NOTIFY arrived, capacity freed, or outcomes were written.
     wake: Notify,
+    /// Backfill jobs whose handler is running (bounded by `workers.backfill_concurrency`).
+    background_running: AtomicUsize,
 }
 
 impl Queue {
@@ -156,6 +159,7 @@ impl Queue {
             held: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            background_running: AtomicUsize::new(0),
         });
         // Helpers stop on their own token, cancelled after the dispatcher has drained, so that
         // leases keep being extended while in-flight jobs finish.
@@ -204,7 +208,7 @@ async fn dispatch(
 ) {
     let cfg = shared.queue.cfg.clone();
     let permits = Arc::new(Semaphore::new(cfg.concurrency));
-    let mut buffer: VecDeque<Claim> = VecDeque::new();
+    let mut buffer = Buffer::default();
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
@@ -220,24 +224,10 @@ async fn dispatch(
         let room = max_outstanding(&cfg).saturating_sub(outstanding);
         if buffer.len() <= cfg.batch_size / 2 && room > 0 {
             let want = (cfg.batch_size - buffer.len()).min(room);
-            let q = &shared.queue;
-            match store::claim(&q.pool, q.owner, want, cfg.lease).await {
-                Ok((claims, unreadable)) => {
+            match refill(&shared, &mut buffer, want, &tx).await {
+                Ok(full) => {
                     backoff = Duration::from_millis(100);
-                    claimed_full = claims.len() + unreadable.len() == want;
-                    let mut held = shared.held.lock().expect("lock");
-                    for bad in unreadable {
-                        held.insert(bad.lease.job_id, bad.lease);
-                        let _ = tx.send(Finished {
-                            lease: bad.lease,
-                            outcome: JobOutcome::Dead { error: bad.error },
-                            system: None,
-                        });
-                    }
-                    for claim in claims {
-                        held.insert(claim.lease.job_id, claim.lease);
-                        buffer.push_back(claim);
-                    }
+                    claimed_full = full;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "claiming jobs failed");
@@ -250,35 +240,13 @@ async fn dispatch(
                 }
             }
         }
-        // Start what capacity allows.
-        while !buffer.is_empty() {
+        // Start what capacity allows, live work first.
+        while let Some(claim) = buffer.pop() {
             let Ok(permit) = permits.clone().try_acquire_owned() else {
+                buffer.put_back(claim);
                 break;
             };
-            let claim = buffer.pop_front().expect("not empty");
-            shared
-                .running
-                .lock()
-                .expect("lock")
-                .insert(claim.lease.job_id, claim.lease);
-            let (shared, handler, tx) = (shared.clone(), handler.clone(), tx.clone());
-            tasks.spawn(async move {
-                let outcome = run_handler(handler.as_ref(), &claim).await;
-                // No await between these two: an abort at shutdown either finds the job in
-                // `running` (and releases it) or finds its outcome sent, never both or neither.
-                shared
-                    .running
-                    .lock()
-                    .expect("lock")
-                    .remove(&claim.lease.job_id);
-                let _ = tx.send(Finished {
-                    lease: claim.lease,
-                    outcome,
-                    system: Some(claim.job.event.record.system),
-                });
-                drop(permit);
-                shared.wake.notify_one();
-            });
+            spawn_job(&shared, &handler, &tx, &mut tasks, claim, permit);
         }
         if claimed_full && buffer.len() <= cfg.batch_size / 2 {
             // More is probably due right now.
@@ -293,7 +261,7 @@ async fn dispatch(
 
     // Shutdown: claimed jobs that never started go back at once.
     let q = &shared.queue;
-    let unstarted: Vec<Lease> = buffer.iter().map(|c| c.lease).collect();
+    let unstarted: Vec<Lease> = buffer.leases();
     if !unstarted.is_empty() {
         match store::release(&q.pool, q.owner, &unstarted).await {
             Ok(n) => tracing::info!(jobs = n, "released claimed jobs that had not started"),
@@ -327,6 +295,131 @@ async fn dispatch(
         }
         forget(&shared, &cut);
     }
+}
+
+/// Claimed jobs waiting for a task: live and reconciliation work apart from backfill work, so a
+/// live job claimed later still starts first.
+#[derive(Default)]
+struct Buffer {
+    fore: VecDeque<Claim>,
+    back: VecDeque<Claim>,
+}
+
+impl Buffer {
+    fn len(&self) -> usize {
+        self.fore.len() + self.back.len()
+    }
+
+    fn push(&mut self, claim: Claim) {
+        if claim.job.priority.is_background() {
+            self.back.push_back(claim);
+        } else {
+            self.fore.push_back(claim);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Claim> {
+        self.fore.pop_front().or_else(|| self.back.pop_front())
+    }
+
+    fn put_back(&mut self, claim: Claim) {
+        if claim.job.priority.is_background() {
+            self.back.push_front(claim);
+        } else {
+            self.fore.push_front(claim);
+        }
+    }
+
+    fn leases(&self) -> Vec<Lease> {
+        self.fore
+            .iter()
+            .chain(&self.back)
+            .map(|c| c.lease)
+            .collect()
+    }
+}
+
+/// Claims up to `want` jobs into the buffer: live and reconciliation work first; backfill work
+/// only with what is left of `want`, and only as many as this process's backfill tasks have
+/// room for (buffered and running backfill jobs count), so backfill never fills the buffer
+/// ahead of live work or holds more leases than it can run. Returns whether the claim came back
+/// full (more is probably due).
+async fn refill(
+    shared: &Shared,
+    buffer: &mut Buffer,
+    want: usize,
+    tx: &mpsc::UnboundedSender<Finished>,
+) -> Result<bool, sqlx::Error> {
+    let q = &shared.queue;
+    let fore = JobPriority::Live..=JobPriority::Reconcile;
+    let (mut claims, mut unreadable) =
+        store::claim_in(&q.pool, q.owner, want, q.cfg.lease, fore).await?;
+    let got = claims.len() + unreadable.len();
+    let background_held = buffer.back.len() + shared.background_running.load(Ordering::SeqCst);
+    let background_room = q.cfg.backfill_concurrency.saturating_sub(background_held);
+    if got < want && background_room > 0 {
+        let back = JobPriority::Backfill..=JobPriority::Backfill;
+        let limit = (want - got).min(background_room);
+        let (more, bad) = store::claim_in(&q.pool, q.owner, limit, q.cfg.lease, back).await?;
+        claims.extend(more);
+        unreadable.extend(bad);
+    }
+    let full = claims.len() + unreadable.len() >= want;
+    let mut held = shared.held.lock().expect("lock");
+    for bad in unreadable {
+        held.insert(bad.lease.job_id, bad.lease);
+        let _ = tx.send(Finished {
+            lease: bad.lease,
+            outcome: JobOutcome::Dead { error: bad.error },
+            system: None,
+        });
+    }
+    for claim in claims {
+        held.insert(claim.lease.job_id, claim.lease);
+        buffer.push(claim);
+    }
+    Ok(full)
+}
+
+/// Runs one claimed job on its own task.
+fn spawn_job(
+    shared: &Arc<Shared>,
+    handler: &Arc<dyn JobHandler>,
+    tx: &mpsc::UnboundedSender<Finished>,
+    tasks: &mut JoinSet<()>,
+    claim: Claim,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let background = claim.job.priority.is_background();
+    if background {
+        shared.background_running.fetch_add(1, Ordering::SeqCst);
+    }
+    shared
+        .running
+        .lock()
+        .expect("lock")
+        .insert(claim.lease.job_id, claim.lease);
+    let (shared, handler, tx) = (shared.clone(), handler.clone(), tx.clone());
+    tasks.spawn(async move {
+        let outcome = run_handler(handler.as_ref(), &claim).await;
+        // No await between these two: an abort at shutdown either finds the job in
+        // `running` (and releases it) or finds its outcome sent, never both or neither.
+        shared
+            .running
+            .lock()
+            .expect("lock")
+            .remove(&claim.lease.job_id);
+        let _ = tx.send(Finished {
+            lease: claim.lease,
+            outcome,
+            system: Some(claim.job.event.record.system),
+        });
+        if background {
+            shared.background_running.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(permit);
+        shared.wake.notify_one();
+    });
 }
 
 /// How many leases one process holds at most before its completer has written them back: a full
@@ -654,6 +747,7 @@ mod tests {
         WorkerConfig {
             enabled: true,
             concurrency: 1,
+            backfill_concurrency: 1,
             batch_size: 10,
             lease: Duration::from_secs(60),
             poll_interval: Duration::from_secs(1),

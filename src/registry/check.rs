@@ -11,7 +11,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::{Dataflow, Direction, EntityRef, Location, PropertyMapping, Registry, SyncMode};
-use crate::connectors::schema::{self, Access, EntityDecl};
+use crate::connectors::schema::{self, Access, EntityDecl, FieldDecl};
 use crate::domain::SystemId;
 
 /// Errors come first when findings are sorted.
@@ -202,6 +202,20 @@ impl<'a> Checker<'a> {
         for m in &flow.properties {
             self.property(flow, m, source, target);
         }
+        self.merge_criteria(flow, source, target, &at);
+        if flow.switches.enabled {
+            self.creation(flow, target, at);
+        }
+    }
+
+    /// Every merge criterion names a field each side has.
+    fn merge_criteria(
+        &mut self,
+        flow: &Dataflow,
+        source: &EntityDecl,
+        target: &EntityDecl,
+        at: &Option<Location>,
+    ) {
         let merge_at = self
             .registry
             .locations
@@ -224,9 +238,10 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        if !flow.switches.enabled {
-            return;
-        }
+    }
+
+    /// What an enabled flow can do with its target: update it, create it, or only link.
+    fn creation(&mut self, flow: &Dataflow, target: &EntityDecl, at: Option<Location>) {
         if !target.updatable && flow.mappings(Direction::ToTarget).next().is_some() {
             self.push(
                 Severity::Warning,
@@ -325,8 +340,29 @@ impl<'a> Checker<'a> {
         let (Some(source_field), Some(target_field)) = (source_field, target_field) else {
             return;
         };
+        let fields = MappedFields {
+            source,
+            source_field,
+            target_field,
+        };
+        self.access(flow, m, &fields, &what, &at);
+        self.references(flow, m, &fields, &what, at);
+    }
 
-        // Read-only fields.
+    /// Read-only and never-returned fields against the direction the mapping writes.
+    fn access(
+        &mut self,
+        flow: &Dataflow,
+        m: &PropertyMapping,
+        fields: &MappedFields,
+        what: &str,
+        at: &Option<Location>,
+    ) {
+        let MappedFields {
+            source,
+            source_field,
+            target_field,
+        } = *fields;
         match m.sync {
             SyncMode::Off => self.push(
                 Severity::Warning,
@@ -375,8 +411,23 @@ impl<'a> Checker<'a> {
                 ),
             );
         }
+    }
 
-        // References.
+    /// A field that holds another record's id must be mapped as a reference, consistently with
+    /// what the schema declares, and the reference must be translatable.
+    fn references(
+        &mut self,
+        flow: &Dataflow,
+        m: &PropertyMapping,
+        fields: &MappedFields,
+        what: &str,
+        at: Option<Location>,
+    ) {
+        let MappedFields {
+            source_field,
+            target_field,
+            ..
+        } = *fields;
         let declared = |types: &[&str]| -> BTreeSet<String> {
             types.iter().map(|t| (*t).to_owned()).collect()
         };
@@ -611,6 +662,14 @@ fn may_share_a_record(writers: &[Writer<'_>]) -> bool {
         .filter(|w| w.direction == Direction::ToTarget && !w.flow.merge_criteria.is_empty())
         .count();
     back >= 2 || (back >= 1 && forward >= 1) || merging >= 2 || (merging >= 1 && forward >= 2)
+}
+
+/// The two fields a property mapping connects, once both are known to exist.
+#[derive(Clone, Copy)]
+struct MappedFields {
+    source: &'static EntityDecl,
+    source_field: FieldDecl,
+    target_field: FieldDecl,
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ mod tests {
     use crate::registry::load::{assemble, SHIPPED};
 
     #[test]
-    fn export_has_the_shape_product_md_fixes() {
+    fn export_has_the_documented_shape() {
         let (registry, _) = assemble(SHIPPED, None).unwrap();
         let text = super::to_json(&registry);
         let value: Value = serde_json::from_str(&text).unwrap();

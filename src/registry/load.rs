@@ -168,6 +168,7 @@ struct FlowDoc {
     enabled: Option<bool>,
     create_in_target: Option<bool>,
     write_back_to_source: Option<bool>,
+    sync_private_comments: Option<bool>,
     #[serde(default)]
     property: Vec<Spanned<PropDoc>>,
     merge: Option<Vec<Spanned<MergeDoc>>>,
@@ -226,6 +227,32 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// What a `[[dataflow]]` table says beyond its switches, parsed and located.
+struct ParsedFlow {
+    flow_at: Location,
+    properties: Vec<(PropertyMapping, Location)>,
+    merge: Option<(Vec<MergeCriterion>, Location)>,
+}
+
+fn merge_criteria(
+    criteria: &[Spanned<MergeDoc>],
+    at: &impl Fn(usize) -> Location,
+    flow_at: &Location,
+) -> (Vec<MergeCriterion>, Location) {
+    let location = criteria
+        .first()
+        .map(|c| at(c.span().start))
+        .unwrap_or_else(|| flow_at.clone());
+    let list = criteria
+        .iter()
+        .map(|c| MergeCriterion {
+            source: c.get_ref().source.clone(),
+            target: c.get_ref().target.clone(),
+        })
+        .collect();
+    (list, location)
+}
+
 #[derive(Default)]
 struct Builder {
     registry: Registry,
@@ -251,175 +278,185 @@ impl Builder {
             );
         }
         for flow in doc.dataflow {
-            let flow_at = at(flow.span().start);
-            let flow = flow.into_inner();
-            let (Some(source), Some(target)) = (
-                self.entity(&flow.source, &at),
-                self.entity(&flow.target, &at),
-            ) else {
-                continue;
-            };
-            let id = Dataflow::id_for(&source, &target);
-            let properties = self.properties(&id, &flow.property, &at);
-            let merge = flow.merge.map(|criteria| {
-                let location = criteria
-                    .first()
-                    .map(|c| at(c.span().start))
-                    .unwrap_or_else(|| flow_at.clone());
-                let list = criteria
-                    .into_iter()
-                    .map(|c| {
-                        let c = c.into_inner();
-                        MergeCriterion {
-                            source: c.source,
-                            target: c.target,
-                        }
-                    })
-                    .collect::<Vec<_>>();
-                (list, location)
-            });
-            let existing = self.registry.dataflows.iter().position(|f| f.id == id);
-            match (overlay, existing) {
-                (false, Some(_)) => self.error(
-                    flow_at,
-                    format!("the dataflow {id} is declared twice; keep one of the two"),
-                ),
-                (true, None) => self.error(
-                    flow_at,
-                    format!(
-                        "the overlay names the dataflow {id}, which the registry does not have; an overlay changes the shipped dataflows and cannot add new ones (check the spelling of `source` and `target`)"
-                    ),
-                ),
-                (false, None) => {
-                    let defaults = FlowSwitches::default();
-                    let locations = &mut self.registry.locations;
-                    locations.flows.insert(id.clone(), flow_at);
-                    let mut merge_criteria = Vec::new();
-                    if let Some((list, location)) = merge {
-                        locations.merge_criteria.insert(id.clone(), location);
-                        merge_criteria = list;
-                    }
-                    let mut mappings = Vec::new();
-                    for (mapping, location) in properties {
-                        locations
-                            .properties
-                            .insert((id.clone(), mapping.target.clone()), location);
-                        mappings.push(mapping);
-                    }
-                    self.registry.dataflows.push(Dataflow {
-                        id,
-                        source,
-                        target,
-                        properties: mappings,
-                        merge_criteria,
-                        switches: FlowSwitches {
-                            enabled: flow.enabled.unwrap_or(defaults.enabled),
-                            create_in_target: flow
-                                .create_in_target
-                                .unwrap_or(defaults.create_in_target),
-                            write_back_to_source: flow
-                                .write_back_to_source
-                                .unwrap_or(defaults.write_back_to_source),
-                        },
-                    });
-                }
-                (true, Some(index)) => {
-                    let locations = &mut self.registry.locations;
-                    let existing = &mut self.registry.dataflows[index];
-                    let switches = &mut existing.switches;
-                    let changes_switches = flow.enabled.is_some()
-                        || flow.create_in_target.is_some()
-                        || flow.write_back_to_source.is_some();
-                    switches.enabled = flow.enabled.unwrap_or(switches.enabled);
-                    switches.create_in_target =
-                        flow.create_in_target.unwrap_or(switches.create_in_target);
-                    switches.write_back_to_source = flow
-                        .write_back_to_source
-                        .unwrap_or(switches.write_back_to_source);
-                    if changes_switches {
-                        locations.flows.insert(id.clone(), flow_at);
-                    }
-                    if let Some((list, location)) = merge {
-                        locations.merge_criteria.insert(id.clone(), location);
-                        existing.merge_criteria = list;
-                    }
-                    for (mapping, location) in properties {
-                        locations
-                            .properties
-                            .insert((id.clone(), mapping.target.clone()), location);
-                        match existing
-                            .properties
-                            .iter_mut()
-                            .find(|p| p.target == mapping.target)
-                        {
-                            Some(slot) => *slot = mapping,
-                            None => existing.properties.push(mapping),
-                        }
-                    }
-                }
-            }
+            self.add_flow(flow, overlay, &at);
         }
         for rule in doc.rule {
-            let rule_at = at(rule.span().start);
-            let rule = rule.into_inner();
-            let Some(entity) = self.entity(&rule.entity, &at) else {
-                continue;
-            };
-            let resolve = match (rule.resolve.get_ref().as_str(), rule.owner) {
-                ("latest_wins", None) => Resolution::LatestWins,
-                ("owner", Some(owner)) => Resolution::Owner(owner),
-                ("owner", None) => {
-                    self.error(
-                        at(rule.resolve.span().start),
-                        "`resolve = \"owner\"` needs `owner = \"<dataflow id>\"`, the flow that alone writes the property".to_owned(),
-                    );
-                    continue;
-                }
-                ("latest_wins", Some(_)) => {
-                    self.error(
-                        at(rule.resolve.span().start),
-                        "`owner` only goes with `resolve = \"owner\"`; remove it or change `resolve`".to_owned(),
-                    );
-                    continue;
-                }
-                (other, _) => {
-                    self.error(
-                        at(rule.resolve.span().start),
-                        format!(
-                            "`resolve = {other:?}` is not a rule; use \"latest_wins\" or \"owner\""
-                        ),
-                    );
-                    continue;
-                }
-            };
-            let new = PropertyRule {
-                entity,
-                property: rule.property,
-                resolve,
-            };
-            match self
-                .registry
-                .rules
-                .iter()
-                .position(|r| r.entity == new.entity && r.property == new.property)
-            {
-                Some(i) if overlay => {
-                    self.registry.rules[i] = new;
-                    self.registry.locations.rules[i] = rule_at;
-                }
-                Some(_) => self.error(
-                    rule_at,
-                    format!(
-                        "a rule for {}.{} is declared twice; keep one",
-                        new.entity, new.property
-                    ),
+            self.add_rule(rule, overlay, &at);
+        }
+    }
+
+    /// A `[[dataflow]]` of a seed file declares a flow; one of an overlay changes a declared flow.
+    fn add_flow(&mut self, flow: Spanned<FlowDoc>, overlay: bool, at: &impl Fn(usize) -> Location) {
+        let flow_at = at(flow.span().start);
+        let flow = flow.into_inner();
+        let (Some(source), Some(target)) =
+            (self.entity(&flow.source, at), self.entity(&flow.target, at))
+        else {
+            return;
+        };
+        let id = Dataflow::id_for(&source, &target);
+        let parsed = ParsedFlow {
+            properties: self.properties(&id, &flow.property, at),
+            merge: flow
+                .merge
+                .as_ref()
+                .map(|criteria| merge_criteria(criteria, at, &flow_at)),
+            flow_at,
+        };
+        let existing = self.registry.dataflows.iter().position(|f| f.id == id);
+        match (overlay, existing) {
+            (false, Some(_)) => self.error(
+                parsed.flow_at,
+                format!("the dataflow {id} is declared twice; keep one of the two"),
+            ),
+            (true, None) => self.error(
+                parsed.flow_at,
+                format!(
+                    "the overlay names the dataflow {id}, which the registry does not have; an overlay changes the shipped dataflows and cannot add new ones (check the spelling of `source` and `target`)"
                 ),
-                None => {
-                    self.registry.rules.push(new);
-                    self.registry.locations.rules.push(rule_at);
-                }
+            ),
+            (false, None) => self.declare_flow(id, source, target, &flow, parsed),
+            (true, Some(index)) => self.change_flow(index, &flow, parsed),
+        }
+    }
+
+    fn declare_flow(
+        &mut self,
+        id: String,
+        source: EntityRef,
+        target: EntityRef,
+        flow: &FlowDoc,
+        parsed: ParsedFlow,
+    ) {
+        let defaults = FlowSwitches::default();
+        let locations = &mut self.registry.locations;
+        locations.flows.insert(id.clone(), parsed.flow_at);
+        let mut merge_criteria = Vec::new();
+        if let Some((list, location)) = parsed.merge {
+            locations.merge_criteria.insert(id.clone(), location);
+            merge_criteria = list;
+        }
+        let mut mappings = Vec::new();
+        for (mapping, location) in parsed.properties {
+            locations
+                .properties
+                .insert((id.clone(), mapping.target.clone()), location);
+            mappings.push(mapping);
+        }
+        self.registry.dataflows.push(Dataflow {
+            id,
+            source,
+            target,
+            properties: mappings,
+            merge_criteria,
+            switches: FlowSwitches {
+                enabled: flow.enabled.unwrap_or(defaults.enabled),
+                create_in_target: flow.create_in_target.unwrap_or(defaults.create_in_target),
+                write_back_to_source: flow
+                    .write_back_to_source
+                    .unwrap_or(defaults.write_back_to_source),
+                sync_private_comments: flow
+                    .sync_private_comments
+                    .unwrap_or(defaults.sync_private_comments),
+            },
+        });
+    }
+
+    /// An overlay's flow: the switches, merge criteria and mappings it names replace the shipped ones.
+    fn change_flow(&mut self, index: usize, flow: &FlowDoc, parsed: ParsedFlow) {
+        let locations = &mut self.registry.locations;
+        let existing = &mut self.registry.dataflows[index];
+        let id = existing.id.clone();
+        let switches = &mut existing.switches;
+        let changes_switches = flow.enabled.is_some()
+            || flow.create_in_target.is_some()
+            || flow.write_back_to_source.is_some()
+            || flow.sync_private_comments.is_some();
+        switches.enabled = flow.enabled.unwrap_or(switches.enabled);
+        switches.create_in_target = flow.create_in_target.unwrap_or(switches.create_in_target);
+        switches.write_back_to_source = flow
+            .write_back_to_source
+            .unwrap_or(switches.write_back_to_source);
+        switches.sync_private_comments = flow
+            .sync_private_comments
+            .unwrap_or(switches.sync_private_comments);
+        if changes_switches {
+            locations.flows.insert(id.clone(), parsed.flow_at);
+        }
+        if let Some((list, location)) = parsed.merge {
+            locations.merge_criteria.insert(id.clone(), location);
+            existing.merge_criteria = list;
+        }
+        for (mapping, location) in parsed.properties {
+            locations
+                .properties
+                .insert((id.clone(), mapping.target.clone()), location);
+            match existing
+                .properties
+                .iter_mut()
+                .find(|p| p.target == mapping.target)
+            {
+                Some(slot) => *slot = mapping,
+                None => existing.properties.push(mapping),
             }
         }
+    }
+
+    /// A `[[rule]]`: declared once in the seeds, replaced by an overlay's rule for the same property.
+    fn add_rule(&mut self, rule: Spanned<RuleDoc>, overlay: bool, at: &impl Fn(usize) -> Location) {
+        let rule_at = at(rule.span().start);
+        let rule = rule.into_inner();
+        let Some(entity) = self.entity(&rule.entity, at) else {
+            return;
+        };
+        let Some(resolve) = self.resolution(&rule, at) else {
+            return;
+        };
+        let new = PropertyRule {
+            entity,
+            property: rule.property,
+            resolve,
+        };
+        match self
+            .registry
+            .rules
+            .iter()
+            .position(|r| r.entity == new.entity && r.property == new.property)
+        {
+            Some(i) if overlay => {
+                self.registry.rules[i] = new;
+                self.registry.locations.rules[i] = rule_at;
+            }
+            Some(_) => self.error(
+                rule_at,
+                format!(
+                    "a rule for {}.{} is declared twice; keep one",
+                    new.entity, new.property
+                ),
+            ),
+            None => {
+                self.registry.rules.push(new);
+                self.registry.locations.rules.push(rule_at);
+            }
+        }
+    }
+
+    fn resolution(
+        &mut self,
+        rule: &RuleDoc,
+        at: &impl Fn(usize) -> Location,
+    ) -> Option<Resolution> {
+        let message = match (rule.resolve.get_ref().as_str(), &rule.owner) {
+            ("latest_wins", None) => return Some(Resolution::LatestWins),
+            ("owner", Some(owner)) => return Some(Resolution::Owner(owner.clone())),
+            ("owner", None) => "`resolve = \"owner\"` needs `owner = \"<dataflow id>\"`, the flow that alone writes the property".to_owned(),
+            ("latest_wins", Some(_)) => "`owner` only goes with `resolve = \"owner\"`; remove it or change `resolve`".to_owned(),
+            (other, _) => format!(
+                "`resolve = {other:?}` is not a rule; use \"latest_wins\" or \"owner\""
+            ),
+        };
+        self.error(at(rule.resolve.span().start), message);
+        None
     }
 
     /// Parses `system.Type`; an unknown system or a malformed value is an error finding.

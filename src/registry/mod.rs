@@ -47,7 +47,7 @@ pub struct Locations {
 }
 
 /// One side of a dataflow: an entity type of a system.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct EntityRef {
     pub system: SystemId,
     /// The registry's name for the type (`Organizations`, `Accounts`, `Customer`, ...).
@@ -159,6 +159,9 @@ pub struct FlowSwitches {
     pub create_in_target: bool,
     /// Changes on the target side are written back to the source.
     pub write_back_to_source: bool,
+    /// Zendesk ticket comments that are private (made private later, or internal notes) are
+    /// synced too. Off by default: a comment an agent made private goes no further.
+    pub sync_private_comments: bool,
 }
 
 impl Default for FlowSwitches {
@@ -167,6 +170,7 @@ impl Default for FlowSwitches {
             enabled: true,
             create_in_target: true,
             write_back_to_source: true,
+            sync_private_comments: false,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! `PUT` to replace, bearer auth. CRMOffice is polled: this simulator sends no webhooks.
 //! Fault knobs, 429s and counters come from [`kit`].
 
+pub mod oauth;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,8 @@ struct SimState {
 struct Inner {
     token: String,
     state: Mutex<SimState>,
+    /// `None` until [`CrmOfficeSim::enable_oauth`].
+    oauth: Mutex<Option<oauth::OAuth>>,
 }
 
 /// Handle on a CRMOffice simulator.
@@ -79,6 +83,7 @@ impl CrmOfficeSim {
                     next_id: 1,
                     last_stamp: DateTime::<Utc>::UNIX_EPOCH,
                 }),
+                oauth: Mutex::new(None),
             }),
             control: SimControl::new(json_error),
         }
@@ -98,6 +103,7 @@ impl CrmOfficeSim {
             .route("/{collection}", get(list).post(create))
             .route("/{collection}/{id}", get(fetch).put(replace))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
+            .route("/connect/token", axum::routing::post(oauth::token))
             .with_state(self.clone());
         kit::with_kit(api, self.control.clone())
     }
@@ -165,7 +171,13 @@ fn next_stamp(state: &mut SimState) -> DateTime<Utc> {
 }
 
 async fn auth(State(sim): State<CrmOfficeSim>, request: Request, next: Next) -> Response {
-    let ok = kit::has_bearer(request.headers(), &sim.inner.token);
+    let bearer = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let ok = kit::has_bearer(request.headers(), &sim.inner.token) || sim.access_valid(bearer);
     if !ok {
         return json_error(StatusCode::UNAUTHORIZED, "invalid_token");
     }

@@ -8,6 +8,9 @@
 //! is invalid (`400 invalid_grant`). A refresh sooner than `min_refresh_interval` after the last
 //! one is refused with `400 invalid_request`.
 
+mod deleted;
+mod subscriptions;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -42,7 +45,9 @@ pub struct ExactSimConfig {
     pub minutely_limit: u32,
     pub daily_limit: u32,
     pub page_size: usize,
-    /// Key of the webhook HashCode; with `webhook_target`, account changes are sent there.
+    /// Key of the webhook HashCode. `webhook_target`: a subscription to `Accounts` that exists
+    /// from the start (made in Exact before); otherwise webhooks go only to the subscriptions made
+    /// through `webhooks/WebhookSubscriptions`.
     pub webhook_secret: String,
     pub webhook_target: Option<String>,
     /// Exact's strict rotation (set per app by Exact): a refresh token is dead the moment it is
@@ -108,6 +113,10 @@ struct Inner {
     errors: ErrorCounts,
     /// The next token answer is held this long after the refresh was done (a lost response).
     hold_next_token_answer: Option<Duration>,
+    /// What `sync/Deleted` reports, oldest first.
+    deleted: Vec<deleted::Tombstone>,
+    /// `webhooks/WebhookSubscriptions` by ID: where webhooks go.
+    subscriptions: BTreeMap<String, subscriptions::Subscription>,
 }
 
 /// Exact's error rule (docs/vendors.md, Exact Online item 3): "No more than 10 errors per API
@@ -290,11 +299,7 @@ impl ExactSim {
     /// Deletes an account as a user in Exact would, with a `Delete` webhook.
     pub fn delete_account(&self, id: &str) -> bool {
         let id = id.to_lowercase();
-        let removed = self
-            .lock()
-            .rows
-            .remove(&(Set::Accounts, id.clone()))
-            .is_some();
+        let removed = self.lock().remove(Set::Accounts, &id);
         if removed {
             self.notify("Delete", &id);
         }
@@ -315,11 +320,12 @@ impl ExactSim {
     }
 
     fn notify(&self, action: &str, id: &str) {
+        let callbacks = self.subscribers("Accounts");
+        if callbacks.is_empty() {
+            return;
+        }
         let (content, secret) = {
             let inner = self.lock();
-            if inner.config.webhook_target.is_none() {
-                return;
-            }
             let endpoint = format!(
                 "{}/api/v1/{}/crm/Accounts(guid'{id}')",
                 inner.public_base, inner.config.division
@@ -338,15 +344,35 @@ impl ExactSim {
         };
         let hash = signing::exact::sign(&secret, content.as_bytes());
         let body = format!("{{\"Content\":{content},\"HashCode\":\"{hash}\"}}");
-        self.webhooks.send(Outgoing {
-            body: body.into_bytes(),
-            headers: HeaderMap::new(),
-            record: format!("Accounts/{id}"),
-        });
+        for callback in callbacks {
+            let outgoing = Outgoing {
+                body: body.clone().into_bytes(),
+                headers: HeaderMap::new(),
+                record: format!("Accounts/{id}"),
+            };
+            self.webhooks.send_to(callback, outgoing);
+        }
     }
 }
 
 impl Inner {
+    /// Removes a row as a delete in Exact does: with a `sync/Deleted` entry of a new row version.
+    fn remove(&mut self, set: Set, key: &str) -> bool {
+        if self.rows.remove(&(set, key.to_owned())).is_none() {
+            return false;
+        }
+        if let Some(entity_type) = deleted::entity_type(set) {
+            self.row_version += 1;
+            self.deleted.push(deleted::Tombstone {
+                timestamp: self.row_version,
+                entity_type,
+                key: key.to_owned(),
+                deleted_ms: Utc::now().timestamp_millis(),
+            });
+        }
+        true
+    }
+
     fn key_field(set: Set) -> &'static str {
         match set {
             Set::Divisions => "Code",
@@ -780,10 +806,13 @@ async fn entity_get(
     Query(query): Query<BTreeMap<String, String>>,
     request_path: axum::http::Uri,
 ) -> Response {
-    let inner = sim.lock();
     let Some((name, key)) = parse_segment(&segment) else {
         return exact_error(StatusCode::BAD_REQUEST, "bad resource segment");
     };
+    if subscriptions::is_subscriptions(&module, name) && key.is_none() {
+        return subscriptions::list(&sim);
+    }
+    let inner = sim.lock();
     let Some(set) = set_of(&module, name) else {
         return exact_error(StatusCode::NOT_FOUND, "unknown resource");
     };
@@ -827,6 +856,11 @@ async fn entity_post(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
+    if parse_segment(&segment)
+        .is_some_and(|(n, k)| k.is_none() && subscriptions::is_subscriptions(&module, n))
+    {
+        return subscriptions::create(&sim, &body);
+    }
     let Some(set) = parse_segment(&segment)
         .and_then(|(n, k)| k.is_none().then_some(()).and(set_of(&module, n)))
     else {
@@ -909,13 +943,16 @@ async fn entity_delete(
     let Some((name, Some(key))) = parse_segment(&segment) else {
         return exact_error(StatusCode::BAD_REQUEST, "DELETE needs a key");
     };
+    if subscriptions::is_subscriptions(&module, name) {
+        return subscriptions::delete(&sim, &key);
+    }
     let Some(set) = set_of(&module, name) else {
         return exact_error(StatusCode::NOT_FOUND, "unknown resource");
     };
     if let Some(refusal) = read_only(set) {
         return refusal;
     }
-    let removed = sim.lock().rows.remove(&(set, key.clone())).is_some();
+    let removed = sim.lock().remove(set, &key);
     if !removed {
         return exact_error(StatusCode::NOT_FOUND, "Not found");
     }
@@ -936,6 +973,10 @@ pub fn router(sim: ExactSim) -> Router {
                 .delete(entity_delete),
         )
         .route("/api/v1/{division}/sync/CRM/Accounts", get(sync_accounts))
+        .route(
+            "/api/v1/{division}/sync/Deleted",
+            get(deleted::sync_deleted),
+        )
         .layer(middleware::from_fn_with_state(sim.clone(), api_guard))
         .route("/api/oauth2/token", post(token))
         .with_state(sim.clone());
@@ -948,7 +989,8 @@ pub async fn start(
     bind: SocketAddr,
 ) -> std::io::Result<(ExactSim, RunningSim)> {
     let control = SimControl::new(exact_error);
-    let webhooks = WebhookSender::new(config.webhook_target.clone(), control.clone());
+    // Every delivery names its subscription's callback (`send_to`).
+    let webhooks = WebhookSender::new(None, control.clone());
     let sim = ExactSim {
         inner: Arc::new(Mutex::new(Inner {
             tokens: Tokens {
@@ -965,14 +1007,21 @@ pub async fn start(
             config,
             rows: BTreeMap::new(),
             row_version: FIRST_ROW_VERSION,
+            deleted: Vec::new(),
             public_base: String::new(),
             token_calls: 0,
             errors: ErrorCounts::default(),
             hold_next_token_answer: None,
+            subscriptions: BTreeMap::new(),
         })),
         control,
         webhooks,
     };
+    // A configured target stands for a subscription made in Exact before the test or sandbox.
+    let made_before = sim.lock().config.webhook_target.clone();
+    if let Some(target) = made_before {
+        sim.subscribe(&target, "Accounts");
+    }
     let running = kit::serve(router(sim.clone()), bind).await?;
     sim.lock().public_base = running.base_url();
     Ok((sim, running))

@@ -148,6 +148,8 @@ struct ControlInner {
     counters: Mutex<BTreeMap<String, u64>>,
     window: Mutex<FixedWindow>,
     peaks: Mutex<(PeakCounter, PeakCounter)>,
+    /// 429 answers given (the rate limit or an injected one).
+    throttled: std::sync::atomic::AtomicU64,
     error_body: ErrorBody,
 }
 
@@ -168,6 +170,7 @@ impl SimControl {
                     PeakCounter::new(Duration::from_secs(1)),
                     PeakCounter::new(Duration::from_secs(60)),
                 )),
+                throttled: std::sync::atomic::AtomicU64::new(0),
                 error_body,
             }),
         }
@@ -221,6 +224,13 @@ impl SimControl {
             .filter(|(k, _)| k.split(' ').next() == Some(method))
             .map(|(_, v)| *v)
             .sum()
+    }
+
+    /// 429 answers given so far.
+    pub fn throttled(&self) -> u64 {
+        self.inner
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn reset_counters(&self) {
@@ -309,6 +319,10 @@ pub async fn api_layer(
 }
 
 fn too_many(control: &SimControl, retry_after_secs: u64) -> Response {
+    control
+        .inner
+        .throttled
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut response =
         (control.inner.error_body)(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
     response.headers_mut().insert(

@@ -300,74 +300,17 @@ async fn list(
     let Some(coll) = collection(&name) else {
         return po_error(StatusCode::NOT_FOUND, "unknown resource");
     };
-    let number = |k: &str, default: usize| -> Result<usize, String> {
-        match query.get(k) {
-            None => Ok(default),
-            Some(v) => v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| format!("{k} must be a positive integer")),
-        }
+    let list = match ListQuery::parse(&query) {
+        Ok(list) => list,
+        Err(message) => return po_error(StatusCode::BAD_REQUEST, &message),
     };
-    let page_number = match number("PageNumber", 1) {
-        Ok(n) => n,
-        Err(m) => return po_error(StatusCode::BAD_REQUEST, &m),
-    };
-    let page_size = match number("PageSize", 5000) {
-        Ok(n) if n <= 20_000 => n,
-        Ok(_) => {
-            return po_error(
-                StatusCode::BAD_REQUEST,
-                "PageSize exceeds MaxPageSize 20000",
-            )
-        }
-        Err(m) => return po_error(StatusCode::BAD_REQUEST, &m),
-    };
-    let after = match query.get("lastChangedDateTimeOffsetGreaterThan") {
-        None => None,
-        Some(s) => match filter_time(s) {
-            Ok(t) => Some(t),
-            Err(message) => return po_error(StatusCode::BAD_REQUEST, message),
-        },
-    };
-    let list_filter = |key: &str| -> Option<Vec<String>> {
-        query
-            .get(key)
-            .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
-    };
-    let import_refs = list_filter("externalImportReference");
-    let external_codes = list_filter("externalCodes");
-    let contact_ids = list_filter("contactIds");
     let inner = sim.lock();
     let mut items: Vec<&Map<String, Value>> = inner
         .records
         .get(coll)
-        .map(|m| m.values().collect())
+        .map(|m| m.values().filter(|dto| list.matches(dto)).collect())
         .unwrap_or_default();
-    items.retain(|dto| {
-        // Exclusive, as the vendor documents.
-        after.is_none_or(|a| changed_at(dto).is_some_and(|t| t > a))
-            && import_refs.as_ref().is_none_or(|refs| {
-                dto.get("ExternalImportReference")
-                    .and_then(Value::as_str)
-                    .is_some_and(|r| refs.iter().any(|x| x == r))
-            })
-            && external_codes.as_ref().is_none_or(|codes| {
-                dto.get("ExternalCode")
-                    .and_then(Value::as_str)
-                    .is_some_and(|r| codes.iter().any(|x| x == r))
-            })
-            && contact_ids.as_ref().is_none_or(|ids| {
-                dto.get("ContactId")
-                    .map(|v| v.to_string())
-                    .is_some_and(|r| ids.contains(&r))
-            })
-    });
-    if query
-        .get("OrderBy")
-        .is_some_and(|o| o.starts_with("LastChangedDateTimeOffset"))
-    {
+    if list.by_change_time {
         items.sort_by(|a, b| {
             changed_at(a).cmp(&changed_at(b)).then(
                 a.get("Id")
@@ -378,11 +321,82 @@ async fn list(
     }
     let page: Vec<Value> = items
         .into_iter()
-        .skip((page_number - 1) * page_size)
-        .take(page_size)
+        .skip((list.page_number - 1) * list.page_size)
+        .take(list.page_size)
         .map(|dto| Value::Object(dto.clone()))
         .collect();
     kit::respond(StatusCode::OK, Value::Array(page))
+}
+
+/// The query parameters of a list call the vendor understands: paging, the exclusive change-time
+/// filter, comma-separated value filters and ordering by change time.
+struct ListQuery {
+    page_number: usize,
+    page_size: usize,
+    changed_after: Option<DateTime<Utc>>,
+    import_refs: Option<Vec<String>>,
+    external_codes: Option<Vec<String>>,
+    contact_ids: Option<Vec<String>>,
+    by_change_time: bool,
+}
+
+impl ListQuery {
+    fn parse(query: &BTreeMap<String, String>) -> Result<Self, String> {
+        let number = |k: &str, default: usize| -> Result<usize, String> {
+            match query.get(k) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| format!("{k} must be a positive integer")),
+            }
+        };
+        let page_size = number("PageSize", 5000)?;
+        if page_size > 20_000 {
+            return Err("PageSize exceeds MaxPageSize 20000".to_owned());
+        }
+        let list_filter = |key: &str| -> Option<Vec<String>> {
+            query
+                .get(key)
+                .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
+        };
+        Ok(Self {
+            page_number: number("PageNumber", 1)?,
+            page_size,
+            changed_after: query
+                .get("lastChangedDateTimeOffsetGreaterThan")
+                .map(|s| filter_time(s))
+                .transpose()
+                .map_err(str::to_owned)?,
+            import_refs: list_filter("externalImportReference"),
+            external_codes: list_filter("externalCodes"),
+            contact_ids: list_filter("contactIds"),
+            by_change_time: query
+                .get("OrderBy")
+                .is_some_and(|o| o.starts_with("LastChangedDateTimeOffset")),
+        })
+    }
+
+    fn matches(&self, dto: &Map<String, Value>) -> bool {
+        let text_in = |key: &str, wanted: &Option<Vec<String>>| {
+            wanted.as_ref().is_none_or(|values| {
+                dto.get(key)
+                    .and_then(Value::as_str)
+                    .is_some_and(|r| values.iter().any(|x| x == r))
+            })
+        };
+        // Exclusive, as the vendor documents.
+        self.changed_after
+            .is_none_or(|a| changed_at(dto).is_some_and(|t| t > a))
+            && text_in("ExternalImportReference", &self.import_refs)
+            && text_in("ExternalCode", &self.external_codes)
+            && self.contact_ids.as_ref().is_none_or(|ids| {
+                dto.get("ContactId")
+                    .map(|v| v.to_string())
+                    .is_some_and(|r| ids.contains(&r))
+            })
+    }
 }
 
 fn content_type_is(headers: &HeaderMap, wanted: &str) -> bool {

@@ -194,7 +194,7 @@ impl SyncEngine {
             let mut tx = self.pool.begin().await?;
             let stored = store::store_sync(&mut *tx, job, &entry, link, state).await?;
             if stored {
-                store::enqueue_records(&mut tx, fan_out, "fan-out", None).await?;
+                store::enqueue_records(&mut tx, fan_out, "fan-out", None, job.priority).await?;
                 tx.commit().await?;
             }
             stored
@@ -242,7 +242,14 @@ impl SyncEngine {
         pending: &[RecordKey],
     ) -> Result<Step, Fail> {
         let mut tx = self.pool.begin().await?;
-        store::enqueue_records(&mut tx, pending, "reference", Some(job.event_id)).await?;
+        store::enqueue_records(
+            &mut tx,
+            pending,
+            "reference",
+            Some(job.event_id),
+            job.priority,
+        )
+        .await?;
         tx.commit().await?;
         let names: Vec<String> = pending.iter().map(ToString::to_string).collect();
         let detail = format!(

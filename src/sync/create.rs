@@ -60,6 +60,18 @@ enum IntentCheck {
     Finished(Step),
 }
 
+/// How the counterpart of an unlinked source record is looked for.
+pub(crate) enum Matching {
+    /// By the flow's merge criteria at the target (a live event).
+    Criteria,
+    /// A backfill plan found none: create without asking the target again.
+    PlannedNone,
+    /// A backfill plan found this record (re-checked just now): link it. The merge base is the
+    /// record's own values, so the source's values that differ are written to it, as the
+    /// flow's direction says.
+    Planned(Record),
+}
+
 impl SyncEngine {
     /// Rules 1 and 8: link or create the counterpart of an unlinked source record.
     pub(crate) async fn create_or_link(
@@ -68,6 +80,19 @@ impl SyncEngine {
         flow: &Dataflow,
         src: &Record,
         tconn: &Arc<dyn Connector>,
+    ) -> Result<Step, Fail> {
+        self.create_or_link_with(job, flow, src, tconn, Matching::Criteria)
+            .await
+    }
+
+    /// [`SyncEngine::create_or_link`] with the match given by a backfill plan.
+    pub(crate) async fn create_or_link_with(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        src: &Record,
+        tconn: &Arc<dyn Connector>,
+        matching: Matching,
     ) -> Result<Step, Fail> {
         if let Some(step) = self.linked_by_other_flow(job, flow, src).await? {
             return Ok(step);
@@ -82,7 +107,15 @@ impl SyncEngine {
             IntentCheck::Proceed(intent) => intent,
             IntentCheck::Finished(step) => return Ok(step),
         };
-        if let Some(found) = self.match_by_criteria(flow, src, tconn).await? {
+        let (found, base) = match matching {
+            Matching::Criteria => (self.match_by_criteria(flow, src, tconn).await?, None),
+            Matching::PlannedNone => (None, None),
+            Matching::Planned(found) => {
+                let base = base_from_found(flow, &built.snapshot, &found);
+                (Some(found), Some(base))
+            }
+        };
+        if let Some(found) = found {
             let intent_id = intent.map(|i| i.0);
             return self
                 .link_existing(
@@ -91,7 +124,7 @@ impl SyncEngine {
                     src,
                     found,
                     intent_id,
-                    Map::new(),
+                    base.unwrap_or_default(),
                     Decision::LinkedByMergeCriteria,
                 )
                 .await;
@@ -369,7 +402,7 @@ impl SyncEngine {
         let mut tx = self.pool.begin().await?;
         let link_id = store::insert_link(&mut tx, flow, src, tgt, snapshot, intent).await?;
         if let Some(k) = self.fan_out_key(flow, &flow.target, &tgt.id) {
-            store::enqueue_records(&mut tx, &[k], "fan-out", None).await?;
+            store::enqueue_records(&mut tx, &[k], "fan-out", None, job.priority).await?;
         }
         entry.link = Some(link_id);
         store::log(&mut *tx, job, &entry).await?;

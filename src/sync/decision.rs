@@ -1,7 +1,7 @@
 //! What the engine decided about one event and flow: the `decision` column of `sync_log`.
 //!
 //! A closed set, stored as its snake_case name under the table's CHECK constraint (the latest
-//! migration that sets it, `20261203090000_sync_log_target_closed.sql`), so a new decision needs both a variant here and
+//! migration that sets it, `20261204050000_sync_log_private_comment.sql`), so a new decision needs both a variant here and
 //! the migration's list extended; a unit test below holds the two together. What each one means
 //! is described in `docs/sync-rules.md`.
 
@@ -77,6 +77,9 @@ decisions! {
     /// The target refuses changes for good in its state (a closed Zendesk ticket): nothing
     /// written, not retried.
     TargetClosed = "target_closed",
+    /// A private Zendesk comment, and the flow does not sync private comments
+    /// (`sync_private_comments = false`): nothing written, the counterpart left as it was.
+    PrivateComment = "private_comment",
     /// The event failed; the error column says why.
     Error = "error",
 }
@@ -117,7 +120,7 @@ mod tests {
     use super::*;
 
     const MIGRATION: &str =
-        include_str!("../../migrations/20261203090000_sync_log_target_closed.sql");
+        include_str!("../../migrations/20261204050000_sync_log_private_comment.sql");
 
     #[test]
     fn every_decision_round_trips_and_is_allowed_by_the_check_constraint() {

@@ -22,6 +22,7 @@
 //! snapshot changed under it returns `Later` and re-reads both sides, which then look converged.
 
 mod apply;
+mod backfill;
 mod create;
 pub mod decision;
 pub mod history;
@@ -219,6 +220,9 @@ impl SyncEngine {
             return Ok(None);
         };
         let active = self.set_aside_paused(job, flows.active).await?;
+        // A backfill job runs exactly the flows its plan items name (docs/backfill.md).
+        let planned = self.planned_items(job).await?;
+        let active = backfill::restrict_to_plan(active, &planned);
         if active.is_empty() {
             return Ok(None);
         }
@@ -237,14 +241,22 @@ impl SyncEngine {
         // Rule 7: the current state, never the event's data.
         let Some(current) = conn.fetch(&rec.entity_type, &rec.record_id).await? else {
             self.record_deleted(job, Gone::NotFound).await?;
+            self.planned_record_gone(&planned).await?;
             return Ok(None);
         };
         let mut later: Vec<String> = Vec::new();
         for (flow, side, other_conn) in active {
-            if let Step::Later(reason) = self
-                .on_record(job, flow, side, &current, other_conn)
-                .await?
-            {
+            let step = match planned.iter().find(|i| i.flow_id == flow.id) {
+                Some(item) => {
+                    self.on_planned(job, flow, &current, other_conn, item)
+                        .await?
+                }
+                None => {
+                    self.on_record(job, flow, side, &current, other_conn)
+                        .await?
+                }
+            };
+            if let Step::Later(reason) = step {
                 later.push(format!("{}: {reason}", flow.id));
             }
         }
@@ -336,6 +348,9 @@ impl SyncEngine {
         record: &Record,
         other_conn: &Arc<dyn Connector>,
     ) -> Result<Step, Fail> {
+        if side == Side::Source && private_and_held_back(flow, record) {
+            return self.private_comment(job, flow, record).await;
+        }
         let Some(link) = store::find_link(&self.pool, flow, side, &record.id).await? else {
             return match side {
                 Side::Source => self.create_or_link(job, flow, record, other_conn).await,
@@ -358,6 +373,32 @@ impl SyncEngine {
         };
         self.sync_linked(job, flow, link.clone(), src, tgt, side)
             .await
+    }
+
+    /// A private comment goes no further in a flow that does not sync them (issue 16 item 12):
+    /// nothing is created or written; a counterpart made while it was public stays as it was.
+    async fn private_comment(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        comment: &Record,
+    ) -> Result<Step, Fail> {
+        tracing::info!(
+            flow = %flow.id,
+            comment = %comment.id,
+            "a private Zendesk comment is not synced onwards (sync_private_comments = false)"
+        );
+        let entry = Entry {
+            flow: Some(&flow.id),
+            detail: Some(
+                "the comment is private in Zendesk and this flow does not sync private comments \
+                 (`sync_private_comments = false`): nothing written"
+                    .into(),
+            ),
+            ..Entry::new(Decision::PrivateComment)
+        };
+        self.log(job, entry).await?;
+        Ok(Step::Done)
     }
 
     async fn not_created_back(
@@ -503,4 +544,13 @@ impl JobHandler for SyncEngine {
         }
         outcome
     }
+}
+
+/// Whether `record` is a private Zendesk ticket comment that `flow` does not carry onwards
+/// (`public: false`, and the flow's `sync_private_comments` switch off).
+fn private_and_held_back(flow: &Dataflow, record: &Record) -> bool {
+    flow.source.system == crate::domain::SystemId::Zendesk
+        && flow.source.entity_type == "Ticketcomments"
+        && !flow.switches.sync_private_comments
+        && record.fields.get("public") == Some(&serde_json::Value::Bool(false))
 }

@@ -13,7 +13,7 @@ use super::mapping::entity;
 use super::merge::Side;
 use crate::connectors::Record;
 use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
-use crate::queue::{self, ClaimedJob, NewJob};
+use crate::queue::{self, ClaimedJob, JobPriority, NewJob};
 use crate::registry::Dataflow;
 
 /// A create intent's lease: another job seeing it live waits rather than creating concurrently.
@@ -414,6 +414,7 @@ pub(crate) async fn enqueue_records(
     keys: &[RecordKey],
     why: &str,
     once_per: Option<i64>,
+    priority: JobPriority,
 ) -> Result<(), sqlx::Error> {
     for key in keys {
         let delivery_id = match once_per {
@@ -442,12 +443,13 @@ pub(crate) async fn enqueue_records(
         let Some(event_id) = event_id else {
             continue; // already enqueued for this scope
         };
-        queue::enqueue(
+        queue::enqueue_with_priority(
             conn,
             &[NewJob {
                 event_id,
                 event: &event,
             }],
+            priority,
         )
         .await?;
     }

@@ -7,6 +7,7 @@
 //! ([`zendesk`]), which event types the enabled dataflows need ([`zendesk_events`]).
 //! Called by: `cli`, `sandbox`, and `intake` (which reads [`store::StoredSecrets`]).
 
+pub mod exactonline;
 pub mod store;
 pub mod zendesk;
 
@@ -30,7 +31,7 @@ pub enum WebhookError {
     NotConnected(&'static str),
     #[error("the [{0}] section has no credentials that can manage webhooks")]
     NoCredentials(&'static str),
-    #[error("{0} webhooks are not registered by Tether (zendesk is)")]
+    #[error("{0} webhooks are not registered by Tether (zendesk and exactonline are)")]
     Unsupported(SystemId),
     #[error("no enabled dataflow needs {0}'s events; nothing to subscribe to")]
     NothingNeeded(SystemId),
@@ -168,7 +169,14 @@ impl std::fmt::Display for Installed {
         for topic in &self.topics {
             writeln!(f, "  {topic}")?;
         }
-        write!(f, "signing secret stored; intake accepts it within seconds")
+        match self.system {
+            // Exact signs with the app's webhook secret: nothing to store per subscription.
+            SystemId::ExactOnline => write!(
+                f,
+                "Exact signs them with the app's webhook secret (exactonline.webhook_secret)"
+            ),
+            _ => write!(f, "signing secret stored; intake accepts it within seconds"),
+        }
     }
 }
 
@@ -188,9 +196,19 @@ pub async fn install(
     registry: &Registry,
     system: SystemId,
 ) -> Result<Installed, WebhookError> {
-    if system != SystemId::Zendesk {
-        return Err(WebhookError::Unsupported(system));
+    match system {
+        SystemId::Zendesk => install_zendesk(config, pool, registry).await,
+        SystemId::ExactOnline => exactonline::install(config, pool, registry).await,
+        other => Err(WebhookError::Unsupported(other)),
     }
+}
+
+async fn install_zendesk(
+    config: &Config,
+    pool: &PgPool,
+    registry: &Registry,
+) -> Result<Installed, WebhookError> {
+    let system = SystemId::Zendesk;
     let endpoint = endpoint(config, system)?;
     let topics = zendesk_events(registry);
     if topics.is_empty() {
@@ -302,9 +320,15 @@ pub async fn status(
     pool: &PgPool,
     system: SystemId,
 ) -> Result<Status, WebhookError> {
-    if system != SystemId::Zendesk {
-        return Err(WebhookError::Unsupported(system));
+    match system {
+        SystemId::Zendesk => status_zendesk(config, pool).await,
+        SystemId::ExactOnline => exactonline::status(config, pool).await,
+        other => Err(WebhookError::Unsupported(other)),
     }
+}
+
+async fn status_zendesk(config: &Config, pool: &PgPool) -> Result<Status, WebhookError> {
+    let system = SystemId::Zendesk;
     let client = zendesk_client(config)?;
     let mut webhooks = Vec::new();
     for registration in store::list(pool, system).await? {
@@ -350,9 +374,15 @@ pub async fn uninstall(
     pool: &PgPool,
     system: SystemId,
 ) -> Result<Vec<Removed>, WebhookError> {
-    if system != SystemId::Zendesk {
-        return Err(WebhookError::Unsupported(system));
+    match system {
+        SystemId::Zendesk => uninstall_zendesk(config, pool).await,
+        SystemId::ExactOnline => exactonline::uninstall(config, pool).await,
+        other => Err(WebhookError::Unsupported(other)),
     }
+}
+
+async fn uninstall_zendesk(config: &Config, pool: &PgPool) -> Result<Vec<Removed>, WebhookError> {
+    let system = SystemId::Zendesk;
     let client = zendesk_client(config)?;
     let mut done = Vec::new();
     for registration in store::list(pool, system).await? {

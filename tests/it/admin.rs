@@ -50,12 +50,21 @@ impl Harness {
 
     /// `extra` is appended to the configuration TOML (whole sections).
     pub async fn start_with(admin_token: Option<&str>, extra: &str) -> Harness {
+        Harness::start_connected_at(admin_token, extra, chrono::Utc::now()).await
+    }
+
+    /// As [`Harness::start_with`], with the systems first connected at `connected_at`.
+    pub async fn start_connected_at(
+        admin_token: Option<&str>,
+        extra: &str,
+        connected_at: chrono::DateTime<chrono::Utc>,
+    ) -> Harness {
         let mut admin = admin_token
             .map(|token| format!("\n[admin]\ntoken = \"{token}\"\n"))
             .unwrap_or_default();
         admin.push_str(extra);
         Harness {
-            service: Service::start(Some(OVERLAY), &admin).await,
+            service: Service::start_connected_at(Some(OVERLAY), &admin, "", connected_at).await,
             http: reqwest::Client::new(),
         }
     }
@@ -430,9 +439,11 @@ async fn metrics_move_to_their_own_listener_and_report_poll_lag() {
         .local_addr()
         .unwrap()
         .port();
-    let h = Harness::start_with(
+    // PowerOffice was connected two hours ago, so a change an hour ago is one to poll.
+    let h = Harness::start_connected_at(
         None,
         &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        chrono::Utc::now() - chrono::TimeDelta::hours(2),
     )
     .await;
     // A PowerOffice customer changed an hour ago: the poller passes it, its lag is about an hour.

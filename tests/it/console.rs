@@ -206,6 +206,7 @@ async fn a_person_logs_in_browses_every_page_and_retries_a_dead_letter() {
     })
     .await;
     let dead = h.dead_letter().await;
+    let plan = backfill_plan(&h).await;
 
     let driver = Driver::start();
     let profile = tempfile::tempdir().unwrap();
@@ -251,7 +252,10 @@ async fn a_person_logs_in_browses_every_page_and_retries_a_dead_letter() {
         assert!(text_of(&c, "#decisions").await.contains("created"));
 
         c.goto(&format!("{}/admin/backfill", h.base)).await.unwrap();
-        check_page(&c, "backfill", "#backfill").await;
+        check_page(&c, "backfill", &format!("#backfill-plans #plan-{plan}")).await;
+        assert!(text_of(&c, &format!("#plan-{plan}"))
+            .await
+            .contains("not run"));
 
         c.find(Locator::LinkText("Dead letters"))
             .await
@@ -382,4 +386,19 @@ async fn the_session_cookie_is_httponly_strict_and_forms_need_their_csrf_token()
         .unwrap();
     assert_eq!(r.status(), 303);
     h.stop().await;
+}
+
+/// A stored backfill plan of the organizations flow (not run), for the Backfill page.
+async fn backfill_plan(h: &Harness) -> i64 {
+    let (registry, _) = tether::registry::load(h.config.registry.overlay.as_deref()).unwrap();
+    let connectors = tether::service::build_connectors(&h.config, &h.db.pool).unwrap();
+    let limits = tether::backfill::estimate::limits(&h.config);
+    let flows = ["zendesk.Organizations->customerp.Customer".to_owned()];
+    let mut made =
+        tether::backfill::plan::make(&h.db.pool, &registry, &connectors, &limits, &flows)
+            .await
+            .unwrap();
+    tether::backfill::store::save(&h.db.pool, &mut made)
+        .await
+        .unwrap()
 }

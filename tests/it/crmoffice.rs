@@ -194,3 +194,74 @@ async fn find_created_falls_back_to_a_scan_when_the_external_id_filter_is_ignore
     let found = c.find_created("Contacts", "mine").await.unwrap().unwrap();
     assert_eq!(found.id, "2");
 }
+
+/// Issue 16 item 9: CRMOffice access tokens come from OAuth2 refresh tokens (Sesam's connector:
+/// `/connect/token`, scopes `crmoffice offline_access`), live about an hour and rotate. The
+/// connector refreshes once, reuses the access token (also from another replica, through
+/// `oauth_tokens`), refreshes once more after a 401 of an expired token, and stores the rotated
+/// refresh token; the simulator refuses a used refresh token.
+#[tokio::test]
+async fn oauth_refresh_tokens_rotate_and_an_expired_access_token_is_renewed_once() {
+    use tether::config::{CrmOfficeAuth, CrmOfficeConfig, CrmOfficeOAuth};
+    use tether::connectors::crmoffice::CrmOfficeConnector;
+
+    let db = tether::testing::database().await;
+    let (sim, running) = sim().await;
+    let lifetime = tether::simulators::crmoffice::oauth::DEFAULT_ACCESS_LIFETIME;
+    sim.enable_oauth("crm-client", "crm-secret", "crm-refresh-0", lifetime);
+    let base = running.base_url();
+    let config = CrmOfficeConfig {
+        base_url: base.parse().unwrap(),
+        auth: CrmOfficeAuth::OAuth(CrmOfficeOAuth {
+            token_url: format!("{base}/connect/token").parse().unwrap(),
+            client_id: "crm-client".into(),
+            client_secret: secrecy::SecretString::from("crm-secret"),
+            refresh_token: secrecy::SecretString::from("crm-refresh-0"),
+        }),
+        poll_interval: Duration::from_secs(60),
+    };
+    let timeout = Duration::from_secs(5);
+    let replica_a = CrmOfficeConnector::configured(&config, &db.pool, timeout, None);
+    let replica_b = CrmOfficeConnector::configured(&config, &db.pool, timeout, None);
+    let company = sim.insert("companies", obj(json!({"name": "Acme"})), None);
+
+    assert!(replica_a
+        .fetch("Companies", &company)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(replica_b
+        .fetch("Companies", &company)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(sim.token_calls(), 1, "one refresh, shared by both replicas");
+
+    sim.expire_access_tokens();
+    assert!(replica_b
+        .fetch("Companies", &company)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(replica_a
+        .fetch("Companies", &company)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(sim.token_calls(), 2, "the 401 renewed the token once");
+
+    let stored: String =
+        sqlx::query_scalar("SELECT refresh_token FROM oauth_tokens WHERE system = 'crmoffice'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        Some(stored),
+        sim.current_refresh_token(),
+        "the rotated token is kept"
+    );
+    assert_ne!(
+        sim.current_refresh_token().as_deref(),
+        Some("crm-refresh-0")
+    );
+}

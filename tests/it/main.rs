@@ -3,18 +3,22 @@
 
 mod admin;
 mod at_rest;
+mod backfill;
 mod console;
 mod crmoffice;
 mod custom;
 mod deploy;
 mod e2e;
+mod exact_webhooks;
 mod exactonline;
 mod foundation;
 mod intake;
 mod metrics;
 mod polling;
 mod poweroffice;
+mod private_comments;
 mod queue;
+mod reconcile;
 mod registry;
 mod support;
 mod sync;

@@ -107,6 +107,7 @@ async fn emitted(pool: &PgPool) -> (Vec<(String, Option<DateTime<Utc>>)>, i64) {
 
 fn spec(connector: Arc<dyn Connector>, ty: &str) -> PollerSpec {
     PollerSpec {
+        kind: polling::PollKind::Poll,
         connector,
         entity_type: ty.to_owned(),
         interval: Duration::from_millis(50),

@@ -14,7 +14,9 @@ use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tether::config::WorkerConfig;
 use tether::domain::{Action, ChangeEvent, RecordKey, SystemId};
-use tether::queue::{self, store, ClaimedJob, JobHandler, JobOutcome, NewJob, Queue, RunOnce};
+use tether::queue::{
+    self, store, ClaimedJob, JobHandler, JobOutcome, JobPriority, NewJob, Queue, RunOnce,
+};
 use tether::testing;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -25,6 +27,7 @@ fn cfg() -> WorkerConfig {
     WorkerConfig {
         enabled: true,
         concurrency: 8,
+        backfill_concurrency: 1,
         batch_size: 20,
         lease: Duration::from_secs(60),
         poll_interval: Duration::from_millis(100),
@@ -38,6 +41,16 @@ fn cfg() -> WorkerConfig {
 /// Stores events for `(record_id, seq)` pairs and enqueues their jobs, `chunk` per transaction.
 /// The delivery id is `"{record_id}:{seq}"`. Returns the ids of all jobs in the table, in order.
 async fn enqueue(pool: &PgPool, items: &[(String, i64)], chunk: usize) -> Vec<i64> {
+    enqueue_at(pool, items, chunk, JobPriority::Live).await
+}
+
+/// [`enqueue`] at a priority.
+async fn enqueue_at(
+    pool: &PgPool,
+    items: &[(String, i64)],
+    chunk: usize,
+    priority: JobPriority,
+) -> Vec<i64> {
     for part in items.chunks(chunk.max(1)) {
         let mut tx = pool.begin().await.unwrap();
         let events: Vec<ChangeEvent> = part
@@ -79,7 +92,9 @@ async fn enqueue(pool: &PgPool, items: &[(String, i64)], chunk: usize) -> Vec<i6
             .zip(&events)
             .map(|(&event_id, event)| NewJob { event_id, event })
             .collect();
-        queue::enqueue(&mut tx, &jobs).await.unwrap();
+        queue::enqueue_with_priority(&mut tx, &jobs, priority)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     }
     sqlx::query_scalar("SELECT id FROM jobs ORDER BY id")
@@ -250,6 +265,71 @@ async fn lease_expiry_takeover_is_not_a_failed_attempt() {
     // The second real failure exhausts the one-entry schedule: only real failures count.
     claim_then_run(&q, &failing).await;
     assert_eq!(job_row(&db.pool, ids[0]).await.0, "dead");
+}
+
+/// Live events come before reconciliation, which comes before backfill: a live job enqueued
+/// after a thousand backfill jobs is claimed first, and a worker with one backfill task claims
+/// no more backfill work than it can run.
+#[tokio::test]
+async fn live_work_is_claimed_before_reconciliation_and_backfill() {
+    let db = testing::database().await;
+    let backlog: Vec<(String, i64)> = (0..1000).map(|i| (format!("b{i}"), 1)).collect();
+    enqueue_at(&db.pool, &backlog, 500, JobPriority::Backfill).await;
+    enqueue_at(&db.pool, &[("r".into(), 1)], 1, JobPriority::Reconcile).await;
+    let ids = enqueue_at(&db.pool, &[("live".into(), 1)], 1, JobPriority::Live).await;
+    let live_id = *ids.last().unwrap();
+
+    let owner = Uuid::new_v4();
+    let lease = Duration::from_secs(60);
+    let (first, _) = store::claim(&db.pool, owner, 1, lease).await.unwrap();
+    assert_eq!(
+        first[0].lease.job_id, live_id,
+        "the live job is claimed first"
+    );
+    assert_eq!(first[0].job.priority, JobPriority::Live);
+    let (second, _) = store::claim(&db.pool, owner, 1, lease).await.unwrap();
+    assert_eq!(second[0].job.event.record.record_id, "r");
+    assert_eq!(second[0].job.priority, JobPriority::Reconcile);
+    let (third, _) = store::claim(&db.pool, owner, 1, lease).await.unwrap();
+    assert_eq!(third[0].job.event.record.record_id, "b0");
+    assert_eq!(third[0].job.priority, JobPriority::Backfill);
+
+    // The workers: backfill runs on at most `backfill_concurrency` tasks at once.
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    struct Slow(Arc<AtomicUsize>, Arc<AtomicUsize>);
+    #[async_trait::async_trait]
+    impl JobHandler for Slow {
+        async fn handle(&self, job: &ClaimedJob) -> JobOutcome {
+            if job.priority != JobPriority::Backfill {
+                return JobOutcome::Done;
+            }
+            let now = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            self.1.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            self.0.fetch_sub(1, Ordering::SeqCst);
+            JobOutcome::Done
+        }
+    }
+    let claimed = [&first[0], &second[0], &third[0]].map(|c| c.lease);
+    store::release(&db.pool, owner, &claimed).await.unwrap();
+    let mut c = cfg();
+    c.backfill_concurrency = 2;
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(Slow(running.clone(), peak.clone()));
+    let drain = Duration::from_secs(5);
+    let workers = queue::start_workers(db.pool.clone(), c, handler, shutdown.clone(), drain);
+    eventually("every job done", Duration::from_secs(60), || {
+        all_done(&db.pool, 1002)
+    })
+    .await;
+    shutdown.cancel();
+    workers.await.unwrap();
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        2,
+        "two backfill tasks at most, and both used"
+    );
 }
 
 /// Claims the one job for `owner` once its previous lease has expired.
@@ -769,6 +849,8 @@ async fn claim_plan_walks_the_index_in_order_with_stale_statistics() {
         .bind(500i64)
         .bind(Uuid::new_v4())
         .bind(60_000i64)
+        .bind(0i16)
+        .bind(2i16)
         .fetch_all(&mut *tx)
         .await
         .unwrap();

@@ -190,6 +190,27 @@ impl Service {
     /// Starts the simulators and the service; `overlay` is registry overlay TOML, and
     /// `extra_toml` is appended to the configuration the simulators describe.
     pub async fn start(overlay: Option<&str>, extra_toml: &str) -> Service {
+        Service::start_layered(overlay, extra_toml, "").await
+    }
+
+    /// As [`Service::start`], with `layer_toml` read as a second configuration file over the
+    /// first (so it may set keys of sections the simulators' configuration already has).
+    pub async fn start_layered(
+        overlay: Option<&str>,
+        extra_toml: &str,
+        layer_toml: &str,
+    ) -> Service {
+        Service::start_connected_at(overlay, extra_toml, layer_toml, Utc::now()).await
+    }
+
+    /// As [`Service::start_layered`], with every system first connected at `connected_at`
+    /// (what changed before it is the past, which polling and reconciliation do not read).
+    pub async fn start_connected_at(
+        overlay: Option<&str>,
+        extra_toml: &str,
+        layer_toml: &str,
+        connected_at: DateTime<Utc>,
+    ) -> Service {
         let db = testing::database().await;
         let listener = tokio::net::TcpListener::bind(any_port()).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -209,6 +230,9 @@ impl Service {
         toml.push_str(extra_toml);
         let mut source = Source::empty();
         source.add_toml(&toml, Path::new("test.toml")).unwrap();
+        source
+            .add_toml(layer_toml, Path::new("test-layer.toml"))
+            .unwrap();
         let config = Arc::new(Config::from_source(source).unwrap());
         let (registry, _warnings) = tether::registry::load(overlay_path.as_deref()).unwrap();
         // The simulators deliver only to registered webhooks: register them as an operator
@@ -217,6 +241,10 @@ impl Service {
             .await
             .unwrap();
         sims.zendesk.control().reset_counters();
+        // Connected before the test seeds anything, as an operator's first `serve` would be.
+        tether::service::record_first_connections_at(&config, &db.pool, connected_at)
+            .await
+            .unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tether::service::run(
             config.clone(),
@@ -245,6 +273,27 @@ impl Service {
         .fetch_optional(&self.db.pool)
         .await
         .unwrap()
+    }
+
+    /// Stops the service the way `kill -9` does: every task is dropped where it stands, nothing
+    /// is released, leases run out on their own.
+    pub fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Runs the service again on the same database, configuration and simulators (a restart
+    /// after [`Service::kill`]); webhooks then reach no one, as after a crash of the listener.
+    pub fn restart(&mut self, registry: tether::registry::Registry) {
+        self.shutdown = CancellationToken::new();
+        self.task = Some(tokio::spawn(tether::service::run(
+            self.config.clone(),
+            self.db.pool.clone(),
+            Arc::new(registry),
+            None,
+            self.shutdown.clone(),
+        )));
     }
 
     /// Shuts the service down the way SIGTERM does and fails the test if it ended in an error.
@@ -369,7 +418,6 @@ pub mod crmoffice {
     use std::time::Duration;
 
     use secrecy::SecretString;
-    use tether::config::CrmOfficeConfig;
     use tether::connectors::crmoffice::CrmOfficeConnector;
     use tether::simulators::crmoffice::CrmOfficeSim;
     use tether::simulators::kit::RunningSim;
@@ -377,12 +425,9 @@ pub mod crmoffice {
     pub const TOKEN: &str = "crm-token";
 
     pub fn connector(base: &str, page_size: u32) -> CrmOfficeConnector {
-        CrmOfficeConnector::new(
-            &CrmOfficeConfig {
-                base_url: base.parse().unwrap(),
-                api_token: SecretString::from(TOKEN),
-                poll_interval: Duration::from_secs(60),
-            },
+        CrmOfficeConnector::with_token(
+            base.parse().unwrap(),
+            SecretString::from(TOKEN),
             Duration::from_secs(5),
         )
         .with_page_size(page_size)

@@ -218,6 +218,7 @@ impl Harness {
             event_id,
             event,
             attempt: 1,
+            priority: Default::default(),
         }
     }
 
@@ -265,6 +266,7 @@ impl Harness {
                         delivery_id: row.get("delivery_id"),
                     },
                     attempt: 1,
+                    priority: Default::default(),
                 };
                 let outcome = self.handle(&job).await;
                 outcomes.push((job.event.record.clone(), outcome));

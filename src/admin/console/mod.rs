@@ -341,9 +341,18 @@ async fn resume_flow(
     }
 }
 
+/// Plans shown on the Backfill page, newest first.
+const BACKFILL_PLANS_SHOWN: i64 = 20;
+
 async fn backfill(
     State(state): State<AdminState>,
     Extension(session): Extension<Session>,
-) -> Markup {
-    pages::backfill(&pages::Ctx::new(&state, &session.0, "backfill"))
+) -> Response {
+    match crate::backfill::store::recent(&state.pool, BACKFILL_PLANS_SHOWN).await {
+        Ok(plans) => {
+            let ctx = pages::Ctx::new(&state, &session.0, "backfill");
+            pages::backfill(&ctx, &plans).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
 }

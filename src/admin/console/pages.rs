@@ -6,6 +6,8 @@ use maud::{html, Markup, DOCTYPE};
 use crate::admin::explain::RecordExplanation;
 use crate::admin::status::{DeadLetterView, FlowStatus, SystemStatus};
 use crate::admin::AdminState;
+use crate::backfill::store::Progress;
+use crate::backfill::Summary;
 use crate::domain::SystemId;
 use crate::ops::gauges::QueueState;
 
@@ -389,13 +391,42 @@ fn record_link(record: &str) -> String {
     format!("/admin/records?{query}")
 }
 
-pub fn backfill(ctx: &Ctx) -> Markup {
+pub fn backfill(ctx: &Ctx, plans: &[(Summary, Progress)]) -> Markup {
     let content = html! {
         h1 { "Backfill" }
+        p.muted { "Plans made with " code { "tether backfill plan" } " and run with " code { "tether backfill run <plan>" } " (docs/backfill.md)." }
         section.panel id="backfill" {
-            p { "Backfill plans are not available in this version of Tether." }
-            p.muted { "When they arrive (reviewing a plan, approving and running it, its progress), they appear on this page." }
+            @if plans.is_empty() { p id="no-backfill-plans" { "No backfill plan yet." } } @else {
+                table id="backfill-plans" {
+                    thead { tr { th { "Plan" } th { "Flows" } th { "Linked" } th { "Link" } th { "Create" } th { "Conflict" } th { "Skip" } th { "Estimate" } th { "Run" } } }
+                    tbody { @for (s, p) in plans { tr id=(format!("plan-{}", s.plan)) {
+                        td { (s.plan) }
+                        td { (s.flows.iter().filter(|f| f.linked + f.link + f.create + f.conflict + f.skip > 0).count()) }
+                        td { (s.flows.iter().map(|f| f.linked).sum::<u64>()) }
+                        td { (s.flows.iter().map(|f| f.link).sum::<u64>()) }
+                        td { (s.flows.iter().map(|f| f.create).sum::<u64>()) }
+                        td { (s.flows.iter().map(|f| f.conflict).sum::<u64>()) }
+                        td { (s.flows.iter().map(|f| f.skip).sum::<u64>()) }
+                        td { (crate::backfill::report::duration(s.estimated_seconds)) }
+                        td { (run_state(p)) }
+                    } } }
+                }
+            }
         }
     };
     layout(ctx, "Backfill", content)
+}
+
+/// Where a plan's run stands, in words.
+fn run_state(p: &Progress) -> String {
+    match (p.enqueued, p.finished()) {
+        (false, _) => "not run".to_owned(),
+        (true, false) => format!(
+            "running: {} of {} ({} failed)",
+            p.done + p.failed,
+            p.total,
+            p.failed
+        ),
+        (true, true) => format!("finished: {} carried out, {} failed", p.done, p.failed),
+    }
 }

@@ -191,6 +191,28 @@ impl StoredRefreshToken {
         self.refresh_locked(rejected, &seed).await
     }
 
+    /// Hands over a new refresh token (`tether credentials set`, after a re-authorisation): it
+    /// replaces the stored one and lifts a stop, so every replica's next call refreshes with it,
+    /// without a restart. `refreshed_at` stays: the vendor's least time between refreshes still
+    /// holds (docs/vendors.md, Exact Online item 5).
+    pub async fn hand_over(&self, refresh_token: &SecretString) -> Result<(), ConnectorError> {
+        sqlx::query(
+            "INSERT INTO oauth_tokens (system, account, refresh_token, seed_sha256) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (system, account) DO UPDATE SET \
+             refresh_token = EXCLUDED.refresh_token, access_token = NULL, \
+             access_expires_at = NULL, stopped_reason = NULL, stopped_at = NULL",
+        )
+        .bind(self.system().as_str())
+        .bind(&self.config.account)
+        .bind(self.seal("refresh_token", refresh_token.expose_secret()))
+        .bind(self.seed_hash())
+        .execute(&self.pool)
+        .await
+        .map_err(self.db_error())?;
+        tracing::info!(system = %self.system(), "refresh token handed over; the system resumes");
+        Ok(())
+    }
+
     /// The configured refresh token seeds the row only when none exists yet.
     async fn seed_row(&self, seed: &str) -> Result<(), ConnectorError> {
         sqlx::query(

@@ -57,7 +57,16 @@ pub struct SharedGate {
     budget: String,
     spacing: Duration,
     tolerance: f64,
+    /// How late after its place a call may still go (see [`LATENESS_FLOOR`]).
+    lateness: Duration,
 }
+
+/// The least lateness a call may have and still use its place. Half a spacing alone is below a
+/// database round trip once the spacing is under a few milliseconds (a limit of thousands a
+/// minute), and below a busy machine's scheduling delay well before that: every place would then
+/// be given up and no call would ever go. The places this allows late are paid for with spare
+/// slots (see [`SharedGate::new`]); it changes nothing for limits under 2,400 a minute.
+const LATENESS_FLOOR: Duration = Duration::from_millis(25);
 
 /// Places given up for lateness before the call is handed back as back-pressure.
 const MAX_RETAKES: usize = 4;
@@ -69,11 +78,20 @@ impl SharedGate {
         let burst = burst.clamp(1, limit.saturating_sub(1).max(1));
         let slots = limit.saturating_sub(burst).max(1);
         let spacing = period / slots;
+        let lateness = (spacing / 2).max(LATENESS_FLOOR);
+        // A call up to `lateness` late may share a window with places `lateness` later than
+        // the spacing promises: that many slots are kept spare, so no window exceeds `limit`.
+        let spare = (lateness.as_secs_f64() / spacing.as_secs_f64()).ceil() as u32;
+        let spacing = match spare {
+            0 | 1 => spacing,
+            _ => period / slots.saturating_sub(spare).max(1),
+        };
         SharedGate {
             pool,
             budget,
             spacing,
             tolerance: spacing.as_secs_f64() * f64::from(burst - 1),
+            lateness,
         }
     }
 
@@ -114,7 +132,7 @@ impl RateGate for SharedGate {
                     tokio::time::sleep_until(place).await;
                     // A call that goes well after its place would bunch with the next ones: it
                     // gives the place up and takes a new one instead.
-                    if place.elapsed() <= self.spacing.div_f64(2.0) {
+                    if place.elapsed() <= self.lateness {
                         return Ok(());
                     }
                 }

@@ -340,3 +340,77 @@ async fn exact_lost_refresh_response_stops_once_without_looping() {
     let record = fresh.fetch("Accounts", &account).await.unwrap().unwrap();
     assert_eq!(record.fields["Name"], json!("Acme BV"));
 }
+
+/// Issue 16 item 5: after a lost refresh response stopped Exact, the operator re-authorises and
+/// hands the new refresh token to the running installation with `tether credentials set
+/// exactonline` (token on standard input). The connector that was stopped, not a new one, works
+/// again at its next call; the token appears in no output.
+#[tokio::test]
+async fn exact_a_refresh_token_handed_over_with_the_cli_resumes_the_stopped_connector() {
+    let db = testing::database().await;
+    let (exact, running) = simulator(ExactSimConfig {
+        strict_rotation: true,
+        min_refresh_interval: Duration::ZERO,
+        ..ExactSimConfig::default()
+    })
+    .await;
+    let account = exact.seed_account(json!({"Name": "Resumed BV"}));
+    let connector = ExactOnline::new(
+        config(&running.base_url(), "sim-refresh-0"),
+        db.pool.clone(),
+        Duration::from_millis(500),
+    );
+    exact.lose_next_token_response(Duration::from_secs(2));
+    assert!(connector.fetch("Accounts", &account).await.is_err());
+    let stopped = connector.fetch("Accounts", &account).await.unwrap_err();
+    assert!(stopped
+        .to_string()
+        .contains("tether credentials set exactonline"));
+
+    let dir = std::env::temp_dir().join(format!("tether-credentials-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = format!(
+        "[exactonline]\nbase_url = \"{}\"\ndivision = {DIVISION}\nclient_id = \"sim-client\"\n\
+         client_secret = \"sim-client-secret\"\nrefresh_token = \"sim-refresh-0\"\n",
+        running.base_url()
+    );
+    std::fs::write(dir.join("tether.toml"), toml).unwrap();
+    let token = exact.current_refresh_token();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["credentials", "set", "exactonline", "--config"])
+        .arg(dir.join("tether.toml"))
+        .env(
+            "DATABASE_URL",
+            secrecy::ExposeSecret::expose_secret(&db.url),
+        )
+        .env("TETHER_LOG_LEVEL", "debug")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(format!("{token}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    let out = child.wait_with_output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains(&token), "the token leaked: {text}");
+
+    let record = connector
+        .fetch("Accounts", &account)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.fields["Name"], json!("Resumed BV"));
+    std::fs::remove_dir_all(&dir).ok();
+}

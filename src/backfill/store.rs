@@ -1,0 +1,393 @@
+//! The SQL of backfill plans: storing a plan and its items, enqueueing its records once,
+//! progress, and what the sync engine reads and marks while it carries the items out.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+
+use super::plan::Plan;
+use super::{Summary, VerdictKind};
+use crate::queue::JobPriority;
+
+/// Items inserted per statement.
+const CHUNK: usize = 5_000;
+
+/// Stores the plan and its items in one transaction; returns the plan's id (also set in the
+/// plan's summary).
+pub async fn save(pool: &PgPool, plan: &mut Plan) -> Result<i64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO backfill_plans (summary, estimated_seconds) VALUES ('{}', $1) RETURNING id",
+    )
+    .bind(plan.summary.estimated_seconds as i64)
+    .fetch_one(&mut *tx)
+    .await?;
+    plan.summary.plan = id;
+    sqlx::query("UPDATE backfill_plans SET summary = $2 WHERE id = $1")
+        .bind(id)
+        .bind(sqlx::types::Json(&plan.summary))
+        .execute(&mut *tx)
+        .await?;
+    let rows: Vec<_> = plan
+        .flows
+        .iter()
+        .flat_map(|f| f.items.iter().map(move |i| (f, i)))
+        .collect();
+    for chunk in rows.chunks(CHUNK) {
+        let col = |get: &dyn Fn(&(_, _)) -> Option<String>| -> Vec<Option<String>> {
+            chunk.iter().map(get).collect()
+        };
+        sqlx::query(
+            "INSERT INTO backfill_items (plan_id, flow_id, stage, source_system, source_type, \
+             source_id, source_updated_at, verdict, target_id, reason, detail, writes) \
+             SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::text[], $5::text[], $6::text[], \
+             $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[])",
+        )
+        .bind(id)
+        .bind(col(&|(f, _)| Some(f.flow.id.clone())))
+        .bind(chunk.iter().map(|(f, _)| f.stage).collect::<Vec<i32>>())
+        .bind(col(&|(f, _)| {
+            Some(f.flow.source.system.as_str().to_owned())
+        }))
+        .bind(col(&|(f, _)| Some(f.flow.source.entity_type.clone())))
+        .bind(col(&|(_, i)| Some(i.source_id.clone())))
+        .bind(
+            chunk
+                .iter()
+                .map(|(_, i)| i.source_updated_at)
+                .collect::<Vec<Option<DateTime<Utc>>>>(),
+        )
+        .bind(col(&|(_, i)| Some(i.verdict.kind().as_str().to_owned())))
+        .bind(col(&|(_, i)| i.verdict.target_id().map(str::to_owned)))
+        .bind(col(&|(_, i)| i.verdict.reason()))
+        .bind(col(&|(_, i)| i.verdict.detail()))
+        .bind(
+            chunk
+                .iter()
+                .map(|(_, i)| i.verdict.writes() as i32)
+                .collect::<Vec<i32>>(),
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// A stored plan's summary, if the plan exists.
+pub async fn summary(pool: &PgPool, plan: i64) -> Result<Option<Summary>, sqlx::Error> {
+    let row: Option<(sqlx::types::Json<Summary>,)> =
+        sqlx::query_as("SELECT summary FROM backfill_plans WHERE id = $1")
+            .bind(plan)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(s,)| s.0))
+}
+
+/// The newest plan's id.
+pub async fn latest(pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(id) FROM backfill_plans")
+        .fetch_one(pool)
+        .await
+}
+
+/// One exported item (`--csv`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemRow {
+    pub flow: String,
+    pub source_id: String,
+    pub verdict: String,
+    pub target_id: Option<String>,
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub writes: i32,
+}
+
+/// Every item of a plan, in run order.
+pub async fn items(pool: &PgPool, plan: i64) -> Result<Vec<ItemRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT flow_id, source_id, verdict, target_id, reason, detail, writes \
+         FROM backfill_items WHERE plan_id = $1 ORDER BY stage, id",
+    )
+    .bind(plan)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ItemRow {
+                flow: r.try_get("flow_id")?,
+                source_id: r.try_get("source_id")?,
+                verdict: r.try_get("verdict")?,
+                target_id: r.try_get("target_id")?,
+                reason: r.try_get("reason")?,
+                detail: r.try_get("detail")?,
+                writes: r.try_get("writes")?,
+            })
+        })
+        .collect()
+}
+
+/// What [`enqueue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// The plan's records were enqueued now (this many jobs).
+    Now(u64),
+    /// An earlier run enqueued them; nothing was added.
+    Before,
+    /// No such plan.
+    NoPlan,
+}
+
+/// Enqueues one backfill job per source record the plan acts on, parents' stages first, once:
+/// the plan row is locked and marked in the same transaction, and each event's delivery id
+/// names the plan and the record, so running a plan again (or twice at once) adds nothing.
+pub async fn enqueue(pool: &PgPool, plan: i64) -> Result<Enqueued, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let state: Option<(Option<DateTime<Utc>>,)> =
+        sqlx::query_as("SELECT enqueued_at FROM backfill_plans WHERE id = $1 FOR UPDATE")
+            .bind(plan)
+            .fetch_optional(&mut *tx)
+            .await?;
+    match state {
+        None => return Ok(Enqueued::NoPlan),
+        Some((Some(_),)) => return Ok(Enqueued::Before),
+        Some((None,)) => {}
+    }
+    let records: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT source_system, source_type, source_id FROM backfill_items \
+         WHERE plan_id = $1 AND verdict IN ('link', 'create') \
+         GROUP BY source_system, source_type, source_id ORDER BY min(stage), min(id)",
+    )
+    .bind(plan)
+    .fetch_all(&mut *tx)
+    .await?;
+    for chunk in records.chunks(CHUNK) {
+        let pick = |f: fn(&(String, String, String)) -> &String| -> Vec<&str> {
+            chunk.iter().map(|r| f(r).as_str()).collect()
+        };
+        sqlx::query(ENQUEUE)
+            .bind(plan)
+            .bind(pick(|r| &r.0))
+            .bind(pick(|r| &r.1))
+            .bind(pick(|r| &r.2))
+            .bind(JobPriority::Backfill.as_i16())
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "UPDATE backfill_plans SET enqueued_at = now(), started_at = coalesce(started_at, now()) \
+         WHERE id = $1",
+    )
+    .bind(plan)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Enqueued::Now(records.len() as u64))
+}
+
+/// One event and one job per record, in the order given (job ids follow it, so the claim takes
+/// parents first), and the items of each record pointed at their event. The job's record key is
+/// `queue::record_key` of the event: `system/type/id`.
+const ENQUEUE: &str = "
+    WITH r AS (
+        SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[]) WITH ORDINALITY
+            AS r(system, entity_type, record_id, ord)
+    ), ev AS (
+        INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id)
+        SELECT system, entity_type, record_id, 'updated', now(),
+               'backfill:' || $1 || ':' || system || '/' || entity_type || '/' || record_id
+        FROM r ORDER BY ord
+        ON CONFLICT (system, delivery_id) DO NOTHING
+        RETURNING id, system, entity_type, record_id
+    ), jobs_added AS (
+        INSERT INTO jobs (event_id, record_key, priority)
+        SELECT id, system || '/' || entity_type || '/' || record_id, $5 FROM ev ORDER BY id
+        RETURNING event_id
+    )
+    UPDATE backfill_items i SET event_id = ev.id
+    FROM ev
+    WHERE i.plan_id = $1 AND i.source_system = ev.system AND i.source_type = ev.entity_type
+      AND i.source_id = ev.record_id AND i.verdict IN ('link', 'create')";
+
+/// Where a plan's run stands: items to carry out, carried out, failed for good (their job is a
+/// dead letter), and how the carried-out ones went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub enqueued: bool,
+    pub total: u64,
+    pub done: u64,
+    pub failed: u64,
+    /// `followed`, `replanned`, `already_linked` (docs/backfill.md).
+    pub results: BTreeMap<String, u64>,
+}
+
+impl Progress {
+    /// Nothing left to wait for.
+    pub fn finished(&self) -> bool {
+        self.enqueued && self.done + self.failed >= self.total
+    }
+}
+
+pub async fn progress(pool: &PgPool, plan: i64) -> Result<Progress, sqlx::Error> {
+    let enqueued: Option<bool> =
+        sqlx::query_scalar("SELECT enqueued_at IS NOT NULL FROM backfill_plans WHERE id = $1")
+            .bind(plan)
+            .fetch_optional(pool)
+            .await?;
+    let rows: Vec<(Option<String>, bool, i64)> = sqlx::query_as(
+        "SELECT i.result, coalesce(j.state = 'dead', false) AS dead, count(*) \
+         FROM backfill_items i LEFT JOIN jobs j ON j.event_id = i.event_id \
+         WHERE i.plan_id = $1 AND i.verdict IN ('link', 'create') \
+         GROUP BY 1, 2",
+    )
+    .bind(plan)
+    .fetch_all(pool)
+    .await?;
+    let mut p = Progress {
+        enqueued: enqueued.unwrap_or(false),
+        ..Progress::default()
+    };
+    for (result, dead, n) in rows {
+        let n = n as u64;
+        p.total += n;
+        match result {
+            Some(r) => {
+                p.done += n;
+                *p.results.entry(r).or_default() += n;
+            }
+            None if dead => p.failed += n,
+            None => {}
+        }
+    }
+    Ok(p)
+}
+
+/// The newest `n` plans with where each run stands (the console's Backfill page).
+pub async fn recent(pool: &PgPool, n: i64) -> Result<Vec<(Summary, Progress)>, sqlx::Error> {
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM backfill_plans ORDER BY id DESC LIMIT $1")
+            .bind(n)
+            .fetch_all(pool)
+            .await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(summary) = summary(pool, id).await? {
+            out.push((summary, progress(pool, id).await?));
+        }
+    }
+    Ok(out)
+}
+
+/// The engine's decisions for a plan's records, by name (`created`, `linked_by_merge_criteria`,
+/// `updated`, ...), counted per flow entry: what the run did.
+pub async fn decisions(pool: &PgPool, plan: i64) -> Result<BTreeMap<String, u64>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT l.decision, count(*) FROM sync_log l \
+         WHERE l.event_id IN (SELECT event_id FROM backfill_items \
+                              WHERE plan_id = $1 AND event_id IS NOT NULL) \
+           AND l.flow_id IS NOT NULL \
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(plan)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(d, n)| (d, n as u64)).collect())
+}
+
+/// The delivery ids of backfill events start with this (`backfill:<plan>:<record key>`).
+pub const DELIVERY_PREFIX: &str = "backfill:";
+
+/// Whether an event was enqueued by a backfill run (also when it is replayed after a pause).
+pub fn is_backfill_event(event: &crate::domain::ChangeEvent) -> bool {
+    event.delivery_id.starts_with(DELIVERY_PREFIX)
+}
+
+/// An item as the engine carries it out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedItem {
+    pub id: i64,
+    pub plan_id: i64,
+    pub flow_id: String,
+    pub action: PlannedAction,
+    pub source_updated_at: Option<DateTime<Utc>>,
+    pub done: bool,
+}
+
+/// What the plan said to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlannedAction {
+    /// Link to this target record.
+    Link {
+        target_id: String,
+    },
+    Create,
+}
+
+/// The items a backfill job carries out (one per flow of its record), found by its event.
+pub async fn items_of_event(pool: &PgPool, event_id: i64) -> Result<Vec<PlannedItem>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, plan_id, flow_id, verdict, target_id, source_updated_at, done_at IS NOT NULL AS done \
+         FROM backfill_items WHERE event_id = $1",
+    )
+    .bind(event_id)
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let verdict: String = r.try_get("verdict")?;
+        let target: Option<String> = r.try_get("target_id")?;
+        let action = match (VerdictKind::parse(&verdict), target) {
+            (Some(VerdictKind::Link), Some(target_id)) => PlannedAction::Link { target_id },
+            (Some(VerdictKind::Create), _) => PlannedAction::Create,
+            // Only link and create items are given an event.
+            _ => continue,
+        };
+        out.push(PlannedItem {
+            id: r.try_get("id")?,
+            plan_id: r.try_get("plan_id")?,
+            flow_id: r.try_get("flow_id")?,
+            action,
+            source_updated_at: r.try_get("source_updated_at")?,
+            done: r.try_get("done")?,
+        });
+    }
+    Ok(out)
+}
+
+/// How the engine carried an item out (`backfill_items.result`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemResult {
+    /// As planned: linked to the planned record, or created.
+    Followed,
+    /// The record changed since the plan, or the planned match no longer fits: the engine
+    /// decided with its own merge criteria, as for a live event.
+    Replanned,
+    /// The record was linked by the time its job ran (a live event, or an earlier run).
+    AlreadyLinked,
+    /// The record no longer exists at its system.
+    Gone,
+}
+
+impl ItemResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemResult::Followed => "followed",
+            ItemResult::Replanned => "replanned",
+            ItemResult::AlreadyLinked => "already_linked",
+            ItemResult::Gone => "gone",
+        }
+    }
+}
+
+/// Marks an item carried out (once: a later run of the same job keeps the first result).
+pub async fn item_done(pool: &PgPool, item: i64, result: ItemResult) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE backfill_items SET done_at = now(), result = $2 WHERE id = $1 AND done_at IS NULL",
+    )
+    .bind(item)
+    .bind(result.as_str())
+    .execute(pool)
+    .await?;
+    Ok(())
+}

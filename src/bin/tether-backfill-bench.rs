@@ -1,0 +1,304 @@
+//! Backfill benchmark: Zendesk organizations against a Custom ERP that already holds matching
+//! customers. Plans the backfill of `zendesk.Organizations->customerp.Customer`, runs it through
+//! the service's workers (in this process, against a private PostgreSQL and the simulators), and
+//! prints plan and run time, records per second, vendor calls per record and 429s.
+//!
+//! Two scenarios: unthrottled simulators (Tether's Zendesk limit at its maximum), then a smaller
+//! one with the Zendesk simulator counting a plan limit per minute and Tether configured to the
+//! same limit, which compares the run time with the plan's estimate.
+//!
+//! Figures, not a pass/fail test: see the README's "Benchmarks" section.
+//! Run: `cargo run --release --bin tether-backfill-bench`
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use tether::backfill::{estimate, plan, store, Summary};
+use tether::config::{Config, Source};
+use tether::sandbox::Simulators;
+use tether::simulators::kit::{Faults, SimControl};
+
+const FLOW: &str = "zendesk.Organizations->customerp.Customer";
+
+/// The shipped flow maps nothing and matches on nothing: carry and match the name.
+const OVERLAY: &str = r#"# Written by tether-backfill-bench.
+[[dataflow]]
+source = "zendesk.Organizations"
+target = "customerp.Customer"
+[[dataflow.property]]
+source = "name"
+target = "name"
+type = "string"
+[[dataflow.merge]]
+source = "name"
+target = "name"
+
+[[rule]]
+entity = "zendesk.Organizations"
+property = "name"
+resolve = "latest_wins"
+"#;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether-backfill-bench",
+    about = "Backfill plan and run figures."
+)]
+struct Args {
+    /// Zendesk organizations in the unthrottled scenario.
+    #[arg(long, default_value_t = 10_000)]
+    orgs: usize,
+    /// Of those, how many the Custom ERP already holds (names differ in case and spacing).
+    #[arg(long, default_value_t = 3_000)]
+    matching: usize,
+    /// Organizations in the throttled scenario (0: skip it).
+    #[arg(long, default_value_t = 600)]
+    throttled_orgs: usize,
+    /// The Zendesk plan limit per minute in the throttled scenario.
+    #[arg(long, default_value_t = 700)]
+    zendesk_limit: u32,
+    /// `workers.concurrency` (backfill runs on half of it).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+}
+
+/// One run's shape.
+struct Scenario {
+    orgs: usize,
+    matching: usize,
+    /// Zendesk's plan limit per minute, at the simulator and in Tether's configuration.
+    zendesk_limit: Option<u32>,
+    concurrency: usize,
+}
+
+/// Vendor calls and 429s of one phase.
+#[derive(Debug, Default, Clone, Copy)]
+struct Calls {
+    zendesk: u64,
+    customerp: u64,
+    throttled: u64,
+}
+
+struct Figures {
+    summary: Summary,
+    plan: Duration,
+    run: Duration,
+    plan_calls: Calls,
+    run_calls: Calls,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        print_machine();
+        let open = Scenario {
+            orgs: args.orgs,
+            matching: args.matching,
+            zendesk_limit: None,
+            concurrency: args.concurrency,
+        };
+        report("unthrottled simulators", &run_scenario(&open).await?);
+        if args.throttled_orgs > 0 {
+            let throttled = Scenario {
+                orgs: args.throttled_orgs,
+                matching: args.throttled_orgs * 3 / 10,
+                zendesk_limit: Some(args.zendesk_limit),
+                concurrency: args.concurrency,
+            };
+            let figures = run_scenario(&throttled).await?;
+            report(
+                &format!("Zendesk limited to {} a minute", args.zendesk_limit),
+                &figures,
+            );
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn trace(what: &str) {
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        eprintln!("{what}");
+    }
+}
+
+fn print_machine() {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "machine: {} cores, load average {} (guard off: the benchmark measures the run, not the guard)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+}
+
+async fn run_scenario(s: &Scenario) -> anyhow::Result<Figures> {
+    let db = tether::testing::database().await;
+    let listener =
+        tokio::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await?;
+    let addr = listener.local_addr()?;
+    let sims = Simulators::start(addr.ip(), &format!("http://{addr}")).await?;
+    let config = Arc::new(configure(&sims, addr, s)?);
+    let (registry, _) = tether::registry::load(config.registry.overlay.as_deref())?;
+    tether::sandbox::install_webhooks(&config, &db.pool, &registry).await?;
+    tether::service::record_first_connections(&config, &db.pool).await?;
+    trace("webhooks installed; seeding");
+    seed(&sims, s);
+    if let Some(limit) = s.zendesk_limit {
+        sims.zendesk.control().set_faults(Faults {
+            rate_limit: Some(limit),
+            ..Faults::default()
+        });
+    }
+    let shutdown = CancellationToken::new();
+    let registry = Arc::new(registry);
+    let service = tokio::spawn(tether::service::run(
+        config.clone(),
+        db.pool.clone(),
+        registry.clone(),
+        Some(listener),
+        shutdown.clone(),
+    ));
+
+    trace("service started; planning");
+    let started = Instant::now();
+    let connectors = tether::service::build_connectors(&config, &db.pool)?;
+    let limits = estimate::limits(&config);
+    let mut made = plan::make(
+        &db.pool,
+        &registry,
+        &connectors,
+        &limits,
+        &[FLOW.to_owned()],
+    )
+    .await?;
+    store::save(&db.pool, &mut made).await?;
+    let plan_time = started.elapsed();
+    let plan_calls = calls(&sims);
+    trace("planned; running");
+
+    let started = Instant::now();
+    store::enqueue(&db.pool, made.summary.plan).await?;
+    wait_for_the_end(&db.pool, made.summary.plan).await?;
+    let run_time = started.elapsed();
+    let run_calls = minus(calls(&sims), plan_calls);
+
+    shutdown.cancel();
+    service.await??;
+    Ok(Figures {
+        summary: made.summary,
+        plan: plan_time,
+        run: run_time,
+        plan_calls,
+        run_calls,
+    })
+}
+
+/// The sandbox's configuration of the simulators, with the bench's overlay, workers and limit.
+fn configure(sims: &Simulators, addr: SocketAddr, s: &Scenario) -> anyhow::Result<Config> {
+    let dir = std::env::temp_dir();
+    let overlay = dir.join(format!("tether-backfill-bench-{}.toml", std::process::id()));
+    std::fs::write(&overlay, OVERLAY)?;
+    let mut base = sims.config_toml(addr, &dir, "1s");
+    base.push_str(&format!(
+        "\n[registry]\noverlay = {:?}\n",
+        overlay.display().to_string()
+    ));
+    let layer = format!(
+        "[log]\nlevel = \"warn\"\n[workers]\nconcurrency = {}\n[zendesk]\nrate_limit_per_minute = {}\n",
+        s.concurrency,
+        s.zendesk_limit.unwrap_or(100_000)
+    );
+    let mut source = Source::empty();
+    source.add_toml(&base, Path::new("(bench)"))?;
+    source.add_toml(&layer, Path::new("(bench layer)"))?;
+    Config::from_source(source).context("the bench configuration")
+}
+
+fn seed(sims: &Simulators, s: &Scenario) {
+    for i in 0..s.orgs {
+        sims.zendesk
+            .insert_organization(json!({ "name": format!("Existing Org {i}") }));
+    }
+    for i in 0..s.matching {
+        let fields = json!({ "name": format!("existing  ORG {i}") });
+        let serde_json::Value::Object(fields) = fields else {
+            unreachable!("a JSON object")
+        };
+        sims.customerp.insert("customer", fields, None);
+    }
+}
+
+async fn wait_for_the_end(pool: &sqlx::PgPool, plan: i64) -> anyhow::Result<()> {
+    loop {
+        let progress = store::progress(pool, plan).await?;
+        if progress.finished() {
+            anyhow::ensure!(progress.failed == 0, "{} items failed", progress.failed);
+            return Ok(());
+        }
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            eprintln!("progress {progress:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn total(control: &SimControl) -> u64 {
+    control.counters().values().sum()
+}
+
+fn calls(sims: &Simulators) -> Calls {
+    Calls {
+        zendesk: total(sims.zendesk.control()),
+        customerp: total(&sims.customerp.control),
+        throttled: sims.zendesk.control().throttled() + sims.customerp.control.throttled(),
+    }
+}
+
+fn minus(a: Calls, b: Calls) -> Calls {
+    Calls {
+        zendesk: a.zendesk - b.zendesk,
+        customerp: a.customerp - b.customerp,
+        throttled: a.throttled - b.throttled,
+    }
+}
+
+fn report(title: &str, f: &Figures) {
+    let counts = &f.summary.flows[0];
+    let items = counts.link + counts.create;
+    let per = |n: u64| n as f64 / items.max(1) as f64;
+    println!("\n== {title}");
+    println!(
+        "plan: {} records read and matched in {:.2}s ({} link, {} create, {} conflict); calls zendesk {} customerp {}",
+        counts.linked + counts.link + counts.create + counts.conflict + counts.skip,
+        f.plan.as_secs_f64(),
+        counts.link,
+        counts.create,
+        counts.conflict,
+        f.plan_calls.zendesk,
+        f.plan_calls.customerp
+    );
+    println!(
+        "run:  {items} records in {:.2}s = {:.0} records/s; per record: zendesk {:.2} calls, customerp {:.2} calls; 429s: {}",
+        f.run.as_secs_f64(),
+        items as f64 / f.run.as_secs_f64().max(0.001),
+        per(f.run_calls.zendesk),
+        per(f.run_calls.customerp),
+        f.run_calls.throttled + f.plan_calls.throttled
+    );
+    println!(
+        "estimate: {}s for the run (plan's vendor_calls {:?}); actual {:.0}s ({:+.0}%)",
+        f.summary.estimated_seconds,
+        f.summary.vendor_calls,
+        f.run.as_secs_f64(),
+        (f.run.as_secs_f64() / (f.summary.estimated_seconds.max(1) as f64) - 1.0) * 100.0
+    );
+}
