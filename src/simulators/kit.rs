@@ -239,7 +239,13 @@ impl SimControl {
 
     /// Counts something that is not a request (no effect on the peak rates).
     fn note(&self, key: &str) {
-        *self.inner.counters.lock().unwrap().entry(key.to_owned()).or_insert(0) += 1;
+        *self
+            .inner
+            .counters
+            .lock()
+            .unwrap()
+            .entry(key.to_owned())
+            .or_insert(0) += 1;
     }
 
     fn record(&self, key: String) {
