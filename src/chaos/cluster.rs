@@ -273,8 +273,9 @@ mod tests {
         let conf = nginx_config(Path::new("/tmp/x"), 8080, &[1, 2, 3]);
         assert!(conf.contains("listen 127.0.0.1:8080;"));
         assert_eq!(conf.matches("server 127.0.0.1:").count(), 3);
-        assert!(conf
-            .contains("proxy_next_upstream error timeout http_502 http_503 non_idempotent;"));
+        assert!(
+            conf.contains("proxy_next_upstream error timeout http_502 http_503 non_idempotent;")
+        );
         assert!(conf.contains("proxy_next_upstream_tries 3;"));
     }
 }
