@@ -365,13 +365,9 @@ async fn backfill_the_past(
     pool: &sqlx::PgPool,
     registry: &crate::registry::Registry,
 ) -> anyhow::Result<crate::backfill::Summary> {
-    use crate::backfill::{estimate, plan, store};
-    let connectors = crate::service::build_connectors(config, pool)?;
-    let limits = estimate::limits(config);
-    let mut made = plan::make(pool, registry, &connectors, &limits, &[]).await?;
-    store::save(pool, &mut made).await?;
-    store::enqueue(pool, made.summary.plan).await?;
-    Ok(made.summary)
+    let summary = crate::backfill::plan::make_and_store(config, pool, registry, &[]).await?;
+    crate::backfill::store::enqueue(pool, summary.plan).await?;
+    Ok(summary)
 }
 
 fn print_welcome(sims: &Simulators, tether_url: &str, plan: i64) {

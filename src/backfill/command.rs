@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::follow::{self, Followed};
 use super::store::{self, Enqueued};
-use super::{estimate, plan, report};
+use super::{plan, report};
 use crate::config::Config;
 use crate::registry::Registry;
 
@@ -72,19 +72,15 @@ async fn make_plan(
     json: bool,
     csv: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let connectors = crate::service::build_connectors(config, pool)?;
-    let limits = estimate::limits(config);
-    let mut plan = match plan::make(pool, registry, &connectors, &limits, flows).await {
-        Ok(plan) => plan,
+    let summary = match plan::make_and_store(config, pool, registry, flows).await {
+        Ok(summary) => summary,
         Err(e @ (plan::PlanError::UnknownFlow(_) | plan::PlanError::FlowNotRunnable { .. })) => {
             eprintln!("tether: {e}");
             return Ok(ExitCode::from(2));
         }
         Err(e) => return Err(e).context("no plan was made"),
     };
-    let id = store::save(pool, &mut plan)
-        .await
-        .context("cannot store the plan")?;
+    let id = summary.plan;
     if let Some(path) = csv {
         let items = store::items(pool, id).await?;
         std::fs::write(&path, report::csv(&items)).with_context(|| {
@@ -95,9 +91,9 @@ async fn make_plan(
         })?;
     }
     if json {
-        println!("{}", report::json(&plan.summary));
+        println!("{}", report::json(&summary));
     } else {
-        print!("{}", report::table(&plan.summary));
+        print!("{}", report::table(&summary));
         println!("\nreview it, then: tether backfill run {id}");
     }
     Ok(ExitCode::SUCCESS)

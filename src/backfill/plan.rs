@@ -55,6 +55,8 @@ pub enum PlanError {
     },
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("the connectors cannot be built: {0}")]
+    Connectors(String),
 }
 
 /// The flows a plan covers: the enabled flows whose two systems are connected, or the ones
@@ -101,6 +103,22 @@ pub fn select_flows<'r>(
         }
     }
     Ok(flows)
+}
+
+/// What `tether backfill plan` does: reads with the connectors `serve` builds, estimates at the
+/// configured limits, and stores the plan. Returns its summary (with its id).
+pub async fn make_and_store(
+    config: &crate::config::Config,
+    pool: &PgPool,
+    registry: &Registry,
+    only: &[String],
+) -> Result<Summary, PlanError> {
+    let connectors = crate::service::build_connectors(config, pool)
+        .map_err(|e| PlanError::Connectors(format!("{e:#}")))?;
+    let limits = estimate::limits(config);
+    let mut plan = make(pool, registry, &connectors, &limits, only).await?;
+    super::store::save(pool, &mut plan).await?;
+    Ok(plan.summary)
 }
 
 /// Reads, links and classifies; the plan is not stored yet (its id is 0).

@@ -20,7 +20,7 @@ use clap::Parser;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use tether::backfill::{estimate, plan, store, Summary};
+use tether::backfill::{plan, store, Summary};
 use tether::config::{Config, Source};
 use tether::sandbox::Simulators;
 use tether::simulators::kit::{Faults, SimControl};
@@ -170,31 +170,21 @@ async fn run_scenario(s: &Scenario) -> anyhow::Result<Figures> {
 
     trace("service started; planning");
     let started = Instant::now();
-    let connectors = tether::service::build_connectors(&config, &db.pool)?;
-    let limits = estimate::limits(&config);
-    let mut made = plan::make(
-        &db.pool,
-        &registry,
-        &connectors,
-        &limits,
-        &[FLOW.to_owned()],
-    )
-    .await?;
-    store::save(&db.pool, &mut made).await?;
+    let summary = plan::make_and_store(&config, &db.pool, &registry, &[FLOW.to_owned()]).await?;
     let plan_time = started.elapsed();
     let plan_calls = calls(&sims);
     trace("planned; running");
 
     let started = Instant::now();
-    store::enqueue(&db.pool, made.summary.plan).await?;
-    wait_for_the_end(&db.pool, made.summary.plan).await?;
+    store::enqueue(&db.pool, summary.plan).await?;
+    wait_for_the_end(&db.pool, summary.plan).await?;
     let run_time = started.elapsed();
     let run_calls = minus(calls(&sims), plan_calls);
 
     shutdown.cancel();
     service.await??;
     Ok(Figures {
-        summary: made.summary,
+        summary,
         plan: plan_time,
         run: run_time,
         plan_calls,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether::backfill::store::{self, Enqueued};
-use tether::backfill::{estimate, plan, report, FlowCounts, Summary};
+use tether::backfill::{plan, report, FlowCounts, Summary};
 use tether::registry::Registry;
 use tether::simulators::zendesk::Kind;
 
@@ -59,19 +59,9 @@ fn registry(h: &Harness) -> Registry {
 
 /// Makes and stores a plan of [`FLOW`].
 async fn make_plan(h: &Harness) -> Summary {
-    let connectors = tether::service::build_connectors(&h.config, &h.db.pool).unwrap();
-    let limits = estimate::limits(&h.config);
-    let mut made = plan::make(
-        &h.db.pool,
-        &registry(h),
-        &connectors,
-        &limits,
-        &[FLOW.to_owned()],
-    )
-    .await
-    .unwrap();
-    store::save(&h.db.pool, &mut made).await.unwrap();
-    made.summary
+    plan::make_and_store(&h.config, &h.db.pool, &registry(h), &[FLOW.to_owned()])
+        .await
+        .unwrap()
 }
 
 /// Waits until every item of the plan is carried out (none may fail).

@@ -391,14 +391,9 @@ async fn the_session_cookie_is_httponly_strict_and_forms_need_their_csrf_token()
 /// A stored backfill plan of the organizations flow (not run), for the Backfill page.
 async fn backfill_plan(h: &Harness) -> i64 {
     let (registry, _) = tether::registry::load(h.config.registry.overlay.as_deref()).unwrap();
-    let connectors = tether::service::build_connectors(&h.config, &h.db.pool).unwrap();
-    let limits = tether::backfill::estimate::limits(&h.config);
     let flows = ["zendesk.Organizations->customerp.Customer".to_owned()];
-    let mut made =
-        tether::backfill::plan::make(&h.db.pool, &registry, &connectors, &limits, &flows)
-            .await
-            .unwrap();
-    tether::backfill::store::save(&h.db.pool, &mut made)
+    tether::backfill::plan::make_and_store(&h.config, &h.db.pool, &registry, &flows)
         .await
         .unwrap()
+        .plan
 }

@@ -287,12 +287,17 @@ async fn exact_reads_of_deleted_accounts_cost_no_errors() {
     );
 }
 
-/// Exact rotates refresh tokens; with strict rotation the used one is dead at once. A refresh
-/// whose answer is lost (Exact rotated, Tether timed out) leaves Tether with a dead token: it
-/// tries it once, stops with one operator message, and makes no further token calls until a new
-/// refresh token is configured (docs/vendors.md, Exact Online item 5).
-#[tokio::test]
-async fn exact_lost_refresh_response_stops_once_without_looping() {
+/// An Exact simulator with strict refresh-token rotation, one account, and a connector whose next
+/// refresh answer will be lost (Exact rotates, the connector times out).
+struct Rotating {
+    db: testing::TestDb,
+    exact: ExactSim,
+    running: RunningSim,
+    account: String,
+    connector: ExactOnline,
+}
+
+async fn rotating_with_a_lost_refresh(account_name: &str) -> Rotating {
     let db = testing::database().await;
     let (exact, running) = simulator(ExactSimConfig {
         strict_rotation: true,
@@ -300,13 +305,35 @@ async fn exact_lost_refresh_response_stops_once_without_looping() {
         ..ExactSimConfig::default()
     })
     .await;
-    let account = exact.seed_account(json!({"Name": "Acme BV"}));
+    let account = exact.seed_account(json!({ "Name": account_name }));
     let connector = ExactOnline::new(
         config(&running.base_url(), "sim-refresh-0"),
         db.pool.clone(),
         Duration::from_millis(500),
     );
     exact.lose_next_token_response(Duration::from_secs(2));
+    Rotating {
+        db,
+        exact,
+        running,
+        account,
+        connector,
+    }
+}
+
+/// Exact rotates refresh tokens; with strict rotation the used one is dead at once. A refresh
+/// whose answer is lost (Exact rotated, Tether timed out) leaves Tether with a dead token: it
+/// tries it once, stops with one operator message, and makes no further token calls until a new
+/// refresh token is configured (docs/vendors.md, Exact Online item 5).
+#[tokio::test]
+async fn exact_lost_refresh_response_stops_once_without_looping() {
+    let Rotating {
+        db,
+        exact,
+        running,
+        account,
+        connector,
+    } = rotating_with_a_lost_refresh("Acme BV").await;
     let lost = connector.fetch("Accounts", &account).await.unwrap_err();
     assert!(
         matches!(lost, ConnectorError::Timeout { .. }),
@@ -347,20 +374,13 @@ async fn exact_lost_refresh_response_stops_once_without_looping() {
 /// again at its next call; the token appears in no output.
 #[tokio::test]
 async fn exact_a_refresh_token_handed_over_with_the_cli_resumes_the_stopped_connector() {
-    let db = testing::database().await;
-    let (exact, running) = simulator(ExactSimConfig {
-        strict_rotation: true,
-        min_refresh_interval: Duration::ZERO,
-        ..ExactSimConfig::default()
-    })
-    .await;
-    let account = exact.seed_account(json!({"Name": "Resumed BV"}));
-    let connector = ExactOnline::new(
-        config(&running.base_url(), "sim-refresh-0"),
-        db.pool.clone(),
-        Duration::from_millis(500),
-    );
-    exact.lose_next_token_response(Duration::from_secs(2));
+    let Rotating {
+        db,
+        exact,
+        running,
+        account,
+        connector,
+    } = rotating_with_a_lost_refresh("Resumed BV").await;
     assert!(connector.fetch("Accounts", &account).await.is_err());
     let stopped = connector.fetch("Accounts", &account).await.unwrap_err();
     assert!(stopped
