@@ -45,6 +45,8 @@ type = "string"
 source = "EmailAddress"
 target = "email"
 type = "string"
+# Zendesk sets a user's primary e-mail on create only (docs/vendors.md).
+sync = "to_target"
 
 [[dataflow]]
 source = "zendesk.Organizations"
@@ -65,6 +67,7 @@ type = "string"
 source = "email"
 target = "email"
 type = "string"
+sync = "to_target"
 
 [[dataflow]]
 source = "poweroffice.Departments"
@@ -102,10 +105,6 @@ resolve = "latest_wins"
 [[rule]]
 entity = "zendesk.Users"
 property = "name"
-resolve = "latest_wins"
-[[rule]]
-entity = "zendesk.Users"
-property = "email"
 resolve = "latest_wins"
 "#;
 
@@ -232,17 +231,12 @@ impl Sims {
             .collect()
     }
 
-    /// The requests that write (POST, PUT, PATCH, DELETE) each simulator has answered so far.
-    pub fn writes(&self) -> u64 {
+    /// Requests per endpoint of every simulator (`"METHOD /route"`, summed over simulators).
+    pub fn counters(&self) -> Vec<(String, u64)> {
         self.controls()
             .iter()
-            .map(|(_, c)| {
-                ["POST", "PUT", "PATCH", "DELETE"]
-                    .iter()
-                    .map(|m| c.count_method(m))
-                    .sum::<u64>()
-            })
-            .sum()
+            .flat_map(|(_, c)| c.counters())
+            .collect()
     }
 
     /// What happened to the webhooks of the simulators that send them.
@@ -330,5 +324,19 @@ webhook_secret = "{erp_secret}"
             erp = self.url(SystemId::CustomErp),
             erp_secret = self.erp_secret,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_overlay_of_a_run_passes_the_registry_check() {
+        let dir = crate::testing::shared_tempdir();
+        let path = dir.path().join("overlay.toml");
+        std::fs::write(&path, OVERLAY).unwrap();
+        let loaded = crate::registry::load(Some(&path));
+        assert!(loaded.is_ok(), "{:?}", loaded.err());
     }
 }
