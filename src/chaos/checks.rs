@@ -347,3 +347,91 @@ pub async fn dead_letters(pool: &sqlx::PgPool) -> Finding {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use serde_json::{json, Map};
+
+    use super::*;
+
+    fn fields(value: Value) -> Map<String, Value> {
+        value.as_object().cloned().unwrap_or_default()
+    }
+
+    fn org(source_id: &str, name: &str) -> OrgGroup {
+        OrgGroup {
+            origin: OrgOrigin::PowerOffice,
+            source_id: source_id.to_owned(),
+            name: name.to_owned(),
+            zendesk_id: None,
+            erp_id: None,
+            changed_at: Instant::now(),
+        }
+    }
+
+    /// The checker must see each kind of divergence, or a passing run proves nothing.
+    #[tokio::test]
+    async fn convergence_counts_lost_duplicate_wrong_and_extra_records() {
+        // Webhooks go nowhere: this test looks at the simulators' state only.
+        let sims = Sims::start("http://127.0.0.1:9", 1).await.unwrap();
+        let customer = sims.poweroffice.seed("Customers", json!({"Name": "acme"}));
+        let mut model = Model::default();
+        model.orgs.push(org(&customer["Id"].to_string(), "acme"));
+        let state = convergence(&model, &sims);
+        assert_eq!((state.lost, state.ok()), (2, false), "{}", state.summary());
+
+        let zd = sims.zendesk.insert_organization(json!({"name": "acme"}));
+        sims.erp
+            .insert("customer", fields(json!({"name": "acme"})), None);
+        assert!(convergence(&model, &sims).ok());
+
+        sims.erp
+            .insert("customer", fields(json!({"name": "acme"})), None);
+        let state = convergence(&model, &sims);
+        assert_eq!(
+            (state.duplicate, state.extra),
+            (1, 1),
+            "{}",
+            state.summary()
+        );
+
+        model.orgs[0].name = "acme renamed".to_owned();
+        let state = convergence(&model, &sims);
+        assert_eq!(
+            (state.lost, state.wrong_value),
+            (2, 1),
+            "{}",
+            state.summary()
+        );
+
+        // A contact person whose Zendesk user points at no organization: a wrong reference.
+        let mut model = Model::default();
+        model.orgs.push(org(&customer["Id"].to_string(), "acme"));
+        let person = sims.poweroffice.seed(
+            "ContactPersons",
+            json!({"ContactId": customer["Id"], "FirstName": "ada", "EmailAddress": "ada@chaos.test"}),
+        );
+        model.users.push(UserGroup {
+            origin: UserOrigin::PowerOffice,
+            source_id: person["Id"].to_string(),
+            org: Some(0),
+            name: "ada".to_owned(),
+            email: "ada@chaos.test".to_owned(),
+            zendesk_id: None,
+            erp_id: None,
+            changed_at: Instant::now(),
+        });
+        sims.zendesk
+            .insert_user(json!({"name": "ada", "email": "ada@chaos.test"}));
+        sims.erp.insert(
+            "contact",
+            fields(json!({"name": "ada", "email": "ada@chaos.test"})),
+            None,
+        );
+        let state = convergence(&model, &sims);
+        assert_eq!(state.wrong_reference, 1, "{}", state.summary());
+        assert_eq!(zd["name"], "acme");
+    }
+}
