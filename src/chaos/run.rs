@@ -11,6 +11,7 @@ use secrecy::ExposeSecret as _;
 use super::checks::{self, Finding, Property};
 use super::cluster::{free_port, Nginx, Replicas};
 use super::faults::{self, FaultLog, Schedule};
+use super::model::Model;
 use super::sims::{chaos_faults, Sims, OVERLAY};
 use super::workload::{Plan, Workload};
 use crate::db::embedded::EmbeddedPostgres;
@@ -164,39 +165,14 @@ async fn exercise(options: &Options, cluster: &mut Cluster) -> anyhow::Result<Ou
     findings.push(checks::webhooks(&cluster.sims));
     findings.push(checks::limits(&cluster.sims));
     findings.push(checks::dead_letters(&cluster.pool).await);
-    let end = converged_at.unwrap_or_else(Instant::now);
-    findings.push(converge_time(
-        options,
-        &fault_log,
-        converged_at,
-        workload_time,
+    let timeline = Timeline {
         started,
-    ));
-    let changes = workload.model.changes;
-    let settled = changes as f64 / end.duration_since(started).as_secs_f64();
-    findings.push(Finding::new(
-        Property::Throughput,
-        true,
-        format!(
-            "{changes} changes in {:.1} s: {:.1}/s made, {settled:.1}/s settled (made until converged), {} replicas",
-            workload_time.as_secs_f64(),
-            changes as f64 / workload_time.as_secs_f64(),
-            options.replicas
-        ),
-    ));
-    let held = findings.iter().filter(|f| f.held).count();
-    let summary = format!(
-        "summary: {} {held}/{} properties held; {} organizations and {} people, renames {:?}; {} SIGKILLs, {} PostgreSQL restart, {} rolling restart ({} unclean exits)",
-        if held == findings.len() { "PASS" } else { "FAIL" },
-        findings.len(),
-        workload.model.orgs.len(),
-        workload.model.users.len(),
-        workload.model.renames,
-        fault_log.kills,
-        fault_log.postgres_restarts,
-        fault_log.rolling_restarts,
-        fault_log.unclean_exits,
-    );
+        workload_time,
+        converged_at,
+    };
+    findings.push(converge_time(options, &fault_log, &timeline));
+    findings.push(throughput(options, workload.model.changes, &timeline));
+    let summary = summary(&findings, &workload.model, &fault_log);
     Ok(Outcome { findings, summary })
 }
 
@@ -272,18 +248,12 @@ async fn newest_job(pool: &sqlx::PgPool) -> Option<i64> {
         .ok()
 }
 
-fn converge_time(
-    options: &Options,
-    log: &FaultLog,
-    converged_at: Option<Instant>,
-    workload_time: Duration,
-    started: Instant,
-) -> Finding {
-    let workload_end = started + workload_time;
+fn converge_time(options: &Options, log: &FaultLog, timeline: &Timeline) -> Finding {
+    let workload_end = timeline.started + timeline.workload_time;
     let from = log
         .last_fault_end
         .map_or(workload_end, |f| f.max(workload_end));
-    match converged_at {
+    match timeline.converged_at {
         Some(at) => Finding::new(
             Property::ConvergeTime,
             true,
@@ -299,4 +269,47 @@ fn converge_time(
             format!("not converged within {:.0?}", options.converge_within),
         ),
     }
+}
+
+/// When the run's phases ended.
+struct Timeline {
+    started: Instant,
+    workload_time: Duration,
+    converged_at: Option<Instant>,
+}
+
+/// Changes a second made (the workload's pace) and settled (made until converged): a figure,
+/// never a violation.
+fn throughput(options: &Options, changes: u64, timeline: &Timeline) -> Finding {
+    let end = timeline.converged_at.unwrap_or_else(Instant::now);
+    let settled = changes as f64 / end.duration_since(timeline.started).as_secs_f64();
+    let made = timeline.workload_time.as_secs_f64();
+    Finding::new(
+        Property::Throughput,
+        true,
+        format!(
+            "{changes} changes in {made:.1} s: {:.1}/s made, {settled:.1}/s settled (made until converged), {} replicas",
+            changes as f64 / made,
+            options.replicas
+        ),
+    )
+}
+
+fn summary(findings: &[Finding], model: &Model, log: &FaultLog) -> String {
+    let held = findings.iter().filter(|f| f.held).count();
+    let renames = |side| model.renames.get(side).copied().unwrap_or(0);
+    format!(
+        "summary: {} {held}/{} properties held; {} organizations and {} people made, renamed {} times at the source, {} in Zendesk, {} in the ERP; {} SIGKILLs, {} PostgreSQL restart, {} rolling restart ({} unclean exits)",
+        if held == findings.len() { "PASS" } else { "FAIL" },
+        findings.len(),
+        model.orgs.len(),
+        model.users.len(),
+        renames("source"),
+        renames("zendesk"),
+        renames("erp"),
+        log.kills,
+        log.postgres_restarts,
+        log.rolling_restarts,
+        log.unclean_exits,
+    )
 }

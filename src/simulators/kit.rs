@@ -685,4 +685,137 @@ mod tests {
             }
         );
     }
+
+    /// A webhook receiver recording bodies in arrival order; the first `fail_first` requests
+    /// are answered 503.
+    async fn receiver(fail_first: usize) -> (RunningSim, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log, count) = (seen.clone(), calls.clone());
+        let app = Router::new().route(
+            "/",
+            post(move |body: String| async move {
+                if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail_first {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                log.lock().unwrap().push(body);
+                StatusCode::OK
+            }),
+        );
+        let running = serve(app, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        (running, seen)
+    }
+
+    fn webhook(body: &str) -> Outgoing {
+        Outgoing {
+            body: body.as_bytes().to_vec(),
+            headers: HeaderMap::new(),
+            record: "one record".to_owned(),
+        }
+    }
+
+    async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, count: usize) -> Vec<String> {
+        for _ in 0..100 {
+            if seen.lock().unwrap().len() >= count {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn the_duplicate_fault_delivers_one_webhook_twice() {
+        let (running, seen) = receiver(0).await;
+        let control = SimControl::new(json_error);
+        control.set_faults(Faults {
+            duplicate_webhooks: 1.0,
+            ..Faults::default()
+        });
+        let sender = WebhookSender::new(Some(running.base_url()), control);
+        sender.send(webhook("a"));
+        assert_eq!(wait_for(&seen, 2).await, ["a", "a"]);
+        let stats = sender.stats();
+        assert_eq!((stats.delivered, stats.duplicated), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn the_reorder_fault_sends_a_held_webhook_after_the_next_one() {
+        let (running, seen) = receiver(0).await;
+        let control = SimControl::new(json_error);
+        control.set_faults(Faults {
+            reorder_webhooks: 1.0,
+            ..Faults::default()
+        });
+        let sender = WebhookSender::new(Some(running.base_url()), control);
+        for body in ["a", "b", "c"] {
+            sender.send(webhook(body));
+        }
+        // `a` waits behind `b`; `c` is held too and goes alone after REORDER_HOLD.
+        assert_eq!(wait_for(&seen, 3).await, ["b", "a", "c"]);
+        assert_eq!(sender.stats().reordered, 1);
+    }
+
+    #[tokio::test]
+    async fn failed_deliveries_are_retried_up_to_webhook_attempts() {
+        let (running, seen) = receiver(2).await;
+        let control = SimControl::new(json_error);
+        control.set_faults(Faults {
+            webhook_attempts: Some(3),
+            ..Faults::default()
+        });
+        let sender = WebhookSender::new(Some(running.base_url()), control.clone());
+        sender.send(webhook("a"));
+        assert_eq!(wait_for(&seen, 1).await, ["a"]);
+        let stats = sender.stats();
+        assert_eq!((stats.delivered, stats.retried, stats.failed), (1, 2, 0));
+
+        let (running, seen) = receiver(5).await;
+        let sender = WebhookSender::new(Some(running.base_url()), control);
+        sender.send(webhook("b"));
+        for _ in 0..100 {
+            if sender.stats().failed == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!((sender.stats().failed, seen.lock().unwrap().len()), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_slow_answer_makes_the_change_and_answers_after_the_client_gave_up() {
+        let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = made.clone();
+        let api = Router::new().route(
+            "/things",
+            post(move || async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                StatusCode::CREATED
+            }),
+        );
+        let control = SimControl::new(json_error);
+        control.set_faults(Faults {
+            slow_rate: 1.0,
+            slow_ms: 1_000,
+            ..Faults::default()
+        });
+        let running = serve(
+            with_kit(api, control),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .await
+        .unwrap();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let answer = client
+            .post(format!("{}/things", running.base_url()))
+            .send()
+            .await;
+        assert!(answer.is_err_and(|e| e.is_timeout()));
+        assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 }
