@@ -150,6 +150,9 @@ struct ControlInner {
     peaks: Mutex<(PeakCounter, PeakCounter)>,
     /// 429 answers given (the rate limit or an injected one).
     throttled: std::sync::atomic::AtomicU64,
+    /// Endpoints (`"METHOD /route"`) the vendor's limit does not count (token endpoints): they
+    /// are counted, but not in the peak rates.
+    unlimited: Mutex<Vec<String>>,
     error_body: ErrorBody,
 }
 
@@ -171,6 +174,7 @@ impl SimControl {
                     PeakCounter::new(Duration::from_secs(60)),
                 )),
                 throttled: std::sync::atomic::AtomicU64::new(0),
+                unlimited: Mutex::new(Vec::new()),
                 error_body,
             }),
         }
@@ -248,8 +252,18 @@ impl SimControl {
             .or_insert(0) += 1;
     }
 
+    /// Leaves an endpoint (`"POST /OAuth/Token"`) out of the peak rates, as the vendor's limit
+    /// leaves it out (the simulator's own limiter does not apply to it either).
+    pub fn leave_out_of_peaks(&self, key: &str) {
+        self.inner.unlimited.lock().unwrap().push(key.to_owned());
+    }
+
     fn record(&self, key: String) {
+        let unlimited = self.inner.unlimited.lock().unwrap().contains(&key);
         *self.inner.counters.lock().unwrap().entry(key).or_insert(0) += 1;
+        if unlimited {
+            return;
+        }
         let mut peaks = self.inner.peaks.lock().unwrap();
         peaks.0.record();
         peaks.1.record();
@@ -684,6 +698,16 @@ mod tests {
                 per_minute: 4
             }
         );
+    }
+
+    #[test]
+    fn peak_rates_leave_out_endpoints_outside_the_vendor_limit() {
+        let control = SimControl::new(json_error);
+        control.leave_out_of_peaks("POST /OAuth/Token");
+        control.record("GET /x".to_owned());
+        control.record("POST /OAuth/Token".to_owned());
+        assert_eq!(control.peak_rates().per_second, 1);
+        assert_eq!(control.count("POST /OAuth/Token"), 1);
     }
 
     /// A webhook receiver recording bodies in arrival order; the first `fail_first` requests
