@@ -109,21 +109,28 @@ impl Replicas {
         Ok(())
     }
 
-    /// SIGTERM to replica `i`; waits for it to exit (SIGKILL after `grace`). Whether it exited
-    /// on its own with success.
-    pub async fn terminate(&mut self, i: usize, grace: Duration) -> anyhow::Result<bool> {
+    /// SIGTERM to replica `i`; waits for it to exit (SIGKILL after `grace`) and says how it went.
+    pub async fn terminate(&mut self, i: usize, grace: Duration) -> anyhow::Result<Exit> {
+        use std::os::unix::process::ExitStatusExt as _;
         let Some(mut child) = self.children[i].take() else {
-            return Ok(true);
+            return Ok(Exit::Clean);
         };
         if let Some(pid) = child.id() {
             kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
         }
         match tokio::time::timeout(grace, child.wait()).await {
-            Ok(status) => Ok(status?.success()),
+            Ok(status) => {
+                let status = status?;
+                Ok(match (status.code(), status.signal()) {
+                    (Some(0), _) => Exit::Clean,
+                    (_, Some(_)) => Exit::Signalled,
+                    (code, None) => Exit::Failed(code.unwrap_or(-1)),
+                })
+            }
             Err(_) => {
                 child.start_kill()?;
                 child.wait().await?;
-                Ok(false)
+                Ok(Exit::Hung)
             }
         }
     }
@@ -134,6 +141,19 @@ impl Replicas {
             let _ = self.terminate(i, grace).await;
         }
     }
+}
+
+/// How a replica ended after SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It shut down and exited 0.
+    Clean,
+    /// The signal ended it before its handler was installed (it was still starting).
+    Signalled,
+    /// It exited with this code.
+    Failed(i32),
+    /// It did not exit within the grace time and was killed.
+    Hung,
 }
 
 /// Where Debian's nginx is.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 
-use super::cluster::Replicas;
+use super::cluster::{Exit, Replicas};
 use crate::db::embedded::EmbeddedPostgres;
 
 /// When the faults come, measured from the start of the workload.
@@ -28,8 +28,10 @@ pub struct FaultLog {
     pub kills: u32,
     pub postgres_restarts: u32,
     pub rolling_restarts: u32,
-    /// Replicas that did not exit on their own within the grace time of a SIGTERM.
+    /// Replicas that exited non-zero or not within the grace time after a SIGTERM.
     pub unclean_exits: u32,
+    /// Replicas a SIGTERM ended while they were still starting (before the handler).
+    pub ended_while_starting: u32,
     /// When the last fault ended (every replica ready again after it).
     pub last_fault_end: Option<Instant>,
 }
@@ -58,7 +60,7 @@ pub async fn run(
             println!("[faults] PostgreSQL restarted at {:.0?}", elapsed);
         } else if rolling_due.is_some_and(|at| elapsed >= at) {
             rolling_due = None;
-            log.unclean_exits += rolling_restart(&mut replicas).await?;
+            rolling_restart(&mut replicas, &mut log).await?;
             log.rolling_restarts += 1;
             println!(
                 "[faults] rolling SIGTERM restart done at {:.0?}",
@@ -95,16 +97,19 @@ async fn restart_postgres(postgres: &EmbeddedPostgres) -> anyhow::Result<()> {
 }
 
 /// SIGTERM to each replica in turn, started again and ready before the next one goes, as a
-/// deployment rolls. Returns how many did not exit cleanly within the grace time.
-async fn rolling_restart(replicas: &mut Replicas) -> anyhow::Result<u32> {
-    let mut unclean = 0;
+/// deployment rolls; counts the exits that were not clean.
+async fn rolling_restart(replicas: &mut Replicas, log: &mut FaultLog) -> anyhow::Result<()> {
     for i in 0..replicas.len() {
-        if !replicas.terminate(i, TERM_GRACE).await? {
-            unclean += 1;
-            println!("[faults] replica {i} did not exit cleanly after SIGTERM");
+        match replicas.terminate(i, TERM_GRACE).await? {
+            Exit::Clean => {}
+            Exit::Signalled => log.ended_while_starting += 1,
+            other => {
+                log.unclean_exits += 1;
+                println!("[faults] replica {i} after SIGTERM: {other:?}");
+            }
         }
         replicas.spawn(i)?;
         replicas.wait_ready(i, READY_WITHIN).await?;
     }
-    Ok(unclean)
+    Ok(())
 }

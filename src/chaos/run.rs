@@ -299,7 +299,7 @@ fn summary(findings: &[Finding], model: &Model, log: &FaultLog) -> String {
     let held = findings.iter().filter(|f| f.held).count();
     let renames = |side| model.renames.get(side).copied().unwrap_or(0);
     format!(
-        "summary: {} {held}/{} properties held; {} organizations and {} people made, renamed {} times at the source, {} in Zendesk, {} in the ERP; {} SIGKILLs, {} PostgreSQL restart, {} rolling restart ({} unclean exits)",
+        "summary: {} {held}/{} properties held; {} organizations and {} people made, renamed {} times at the source, {} in Zendesk, {} in the ERP; {} SIGKILLs, {} PostgreSQL restart, {} rolling restart ({} unclean exits, {} ended while starting)",
         if held == findings.len() { "PASS" } else { "FAIL" },
         findings.len(),
         model.orgs.len(),
@@ -311,5 +311,6 @@ fn summary(findings: &[Finding], model: &Model, log: &FaultLog) -> String {
         log.postgres_restarts,
         log.rolling_restarts,
         log.unclean_exits,
+        log.ended_while_starting,
     )
 }
