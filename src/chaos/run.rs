@@ -194,7 +194,11 @@ async fn converge(
             return Some(Instant::now());
         }
         if Instant::now() >= deadline {
-            let detail = format!("{}; {pending:?} jobs pending", state.summary());
+            let detail = format!(
+                "{}; {pending:?} jobs pending{}",
+                state.summary(),
+                oldest_pending(&cluster.pool).await
+            );
             findings.push(Finding::new(Property::Converged, false, detail));
             return None;
         }
@@ -218,6 +222,23 @@ async fn pending_jobs(pool: &sqlx::PgPool) -> Option<i64> {
         .fetch_one(pool)
         .await
         .ok()
+}
+
+/// The oldest unfinished jobs, described, for a run that did not converge.
+async fn oldest_pending(pool: &sqlx::PgPool) -> String {
+    let rows: Vec<(i64, String, String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT id, record_key, state, attempts, last_error FROM jobs \
+         WHERE state IN ('ready', 'running') ORDER BY id LIMIT 5",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    rows.iter()
+        .map(|(id, key, state, attempts, error)| {
+            let error = error.as_deref().unwrap_or("-");
+            format!("\n       - job {id} {key} {state} after {attempts} attempts: {error}")
+        })
+        .collect()
 }
 
 /// No loops: the write counters stand still for `quiet` after convergence, and the systems are
