@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod at_rest;
 pub mod backfill;
+pub mod chaos;
 pub mod cli;
 pub mod config;
 pub mod connectors;

@@ -187,7 +187,11 @@ pub const CLAIM: &str = r#"
               WHERE o.record_key = j.record_key
                 AND o.state NOT IN ('done', 'dead')
                 AND o.id <> j.id
-                AND (o.state = 'running' OR o.id < j.id))
+                -- An expired lease is taken over even if an older job of its record waits:
+                -- that job was not yet committed when this one was claimed (group commits of
+                -- two replicas can commit in the other order than their ids), and waiting
+                -- for it would wait forever, since it in turn waits while this one runs.
+                AND (o.state = 'running' OR (o.id < j.id AND j.state = 'ready')))
         ORDER BY j.priority, j.id
         LIMIT $1
         FOR UPDATE SKIP LOCKED

@@ -246,6 +246,24 @@ impl CustomSim {
         stored.updated_at = at;
     }
 
+    /// Changes a record as a user of the system would: stamped now and announced by an
+    /// `updated` webhook, as an edit in the system's own screens is.
+    pub fn edit(&self, kind: &str, id: &str, patch: Map<String, Value>) {
+        self.touch(kind, id, patch, None);
+        let stamp = self.get(kind, id).and_then(|r| r.get("updated_at").cloned());
+        self.notify(kind, "updated", id, stamp.as_ref());
+    }
+
+    /// All records of a type as the API would return them.
+    pub fn all(&self, kind: &str) -> Vec<Value> {
+        let state = self.inner.state.lock().unwrap();
+        state
+            .records
+            .get(kind)
+            .map(|m| m.iter().map(|(id, s)| render(id, s)).collect())
+            .unwrap_or_default()
+    }
+
     /// The record as the API would return it.
     pub fn get(&self, kind: &str, id: &str) -> Option<Value> {
         let state = self.inner.state.lock().unwrap();

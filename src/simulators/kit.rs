@@ -34,7 +34,26 @@ pub struct Faults {
     pub rate_limit: Option<u32>,
     /// The rate-limit window in milliseconds (default one minute).
     pub rate_window_ms: Option<u64>,
+    /// Share of API requests answered late: handled at once (the change is made), the answer held
+    /// back `slow_ms`, as a vendor whose answer outlives the client's timeout.
+    pub slow_rate: f64,
+    /// How long a slow answer is held back, in milliseconds.
+    pub slow_ms: u64,
+    /// Share of webhooks delivered twice (the same delivery id, as vendors redeliver).
+    pub duplicate_webhooks: f64,
+    /// Share of webhooks held back and delivered after the next webhook of their lane (out of
+    /// order), or after `REORDER_HOLD` when no other webhook comes.
+    pub reorder_webhooks: f64,
+    /// Delivery attempts of one webhook before it is given up (default 4); vendors retry failed
+    /// deliveries for hours, so a run with an outage longer than a few seconds sets more.
+    pub webhook_attempts: Option<u32>,
 }
+
+/// The longest a webhook held back to be delivered out of order waits for a later one.
+pub const REORDER_HOLD: Duration = Duration::from_millis(500);
+
+/// The longest pause between two attempts to deliver a webhook.
+const MAX_DELIVERY_PAUSE: Duration = Duration::from_secs(3);
 
 /// Builds the vendor's own error body for a status the kit produces (429, 500, 401).
 pub type ErrorBody = fn(StatusCode, &str) -> Response;
@@ -131,6 +150,9 @@ struct ControlInner {
     peaks: Mutex<(PeakCounter, PeakCounter)>,
     /// 429 answers given (the rate limit or an injected one).
     throttled: std::sync::atomic::AtomicU64,
+    /// Endpoints (`"METHOD /route"`) the vendor's limit does not count (token endpoints): they
+    /// are counted, but not in the peak rates.
+    unlimited: Mutex<Vec<String>>,
     error_body: ErrorBody,
 }
 
@@ -152,6 +174,7 @@ impl SimControl {
                     PeakCounter::new(Duration::from_secs(60)),
                 )),
                 throttled: std::sync::atomic::AtomicU64::new(0),
+                unlimited: Mutex::new(Vec::new()),
                 error_body,
             }),
         }
@@ -218,8 +241,29 @@ impl SimControl {
         self.inner.counters.lock().unwrap().clear();
     }
 
+    /// Counts something that is not a request (no effect on the peak rates).
+    fn note(&self, key: &str) {
+        *self
+            .inner
+            .counters
+            .lock()
+            .unwrap()
+            .entry(key.to_owned())
+            .or_insert(0) += 1;
+    }
+
+    /// Leaves an endpoint (`"POST /OAuth/Token"`) out of the peak rates, as the vendor's limit
+    /// leaves it out (the simulator's own limiter does not apply to it either).
+    pub fn leave_out_of_peaks(&self, key: &str) {
+        self.inner.unlimited.lock().unwrap().push(key.to_owned());
+    }
+
     fn record(&self, key: String) {
+        let unlimited = self.inner.unlimited.lock().unwrap().contains(&key);
         *self.inner.counters.lock().unwrap().entry(key).or_insert(0) += 1;
+        if unlimited {
+            return;
+        }
         let mut peaks = self.inner.peaks.lock().unwrap();
         peaks.0.record();
         peaks.1.record();
@@ -284,7 +328,14 @@ pub async fn api_layer(
     if forced_500 {
         return (control.inner.error_body)(StatusCode::INTERNAL_SERVER_ERROR, "injected fault");
     }
-    next.run(request).await
+    let slow = faults.slow_rate > 0.0 && rand::thread_rng().gen::<f64>() < faults.slow_rate;
+    let response = next.run(request).await;
+    if slow {
+        // The change is made; only the answer is late (a client that gave up never sees it).
+        control.note("slow answers");
+        tokio::time::sleep(Duration::from_millis(faults.slow_ms)).await;
+    }
+    response
 }
 
 fn too_many(control: &SimControl, retry_after_secs: u64) -> Response {
@@ -409,6 +460,12 @@ pub struct WebhookStats {
     pub delivered: u64,
     pub dropped: u64,
     pub failed: u64,
+    /// Deliveries made a second time on purpose (`Faults::duplicate_webhooks`).
+    pub duplicated: u64,
+    /// Webhooks sent after a later one (`Faults::reorder_webhooks`).
+    pub reordered: u64,
+    /// Delivery attempts that failed before a later one succeeded or the webhook was given up.
+    pub retried: u64,
 }
 
 impl WebhookSender {
@@ -465,7 +522,8 @@ impl WebhookSender {
     }
 }
 
-/// Delivers one lane's webhooks one after the other.
+/// Delivers one lane's webhooks one after the other; with the reorder fault, one is held back and
+/// sent after the next one (or after [`REORDER_HOLD`]).
 async fn deliver_lane(
     mut rx: mpsc::UnboundedReceiver<(Option<String>, Outgoing)>,
     target: Option<String>,
@@ -473,17 +531,88 @@ async fn deliver_lane(
     control: SimControl,
     stats: Arc<Mutex<WebhookStats>>,
 ) {
-    while let Some((url, outgoing)) = rx.recv().await {
-        let Some(url) = url.as_deref().or(target.as_deref()) else {
-            continue;
+    let lane = Lane {
+        target,
+        client,
+        control,
+        stats,
+    };
+    let mut held: Option<(Option<String>, Outgoing)> = None;
+    loop {
+        let next = match held {
+            Some(_) => match tokio::time::timeout(REORDER_HOLD, rx.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    lane.deliver(held.take().expect("held")).await;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
         };
-        if control.should_drop_webhook() {
-            stats.lock().unwrap().dropped += 1;
+        let Some(outgoing) = next else {
+            if let Some(late) = held.take() {
+                lane.deliver(late).await;
+            }
+            return;
+        };
+        if held.is_none() && lane.roll(lane.control.faults().reorder_webhooks) {
+            held = Some(outgoing);
             continue;
         }
-        let mut delivered = false;
-        for attempt in 0..4u32 {
-            let result = client
+        lane.deliver(outgoing).await;
+        if let Some(late) = held.take() {
+            lane.stats.lock().unwrap().reordered += 1;
+            lane.deliver(late).await;
+        }
+    }
+}
+
+struct Lane {
+    target: Option<String>,
+    client: reqwest::Client,
+    control: SimControl,
+    stats: Arc<Mutex<WebhookStats>>,
+}
+
+impl Lane {
+    fn roll(&self, share: f64) -> bool {
+        share > 0.0 && rand::thread_rng().gen::<f64>() < share
+    }
+
+    /// Delivers one webhook (twice with the duplicate fault), counting what happened.
+    async fn deliver(&self, (url, outgoing): (Option<String>, Outgoing)) {
+        let Some(url) = url.as_deref().or(self.target.as_deref()) else {
+            return;
+        };
+        if self.control.should_drop_webhook() {
+            self.stats.lock().unwrap().dropped += 1;
+            return;
+        }
+        let faults = self.control.faults();
+        let twice = self.roll(faults.duplicate_webhooks);
+        let attempts = faults.webhook_attempts.unwrap_or(4).max(1);
+        let delivered = self.attempt(url, &outgoing, attempts).await;
+        {
+            let mut stats = self.stats.lock().unwrap();
+            if delivered {
+                stats.delivered += 1;
+            } else {
+                stats.failed += 1;
+            }
+        }
+        if twice && delivered {
+            self.stats.lock().unwrap().duplicated += 1;
+            // A redelivery that fails is not a lost webhook: the first one arrived.
+            self.attempt(url, &outgoing, attempts).await;
+        }
+    }
+
+    /// Up to `attempts` tries with a doubling pause (at most [`MAX_DELIVERY_PAUSE`]); whether one
+    /// got a 2xx. A 4xx other than 429 is final.
+    async fn attempt(&self, url: &str, outgoing: &Outgoing, attempts: u32) -> bool {
+        for attempt in 0..attempts {
+            let result = self
+                .client
                 .post(url)
                 .headers(outgoing.headers.clone())
                 .header("content-type", "application/json")
@@ -491,20 +620,16 @@ async fn deliver_lane(
                 .send()
                 .await;
             match result {
-                Ok(r) if r.status().is_success() => {
-                    delivered = true;
-                    break;
+                Ok(r) if r.status().is_success() => return true,
+                Ok(r) if r.status().is_client_error() && r.status() != 429 => return false,
+                _ => {
+                    self.stats.lock().unwrap().retried += 1;
+                    let pause = Duration::from_millis(200 << attempt.min(8));
+                    tokio::time::sleep(pause.min(MAX_DELIVERY_PAUSE)).await;
                 }
-                Ok(r) if r.status().is_client_error() && r.status() != 429 => break,
-                _ => tokio::time::sleep(Duration::from_millis(200 << attempt)).await,
             }
         }
-        let mut stats = stats.lock().unwrap();
-        if delivered {
-            stats.delivered += 1;
-        } else {
-            stats.failed += 1;
-        }
+        false
     }
 }
 
@@ -573,5 +698,148 @@ mod tests {
                 per_minute: 4
             }
         );
+    }
+
+    #[test]
+    fn peak_rates_leave_out_endpoints_outside_the_vendor_limit() {
+        let control = SimControl::new(json_error);
+        control.leave_out_of_peaks("POST /OAuth/Token");
+        control.record("GET /x".to_owned());
+        control.record("POST /OAuth/Token".to_owned());
+        assert_eq!(control.peak_rates().per_second, 1);
+        assert_eq!(control.count("POST /OAuth/Token"), 1);
+    }
+
+    /// A webhook receiver recording bodies in arrival order; the first `fail_first` requests
+    /// are answered 503.
+    async fn receiver(fail_first: usize) -> (RunningSim, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log, count) = (seen.clone(), calls.clone());
+        let app = Router::new().route(
+            "/",
+            post(move |body: String| async move {
+                if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail_first {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                log.lock().unwrap().push(body);
+                StatusCode::OK
+            }),
+        );
+        let running = serve(app, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        (running, seen)
+    }
+
+    fn webhook(body: &str) -> Outgoing {
+        Outgoing {
+            body: body.as_bytes().to_vec(),
+            headers: HeaderMap::new(),
+            record: "one record".to_owned(),
+        }
+    }
+
+    async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, count: usize) -> Vec<String> {
+        for _ in 0..100 {
+            if seen.lock().unwrap().len() >= count {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn the_duplicate_fault_delivers_one_webhook_twice() {
+        let (running, seen) = receiver(0).await;
+        let control = SimControl::new(json_error);
+        control.set_faults(Faults {
+            duplicate_webhooks: 1.0,
+            ..Faults::default()
+        });
+        let sender = WebhookSender::new(Some(running.base_url()), control);
+        sender.send(webhook("a"));
+        assert_eq!(wait_for(&seen, 2).await, ["a", "a"]);
+        let stats = sender.stats();
+        assert_eq!((stats.delivered, stats.duplicated), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn the_reorder_fault_sends_a_held_webhook_after_the_next_one() {
+        let (running, seen) = receiver(0).await;
+        let control = SimControl::new(json_error);
+        control.set_faults(Faults {
+            reorder_webhooks: 1.0,
+            ..Faults::default()
+        });
+        let sender = WebhookSender::new(Some(running.base_url()), control);
+        for body in ["a", "b", "c"] {
+            sender.send(webhook(body));
+        }
+        // `a` waits behind `b`; `c` is held too and goes alone after REORDER_HOLD.
+        assert_eq!(wait_for(&seen, 3).await, ["b", "a", "c"]);
+        assert_eq!(sender.stats().reordered, 1);
+    }
+
+    #[tokio::test]
+    async fn failed_deliveries_are_retried_up_to_webhook_attempts() {
+        let (running, seen) = receiver(2).await;
+        let control = SimControl::new(json_error);
+        control.set_faults(Faults {
+            webhook_attempts: Some(3),
+            ..Faults::default()
+        });
+        let sender = WebhookSender::new(Some(running.base_url()), control.clone());
+        sender.send(webhook("a"));
+        assert_eq!(wait_for(&seen, 1).await, ["a"]);
+        let stats = sender.stats();
+        assert_eq!((stats.delivered, stats.retried, stats.failed), (1, 2, 0));
+
+        let (running, seen) = receiver(5).await;
+        let sender = WebhookSender::new(Some(running.base_url()), control);
+        sender.send(webhook("b"));
+        for _ in 0..100 {
+            if sender.stats().failed == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!((sender.stats().failed, seen.lock().unwrap().len()), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_slow_answer_makes_the_change_and_answers_after_the_client_gave_up() {
+        let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = made.clone();
+        let api = Router::new().route(
+            "/things",
+            post(move || async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                StatusCode::CREATED
+            }),
+        );
+        let control = SimControl::new(json_error);
+        control.set_faults(Faults {
+            slow_rate: 1.0,
+            slow_ms: 1_000,
+            ..Faults::default()
+        });
+        let running = serve(
+            with_kit(api, control),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .await
+        .unwrap();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap();
+        let answer = client
+            .post(format!("{}/things", running.base_url()))
+            .send()
+            .await;
+        assert!(answer.is_err_and(|e| e.is_timeout()));
+        assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

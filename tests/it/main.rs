@@ -19,6 +19,7 @@ mod polling;
 mod poweroffice;
 mod private_comments;
 mod queue;
+mod queue_takeover;
 mod reconcile;
 mod registry;
 mod support;

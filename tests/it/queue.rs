@@ -40,7 +40,7 @@ fn cfg() -> WorkerConfig {
 
 /// Stores events for `(record_id, seq)` pairs and enqueues their jobs, `chunk` per transaction.
 /// The delivery id is `"{record_id}:{seq}"`. Returns the ids of all jobs in the table, in order.
-async fn enqueue(pool: &PgPool, items: &[(String, i64)], chunk: usize) -> Vec<i64> {
+pub(crate) async fn enqueue(pool: &PgPool, items: &[(String, i64)], chunk: usize) -> Vec<i64> {
     enqueue_at(pool, items, chunk, JobPriority::Live).await
 }
 
@@ -120,7 +120,7 @@ impl JobHandler for Fixed {
     }
 }
 
-async fn job_row(pool: &PgPool, id: i64) -> (String, i32, i32, Option<String>) {
+pub(crate) async fn job_row(pool: &PgPool, id: i64) -> (String, i32, i32, Option<String>) {
     sqlx::query_as("SELECT state, attempts, deferrals, last_error FROM jobs WHERE id = $1")
         .bind(id)
         .fetch_one(pool)

@@ -230,9 +230,11 @@ async fn answers_are_classified() {
         ("/down", 503),
         ("/slow", 504),
     ] {
+        // A 5xx to a read is tried twice more before it is classified (the test below).
+        let calls = if status >= 500 { 3 } else { 1 };
         get(p)
             .respond_with(ResponseTemplate::new(status).set_body_string("details"))
-            .expect(1)
+            .expect(calls)
             .mount(&server)
             .await;
     }
@@ -410,4 +412,58 @@ async fn many_callers_of_one_process_stay_under_the_limit_with_shared_statements
     assert_eq!(stamps.len(), 32);
     let most = busiest(&stamps, Duration::from_secs(1));
     assert!(most <= 10, "{most} calls within one second");
+}
+
+/// Regression (issue 19, found by the chaos suite): a 5xx to a read is tried again at once, at
+/// most twice, so sporadic vendor errors do not fail job attempts; a third 5xx is the job's
+/// failure.
+#[tokio::test]
+async fn a_5xx_to_a_read_is_tried_again_at_most_twice() {
+    let server = MockServer::start().await;
+    get("/flaky")
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(2)
+        .expect(2)
+        .mount(&server)
+        .await;
+    get("/flaky")
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"ok": true})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    get("/down")
+        .respond_with(ResponseTemplate::new(503))
+        .expect(3)
+        .mount(&server)
+        .await;
+    let vendor = static_client();
+    let answer = vendor.send(Call::get(url(&server, "/flaky"))).await;
+    assert_eq!(answer.unwrap(), Answer::Json(json!({"ok": true})));
+    let err = vendor.send(Call::get(url(&server, "/down"))).await;
+    assert!(
+        matches!(err, Err(ConnectorError::Transient { .. })),
+        "{err:?}"
+    );
+    server.verify().await;
+}
+
+/// A write is never repeated by the transport: a 500 may come after the vendor made the change,
+/// and only the job (reading the record again, or its create intent) can tell.
+#[tokio::test]
+async fn a_5xx_to_a_write_is_not_repeated() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/things"))
+        .respond_with(ResponseTemplate::new(500))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let body = json!({"name": "x"});
+    let call = Call::new(reqwest::Method::POST, url(&server, "/things")).json(&body);
+    let err = static_client().send(call).await;
+    assert!(
+        matches!(err, Err(ConnectorError::Transient { .. })),
+        "{err:?}"
+    );
+    server.verify().await;
 }

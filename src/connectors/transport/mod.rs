@@ -3,7 +3,7 @@
 //! Every call of every connector goes the same way: rate gates ([`gate`], [`quota`]) →
 //! credentials ([`token`], [`refresh`]) → send with the client's timeout → one renewal of the
 //! credential on a 401 → on a 429, a pause of every gate for `Retry-After` (or what the quota
-//! headers say) → the answer classified ([`Answer`] or a [`ConnectorError`]) → JSON.
+//! headers say) → a 5xx to a read tried again up to twice → the answer classified ([`Answer`] or a [`ConnectorError`]) → JSON.
 //! Connectors keep only what is vendor-specific: paths, payload mapping, paging, and which gates
 //! and token source their vendor needs (docs/vendors.md).
 //!
@@ -78,6 +78,21 @@ pub const DEFAULT_MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
 /// A gate's wait at least this long counts in `tether_vendor_throttled_total` (shorter ones are
 /// the ordinary spacing of calls, not throttling).
 const COUNTED_WAIT: Duration = Duration::from_secs(1);
+
+/// A 5xx answer to a read is tried again this many times at once (through the gates again, so
+/// the vendor's limits hold) before it becomes a failed job attempt. Found by the chaos suite
+/// (issue 19): with one call in ten answered 500, a job of three or four calls failed a third of
+/// its attempts, and independent faults alone dead-lettered jobs. Writes are still not repeated
+/// here: the job retries them after reading the record again (rule 7), and a create's repeat is
+/// settled by its intent and idempotency key.
+const SERVER_ERROR_RETRIES: u32 = 2;
+/// The pause before such a retry, times the retry's number.
+const SERVER_ERROR_PAUSE: Duration = Duration::from_millis(200);
+
+/// Whether the call only reads, so repeating it cannot change anything.
+fn repeatable(method: &reqwest::Method) -> bool {
+    *method == reqwest::Method::GET || *method == reqwest::Method::HEAD
+}
 
 /// A client with a timeout on every call (no call may hang a worker past its lease).
 pub fn http_client(timeout: Duration) -> reqwest::Client {
@@ -241,6 +256,7 @@ impl VendorClient {
     pub async fn send(&self, call: Call<'_>) -> Result<Answer, ConnectorError> {
         let mut credential = self.tokens.current().await?;
         let mut renewed = false;
+        let mut server_errors = 0;
         loop {
             let queued = std::time::Instant::now();
             let admitted = self.gates.admit(call.gate, self.max_inline_wait).await;
@@ -269,6 +285,14 @@ impl VendorClient {
             }
             if status == StatusCode::TOO_MANY_REQUESTS {
                 return Err(self.rate_limited(&call, response.headers()).await);
+            }
+            if status.is_server_error()
+                && repeatable(&call.method)
+                && server_errors < SERVER_ERROR_RETRIES
+            {
+                server_errors += 1;
+                tokio::time::sleep(SERVER_ERROR_PAUSE * server_errors).await;
+                continue;
             }
             return self.read(response).await;
         }
