@@ -250,7 +250,9 @@ impl CustomSim {
     /// `updated` webhook, as an edit in the system's own screens is.
     pub fn edit(&self, kind: &str, id: &str, patch: Map<String, Value>) {
         self.touch(kind, id, patch, None);
-        let stamp = self.get(kind, id).and_then(|r| r.get("updated_at").cloned());
+        let stamp = self
+            .get(kind, id)
+            .and_then(|r| r.get("updated_at").cloned());
         self.notify(kind, "updated", id, stamp.as_ref());
     }
 
