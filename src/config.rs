@@ -9,10 +9,17 @@
 
 mod crmoffice;
 mod guard;
+mod process;
 mod reconcile;
+mod systems;
 
 pub use crmoffice::{CrmOfficeAuth, CrmOfficeConfig, CrmOfficeOAuth};
+pub use process::{DatabaseConfig, HttpConfig, OutboundConfig, RegistryConfig, WorkerConfig};
 pub use reconcile::{ReconcileIntervals, DEFAULT_RECONCILE_INTERVAL};
+use systems::require;
+pub use systems::{
+    CustomSystemConfig, ExactConfig, PowerOfficeConfig, SystemsConfig, ZendeskConfig,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -460,138 +467,6 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone)]
-pub struct DatabaseConfig {
-    /// `DATABASE_URL`; `None` means: start the embedded PostgreSQL under `data_dir`.
-    pub url: Option<SecretString>,
-    pub max_connections: u32,
-    /// How long a request waits for a pooled connection before answering 503.
-    pub acquire_timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct HttpConfig {
-    /// Serve HTTP (webhooks, health). Off: a workers-only replica.
-    pub enabled: bool,
-    /// Largest webhook body accepted, in bytes (413 above it).
-    pub body_limit: usize,
-    /// Allowed clock difference for signed timestamps, either way.
-    pub timestamp_tolerance: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    /// Run queue workers in this process. Off: an HTTP-only replica.
-    pub enabled: bool,
-    /// Jobs run at once by this process.
-    pub concurrency: usize,
-    /// Of those, backfill jobs at most (fewer than `concurrency`, so live work always finds a
-    /// task; docs/queue.md, "Priorities").
-    pub backfill_concurrency: usize,
-    /// Jobs claimed per query.
-    pub batch_size: usize,
-    /// How long a claim is valid without renewal; must exceed the outbound timeout plus a margin.
-    pub lease: Duration,
-    /// Safety-net poll interval when no NOTIFY arrives.
-    pub poll_interval: Duration,
-    /// Delay before each retry; the number of entries is the number of retries before dead-lettering.
-    pub retry_schedule: Vec<Duration>,
-    /// Times a job may be rescheduled for back-pressure (429, timeout) without using an attempt.
-    pub max_deferrals: u32,
-    /// Upper bound on an honoured `Retry-After`.
-    pub max_retry_after: Duration,
-    /// Finished jobs and events are kept this long (also the deduplication window).
-    pub retention: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct OutboundConfig {
-    /// Timeout of every call to a vendor API.
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct RegistryConfig {
-    /// The operator's overlay file.
-    pub overlay: Option<PathBuf>,
-}
-
-/// Connected systems: a system whose section is absent is not connected (its dataflows idle).
-#[derive(Debug, Clone, Default)]
-pub struct SystemsConfig {
-    pub zendesk: Option<ZendeskConfig>,
-    pub exactonline: Option<ExactConfig>,
-    pub poweroffice: Option<PowerOfficeConfig>,
-    pub crmoffice: Option<CrmOfficeConfig>,
-    pub customerp: Option<CustomSystemConfig>,
-    pub custompms: Option<CustomSystemConfig>,
-    /// `<system>.reconcile_interval` of the systems that send webhooks (README, "Reconciliation").
-    pub reconcile: ReconcileIntervals,
-}
-
-impl SystemsConfig {
-    /// Whether the configuration connects this system (has its section).
-    pub fn is_connected(&self, system: crate::domain::SystemId) -> bool {
-        use crate::domain::SystemId;
-        match system {
-            SystemId::Zendesk => self.zendesk.is_some(),
-            SystemId::ExactOnline => self.exactonline.is_some(),
-            SystemId::PowerOffice => self.poweroffice.is_some(),
-            SystemId::CrmOffice => self.crmoffice.is_some(),
-            SystemId::CustomErp => self.customerp.is_some(),
-            SystemId::CustomPms => self.custompms.is_some(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ZendeskConfig {
-    pub base_url: url::Url,
-    /// With `api_token`: basic auth `{email}/token:{api_token}`.
-    pub email: Option<String>,
-    pub api_token: Option<SecretString>,
-    /// Alternative to email + token: an OAuth bearer token.
-    pub oauth_token: Option<SecretString>,
-    /// Every secret is tried, so a secret can be rotated without downtime.
-    pub webhook_secrets: Vec<SecretString>,
-    /// The plan's API limit, requests per minute.
-    pub rate_limit_per_minute: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct ExactConfig {
-    pub base_url: url::Url,
-    pub division: i64,
-    pub client_id: String,
-    pub client_secret: SecretString,
-    /// The first refresh token; later ones are rotated and kept in PostgreSQL.
-    pub refresh_token: SecretString,
-    pub webhook_secret: Option<SecretString>,
-    pub poll_interval: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct PowerOfficeConfig {
-    /// API base, e.g. `https://goapi.poweroffice.net/v2`.
-    pub base_url: url::Url,
-    /// Token endpoint; default derived from `base_url` (`…/OAuth/Token`).
-    pub token_url: Option<url::Url>,
-    pub application_key: SecretString,
-    pub client_key: SecretString,
-    pub subscription_key: SecretString,
-    pub poll_interval: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct CustomSystemConfig {
-    pub base_url: url::Url,
-    pub api_token: SecretString,
-    /// Standard Webhooks secret (`whsec_…`).
-    pub webhook_secret: Option<SecretString>,
-    /// Reconciliation poll of the list endpoint; `None`: webhooks only.
-    pub poll_interval: Option<Duration>,
-}
-
 impl Config {
     /// Loads from the file (if given) and the process environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -600,19 +475,7 @@ impl Config {
 
     /// Validates an already assembled source (tests build one by hand).
     pub fn from_source(mut s: Source) -> Result<Config, ConfigError> {
-        // `[log] format`/`level`; the top-level `log_format`/`log_level` of earlier versions too.
-        let (format, old_format) = (s.string("log.format")?, s.string("log_format")?);
-        let log_format = match format.or(old_format).as_deref() {
-            None => None,
-            Some("json") => Some(LogFormat::Json),
-            Some("pretty") | Some("text") => Some(LogFormat::Text),
-            Some(other) => {
-                return Err(ConfigError(format!(
-                    "configuration key `log.format` is {other:?}; use \"json\" or \"text\"."
-                )))
-            }
-        };
-        let (level, old_level) = (s.string("log.level")?, s.string("log_level")?);
+        let (log_format, log_level) = log(&mut s)?;
         let config = Config {
             listen: s
                 .socket_addr("listen")?
@@ -623,77 +486,16 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("./data")),
             log_format,
-            log_level: level.or(old_level).unwrap_or_else(|| "info".to_owned()),
+            log_level,
             shutdown_timeout: s
                 .duration("shutdown_timeout")?
                 .unwrap_or(Duration::from_secs(25)),
-            database: DatabaseConfig {
-                url: s.secret("database.url")?,
-                max_connections: s
-                    .integer("database.max_connections", 2, 1000)?
-                    .unwrap_or(16) as u32,
-                acquire_timeout: s
-                    .duration("database.acquire_timeout")?
-                    .unwrap_or(Duration::from_secs(3)),
-            },
-            http: HttpConfig {
-                enabled: s.bool("http.enabled")?.unwrap_or(true),
-                body_limit: s
-                    .integer("http.body_limit", 1024, 64 * 1024 * 1024)?
-                    .unwrap_or(1024 * 1024) as usize,
-                timestamp_tolerance: s
-                    .duration("http.timestamp_tolerance")?
-                    .unwrap_or(Duration::from_secs(300)),
-            },
-            workers: WorkerConfig {
-                enabled: s.bool("workers.enabled")?.unwrap_or(true),
-                concurrency: s.integer("workers.concurrency", 1, 1024)?.unwrap_or(8) as usize,
-                // 0 stands for "half of `concurrency`", resolved in `check`.
-                backfill_concurrency: s
-                    .integer("workers.backfill_concurrency", 1, 1023)?
-                    .unwrap_or(0) as usize,
-                batch_size: s.integer("workers.batch_size", 1, 10_000)?.unwrap_or(100) as usize,
-                lease: s
-                    .duration("workers.lease")?
-                    .unwrap_or(Duration::from_secs(60)),
-                poll_interval: s
-                    .duration("workers.poll_interval")?
-                    .unwrap_or(Duration::from_secs(1)),
-                retry_schedule: s
-                    .duration_list("workers.retry_schedule")?
-                    .unwrap_or_else(|| {
-                        ["1s", "5s", "30s", "2m", "10m", "30m"]
-                            .iter()
-                            .map(|d| parse_duration(d).expect("valid"))
-                            .collect()
-                    }),
-                max_deferrals: s
-                    .integer("workers.max_deferrals", 0, 100_000)?
-                    .unwrap_or(100) as u32,
-                max_retry_after: s
-                    .duration("workers.max_retry_after")?
-                    .unwrap_or(Duration::from_secs(600)),
-                retention: s
-                    .duration("workers.retention")?
-                    .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
-            },
-            outbound: OutboundConfig {
-                timeout: s
-                    .duration("outbound.timeout")?
-                    .unwrap_or(Duration::from_secs(30)),
-            },
-            registry: RegistryConfig {
-                overlay: s.string("registry.overlay")?.map(PathBuf::from),
-            },
-            systems: SystemsConfig {
-                zendesk: zendesk(&mut s)?,
-                exactonline: exact(&mut s)?,
-                poweroffice: poweroffice(&mut s)?,
-                crmoffice: crmoffice::load(&mut s)?,
-                customerp: custom(&mut s, "customerp")?,
-                custompms: custom(&mut s, "custompms")?,
-                reconcile: ReconcileIntervals::load(&mut s)?,
-            },
+            database: process::database(&mut s)?,
+            http: process::http(&mut s)?,
+            workers: process::workers(&mut s)?,
+            outbound: process::outbound(&mut s)?,
+            registry: process::registry(&mut s)?,
+            systems: systems::load(&mut s)?,
             admin: AdminConfig {
                 token: admin_token(&mut s)?,
             },
@@ -737,6 +539,26 @@ impl Config {
     }
 }
 
+/// `[log] format`/`level`; the top-level `log_format`/`log_level` of earlier versions too.
+fn log(s: &mut Source) -> Result<(Option<LogFormat>, String), ConfigError> {
+    let (format, old_format) = (s.string("log.format")?, s.string("log_format")?);
+    let log_format = match format.or(old_format).as_deref() {
+        None => None,
+        Some("json") => Some(LogFormat::Json),
+        Some("pretty") | Some("text") => Some(LogFormat::Text),
+        Some(other) => {
+            return Err(ConfigError(format!(
+                "configuration key `log.format` is {other:?}; use \"json\" or \"text\"."
+            )))
+        }
+    };
+    let (level, old_level) = (s.string("log.level")?, s.string("log_level")?);
+    Ok((
+        log_format,
+        level.or(old_level).unwrap_or_else(|| "info".to_owned()),
+    ))
+}
+
 /// Shortest admin token accepted: a guessable token would open every operation of `/admin`.
 pub const ADMIN_TOKEN_MIN_LEN: usize = 24;
 
@@ -766,147 +588,6 @@ fn secrets_keys(s: &mut Source) -> Result<Vec<SecretString>, ConfigError> {
         }
     }
     Ok(keys)
-}
-
-fn require<T>(value: Option<T>, key: &str, section: &str) -> Result<T, ConfigError> {
-    value.ok_or_else(|| {
-        ConfigError::missing(key, &format!("when the [{section}] section is present"))
-    })
-}
-
-fn zendesk(s: &mut Source) -> Result<Option<ZendeskConfig>, ConfigError> {
-    if !s.has_section("zendesk") {
-        return Ok(None);
-    }
-    let base_url = require(s.url("zendesk.base_url")?, "zendesk.base_url", "zendesk")?;
-    let email = s.string("zendesk.email")?;
-    let api_token = s.secret("zendesk.api_token")?;
-    let oauth_token = s.secret("zendesk.oauth_token")?;
-    match (&email, &api_token, &oauth_token) {
-        (Some(_), Some(_), _) | (None, None, Some(_)) => {}
-        (None, Some(_), None) => {
-            return Err(ConfigError::missing(
-                "zendesk.email",
-                "with `zendesk.api_token`",
-            ))
-        }
-        (Some(_), None, None) => {
-            return Err(ConfigError::missing(
-                "zendesk.api_token",
-                "with `zendesk.email`",
-            ))
-        }
-        _ => return Err(ConfigError(
-            "the [zendesk] section needs credentials: `email` with `api_token`, or `oauth_token`."
-                .to_owned(),
-        )),
-    }
-    Ok(Some(ZendeskConfig {
-        base_url,
-        email,
-        api_token,
-        oauth_token,
-        webhook_secrets: s
-            .secret_list("zendesk.webhook_secrets")?
-            .unwrap_or_default(),
-        rate_limit_per_minute: s
-            .integer("zendesk.rate_limit_per_minute", 1, 100_000)?
-            .unwrap_or(200) as u32,
-    }))
-}
-
-fn exact(s: &mut Source) -> Result<Option<ExactConfig>, ConfigError> {
-    if !s.has_section("exactonline") {
-        return Ok(None);
-    }
-    let sec = "exactonline";
-    Ok(Some(ExactConfig {
-        base_url: s
-            .url("exactonline.base_url")?
-            .unwrap_or_else(|| url::Url::parse("https://start.exactonline.nl").expect("valid")),
-        division: require(
-            s.integer("exactonline.division", 1, i64::MAX)?,
-            "exactonline.division",
-            sec,
-        )?,
-        client_id: require(
-            s.string("exactonline.client_id")?,
-            "exactonline.client_id",
-            sec,
-        )?,
-        client_secret: require(
-            s.secret("exactonline.client_secret")?,
-            "exactonline.client_secret",
-            sec,
-        )?,
-        refresh_token: require(
-            s.secret("exactonline.refresh_token")?,
-            "exactonline.refresh_token",
-            sec,
-        )?,
-        webhook_secret: s.secret("exactonline.webhook_secret")?,
-        poll_interval: s
-            .duration("exactonline.poll_interval")?
-            .unwrap_or(Duration::from_secs(300)),
-    }))
-}
-
-fn poweroffice(s: &mut Source) -> Result<Option<PowerOfficeConfig>, ConfigError> {
-    if !s.has_section("poweroffice") {
-        return Ok(None);
-    }
-    let sec = "poweroffice";
-    Ok(Some(PowerOfficeConfig {
-        base_url: s
-            .url("poweroffice.base_url")?
-            .unwrap_or_else(|| url::Url::parse("https://goapi.poweroffice.net/v2").expect("valid")),
-        token_url: s.url("poweroffice.token_url")?,
-        application_key: require(
-            s.secret("poweroffice.application_key")?,
-            "poweroffice.application_key",
-            sec,
-        )?,
-        client_key: require(
-            s.secret("poweroffice.client_key")?,
-            "poweroffice.client_key",
-            sec,
-        )?,
-        subscription_key: require(
-            s.secret("poweroffice.subscription_key")?,
-            "poweroffice.subscription_key",
-            sec,
-        )?,
-        poll_interval: s
-            .duration("poweroffice.poll_interval")?
-            .unwrap_or(Duration::from_secs(60)),
-    }))
-}
-
-fn custom(s: &mut Source, name: &str) -> Result<Option<CustomSystemConfig>, ConfigError> {
-    if !s.has_section(name) {
-        return Ok(None);
-    }
-    let base_key = format!("{name}.base_url");
-    let token_key = format!("{name}.api_token");
-    let secret_key = format!("{name}.webhook_secret");
-    let origin = s.values.get(&secret_key).map(|(_, o)| o.clone());
-    let webhook_secret = s.secret(&secret_key)?;
-    if let (Some(secret), Some(origin)) = (&webhook_secret, origin) {
-        use secrecy::ExposeSecret;
-        if crate::signing::standard::secret_key(secret.expose_secret()).is_err() {
-            return Err(ConfigError::at(
-                &secret_key,
-                &origin,
-                "is not a Standard Webhooks secret (`whsec_` followed by base64)",
-            ));
-        }
-    }
-    Ok(Some(CustomSystemConfig {
-        base_url: require(s.url(&base_key)?, &base_key, name)?,
-        api_token: require(s.secret(&token_key)?, &token_key, name)?,
-        webhook_secret,
-        poll_interval: s.duration(&format!("{name}.poll_interval"))?,
-    }))
 }
 
 #[cfg(test)]

@@ -203,7 +203,8 @@ fn configure(sims: &Simulators, addr: SocketAddr, s: &Scenario) -> anyhow::Resul
         overlay.display().to_string()
     ));
     let layer = format!(
-        "[log]\nlevel = \"warn\"\n[workers]\nconcurrency = {}\n[zendesk]\nrate_limit_per_minute = {}\n",
+        "[log]\nlevel = \"warn\"\n[guard]\nenabled = false\n[workers]\nconcurrency = {}\n\
+         [zendesk]\nrate_limit_per_minute = {}\n",
         s.concurrency,
         s.zendesk_limit.unwrap_or(100_000)
     );
