@@ -544,6 +544,32 @@ resolve = "latest_wins"
     /// link (90 s at most) and reads the figures from the sync log.
     pub async fn run(sims: &Simulators, pool: &PgPool) -> Report {
         let mut report = Report::default();
+        seed_poweroffice(sims);
+        seed_exact(sims);
+        if let Err(problem) = walk_zendesk(sims).await {
+            report.problems.push(problem);
+        }
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let linked: i64 = sqlx::query_scalar(
+                "SELECT count(DISTINCT flow_id) FROM links WHERE state = 'active'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+            if linked >= 18 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // Let echoes arrive and be recognised.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        fill_figures(pool, &mut report).await;
+        report
+    }
+
+    /// A customer with a contact person, a supplier, a department with an employee.
+    fn seed_poweroffice(sims: &Simulators) {
         let customer = sims.poweroffice.seed(
             "Customers",
             json!({"Name": "Demo Customer AS", "WebsiteUrl": "https://customer.example"}),
@@ -564,6 +590,10 @@ resolve = "latest_wins"
             "Employees",
             json!({"FirstName": "Emil", "LastName": "Employee", "EmailAddress": "emil@demo.example", "DepartmentId": department["Id"]}),
         );
+    }
+
+    /// An account (changed once, so its webhook goes out), a department and a division.
+    fn seed_exact(sims: &Simulators) {
         let account = sims
             .exact
             .seed_account(json!({"Name": "Demo Account BV", "Code": "                42"}));
@@ -573,9 +603,11 @@ resolve = "latest_wins"
             .seed_department(json!({"Code": "D1", "Description": "Demo Exact Department"}));
         sims.exact
             .seed_division(json!({"Code": 424242, "Description": "Demo Exact Division"}));
+    }
 
-        // Zendesk changes go through its API, which sends the webhooks.
-        let zendesk = crate::connectors::zendesk::ZendeskConnector::new(
+    /// A user, a ticket and a comment, made through Zendesk's API (which sends the webhooks).
+    async fn walk_zendesk(sims: &Simulators) -> Result<(), String> {
+        let zd = crate::connectors::zendesk::ZendeskConnector::new(
             &crate::config::ZendeskConfig {
                 base_url: url::Url::parse(&sims.url(SystemId::Zendesk)).expect("a URL"),
                 email: Some(credentials::ZENDESK_EMAIL.to_owned()),
@@ -585,56 +617,33 @@ resolve = "latest_wins"
                 rate_limit_per_minute: 6000,
             },
             Duration::from_secs(10),
-        );
-        match zendesk {
-            Err(e) => report.problems.push(format!("zendesk client: {e}")),
-            Ok(zd) => {
-                let walk = async {
-                    let user = zd
-                        .create(
-                            "Users",
-                            &obj(json!({"name": "Ada Agent", "email": "ada@demo.example"})),
-                            "demo-user",
-                        )
-                        .await?;
-                    let ticket = zd
-                        .create(
-                            "Tickets",
-                            &obj(json!({"subject": "Demo ticket", "requester_id": user.id.parse::<u64>().unwrap_or_default()})),
-                            "demo-ticket",
-                        )
-                        .await?;
-                    zd.create(
-                        "Ticketcomments",
-                        &obj(json!({"ticket_id": ticket.id.parse::<u64>().unwrap_or_default(), "body": "A demo comment"})),
-                        "demo-comment",
-                    )
-                    .await?;
-                    Ok::<_, crate::connectors::ConnectorError>(())
-                };
-                if let Err(e) = walk.await {
-                    report.problems.push(format!("zendesk: {e}"));
-                }
-            }
-        }
-
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let linked: i64 = sqlx::query_scalar(
-                "SELECT count(DISTINCT flow_id) FROM links WHERE state = 'active'",
+        )
+        .map_err(|e| format!("zendesk client: {e}"))?;
+        let id = |r: &crate::connectors::Record| r.id.parse::<u64>().unwrap_or_default();
+        let walk = async {
+            let user = zd
+                .create(
+                    "Users",
+                    &obj(json!({"name": "Ada Agent", "email": "ada@demo.example"})),
+                    "demo-user",
+                )
+                .await?;
+            let ticket = zd
+                .create(
+                    "Tickets",
+                    &obj(json!({"subject": "Demo ticket", "requester_id": id(&user)})),
+                    "demo-ticket",
+                )
+                .await?;
+            zd.create(
+                "Ticketcomments",
+                &obj(json!({"ticket_id": id(&ticket), "body": "A demo comment"})),
+                "demo-comment",
             )
-            .fetch_one(pool)
-            .await
-            .unwrap_or(0);
-            if linked >= 18 || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        // Let echoes arrive and be recognised.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        fill_figures(pool, &mut report).await;
-        report
+            .await?;
+            Ok::<_, crate::connectors::ConnectorError>(())
+        };
+        walk.await.map_err(|e| format!("zendesk: {e}"))
     }
 
     async fn fill_figures(pool: &PgPool, report: &mut Report) {

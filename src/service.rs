@@ -199,30 +199,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::ops::metrics::install();
-    // Before any token is read: seal clear rows under `secrets.key`, or refuse without the key.
-    let keyring = crate::at_rest::Keyring::from_config(&config.secrets.keys);
-    let sealed = crate::at_rest::seal_stored_credentials(&pool, keyring.as_ref()).await?;
-    if sealed.values > 0 {
-        tracing::info!(
-            values = sealed.values,
-            "stored credentials encrypted under the first secrets.key"
-        );
-    }
+    seal_credentials(&config, &pool).await?;
     let connectors = build_connectors(&config, &pool)?;
     record_first_connections(&config, &pool).await?;
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(address) = config.metrics.listen {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {address} (metrics.listen): {e}"))?;
-        let (pool, shutdown) = (pool.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            if let Err(e) = crate::ops::serve_metrics(listener, pool, shutdown).await {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
-    }
-
+    spawn_metrics(&mut tasks, &config, &pool, &shutdown).await?;
     if let Some(listener) = listener.filter(|_| config.http.enabled) {
         tracing::info!(address = %listener.local_addr()?, "listening");
         let state = crate::http::AppState {
@@ -236,16 +217,79 @@ pub async fn run(
             }
         });
     }
-
     if config.workers.enabled {
-        let pollers = poller_specs(&config, &registry, &connectors);
+        let work = Work {
+            config: &config,
+            pool: &pool,
+            registry: &registry,
+            shutdown: &shutdown,
+        };
+        work.spawn(&mut tasks, connectors);
+    }
+    shutdown.cancelled().await;
+    drain(tasks, config.shutdown_timeout).await;
+    Ok(())
+}
+
+/// Before any token is read: seal clear rows under `secrets.key`, or refuse without the key.
+async fn seal_credentials(config: &Config, pool: &PgPool) -> anyhow::Result<()> {
+    let keyring = crate::at_rest::Keyring::from_config(&config.secrets.keys);
+    let sealed = crate::at_rest::seal_stored_credentials(pool, keyring.as_ref()).await?;
+    if sealed.values > 0 {
+        tracing::info!(
+            values = sealed.values,
+            "stored credentials encrypted under the first secrets.key"
+        );
+    }
+    Ok(())
+}
+
+/// `/metrics` on its own listener when `metrics.listen` is set.
+async fn spawn_metrics(
+    tasks: &mut tokio::task::JoinSet<()>,
+    config: &Config,
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(address) = config.metrics.listen else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {address} (metrics.listen): {e}"))?;
+    let (pool, shutdown) = (pool.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        if let Err(e) = crate::ops::serve_metrics(listener, pool, shutdown).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(())
+}
+
+/// What the worker side of a process is started from.
+struct Work<'a> {
+    config: &'a Arc<Config>,
+    pool: &'a PgPool,
+    registry: &'a Arc<Registry>,
+    shutdown: &'a CancellationToken,
+}
+
+impl Work<'_> {
+    /// The sync engine, its workers, the pollers and the credentials watch.
+    fn spawn(
+        &self,
+        tasks: &mut tokio::task::JoinSet<()>,
+        connectors: HashMap<SystemId, Arc<dyn Connector>>,
+    ) {
+        let (config, pool, shutdown) = (self.config, self.pool, self.shutdown);
+        let pollers = poller_specs(config, self.registry, &connectors);
         tracing::info!(
             pollers = pollers.len(),
             connected = connectors.len(),
             "starting workers"
         );
         let engine = Arc::new(
-            crate::sync::SyncEngine::new(pool.clone(), registry.clone(), connectors)
+            crate::sync::SyncEngine::new(pool.clone(), self.registry.clone(), connectors)
                 .with_guard(config.guard),
         );
         // Credentials handed over with `tether credentials set` lift a stop without a restart.
@@ -271,18 +315,17 @@ pub async fn run(
             let _ = pollers.await;
         });
     }
+}
 
-    shutdown.cancelled().await;
-    let drained = tokio::time::timeout(config.shutdown_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+/// Waits for every task up to `bound`, then leaves the rest (their leases release their jobs).
+async fn drain(mut tasks: tokio::task::JoinSet<()>, bound: Duration) {
+    let drained =
+        tokio::time::timeout(bound, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(
-            timeout = ?config.shutdown_timeout,
+            timeout = ?bound,
             "shutdown bound reached; leaving the rest (unfinished jobs are released by their leases)"
         );
         tasks.abort_all();
     }
-    Ok(())
 }

@@ -158,83 +158,109 @@ pub struct FlowError {
 }
 
 pub async fn flows(state: &AdminState) -> Result<Vec<FlowStatus>, sqlx::Error> {
-    let pool = &state.pool;
-    let pauses = super::pause::list(pool).await?;
-    let trips: Vec<(String, DateTime<Utc>, String, i64)> = sqlx::query_as(
-        "SELECT t.flow_id, t.tripped_at, t.reason, \
-         (SELECT count(*) FROM guard_held h WHERE h.flow_id = t.flow_id) FROM guard_trips t",
-    )
-    .fetch_all(pool)
-    .await?;
-    let links: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT flow_id, count(*) FILTER (WHERE state = 'active'), \
-         count(*) FILTER (WHERE state = 'ended') FROM links GROUP BY flow_id",
-    )
-    .fetch_all(pool)
-    .await?;
-    let decisions: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT flow_id, decision, count(*) FROM sync_log \
-         WHERE id > (SELECT COALESCE(max(id), 0) FROM sync_log) - $1 AND flow_id IS NOT NULL \
-         GROUP BY flow_id, decision",
-    )
-    .bind(LOG_WINDOW)
-    .fetch_all(pool)
-    .await?;
-    let errors: Vec<(String, DateTime<Utc>, String, String)> = sqlx::query_as(
-        "SELECT flow_id, at, record, error FROM (\
-           SELECT flow_id, at, system || '/' || entity_type || '/' || record_id AS record, error, \
-                  row_number() OVER (PARTITION BY flow_id ORDER BY id DESC) AS n \
-           FROM sync_log WHERE id > (SELECT COALESCE(max(id), 0) FROM sync_log) - $1 \
-             AND flow_id IS NOT NULL AND error IS NOT NULL) e \
-         WHERE n <= $2 ORDER BY flow_id, at DESC",
-    )
-    .bind(LOG_WINDOW)
-    .bind(ERRORS_PER_FLOW)
-    .fetch_all(pool)
-    .await?;
+    let facts = FlowFacts::read(&state.pool).await?;
     Ok(state
         .registry
         .dataflows
         .iter()
-        .map(|f| {
-            let (links_active, links_ended) = links
-                .iter()
-                .find(|(id, ..)| *id == f.id)
-                .map_or((0, 0), |(_, a, e)| (*a, *e));
-            let pause = pauses.iter().find(|p| p.flow_id == f.id);
-            FlowStatus {
-                id: f.id.clone(),
-                source: format!("{}/{}", f.source.system, f.source.entity_type),
-                target: format!("{}/{}", f.target.system, f.target.entity_type),
-                enabled: f.switches.enabled,
-                paused: pause.is_some(),
-                paused_at: pause.map(|p| p.paused_at),
-                links_active,
-                links_ended,
-                decisions: decisions
-                    .iter()
-                    .filter(|(id, ..)| *id == f.id)
-                    .map(|(_, d, n)| (d.clone(), *n))
-                    .collect(),
-                last_errors: errors
-                    .iter()
-                    .filter(|(id, ..)| *id == f.id)
-                    .map(|(_, at, record, error)| FlowError {
-                        at: *at,
-                        record: record.clone(),
-                        error: error.clone(),
-                    })
-                    .collect(),
-                guard: trips.iter().find(|(id, ..)| *id == f.id).map(
-                    |(_, tripped_at, reason, held)| GuardStatus {
-                        tripped_at: *tripped_at,
-                        reason: reason.clone(),
-                        held: *held,
-                    },
-                ),
-            }
-        })
+        .map(|f| facts.status_of(f))
         .collect())
+}
+
+/// What the database says about every flow, read in a few grouped queries.
+struct FlowFacts {
+    pauses: Vec<super::pause::Pause>,
+    /// flow, tripped at, reason, held writes.
+    trips: Vec<(String, DateTime<Utc>, String, i64)>,
+    /// flow, active links, ended links.
+    links: Vec<(String, i64, i64)>,
+    /// flow, decision, count among the newest [`LOG_WINDOW`] entries.
+    decisions: Vec<(String, String, i64)>,
+    /// flow, at, record, error: the newest [`ERRORS_PER_FLOW`] per flow.
+    errors: Vec<(String, DateTime<Utc>, String, String)>,
+}
+
+impl FlowFacts {
+    async fn read(pool: &PgPool) -> Result<FlowFacts, sqlx::Error> {
+        Ok(FlowFacts {
+            pauses: super::pause::list(pool).await?,
+            trips: sqlx::query_as(
+                "SELECT t.flow_id, t.tripped_at, t.reason, \
+                 (SELECT count(*) FROM guard_held h WHERE h.flow_id = t.flow_id) FROM guard_trips t",
+            )
+            .fetch_all(pool)
+            .await?,
+            links: sqlx::query_as(
+                "SELECT flow_id, count(*) FILTER (WHERE state = 'active'), \
+                 count(*) FILTER (WHERE state = 'ended') FROM links GROUP BY flow_id",
+            )
+            .fetch_all(pool)
+            .await?,
+            decisions: sqlx::query_as(
+                "SELECT flow_id, decision, count(*) FROM sync_log \
+                 WHERE id > (SELECT COALESCE(max(id), 0) FROM sync_log) - $1 AND flow_id IS NOT NULL \
+                 GROUP BY flow_id, decision",
+            )
+            .bind(LOG_WINDOW)
+            .fetch_all(pool)
+            .await?,
+            errors: sqlx::query_as(
+                "SELECT flow_id, at, record, error FROM (\
+                   SELECT flow_id, at, system || '/' || entity_type || '/' || record_id AS record, error, \
+                          row_number() OVER (PARTITION BY flow_id ORDER BY id DESC) AS n \
+                   FROM sync_log WHERE id > (SELECT COALESCE(max(id), 0) FROM sync_log) - $1 \
+                     AND flow_id IS NOT NULL AND error IS NOT NULL) e \
+                 WHERE n <= $2 ORDER BY flow_id, at DESC",
+            )
+            .bind(LOG_WINDOW)
+            .bind(ERRORS_PER_FLOW)
+            .fetch_all(pool)
+            .await?,
+        })
+    }
+
+    fn status_of(&self, f: &crate::registry::Dataflow) -> FlowStatus {
+        let (links_active, links_ended) = self
+            .links
+            .iter()
+            .find(|(id, ..)| *id == f.id)
+            .map_or((0, 0), |(_, a, e)| (*a, *e));
+        let pause = self.pauses.iter().find(|p| p.flow_id == f.id);
+        let mine = |id: &String| *id == f.id;
+        FlowStatus {
+            id: f.id.clone(),
+            source: format!("{}/{}", f.source.system, f.source.entity_type),
+            target: format!("{}/{}", f.target.system, f.target.entity_type),
+            enabled: f.switches.enabled,
+            paused: pause.is_some(),
+            paused_at: pause.map(|p| p.paused_at),
+            links_active,
+            links_ended,
+            decisions: self
+                .decisions
+                .iter()
+                .filter(|(id, ..)| mine(id))
+                .map(|(_, d, n)| (d.clone(), *n))
+                .collect(),
+            last_errors: self
+                .errors
+                .iter()
+                .filter(|(id, ..)| mine(id))
+                .map(|(_, at, record, error)| FlowError {
+                    at: *at,
+                    record: record.clone(),
+                    error: error.clone(),
+                })
+                .collect(),
+            guard: self.trips.iter().find(|(id, ..)| mine(id)).map(
+                |(_, tripped_at, reason, held)| GuardStatus {
+                    tripped_at: *tripped_at,
+                    reason: reason.clone(),
+                    held: *held,
+                },
+            ),
+        }
+    }
 }
 
 /// A dead letter with its record spelled out.

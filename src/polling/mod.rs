@@ -256,51 +256,10 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         };
         report.pages += 1;
         report.records += page.events.len() as u64;
-        let events = page.events;
-        let mut stored: Vec<(i64, &ChangeEvent)> = Vec::new();
-        for event in &events {
-            let id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (system, delivery_id) DO NOTHING RETURNING id",
-            )
-            .bind(system.as_str())
-            .bind(&event.record.entity_type)
-            .bind(&event.record.record_id)
-            .bind(event.action.as_str())
-            .bind(event.occurred_at)
-            .bind(&event.delivery_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(id) = id {
-                stored.push((id, event));
-            }
-        }
-        let jobs: Vec<NewJob<'_>> = stored
-            .iter()
-            .map(|(event_id, event)| NewJob {
-                event_id: *event_id,
-                event,
-            })
-            .collect();
-        // The one place polled and reconciled changes are enqueued: a change found by
-        // reconciliation ranks below live work and above backfill (docs/queue.md, "Priorities").
-        queue::enqueue_with_priority(&mut tx, &jobs, spec.kind.priority()).await?;
-        report.emitted += jobs.len() as u64;
-        let found = jobs.len() as u64;
-
-        // newest_change_at: the age of the newest change passed is `tether_poll_lag_seconds`.
-        sqlx::query(
-            "UPDATE poll_cursors SET cursor = COALESCE($3, cursor), polled_at = now(), last_error = NULL, \
-             newest_change_at = GREATEST(newest_change_at, $4) \
-             WHERE system = $1 AND entity_type = $2",
-        )
-        .bind(system.as_str())
-        .bind(&spec.entity_type)
-        .bind(page.next_cursor.as_deref())
-        .bind(events.iter().filter_map(|e| e.occurred_at).max())
-        .execute(&mut *tx)
-        .await?;
+        let found = store_page(&mut tx, spec, &page.events).await?;
+        report.emitted += found;
+        let newest = page.events.iter().filter_map(|e| e.occurred_at).max();
+        advance_cursor(&mut tx, spec, page.next_cursor.as_deref(), newest).await?;
         tx.commit().await?;
         crate::ops::metrics::poll_changes(system, &spec.entity_type, found);
 
@@ -308,6 +267,68 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
             return Ok(report);
         }
     }
+}
+
+/// Stores a page's events (a delivery id seen before is skipped) and enqueues their jobs, in the
+/// poll's transaction; returns how many were new.
+async fn store_page(
+    tx: &mut sqlx::PgConnection,
+    spec: &PollerSpec,
+    events: &[ChangeEvent],
+) -> Result<u64, sqlx::Error> {
+    let system = spec.connector.system();
+    let mut stored: Vec<(i64, &ChangeEvent)> = Vec::new();
+    for event in events {
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (system, delivery_id) DO NOTHING RETURNING id",
+        )
+        .bind(system.as_str())
+        .bind(&event.record.entity_type)
+        .bind(&event.record.record_id)
+        .bind(event.action.as_str())
+        .bind(event.occurred_at)
+        .bind(&event.delivery_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = id {
+            stored.push((id, event));
+        }
+    }
+    let jobs: Vec<NewJob<'_>> = stored
+        .iter()
+        .map(|(event_id, event)| NewJob {
+            event_id: *event_id,
+            event,
+        })
+        .collect();
+    // The one place polled and reconciled changes are enqueued: a change found by
+    // reconciliation ranks below live work and above backfill (docs/queue.md, "Priorities").
+    queue::enqueue_with_priority(tx, &jobs, spec.kind.priority()).await?;
+    Ok(jobs.len() as u64)
+}
+
+/// Moves the cursor past the page; `newest` (the newest change passed) feeds
+/// `tether_poll_lag_seconds`.
+async fn advance_cursor(
+    tx: &mut sqlx::PgConnection,
+    spec: &PollerSpec,
+    next_cursor: Option<&str>,
+    newest: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE poll_cursors SET cursor = COALESCE($3, cursor), polled_at = now(), last_error = NULL, \
+         newest_change_at = GREATEST(newest_change_at, $4) \
+         WHERE system = $1 AND entity_type = $2",
+    )
+    .bind(spec.connector.system().as_str())
+    .bind(&spec.entity_type)
+    .bind(next_cursor)
+    .bind(newest)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// Creates the cursor row on the first round. A system with a recorded first connection starts

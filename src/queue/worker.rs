@@ -259,42 +259,51 @@ async fn dispatch(
         }
     }
 
-    // Shutdown: claimed jobs that never started go back at once.
+    release_unstarted(&shared, &buffer).await;
+    drain_running(&shared, tasks, drain).await;
+}
+
+/// Shutdown: claimed jobs that never started go back at once.
+async fn release_unstarted(shared: &Shared, buffer: &Buffer) {
     let q = &shared.queue;
     let unstarted: Vec<Lease> = buffer.leases();
-    if !unstarted.is_empty() {
-        match store::release(&q.pool, q.owner, &unstarted).await {
-            Ok(n) => tracing::info!(jobs = n, "released claimed jobs that had not started"),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not release unstarted jobs; their leases will expire")
-            }
-        }
-        forget(&shared, &unstarted);
+    if unstarted.is_empty() {
+        return;
     }
-    // In-flight jobs get the drain bound to finish.
+    match store::release(&q.pool, q.owner, &unstarted).await {
+        Ok(n) => tracing::info!(jobs = n, "released claimed jobs that had not started"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release unstarted jobs; their leases will expire")
+        }
+    }
+    forget(shared, &unstarted);
+}
+
+/// Shutdown: in-flight jobs get the drain bound to finish; those still running are cut off and
+/// their jobs released.
+async fn drain_running(shared: &Shared, mut tasks: JoinSet<()>, drain: Duration) {
     let finished_in_time =
         tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
             .await
             .is_ok();
-    if !finished_in_time {
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-        let cut: Vec<Lease> = shared
-            .running
-            .lock()
-            .expect("lock")
-            .drain()
-            .map(|(_, l)| l)
-            .collect();
-        tracing::warn!(jobs = cut.len(), bound = ?drain, "jobs still running at the shutdown bound; releasing them");
-        match store::release(&q.pool, q.owner, &cut).await {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "could not release cut-off jobs; their leases will expire")
-            }
-        }
-        forget(&shared, &cut);
+    if finished_in_time {
+        return;
     }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let cut: Vec<Lease> = shared
+        .running
+        .lock()
+        .expect("lock")
+        .drain()
+        .map(|(_, l)| l)
+        .collect();
+    tracing::warn!(jobs = cut.len(), bound = ?drain, "jobs still running at the shutdown bound; releasing them");
+    let q = &shared.queue;
+    if let Err(e) = store::release(&q.pool, q.owner, &cut).await {
+        tracing::warn!(error = %e, "could not release cut-off jobs; their leases will expire")
+    }
+    forget(shared, &cut);
 }
 
 /// Claimed jobs waiting for a task: live and reconciliation work apart from backfill work, so a
