@@ -264,6 +264,21 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
     outcome
 }
 
+/// CPU per update, which the rest of the machine's load changes less than the rate: and what
+/// the three parts would need of two idle cores.
+fn print_cpu_per_update(cpu: CpuTicks, n: f64) {
+    let ms = |ticks: u64| ticks as f64 * 1000.0 / measure::TICKS_PER_SECOND / n;
+    let total = ms(cpu.tether) + ms(cpu.postgres) + ms(cpu.simulators);
+    println!(
+        "      CPU per linked update: tether {:.3} ms, PostgreSQL {:.3} ms, simulators {:.3} ms; {:.3} ms in all (2 idle cores: {:.0} updates/s)",
+        ms(cpu.tether),
+        ms(cpu.postgres),
+        ms(cpu.simulators),
+        total,
+        2000.0 / total
+    );
+}
+
 fn base64_standard(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -594,6 +609,7 @@ impl Bench {
             erp_get,
             zd_write,
         );
+        print_cpu_per_update(cpu, n);
         let decisions: Vec<(String, i64)> = sqlx::query_as(
             concat!(bench_sql!(), "SELECT decision, count(*) FROM sync_log WHERE id > $1 GROUP BY decision ORDER BY decision"),
         )

@@ -14,9 +14,25 @@ use crate::domain::{Action, SystemId};
 use crate::queue::ClaimedJob;
 
 impl SyncEngine {
-    /// Logs the event as the echo of every running flow and answers true, if the delivery's
-    /// stamp settles each of them (see the module doc); else changes nothing and answers false.
+    /// Logs the event as the echo of every running flow (and the `idle` entry of the flows that
+    /// cannot run) and answers true, if the delivery's stamp settles each of them (see the module
+    /// doc); else changes nothing and answers false.
     pub(super) async fn echo_by_stamp(
+        &self,
+        job: &ClaimedJob,
+        active: &[ActiveFlow<'_>],
+        idle: &[String],
+    ) -> Result<bool, sqlx::Error> {
+        if !self.echo_entries(job, active).await? {
+            return Ok(false);
+        }
+        self.log_idle_beside(job, idle).await?;
+        Ok(true)
+    }
+
+    /// The echo entries of [`SyncEngine::echo_by_stamp`]; false (nothing logged) if the stamp
+    /// does not settle every flow.
+    async fn echo_entries(
         &self,
         job: &ClaimedJob,
         active: &[ActiveFlow<'_>],
