@@ -258,8 +258,12 @@ async fn dispatch(
             _ = tokio::time::sleep(cfg.poll_interval) => {}
         }
     }
+    wind_down(&shared, buffer, tasks, drain).await;
+}
 
-    // Shutdown: claimed jobs that never started go back at once.
+/// Shutdown of the dispatcher: claimed jobs that never started go back at once; in-flight jobs
+/// get the drain bound to finish, and those still running after it are cut off and released.
+async fn wind_down(shared: &Shared, buffer: Buffer, mut tasks: JoinSet<()>, drain: Duration) {
     let q = &shared.queue;
     let unstarted: Vec<Lease> = buffer.leases();
     if !unstarted.is_empty() {
@@ -269,7 +273,7 @@ async fn dispatch(
                 tracing::warn!(error = %e, "could not release unstarted jobs; their leases will expire")
             }
         }
-        forget(&shared, &unstarted);
+        forget(shared, &unstarted);
     }
     // In-flight jobs get the drain bound to finish.
     let finished_in_time =
@@ -293,7 +297,7 @@ async fn dispatch(
                 tracing::warn!(error = %e, "could not release cut-off jobs; their leases will expire")
             }
         }
-        forget(&shared, &cut);
+        forget(shared, &cut);
     }
 }
 
