@@ -257,37 +257,8 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
         report.pages += 1;
         report.records += page.events.len() as u64;
         let events = page.events;
-        let mut stored: Vec<(i64, &ChangeEvent)> = Vec::new();
-        for event in &events {
-            let id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (system, delivery_id) DO NOTHING RETURNING id",
-            )
-            .bind(system.as_str())
-            .bind(&event.record.entity_type)
-            .bind(&event.record.record_id)
-            .bind(event.action.as_str())
-            .bind(event.occurred_at)
-            .bind(&event.delivery_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(id) = id {
-                stored.push((id, event));
-            }
-        }
-        let jobs: Vec<NewJob<'_>> = stored
-            .iter()
-            .map(|(event_id, event)| NewJob {
-                event_id: *event_id,
-                event,
-            })
-            .collect();
-        // The one place polled and reconciled changes are enqueued: a change found by
-        // reconciliation ranks below live work and above backfill (docs/queue.md, "Priorities").
-        queue::enqueue_with_priority(&mut tx, &jobs, spec.kind.priority()).await?;
-        report.emitted += jobs.len() as u64;
-        let found = jobs.len() as u64;
+        let found = store_page(&mut tx, spec, &events).await?;
+        report.emitted += found;
 
         // newest_change_at: the age of the newest change passed is `tether_poll_lag_seconds`.
         sqlx::query(
@@ -308,6 +279,46 @@ pub async fn poll_once(pool: &PgPool, spec: &PollerSpec) -> Result<PollReport, P
             return Ok(report);
         }
     }
+}
+
+/// Stores one page's events (a change already stored, by its delivery id, is skipped) and
+/// enqueues a job per new one, in the page's transaction; returns how many were enqueued.
+async fn store_page(
+    tx: &mut sqlx::PgConnection,
+    spec: &PollerSpec,
+    events: &[ChangeEvent],
+) -> Result<u64, sqlx::Error> {
+    let system = spec.connector.system();
+    let mut stored: Vec<(i64, &ChangeEvent)> = Vec::new();
+    for event in events {
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (system, delivery_id) DO NOTHING RETURNING id",
+        )
+        .bind(system.as_str())
+        .bind(&event.record.entity_type)
+        .bind(&event.record.record_id)
+        .bind(event.action.as_str())
+        .bind(event.occurred_at)
+        .bind(&event.delivery_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = id {
+            stored.push((id, event));
+        }
+    }
+    let jobs: Vec<NewJob<'_>> = stored
+        .iter()
+        .map(|(event_id, event)| NewJob {
+            event_id: *event_id,
+            event,
+        })
+        .collect();
+    // The one place polled and reconciled changes are enqueued: a change found by
+    // reconciliation ranks below live work and above backfill (docs/queue.md, "Priorities").
+    queue::enqueue_with_priority(tx, &jobs, spec.kind.priority()).await?;
+    Ok(jobs.len() as u64)
 }
 
 /// Creates the cursor row on the first round. A system with a recorded first connection starts
