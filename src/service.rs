@@ -238,29 +238,7 @@ pub async fn run(
     }
 
     if config.workers.enabled {
-        let pollers = poller_specs(&config, &registry, &connectors);
-        tracing::info!(
-            pollers = pollers.len(),
-            connected = connectors.len(),
-            "starting workers"
-        );
-        let engine = crate::sync::SyncEngine::new(pool.clone(), registry.clone(), connectors);
-        // The workers get most of the shutdown bound to drain in-flight jobs, keeping some to
-        // release the leases of the rest and write outcomes back.
-        let workers = crate::queue::start_workers(
-            pool.clone(),
-            config.workers.clone(),
-            Arc::new(engine),
-            shutdown.clone(),
-            config.shutdown_timeout.mul_f64(0.8),
-        );
-        let pollers = crate::polling::start_pollers(pool.clone(), pollers, shutdown.clone());
-        tasks.spawn(async move {
-            let _ = workers.await;
-        });
-        tasks.spawn(async move {
-            let _ = pollers.await;
-        });
+        spawn_workers(&mut tasks, &config, &pool, registry, connectors, &shutdown);
     }
 
     shutdown.cancelled().await;
@@ -276,4 +254,39 @@ pub async fn run(
         tasks.abort_all();
     }
     Ok(())
+}
+
+/// Starts the queue's workers (the sync engine over `connectors`) and the pollers as tasks of
+/// `tasks`.
+fn spawn_workers(
+    tasks: &mut tokio::task::JoinSet<()>,
+    config: &Config,
+    pool: &PgPool,
+    registry: Arc<Registry>,
+    connectors: HashMap<SystemId, Arc<dyn Connector>>,
+    shutdown: &CancellationToken,
+) {
+    let pollers = poller_specs(config, &registry, &connectors);
+    tracing::info!(
+        pollers = pollers.len(),
+        connected = connectors.len(),
+        "starting workers"
+    );
+    let engine = crate::sync::SyncEngine::new(pool.clone(), registry.clone(), connectors);
+    // The workers get most of the shutdown bound to drain in-flight jobs, keeping some to
+    // release the leases of the rest and write outcomes back.
+    let workers = crate::queue::start_workers(
+        pool.clone(),
+        config.workers.clone(),
+        Arc::new(engine),
+        shutdown.clone(),
+        config.shutdown_timeout.mul_f64(0.8),
+    );
+    let pollers = crate::polling::start_pollers(pool.clone(), pollers, shutdown.clone());
+    tasks.spawn(async move {
+        let _ = workers.await;
+    });
+    tasks.spawn(async move {
+        let _ = pollers.await;
+    });
 }
