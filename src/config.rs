@@ -642,38 +642,7 @@ impl Config {
                     .duration("http.timestamp_tolerance")?
                     .unwrap_or(Duration::from_secs(300)),
             },
-            workers: WorkerConfig {
-                enabled: s.bool("workers.enabled")?.unwrap_or(true),
-                concurrency: s.integer("workers.concurrency", 1, 1024)?.unwrap_or(8) as usize,
-                // 0 stands for "half of `concurrency`", resolved in `check`.
-                backfill_concurrency: s
-                    .integer("workers.backfill_concurrency", 1, 1023)?
-                    .unwrap_or(0) as usize,
-                batch_size: s.integer("workers.batch_size", 1, 10_000)?.unwrap_or(100) as usize,
-                lease: s
-                    .duration("workers.lease")?
-                    .unwrap_or(Duration::from_secs(60)),
-                poll_interval: s
-                    .duration("workers.poll_interval")?
-                    .unwrap_or(Duration::from_secs(1)),
-                retry_schedule: s
-                    .duration_list("workers.retry_schedule")?
-                    .unwrap_or_else(|| {
-                        ["1s", "5s", "30s", "2m", "10m", "30m"]
-                            .iter()
-                            .map(|d| parse_duration(d).expect("valid"))
-                            .collect()
-                    }),
-                max_deferrals: s
-                    .integer("workers.max_deferrals", 0, 100_000)?
-                    .unwrap_or(100) as u32,
-                max_retry_after: s
-                    .duration("workers.max_retry_after")?
-                    .unwrap_or(Duration::from_secs(600)),
-                retention: s
-                    .duration("workers.retention")?
-                    .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
-            },
+            workers: workers(&mut s)?,
             outbound: OutboundConfig {
                 timeout: s
                     .duration("outbound.timeout")?
@@ -903,6 +872,42 @@ fn custom(s: &mut Source, name: &str) -> Result<Option<CustomSystemConfig>, Conf
         webhook_secret,
         poll_interval: s.duration(&format!("{name}.poll_interval"))?,
     }))
+}
+
+/// The `[workers]` section (see [`WorkerConfig`]).
+fn workers(s: &mut Source) -> Result<WorkerConfig, ConfigError> {
+    Ok(WorkerConfig {
+        enabled: s.bool("workers.enabled")?.unwrap_or(true),
+        concurrency: s.integer("workers.concurrency", 1, 1024)?.unwrap_or(8) as usize,
+        // 0 stands for "half of `concurrency`", resolved in `check`.
+        backfill_concurrency: s
+            .integer("workers.backfill_concurrency", 1, 1023)?
+            .unwrap_or(0) as usize,
+        batch_size: s.integer("workers.batch_size", 1, 10_000)?.unwrap_or(100) as usize,
+        lease: s
+            .duration("workers.lease")?
+            .unwrap_or(Duration::from_secs(60)),
+        poll_interval: s
+            .duration("workers.poll_interval")?
+            .unwrap_or(Duration::from_secs(1)),
+        retry_schedule: s
+            .duration_list("workers.retry_schedule")?
+            .unwrap_or_else(|| {
+                ["1s", "5s", "30s", "2m", "10m", "30m"]
+                    .iter()
+                    .map(|d| parse_duration(d).expect("valid"))
+                    .collect()
+            }),
+        max_deferrals: s
+            .integer("workers.max_deferrals", 0, 100_000)?
+            .unwrap_or(100) as u32,
+        max_retry_after: s
+            .duration("workers.max_retry_after")?
+            .unwrap_or(Duration::from_secs(600)),
+        retention: s
+            .duration("workers.retention")?
+            .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+    })
 }
 
 #[cfg(test)]
