@@ -267,6 +267,21 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
     outcome
 }
 
+/// CPU per update, which the rest of the machine's load changes less than the rate: and what
+/// the three parts would need of two idle cores.
+fn print_cpu_per_update(cpu: CpuTicks, n: f64) {
+    let ms = |ticks: u64| ticks as f64 * 1000.0 / measure::TICKS_PER_SECOND / n;
+    let total = ms(cpu.tether) + ms(cpu.postgres) + ms(cpu.simulators);
+    println!(
+        "      CPU per linked update: tether {:.3} ms, PostgreSQL {:.3} ms, simulators {:.3} ms; {:.3} ms in all (2 idle cores: {:.0} updates/s)",
+        ms(cpu.tether),
+        ms(cpu.postgres),
+        ms(cpu.simulators),
+        total,
+        2000.0 / total
+    );
+}
+
 fn base64_standard(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -387,6 +402,12 @@ impl Bench {
         )
         .await?;
         self.settle().await?;
+        // The tables just grew from nothing: without fresh statistics the plans tether's
+        // connections cached while they were empty stay until autovacuum's next ANALYZE (a minute
+        // or more), and one link lookup read hundreds of blocks a call meanwhile.
+        sqlx::query(concat!(bench_sql!(), "ANALYZE"))
+            .execute(&self.pool)
+            .await?;
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT source_id, target_id FROM links WHERE flow_id = $1 ORDER BY id")
                 .bind(FLOW)
@@ -595,6 +616,7 @@ impl Bench {
             erp_get,
             zd_write,
         );
+        print_cpu_per_update(cpu, n);
         let decisions: Vec<(String, i64)> = sqlx::query_as(
             concat!(bench_sql!(), "SELECT decision, count(*) FROM sync_log WHERE id > $1 GROUP BY decision ORDER BY decision"),
         )
@@ -617,9 +639,10 @@ impl Bench {
     /// benchmark's own statements left out): statements and execution time per linked update,
     /// against PostgreSQL's CPU time per update, and the statements that took most of it.
     async fn print_statements(&self, postgres_ticks: u64) -> anyhow::Result<()> {
-        let rows: Vec<(String, i64, f64)> = sqlx::query_as(concat!(
+        let rows: Vec<(String, i64, f64, i64)> = sqlx::query_as(concat!(
             bench_sql!(),
-            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time \
+            "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, \
+             shared_blks_hit + shared_blks_read \
              FROM pg_stat_statements WHERE query NOT LIKE '/* tether-sync-bench */%' \
              ORDER BY total_exec_time DESC"
         ))
@@ -635,12 +658,13 @@ impl Bench {
             exec_ms / n,
             cpu_ms / n
         );
-        for (query, calls, total) in rows.into_iter().take(self.args.top) {
-            let query: String = query.chars().take(100).collect();
+        for (query, calls, total, blocks) in rows.into_iter().take(self.args.top) {
+            let query: String = query.chars().take(90).collect();
             println!(
-                "        {:>6.3} ms {:>5.2}x  {query}",
+                "        {:>6.3} ms {:>5.2}x {:>6.1} blocks/call  {query}",
                 total / n,
-                calls as f64 / n
+                calls as f64 / n,
+                blocks as f64 / calls.max(1) as f64
             );
         }
         Ok(())

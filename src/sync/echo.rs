@@ -7,15 +7,32 @@
 use chrono::{DateTime, Utc};
 
 use super::decision::Decision;
+use super::merge::Side;
 use super::store::{self, Entry};
 use super::{ActiveFlow, SyncEngine};
 use crate::domain::{Action, SystemId};
 use crate::queue::ClaimedJob;
 
 impl SyncEngine {
-    /// Logs the event as the echo of every running flow and answers true, if the delivery's
-    /// stamp settles each of them (see the module doc); else changes nothing and answers false.
+    /// Logs the event as the echo of every running flow (and the `idle` entry of the flows that
+    /// cannot run) and answers true, if the delivery's stamp settles each of them (see the module
+    /// doc); else changes nothing and answers false.
     pub(super) async fn echo_by_stamp(
+        &self,
+        job: &ClaimedJob,
+        active: &[ActiveFlow<'_>],
+        idle: &[String],
+    ) -> Result<bool, sqlx::Error> {
+        if !self.echo_entries(job, active).await? {
+            return Ok(false);
+        }
+        self.log_idle_beside(job, idle).await?;
+        Ok(true)
+    }
+
+    /// The echo entries of [`SyncEngine::echo_by_stamp`]; false (nothing logged) if the stamp
+    /// does not settle every flow.
+    async fn echo_entries(
         &self,
         job: &ClaimedJob,
         active: &[ActiveFlow<'_>],
@@ -24,6 +41,15 @@ impl SyncEngine {
             return Ok(false);
         };
         let id = &job.event.record.record_id;
+        // One flow (the usual case): the check and the entry in one statement.
+        if let [(flow, side, _)] = active {
+            let entry = Entry {
+                flow: Some(&flow.id),
+                ..echo_entry(stamp, *side)
+            };
+            return store::log_if_own_stamp(&self.pool, job, &entry, (flow, *side, id), stamp)
+                .await;
+        }
         let mut settled = Vec::with_capacity(active.len());
         for (flow, side, _) in active {
             let Some(link) = store::find_link(&self.pool, flow, *side, id).await? else {
@@ -39,21 +65,28 @@ impl SyncEngine {
             settled.push((flow, *side, link.id));
         }
         for (flow, side, link_id) in settled {
-            let detail = format!(
-                "the delivery's updated_at ({}) is the stamp of Tether's own write of the {} \
-                 record, whose answer showed every mapped value as last synced: nothing was read",
-                stamp.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                side.as_str()
-            );
             let entry = Entry {
                 flow: Some(&flow.id),
                 link: Some(link_id),
-                detail: Some(detail),
-                ..Entry::new(Decision::Echo)
+                ..echo_entry(stamp, side)
             };
             self.log(job, entry).await?;
         }
         Ok(true)
+    }
+}
+
+/// The `echo` entry of a delivery settled by its stamp (flow and link still to set).
+fn echo_entry<'a>(stamp: DateTime<Utc>, side: Side) -> Entry<'a> {
+    let detail = format!(
+        "the delivery's updated_at ({}) is the stamp of Tether's own write of the {} record, \
+         whose answer showed every mapped value as last synced: nothing was read",
+        stamp.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        side.as_str()
+    );
+    Entry {
+        detail: Some(detail),
+        ..Entry::new(Decision::Echo)
     }
 }
 

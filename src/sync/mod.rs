@@ -253,8 +253,7 @@ impl SyncEngine {
             return Ok(None);
         }
         // A custom system's own echo, recognised by the stamp its webhook carries.
-        if planned.is_empty() && self.echo_by_stamp(job, &active).await? {
-            self.log_idle_beside(job, &flows.idle).await?;
+        if planned.is_empty() && self.echo_by_stamp(job, &active, &flows.idle).await? {
             return Ok(None);
         }
         // Rule 7: the current state, never the event's data.

@@ -119,10 +119,19 @@ static STORE_SYNC_SQL: LazyLock<String> = LazyLock::new(|| {
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// Binds a log entry as parameters $1 to $13 (see [`LOG_COLUMNS`]).
+/// Binds a log entry as parameters $1 to $13 (see [`LOG_COLUMNS`]) and counts its decision.
 fn bind_entry<'q>(query: PgQuery<'q>, job: &'q ClaimedJob, e: &'q Entry<'q>) -> PgQuery<'q> {
-    let r = &job.event.record;
     crate::ops::metrics::sync_decision(e.flow, e.decision.as_str());
+    bind_entry_uncounted(query, job, e)
+}
+
+/// [`bind_entry`] for a statement that may write no entry: the caller counts one it wrote.
+fn bind_entry_uncounted<'q>(
+    query: PgQuery<'q>,
+    job: &'q ClaimedJob,
+    e: &'q Entry<'q>,
+) -> PgQuery<'q> {
+    let r = &job.event.record;
     query
         .bind(job.event_id)
         .bind(job.job_id)
@@ -173,6 +182,55 @@ pub(crate) async fn store_sync(
         .execute(conn)
         .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Logs `entry` (its link taken from the row) for the active link of `flow` whose record on `side`
+/// is `id`, if Tether wrote that side last, the write's answer settled it, and that side's stamp is
+/// `stamp` (docs/sync-rules.md, "An echo without a read"); answers whether it did. One statement:
+/// the check and the entry, so such an echo costs a single round trip.
+pub(crate) async fn log_if_own_stamp(
+    pool: &PgPool,
+    job: &ClaimedJob,
+    entry: &Entry<'_>,
+    (flow, side, id): (&Dataflow, Side, &str),
+    stamp: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    let (col_sys, col_type, col_id, col_seen) = match side {
+        Side::Source => (
+            "source_system",
+            "source_type",
+            "source_id",
+            "source_seen_at",
+        ),
+        Side::Target => (
+            "target_system",
+            "target_type",
+            "target_id",
+            "target_seen_at",
+        ),
+    };
+    let sql = format!(
+        "INSERT INTO sync_log {LOG_COLUMNS} \
+         SELECT $1, $2, $3, $4, $5, $6, $7, l.id, $9, $10, $11, $12, $13 FROM links l \
+         WHERE l.state = 'active' AND l.{col_sys} = $14 AND l.{col_type} = $15 \
+         AND l.{col_id} = $16 AND l.flow_id = $17 AND l.last_write_side = $18 \
+         AND l.last_write_settled AND l.{col_seen} = $19"
+    );
+    let e = entity(flow, side);
+    let done = bind_entry_uncounted(sqlx::query(&sql), job, entry)
+        .bind(e.system.as_str())
+        .bind(&e.entity_type)
+        .bind(id)
+        .bind(&flow.id)
+        .bind(side.as_str())
+        .bind(stamp)
+        .execute(pool)
+        .await?;
+    let logged = done.rows_affected() == 1;
+    if logged {
+        crate::ops::metrics::sync_decision(entry.flow, entry.decision.as_str());
+    }
+    Ok(logged)
 }
 
 /// The active link of `flow` whose record on `side` is `id`.
