@@ -423,82 +423,100 @@ impl<'a> Checker<'a> {
         what: &str,
         at: Option<Location>,
     ) {
-        let MappedFields {
-            source_field,
-            target_field,
-            ..
-        } = *fields;
-        let declared = |types: &[&str]| -> BTreeSet<String> {
-            types.iter().map(|t| (*t).to_owned()).collect()
+        let Some(r) = &m.reference else {
+            self.unmapped_references(flow, m, fields, what, at);
+            return;
         };
-        match &m.reference {
-            None => {
-                for (field, path, entity) in [
-                    (source_field, &m.source, &flow.source),
-                    (target_field, &m.target, &flow.target),
-                ] {
-                    if !field.refers_to.is_empty() && m.syncs_to_target() {
-                        self.push(
-                            Severity::Error,
-                            at.clone(),
-                            format!(
-                                "{what}: `{path}` holds a {} id of {}, so the mapping must say what it refers to on each side (`reference = {{ source = [...], target = \"...\" }}`); ids are translated, never copied",
-                                entity.system.display_name(),
-                                field.refers_to.join(" or ")
-                            ),
-                        );
-                    }
-                }
-            }
-            Some(r) => {
-                let sides = [
-                    (
-                        source_field,
-                        &m.source,
-                        &flow.source,
-                        r.source_types.iter().cloned().collect::<BTreeSet<_>>(),
+        let sides = [
+            (
+                fields.source_field,
+                &m.source,
+                &flow.source,
+                r.source_types.iter().cloned().collect::<BTreeSet<_>>(),
+            ),
+            (
+                fields.target_field,
+                &m.target,
+                &flow.target,
+                BTreeSet::from([r.target_type.clone()]),
+            ),
+        ];
+        let mut consistent = true;
+        for (field, path, entity, types) in sides {
+            consistent &= self.reference_side(&field, path, entity, &types, what, &at);
+        }
+        if consistent && m.syncs_to_target() {
+            self.resolvable(flow, m, at);
+        }
+    }
+
+    /// A synced field that holds an id but is mapped as a plain value: ids are never copied.
+    fn unmapped_references(
+        &mut self,
+        flow: &Dataflow,
+        m: &PropertyMapping,
+        fields: &MappedFields,
+        what: &str,
+        at: Option<Location>,
+    ) {
+        for (field, path, entity) in [
+            (fields.source_field, &m.source, &flow.source),
+            (fields.target_field, &m.target, &flow.target),
+        ] {
+            if !field.refers_to.is_empty() && m.syncs_to_target() {
+                self.push(
+                    Severity::Error,
+                    at.clone(),
+                    format!(
+                        "{what}: `{path}` holds a {} id of {}, so the mapping must say what it refers to on each side (`reference = {{ source = [...], target = \"...\" }}`); ids are translated, never copied",
+                        entity.system.display_name(),
+                        field.refers_to.join(" or ")
                     ),
-                    (
-                        target_field,
-                        &m.target,
-                        &flow.target,
-                        BTreeSet::from([r.target_type.clone()]),
-                    ),
-                ];
-                let mut consistent = true;
-                for (field, path, entity, types) in sides {
-                    for t in &types {
-                        if schema::entity(entity.system, t).is_none() {
-                            consistent = false;
-                            self.push(
-                                Severity::Error,
-                                at.clone(),
-                                format!(
-                                    "{what} refers to {t:?}, which is not an entity type of {}",
-                                    entity.system.display_name()
-                                ),
-                            );
-                        }
-                    }
-                    if !field.refers_to.is_empty() && declared(field.refers_to) != types {
-                        consistent = false;
-                        self.push(
-                            Severity::Error,
-                            at.clone(),
-                            format!(
-                                "{what} says `{path}` refers to {}, but {} declares it refers to {}",
-                                types.iter().cloned().collect::<Vec<_>>().join(" or "),
-                                entity,
-                                field.refers_to.join(" or ")
-                            ),
-                        );
-                    }
-                }
-                if consistent && m.syncs_to_target() {
-                    self.resolvable(flow, m, at);
-                }
+                );
             }
         }
+    }
+
+    /// One side of a reference mapping: the types it names exist, and agree with what the
+    /// schema declares the field refers to. False if not.
+    fn reference_side(
+        &mut self,
+        field: &schema::FieldDecl,
+        path: &str,
+        entity: &EntityRef,
+        types: &BTreeSet<String>,
+        what: &str,
+        at: &Option<Location>,
+    ) -> bool {
+        let mut consistent = true;
+        for t in types {
+            if schema::entity(entity.system, t).is_none() {
+                consistent = false;
+                self.push(
+                    Severity::Error,
+                    at.clone(),
+                    format!(
+                        "{what} refers to {t:?}, which is not an entity type of {}",
+                        entity.system.display_name()
+                    ),
+                );
+            }
+        }
+        let declared: BTreeSet<String> = field.refers_to.iter().map(|t| (*t).to_owned()).collect();
+        if !field.refers_to.is_empty() && declared != *types {
+            consistent = false;
+            self.push(
+                Severity::Error,
+                at.clone(),
+                format!(
+                    "{what} says `{path}` refers to {}, but {} declares it refers to {}",
+                    types.iter().cloned().collect::<Vec<_>>().join(" or "),
+                    entity,
+                    field.refers_to.join(" or ")
+                ),
+            );
+        }
+        consistent
     }
 
     /// A reference is translated through the links of a dataflow between the referenced types.
