@@ -42,6 +42,60 @@ fn event_stamp(item: &Value) -> Result<(String, i64), ConnectorError> {
     Ok((id.to_string(), second))
 }
 
+/// The page's items the cursor has not returned yet (the export repeats items at the boundary
+/// second), and the ids of those stamped with the page's `end_time`.
+fn new_items(
+    page: Vec<Value>,
+    cursor: &ExportCursor,
+    end_time: i64,
+    stamp: Stamp,
+) -> Result<(Vec<Value>, Vec<String>), ConnectorError> {
+    let mut items = Vec::new();
+    let mut at_end = Vec::new();
+    for item in page {
+        let (id, second) = stamp(&item)?;
+        if second < cursor.start || (second == cursor.start && cursor.seen.contains(&id)) {
+            continue;
+        }
+        if second == end_time {
+            at_end.push(id);
+        }
+        items.push(item);
+    }
+    Ok((items, at_end))
+}
+
+/// Where the next page starts: after `end_time`, remembering the ids already returned from it.
+fn next_cursor(
+    cursor: ExportCursor,
+    end_time: i64,
+    end_of_stream: bool,
+    at_end: Vec<String>,
+) -> ExportCursor {
+    if end_time != cursor.start {
+        return ExportCursor {
+            start: end_time,
+            seen: at_end,
+            ..ExportCursor::default()
+        };
+    }
+    if end_of_stream {
+        let mut seen = cursor.seen;
+        seen.extend(at_end);
+        return ExportCursor {
+            start: end_time,
+            seen,
+            ..ExportCursor::default()
+        };
+    }
+    // A full page within one second: Zendesk pages hold the whole last second, so the next page
+    // starts after it (and this cannot loop).
+    ExportCursor {
+        start: end_time + 1,
+        ..ExportCursor::default()
+    }
+}
+
 impl ZendeskConnector {
     async fn timed_page(
         &self,
@@ -82,43 +136,8 @@ impl ZendeskConnector {
                 has_more: false,
             });
         }
-        let mut items = Vec::new();
-        let mut at_end = Vec::new();
-        for item in array(&page, key)? {
-            let (id, second) = stamp(&item)?;
-            // The export repeats items at the boundary second; skip those already returned.
-            if second < cursor.start || (second == cursor.start && cursor.seen.contains(&id)) {
-                continue;
-            }
-            if second == end_time {
-                at_end.push(id);
-            }
-            items.push(item);
-        }
-        let next = if end_time == cursor.start {
-            if end_of_stream {
-                let mut seen = cursor.seen;
-                seen.extend(at_end);
-                ExportCursor {
-                    start: end_time,
-                    seen,
-                    ..ExportCursor::default()
-                }
-            } else {
-                // A full page within one second: Zendesk pages hold the whole last second, so
-                // the next page starts after it (and this cannot loop).
-                ExportCursor {
-                    start: end_time + 1,
-                    ..ExportCursor::default()
-                }
-            }
-        } else {
-            ExportCursor {
-                start: end_time,
-                seen: at_end,
-                ..ExportCursor::default()
-            }
-        };
+        let (items, at_end) = new_items(array(&page, key)?, &cursor, end_time, stamp)?;
+        let next = next_cursor(cursor, end_time, end_of_stream, at_end);
         Ok(TimedPage {
             items,
             next,
