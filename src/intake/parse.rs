@@ -116,6 +116,25 @@ const ZENDESK_NOISE: &[&str] = &["user.last_login_changed", "user.password_chang
 /// "Comments are redacted or made private"). The record is the comment, `{ticket}:{comment}`.
 const COMMENT_CHANGES: &[&str] = &["comment_added", "comment_redacted", "comment_made_private"];
 
+/// The id of the record a Zendesk event is about: `detail.id`, or the end of `subject`.
+fn zendesk_resource_id(
+    subject: Option<&str>,
+    detail: Option<ZendeskDetail<'_>>,
+) -> Result<String, FormatError> {
+    let subject_id = subject.and_then(|s| s.rsplit_once(':')).map(|(_, id)| id);
+    let resource_id = match (detail.and_then(|d| d.id), subject_id) {
+        (Some(id), _) => id.into_string(),
+        (None, Some(id)) => id.to_owned(),
+        (None, None) => {
+            return Err(format_error(
+                "the event names no record (`detail.id` or `subject`)",
+            ))
+        }
+    };
+    check_id("detail.id", &resource_id)?;
+    Ok(resource_id)
+}
+
 /// Parses a Zendesk event-subscription body (`zen:event-type:<resource>.<change>`).
 pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
     let ev: ZendeskEvent<'_> = serde_json::from_slice(body).map_err(|e| {
@@ -149,21 +168,7 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
             )))
         }
     };
-    let subject_id = ev
-        .subject
-        .as_deref()
-        .and_then(|s| s.rsplit_once(':'))
-        .map(|(_, id)| id);
-    let resource_id = match (ev.detail.and_then(|d| d.id), subject_id) {
-        (Some(id), _) => id.into_string(),
-        (None, Some(id)) => id.to_owned(),
-        (None, None) => {
-            return Err(format_error(
-                "the event names no record (`detail.id` or `subject`)",
-            ))
-        }
-    };
-    check_id("detail.id", &resource_id)?;
+    let resource_id = zendesk_resource_id(ev.subject.as_deref(), ev.detail)?;
     let record_id = if entity == "Ticketcomments" {
         let comment = ev
             .event
