@@ -4,7 +4,7 @@
 # rolling SIGTERM restart; one line per checked property and a summary; exit 0 only if all held.
 #
 #   scripts/chaos.sh            # the full run: 10,000 changes (about 25 minutes here)
-#   scripts/chaos.sh --short    # the CI run: 600 changes, same faults (about 2 minutes)
+#   scripts/chaos.sh --short    # the CI run: 600 changes, same faults (2–4 minutes)
 #   scripts/chaos.sh --replicas 1 --changes 2000 --rate 15   # see tether-chaos --help
 #
 # It uses the debug binaries as `cargo test` builds them (`cargo test --no-run`: after `cargo test`
