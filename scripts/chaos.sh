@@ -4,11 +4,12 @@
 # rolling SIGTERM restart; one line per checked property and a summary; exit 0 only if all held.
 #
 #   scripts/chaos.sh            # the full run: 10,000 changes (about 25 minutes here)
-#   scripts/chaos.sh --short    # the CI run: 600 changes, same faults (about 2 minutes)
+#   scripts/chaos.sh --short    # the CI run: 600 changes, same faults (2–4 minutes)
 #   scripts/chaos.sh --replicas 1 --changes 2000 --rate 15   # see tether-chaos --help
 #
-# It uses the debug binaries (`cargo test` has built them already in CI, so nothing is built
-# twice) and needs PostgreSQL's server binaries and nginx: Debian's nginx-light is installed
+# It uses the debug binaries as `cargo test` builds them (`cargo test --no-run`: after `cargo test`
+# in CI nothing is built again; a plain `cargo build` would compile the library once more, since
+# the tests build it with tokio's test-util feature) and needs PostgreSQL's server binaries and nginx: Debian's nginx-light is installed
 # when nginx is missing (as root; otherwise it says what to install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +22,5 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends nginx-light
 fi
-cargo build --locked --bin tether --bin tether-chaos
+cargo test --locked --no-run
 exec ./target/debug/tether-chaos "$@"

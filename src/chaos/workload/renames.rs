@@ -3,7 +3,8 @@
 use serde_json::{json, Map, Value};
 
 use super::{zendesk_write, Reaches, Side, Workload};
-use crate::chaos::model::{Model, OrgOrigin, UserOrigin};
+use crate::chaos::model::{Model, OrgGroup, OrgOrigin, UserGroup, UserOrigin};
+use crate::chaos::sims::Sims;
 use crate::simulators::zendesk::Kind;
 
 /// How many random groups a rename looks at for an idle one before giving up this turn.
@@ -27,7 +28,8 @@ impl Workload<'_> {
                 Side::Zendesk => g.zendesk_id.is_some(),
                 Side::Erp => g.erp_id.is_some(),
             };
-            (known && Model::idle(g.changed_at, self.plan.cooldown)).then_some(i)
+            let ready = known && Model::idle(g.changed_at, self.plan.cooldown);
+            (ready && settled_org(self.sims, g)).then_some(i)
         })
     }
 
@@ -41,7 +43,8 @@ impl Workload<'_> {
                 Side::Zendesk => g.zendesk_id.is_some(),
                 Side::Erp => g.erp_id.is_some(),
             };
-            (known && Model::idle(g.changed_at, self.plan.cooldown)).then_some(i)
+            let ready = known && Model::idle(g.changed_at, self.plan.cooldown);
+            (ready && settled_user(self.sims, g)).then_some(i)
         })
     }
 
@@ -130,4 +133,52 @@ impl Workload<'_> {
         }
         done
     }
+}
+
+/// Whether every system already shows the group's last change. A group is renamed again only
+/// then: an edit made while Tether is still carrying the previous one across can be overwritten
+/// by that write (read, then write, with no conditional write in the ERP contract or PowerOffice),
+/// a race no client can close. Found in a one-replica run, where carrying a rename across took
+/// 22 s under kills, longer than the cooldown alone allowed.
+fn settled_org(sims: &Sims, g: &OrgGroup) -> bool {
+    let name = Some(g.name.as_str());
+    let zd = g.zendesk_id.and_then(|id| sims.zendesk.organization(id));
+    let erp = g
+        .erp_id
+        .as_deref()
+        .and_then(|id| sims.erp.get("customer", id));
+    let source = match g.origin {
+        OrgOrigin::PowerOffice => g
+            .source_id
+            .parse()
+            .ok()
+            .and_then(|id| sims.poweroffice.get("Customers", id))
+            .map(|v| v["Name"].clone()),
+        OrgOrigin::Exact => sims.exact.account(&g.source_id).map(|v| v["Name"].clone()),
+        OrgOrigin::Zendesk => zd.as_ref().map(|v| v["name"].clone()),
+    };
+    zd.as_ref().and_then(|v| v["name"].as_str()) == name
+        && erp.as_ref().and_then(|v| v["name"].as_str()) == name
+        && source.as_ref().and_then(Value::as_str) == name
+}
+
+fn settled_user(sims: &Sims, g: &UserGroup) -> bool {
+    let name = Some(g.name.as_str());
+    let zd = g.zendesk_id.and_then(|id| sims.zendesk.user(id));
+    let erp = g
+        .erp_id
+        .as_deref()
+        .and_then(|id| sims.erp.get("contact", id));
+    let source_ok = match g.origin {
+        UserOrigin::PowerOffice => g
+            .source_id
+            .parse()
+            .ok()
+            .and_then(|id| sims.poweroffice.get("ContactPersons", id))
+            .is_some_and(|v| v["FirstName"].as_str() == name),
+        UserOrigin::Zendesk => true,
+    };
+    source_ok
+        && zd.as_ref().and_then(|v| v["name"].as_str()) == name
+        && erp.as_ref().and_then(|v| v["name"].as_str()) == name
 }
