@@ -39,6 +39,9 @@ pub struct Faults {
     pub slow_rate: f64,
     /// How long a slow answer is held back, in milliseconds.
     pub slow_ms: u64,
+    /// Slow answers only to writes (not GET): a read still answers in time, the write's answer
+    /// is lost.
+    pub slow_writes_only: bool,
     /// Share of webhooks delivered twice (the same delivery id, as vendors redeliver).
     pub duplicate_webhooks: f64,
     /// Share of webhooks held back and delivered after the next webhook of their lane (out of
@@ -328,7 +331,9 @@ pub async fn api_layer(
     if forced_500 {
         return (control.inner.error_body)(StatusCode::INTERNAL_SERVER_ERROR, "injected fault");
     }
-    let slow = faults.slow_rate > 0.0 && rand::thread_rng().gen::<f64>() < faults.slow_rate;
+    let slow = faults.slow_rate > 0.0
+        && !(faults.slow_writes_only && request.method() == axum::http::Method::GET)
+        && rand::thread_rng().gen::<f64>() < faults.slow_rate;
     let response = next.run(request).await;
     if slow {
         // The change is made; only the answer is late (a client that gave up never sees it).

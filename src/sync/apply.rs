@@ -42,6 +42,8 @@ impl SyncEngine {
         tgt: &Record,
         event_side: Side,
     ) -> Result<Step, Fail> {
+        let mut link = link;
+        super::unsure::take_in(&mut link, [src, tgt]);
         let mut translations = Translations::new();
         let plan = loop {
             let input = PlanInput {
@@ -173,7 +175,23 @@ impl SyncEngine {
                     e.system,
                     e.entity_type
                 )),
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    if matches!(
+                        err,
+                        ConnectorError::Timeout { .. } | ConnectorError::Transient { .. }
+                    ) {
+                        // The vendor may have made the change: the next sync looks.
+                        let mut written = w.sides;
+                        written[i] = true;
+                        let write = super::unsure::UnsureWrite {
+                            side: to,
+                            fields: plan.changes[i].clone(),
+                            snapshot: plan.snapshot_after(written),
+                        };
+                        super::unsure::remember(&self.pool, link.id, &write).await?;
+                    }
+                    return Err(err.into());
+                }
             }
         }
         Ok(w)
@@ -192,7 +210,9 @@ impl SyncEngine {
     ) -> Result<Step, Fail> {
         let changed_snapshot = state.snapshot != link.snapshot;
         let seen_moved = state.seen != [link.source_seen_at, link.target_seen_at];
-        if !(changed_snapshot || seen_moved || entry.written.is_some()) {
+        // A remembered unsure write is cleared by storing, even when nothing else moved.
+        let unsure = link.unsure_write.is_some();
+        if !(changed_snapshot || seen_moved || unsure || entry.written.is_some()) {
             store::log(&self.pool, job, &entry).await?;
             return Ok(Step::Done);
         }

@@ -452,6 +452,7 @@ impl SyncEngine {
             last_write_side: Some(Side::Target),
             last_write_settled: false,
             version: 0,
+            unsure_write: None,
         };
         self.sync_linked(job, flow, link, src, &tgt, Side::Source)
             .await

@@ -37,6 +37,7 @@ mod plan_tests;
 mod references;
 mod resume;
 mod store;
+mod unsure;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -80,6 +80,7 @@ fn link(snapshot: Value, last_write: Option<Side>) -> Link {
         last_write_side: last_write,
         last_write_settled: false,
         version: 3,
+        unsure_write: None,
     }
 }
 

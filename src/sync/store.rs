@@ -36,6 +36,8 @@ pub(crate) struct Link {
     pub last_write_settled: bool,
     /// Optimistic concurrency: the snapshot is only replaced by a writer that read this version.
     pub version: i64,
+    /// A write whose answer was lost, until the pair's next stored sync (`sync::unsure`).
+    pub unsure_write: Option<super::unsure::UnsureWrite>,
 }
 
 impl Link {
@@ -111,7 +113,7 @@ static STORE_SYNC_SQL: LazyLock<String> = LazyLock::new(|| {
         "WITH updated AS (\
             UPDATE links SET snapshot = $14, source_seen_at = $15, target_seen_at = $16, \
             last_write_side = COALESCE($17, last_write_side), last_write_settled = $20, \
-            version = version + 1, updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
+            unsure_write = NULL, version = version + 1, updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
             RETURNING id) \
          INSERT INTO sync_log {LOG_COLUMNS} SELECT {LOG_VALUES} FROM updated"
     )
@@ -247,7 +249,7 @@ pub(crate) async fn find_link(
     let e = entity(flow, side);
     let row = sqlx::query(&format!(
         "SELECT id, source_id, target_id, snapshot, source_seen_at, target_seen_at, \
-         last_write_side, last_write_settled, version FROM links \
+         last_write_side, last_write_settled, version, unsure_write FROM links \
          WHERE state = 'active' AND {col_sys} = $1 AND {col_type} = $2 AND {col_id} = $3 \
          AND flow_id = $4"
     ))
@@ -277,6 +279,10 @@ pub(crate) async fn find_link(
             },
             last_write_settled: row.try_get("last_write_settled")?,
             version: row.try_get("version")?,
+            unsure_write: row
+                .try_get::<Option<Value>, _>("unsure_write")?
+                .as_ref()
+                .and_then(super::unsure::UnsureWrite::from_json),
         })
     })
     .transpose()

@@ -14,6 +14,7 @@ mod exactonline;
 mod foundation;
 mod guard;
 mod intake;
+mod lost_answer;
 mod metrics;
 mod polling;
 mod poweroffice;
