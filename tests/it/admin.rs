@@ -15,7 +15,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 const ERP_FLOW: &str = "zendesk.Organizations->customerp.Customer";
 
 /// Maps organization names to Custom ERP customers, so a Zendesk organization creates one.
-const OVERLAY: &str = r#"
+pub const OVERLAY: &str = r#"
 [[dataflow]]
 source = "zendesk.Organizations"
 target = "customerp.Customer"

@@ -17,20 +17,8 @@ const FLOW: &str = "zendesk.Organizations->customerp.Customer";
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Organization names become Custom ERP customer names, both ways.
-const OVERLAY: &str = r#"
-[[dataflow]]
-source = "zendesk.Organizations"
-target = "customerp.Customer"
-[[dataflow.property]]
-source = "name"
-target = "name"
-type = "string"
-
-[[rule]]
-entity = "zendesk.Organizations"
-property = "name"
-resolve = "latest_wins"
-"#;
+/// Organization names become Custom ERP customer names, both ways (shared with the admin tests).
+use crate::admin::OVERLAY;
 
 /// Eight creates and four renames fit; the ninth write of the window is the first held.
 const GUARD: &str = "\n[guard]\nmax_writes = 12\n";

@@ -16,20 +16,8 @@ use crate::support::{eventually, Service};
 const FLOW: &str = "zendesk.Organizations->customerp.Customer";
 const WAIT: Duration = Duration::from_secs(60);
 
-const OVERLAY: &str = r#"
-[[dataflow]]
-source = "zendesk.Organizations"
-target = "customerp.Customer"
-[[dataflow.property]]
-source = "name"
-target = "name"
-type = "string"
-
-[[rule]]
-entity = "zendesk.Organizations"
-property = "name"
-resolve = "latest_wins"
-"#;
+/// Organization names become Custom ERP customer names, both ways (shared with the admin tests).
+use crate::admin::OVERLAY;
 
 fn customer(h: &Service, id: &str) -> Value {
     h.sims.customerp.get("customer", id).unwrap()
