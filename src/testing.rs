@@ -90,6 +90,31 @@ pub async fn database() -> TestDb {
     }
 }
 
+impl Drop for TestDb {
+    /// Drops the test's database, so that a run's clones of the template do not fill the disk
+    /// (a few hundred tests at several MB each, with their WAL). On a thread of its own: the
+    /// test's runtime may be shutting down. `FORCE` ends the test's own connections.
+    fn drop(&mut self) {
+        let Some(Ok(server)) = SERVER.get() else {
+            return;
+        };
+        let admin = format!("{}/postgres", server.base);
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let dropping = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let mut conn = PgConnection::connect(&admin).await.ok()?;
+                let _ = sqlx::query(&statement).execute(&mut conn).await;
+                conn.close().await.ok()
+            })
+        });
+        let _ = dropping.join();
+    }
+}
+
 /// A fresh database with NO migrations applied (for tests of migrating itself).
 pub async fn empty_database() -> TestDb {
     let db = database().await;
@@ -164,7 +189,11 @@ async fn prepare_server() -> Result<Server, String> {
             parsed.set_path("");
             parsed.to_string().trim_end_matches('/').to_owned()
         }
-        Err(_) => shared_cluster().await?,
+        Err(_) => {
+            let base = shared_cluster().await?;
+            tune_private_cluster(&base).await?;
+            base
+        }
     };
     // Build the template once per migration set, under a PostgreSQL advisory lock so that
     // concurrent test binaries do not race.
@@ -209,6 +238,31 @@ async fn prepare_server() -> Result<Server, String> {
         .await;
     let _ = admin.close().await;
     Ok(Server { base, template })
+}
+
+/// The run's private cluster is thrown away at the end, so it trades durability for speed and
+/// disk: no fsync, and little WAL kept (each test database is a WAL-logged copy of the template).
+async fn tune_private_cluster(base: &str) -> Result<(), String> {
+    let mut admin = PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    for setting in [
+        "fsync = off",
+        "synchronous_commit = off",
+        "full_page_writes = off",
+        "max_wal_size = '256MB'",
+    ] {
+        sqlx::query(&format!("ALTER SYSTEM SET {setting}"))
+            .execute(&mut admin)
+            .await
+            .map_err(|e| format!("ALTER SYSTEM SET {setting}: {e}"))?;
+    }
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&mut admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = admin.close().await;
+    Ok(())
 }
 
 /// Starts or joins the run's shared cluster and returns its base URL.
@@ -268,9 +322,11 @@ while :; do
   if [ "$alive" = 0 ]; then
     pid=$(head -n 1 "$dir/pg/cluster/postmaster.pid" 2>/dev/null)
     if [ -n "$pid" ]; then
-      kill -INT "$pid" 2>/dev/null
+      # Immediate shutdown: the cluster is deleted next, so no checkpoint is worth waiting for.
+      kill -QUIT "$pid" 2>/dev/null
       i=0
       while kill -0 "$pid" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+      kill -KILL "$pid" 2>/dev/null
     fi
     rm -rf "$dir/pg" "$dir/clients"
     exit 0

@@ -106,6 +106,16 @@ impl EmbeddedPostgres {
         };
 
         if !cluster.join("PG_VERSION").is_file() {
+            // A cluster directory without PG_VERSION is what an interrupted initdb (or a cleanup
+            // cut short) leaves behind; initdb refuses a non-empty directory, so start over.
+            if cluster.exists() {
+                std::fs::remove_dir_all(&cluster).map_err(|e| {
+                    fail(format!(
+                        "cannot remove the unfinished cluster {}: {e}",
+                        cluster.display()
+                    ))
+                })?;
+            }
             pg.init(&cluster, &password_file).await?;
         }
         pg.password = std::fs::read_to_string(&password_file)
