@@ -316,6 +316,22 @@ async fn an_exact_delete_found_in_sync_deleted_ends_the_link() {
         .change_account(&account, json!({"Name": "Gone Soon Trading BV"})));
     let flow = "exactonline.Accounts->zendesk.Organizations";
     eventually("the link", WAIT, || h.active_link(flow, &account)).await;
+    // The webhooks of the create and the rename are processed before the delete: a job still
+    // waiting would read the deleted account and end the link itself (also rule 9, but not the
+    // path this test is about).
+    eventually("the account's jobs to finish", WAIT, || async {
+        let unfinished: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs j JOIN events e ON e.id = j.event_id \
+             WHERE e.system = 'exactonline' AND e.record_id = $1 \
+             AND j.state IN ('ready', 'running')",
+        )
+        .bind(&account)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+        (unfinished == 0).then_some(())
+    })
+    .await;
 
     // The delete's webhook never arrives.
     set_drop(&h.sims.exact.control, 1.0);
