@@ -495,12 +495,37 @@ impl Bench {
         }
         let cpu_before = CpuTicks::read(self.tether_pid, self.postmaster_pid);
         let started = Instant::now();
-        // The renames run on a blocking thread, so the simulators' async workers keep serving
-        // tether while they are issued.
+        let issued_at = self.issue_renames(round).await?;
+        let issue_time = started.elapsed();
+        self.wait_for_writes(&counters_before.1).await?;
+        let written = started.elapsed();
+        let latencies_ms = self.latencies_ms(round, &issued_at)?;
+        self.settle().await?;
+        let settled = started.elapsed();
+        let cpu = CpuTicks::read(self.tether_pid, self.postmaster_pid).since(cpu_before);
+        self.print_round(RoundFigures {
+            round,
+            written,
+            settled,
+            latencies_ms,
+            cpu,
+            counters_before,
+        });
+        self.print_decisions(log_before, issue_time).await?;
+        if !self.args.no_statements {
+            self.print_statements(cpu.postgres).await?;
+        }
+        Ok(())
+    }
+
+    /// Renames every linked organization once, paced at `--rate`, and returns when each rename
+    /// was made. On a blocking thread, so the simulators' async workers keep serving tether while
+    /// the renames are issued.
+    async fn issue_renames(&self, round: usize) -> anyhow::Result<Vec<DateTime<Utc>>> {
         let zendesk = self.zendesk.clone();
         let orgs: Vec<u64> = self.links.iter().map(|(org, _)| *org).collect();
         let rate = self.args.rate;
-        let issued_at: Vec<DateTime<Utc>> = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut issued_at = Vec::with_capacity(orgs.len());
             let pace_from = Instant::now();
             for (i, org) in orgs.into_iter().enumerate() {
@@ -520,30 +545,26 @@ impl Bench {
             }
             Ok(issued_at)
         })
-        .await??;
-        let issue_time = started.elapsed();
+        .await?
+    }
 
-        // Written: the Custom ERP simulator has taken one write per customer (its request
-        // counters are cheap to read; the records are checked once at the end).
-        let erp_writes = |counters: &std::collections::BTreeMap<String, u64>| -> u64 {
-            counters
-                .iter()
-                .filter(|(k, _)| !k.starts_with("GET "))
-                .map(|(_, v)| *v)
-                .sum()
-        };
-        let writes_before = erp_writes(&counters_before.1);
+    /// Waits until the Custom ERP simulator has taken one write per customer (its request
+    /// counters are cheap to read; the records are checked once, by [`Self::latencies_ms`]).
+    async fn wait_for_writes(&self, before: &Counters) -> anyhow::Result<()> {
+        let writes_before = non_get_calls(before);
         let expected = self.links.len() as u64;
         let erp = self.erp.clone();
         wait_until(
             "every counterpart to be written",
             Duration::from_secs(600),
-            async || Ok(erp_writes(&erp.control.counters()) - writes_before >= expected),
+            async || Ok(non_get_calls(&erp.control.counters()) - writes_before >= expected),
         )
-        .await?;
-        let last_write = Instant::now();
-        // Latency: the customer's change stamp (set by the simulator when tether's write arrived)
-        // minus the moment the rename was made; every customer must carry its new name.
+        .await
+    }
+
+    /// Latency per record: the customer's change stamp (set by the simulator when tether's write
+    /// arrived) minus the moment the rename was made. Every customer must carry its new name.
+    fn latencies_ms(&self, round: usize, issued_at: &[DateTime<Utc>]) -> anyhow::Result<Vec<f64>> {
         let mut latencies_ms: Vec<f64> = Vec::with_capacity(self.links.len());
         for (i, (_, customer)) in self.links.iter().enumerate() {
             let record = self
@@ -562,15 +583,22 @@ impl Bench {
             latencies_ms
                 .push((stamped - issued_at[i]).num_microseconds().unwrap_or(0) as f64 / 1000.0);
         }
-        let written = last_write.duration_since(started);
-        self.settle().await?;
-        let settled = started.elapsed();
-        let cpu = CpuTicks::read(self.tether_pid, self.postmaster_pid).since(cpu_before);
+        latencies_ms.sort_by(f64::total_cmp);
+        Ok(latencies_ms)
+    }
 
+    /// The round's line of the table: rates, latency percentiles, CPU shares, calls per update.
+    fn print_round(&self, figures: RoundFigures) {
+        let RoundFigures {
+            round,
+            written,
+            settled,
+            latencies_ms,
+            cpu,
+            counters_before,
+        } = figures;
         let n = self.links.len() as f64;
-        let calls = |after: &std::collections::BTreeMap<String, u64>,
-                     before: &std::collections::BTreeMap<String, u64>,
-                     pick: &dyn Fn(&str) -> bool| {
+        let calls = |after: &Counters, before: &Counters, pick: &dyn Fn(&str) -> bool| {
             after
                 .iter()
                 .filter(|(k, _)| pick(k))
@@ -582,12 +610,11 @@ impl Bench {
             self.zendesk.control().counters(),
             self.erp.control.counters(),
         );
-        let zd_get = calls(&zd_after, &counters_before.0, &|k| k.starts_with("GET "));
-        let zd_write = calls(&zd_after, &counters_before.0, &|k| !k.starts_with("GET "));
-        let erp_get = calls(&erp_after, &counters_before.1, &|k| k.starts_with("GET "));
-        let erp_write = calls(&erp_after, &counters_before.1, &|k| !k.starts_with("GET "));
-
-        latencies_ms.sort_by(f64::total_cmp);
+        let is_get = |k: &str| k.starts_with("GET ");
+        let zd_get = calls(&zd_after, &counters_before.0, &is_get);
+        let zd_write = calls(&zd_after, &counters_before.0, &|k| !is_get(k));
+        let erp_get = calls(&erp_after, &counters_before.1, &is_get);
+        let erp_write = calls(&erp_after, &counters_before.1, &|k| !is_get(k));
         let pct = |p: f64| {
             latencies_ms
                 .get(((latencies_ms.len().saturating_sub(1)) as f64 * p).round() as usize)
@@ -617,6 +644,10 @@ impl Bench {
             zd_write,
         );
         print_cpu_per_update(cpu, n);
+    }
+
+    /// How long issuing the renames took, and the engine's decisions of the round.
+    async fn print_decisions(&self, log_before: i64, issue_time: Duration) -> anyhow::Result<()> {
         let decisions: Vec<(String, i64)> = sqlx::query_as(
             concat!(bench_sql!(), "SELECT decision, count(*) FROM sync_log WHERE id > $1 GROUP BY decision ORDER BY decision"),
         )
@@ -629,9 +660,6 @@ impl Bench {
             issue_time.as_secs_f64(),
             decisions.join(", ")
         );
-        if !self.args.no_statements {
-            self.print_statements(cpu.postgres).await?;
-        }
         Ok(())
     }
 
@@ -669,4 +697,30 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// A simulator's request counters: `"<METHOD> <path pattern>"` to calls.
+type Counters = std::collections::BTreeMap<String, u64>;
+
+/// Calls other than reads: the writes a simulator has taken.
+fn non_get_calls(counters: &Counters) -> u64 {
+    counters
+        .iter()
+        .filter(|(k, _)| !k.starts_with("GET "))
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+/// What one round measured, for its line of the table.
+struct RoundFigures {
+    round: usize,
+    /// From the first rename to the last counterpart written.
+    written: Duration,
+    /// From the first rename until the queue was empty again.
+    settled: Duration,
+    /// Sorted.
+    latencies_ms: Vec<f64>,
+    cpu: CpuTicks,
+    /// The Zendesk and Custom ERP simulators' counters before the round.
+    counters_before: (Counters, Counters),
 }
