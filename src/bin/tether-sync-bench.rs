@@ -660,6 +660,19 @@ impl Bench {
             issue_time.as_secs_f64(),
             decisions.join(", ")
         );
+        // Errors are retried (a round ends only when every customer carries its new name), but
+        // what they were belongs in the figures.
+        let errors: Vec<(String, i64)> = sqlx::query_as(concat!(
+            bench_sql!(),
+            "SELECT left(coalesce(error, ''), 160), count(*) FROM sync_log \
+             WHERE id > $1 AND decision = 'error' GROUP BY 1 ORDER BY 2 DESC LIMIT 3"
+        ))
+        .bind(log_before)
+        .fetch_all(&self.pool)
+        .await?;
+        for (error, count) in errors {
+            println!("      error {count}x: {error}");
+        }
         Ok(())
     }
 
