@@ -414,6 +414,63 @@ async fn many_callers_of_one_process_stay_under_the_limit_with_shared_statements
     assert!(most <= 10, "{most} calls within one second");
 }
 
+/// Regression (issue 19, found by the chaos suite: PowerOffice counted 11 and 12 calls in one
+/// second from three replicas): a replica whose statement first waited for a pooled connection
+/// counted its place from before that wait, so its calls went that much early, into the places
+/// of the others. Here one replica takes a second's places while the other's only connection is
+/// busy for 300 ms: the other's call must still go after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_a_pooled_connection_does_not_make_a_place_early() {
+    let db = testing::database().await;
+    let gate = |pool| {
+        Arc::new(SharedGate::new(
+            pool,
+            "poweroffice:test:second".to_owned(),
+            10,
+            Duration::from_secs(1),
+            1,
+        ))
+    };
+    let busy = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(db.url.expose_secret())
+        .await
+        .unwrap();
+    let late = gate(busy.clone());
+    // A place first, so the budget's row exists.
+    late.admit(Duration::from_secs(5)).await.unwrap();
+    let held = busy.acquire().await.unwrap();
+    // Nine places of the other replica: the budget is taken for the next second.
+    let first: Arc<dyn RateGate> = gate(db.pool.clone());
+    let others = tokio::spawn(let_through(vec![first], 9, 1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiting = tokio::spawn({
+        let late = late.clone();
+        async move {
+            late.admit(Duration::from_secs(5)).await.unwrap();
+            Instant::now()
+        }
+    });
+    // The waiting replica's statement reads the budget only when its connection is free, while
+    // the others' places still lie ahead.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    let stamps = others.await.unwrap();
+    let went = waiting.await.unwrap();
+    let last = *stamps.last().unwrap();
+    // Places are 111 ms apart (10 a second, one kept spare); the waiting replica's place comes
+    // after the nine taken while it waited for its connection.
+    assert!(
+        went >= last + Duration::from_millis(100),
+        "the waiting replica's call went {:?} after the others' last",
+        went.saturating_duration_since(last)
+    );
+    let mut all = stamps;
+    all.push(went);
+    all.sort();
+    assert!(busiest(&all, Duration::from_secs(1)) <= 10);
+}
+
 /// Regression (issue 19, found by the chaos suite): a 5xx to a read is tried again at once, at
 /// most twice, so sporadic vendor errors do not fail job attempts; a third 5xx is the job's
 /// failure.

@@ -90,11 +90,22 @@ struct Want {
     answer: oneshot::Sender<Result<Taken, Arc<sqlx::Error>>>,
 }
 
-/// A place (the instant the call may go), or a refusal with the wait until the next place.
+/// A place, or a refusal with the wait until the next place.
 #[derive(Debug, Clone, Copy)]
 enum Taken {
-    At(Instant),
+    At(Place),
     Refused(Duration),
+}
+
+/// Where a place falls on this process's clock. PostgreSQL read the row at some instant between
+/// sending the statement and reading its answer, so the place lies between `earliest` (counted
+/// from the send) and `latest` (counted from the answer). A call goes no earlier than `latest`
+/// and no later than the lateness allowed after `earliest`: never before its place, and late
+/// by at most what the spare slots pay for, however long the statement took.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    earliest: Instant,
+    latest: Instant,
 }
 
 /// The least lateness a call may have and still use its place. Half a spacing alone is below a
@@ -156,6 +167,15 @@ impl SharedGate {
     }
 }
 
+/// What [`TAKE`] answered, and when it was sent and its answer read (PostgreSQL read the row
+/// in between).
+struct Read {
+    base: f64,
+    granted: bool,
+    sent: Instant,
+    received: Instant,
+}
+
 impl Inner {
     /// Takes places until no caller waits for one.
     async fn take_while_wanted(self: Arc<Self>) {
@@ -177,26 +197,34 @@ impl Inner {
     /// shortest wait asked, each caller is answered on its own, as if it had asked alone.
     async fn give(&self, batch: Vec<Want>) {
         let max_wait = batch.iter().map(|w| w.max_wait).min().unwrap_or_default();
-        let sent = Instant::now();
         match self.statement(batch.len(), max_wait).await {
-            Ok((base, true)) => {
+            Ok(Read {
+                base,
+                granted: true,
+                sent,
+                received,
+            }) => {
                 for (i, want) in batch.into_iter().enumerate() {
-                    // The wait counts from when PostgreSQL read the row, which is after `sent`:
-                    // counting it from `sent` errs early by at most the round trip, and every
-                    // delay after the read (the answer's way back, a busy machine) shows as
-                    // lateness in `admit`.
                     let wait = base + self.spacing.as_secs_f64() * i as f64 - self.tolerance;
-                    let place = sent + Duration::from_secs_f64(wait.max(0.0));
+                    let wait = Duration::from_secs_f64(wait.max(0.0));
+                    let place = Place {
+                        earliest: sent + wait,
+                        latest: received + wait,
+                    };
                     let _ = want.answer.send(Ok(Taken::At(place)));
                 }
             }
-            Ok((base, false)) if batch.len() == 1 => {
+            Ok(Read {
+                base,
+                granted: false,
+                ..
+            }) if batch.len() == 1 => {
                 let wait = Duration::from_secs_f64((base - self.tolerance).max(0.0));
                 for want in batch {
                     let _ = want.answer.send(Ok(Taken::Refused(wait)));
                 }
             }
-            Ok((_, false)) => {
+            Ok(Read { granted: false, .. }) => {
                 for want in batch {
                     Box::pin(self.give(vec![want])).await;
                 }
@@ -211,22 +239,31 @@ impl Inner {
     }
 
     /// Runs [`TAKE`] for `n` places (creating the budget's row the first time).
-    async fn statement(&self, n: usize, max_wait: Duration) -> Result<(f64, bool), sqlx::Error> {
+    async fn statement(&self, n: usize, max_wait: Duration) -> Result<Read, sqlx::Error> {
+        // The connection first: a wait for one (a busy pool, a database starting again) is
+        // before the read, and counted from the send it made every place that much early.
+        let mut connection = self.pool.acquire().await?;
         for _ in 0..2 {
+            let sent = Instant::now();
             let row: Option<(f64, bool)> = sqlx::query_as(TAKE)
                 .bind(&self.budget)
                 .bind(self.spacing.as_secs_f64())
                 .bind(self.tolerance)
                 .bind(max_wait.as_secs_f64().min(1e9))
                 .bind(n as i32)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *connection)
                 .await?;
-            if let Some(row) = row {
-                return Ok(row);
+            if let Some((base, granted)) = row {
+                return Ok(Read {
+                    base,
+                    granted,
+                    sent,
+                    received: Instant::now(),
+                });
             }
             sqlx::query(CREATE)
                 .bind(&self.budget)
-                .execute(&self.pool)
+                .execute(&mut *connection)
                 .await?;
         }
         Err(sqlx::Error::RowNotFound)
@@ -241,10 +278,12 @@ impl RateGate for SharedGate {
             let left = deadline.map_or(max_wait, |d| d.saturating_duration_since(Instant::now()));
             match self.take(left).await {
                 Ok(Taken::At(place)) => {
-                    tokio::time::sleep_until(place).await;
-                    // A call that goes well after its place would bunch with the next ones: it
-                    // gives the place up and takes a new one instead.
-                    if place.elapsed() <= self.lateness {
+                    tokio::time::sleep_until(place.latest).await;
+                    // A call that may go well after its place would bunch with the next ones:
+                    // it gives the place up and takes a new one instead. That includes a
+                    // statement whose answer took longer than the lateness allowed (where in
+                    // that time PostgreSQL read the row is unknown).
+                    if place.earliest.elapsed() <= self.lateness {
                         return Ok(());
                     }
                 }
