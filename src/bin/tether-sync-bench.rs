@@ -96,6 +96,10 @@ struct Args {
     /// How many of the statements that took most of PostgreSQL's time each round prints.
     #[arg(long, default_value_t = 6)]
     top: usize,
+    /// Run with the guard on (docs/guard.md), at thresholds no round reaches: what its counting
+    /// costs per write, never a trip. By default the guard is off.
+    #[arg(long)]
+    guard: bool,
     /// The tether binary (default: `tether` beside this binary).
     #[arg(long)]
     tether: Option<PathBuf>,
@@ -212,8 +216,13 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
     let log_path = std::env::temp_dir().join("tether-sync-bench-tether.log");
     let log = std::fs::File::create(&log_path)?;
     println!(
-        "tether's log: {} (guard off: [guard] enabled = false)",
-        log_path.display()
+        "tether's log: {} (guard {})",
+        log_path.display(),
+        if args.guard {
+            "on, at thresholds no round reaches"
+        } else {
+            "off: [guard] enabled = false"
+        }
     );
     let mut tether = tokio::process::Command::new(&tether_bin)
         .arg("serve")
@@ -300,6 +309,14 @@ fn write_config(
     // Only the two systems of the measured flow are connected, so no other flow adds work. The
     // Zendesk limiter is set to its highest value: the simulator has no limit, and the point is
     // tether's own capacity (a real Zendesk account allows 200 to 2,500 requests a minute).
+    let guard = if args.guard {
+        // On, but never tripped: unique names, and no limit a round of renames reaches.
+        "[guard]\nenabled = true\nmax_writes = 4294967295\nmax_same_value = 4294967295\n\
+         max_changed_fraction = 1.0"
+    } else {
+        "# Off: the benchmark measures sync throughput, and its rounds are mass changes by design.\n\
+         [guard]\nenabled = false"
+    };
     let config = format!(
         r#"listen = "{listen}"
 log_format = "json"
@@ -314,9 +331,7 @@ concurrency = {concurrency}
 [registry]
 overlay = {overlay:?}
 
-# Off: the benchmark measures sync throughput, and its rounds are mass changes by design.
-[guard]
-enabled = false
+{guard}
 
 [zendesk]
 base_url = "{zendesk}"

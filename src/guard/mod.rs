@@ -102,7 +102,7 @@ pub struct Guard {
 /// The window's counts for one write.
 struct Counts {
     writes: i64,
-    /// Other records written within the window.
+    /// Other linked records updated within the window (creates change no linked record).
     other_records: i64,
     /// The most records (other than this one) that got one of this write's new values.
     same_value: i64,
@@ -175,7 +175,7 @@ async fn decide(
     let record = &write.items[0].record;
     let vals = values_of(write);
     let counts = count(&mut *tx, &flow.id, settings, record, &vals).await?;
-    if let Some(trip) = passed(&counts, settings) {
+    if let Some(trip) = passed(&counts, settings, write.is_create) {
         return Ok(Verdict::Held {
             tripped: Some(trip),
         });
@@ -183,12 +183,13 @@ async fn decide(
     sqlx::query(
         "WITH pruned AS (DELETE FROM guard_writes WHERE flow_id = $1 \
          AND at < now() - make_interval(secs => $4)) \
-         INSERT INTO guard_writes (flow_id, record, vals) VALUES ($1, $2, $3)",
+         INSERT INTO guard_writes (flow_id, record, vals, created) VALUES ($1, $2, $3, $5)",
     )
     .bind(&flow.id)
     .bind(record)
     .bind(Value::Object(vals))
     .bind(settings.window.as_secs_f64())
+    .bind(write.is_create)
     .execute(&mut *tx)
     .await?;
     Ok(Verdict::Send)
@@ -212,14 +213,14 @@ async fn count(
     vals: &Map<String, Value>,
 ) -> Result<Counts, sqlx::Error> {
     let row: (i64, i64, Option<i64>, Option<String>, i64) = sqlx::query_as(
-        "WITH w AS (SELECT record, vals FROM guard_writes \
+        "WITH w AS (SELECT record, vals, created FROM guard_writes \
                     WHERE flow_id = $1 AND at >= now() - make_interval(secs => $2)), \
               same AS (SELECT e.key, count(DISTINCT w.record) AS n \
                        FROM w, jsonb_each(w.vals) e, jsonb_each($4::jsonb) mine \
                        WHERE e.key = mine.key AND e.value = mine.value AND w.record <> $3 \
                        GROUP BY e.key ORDER BY n DESC, e.key LIMIT 1) \
          SELECT (SELECT count(*) FROM w), \
-                (SELECT count(DISTINCT record) FROM w WHERE record <> $3), \
+                (SELECT count(DISTINCT record) FROM w WHERE record <> $3 AND NOT created), \
                 (SELECT n FROM same), (SELECT key FROM same), \
                 (SELECT count(*) FROM links WHERE flow_id = $1 AND state = 'active')",
     )
@@ -238,8 +239,9 @@ async fn count(
     })
 }
 
-/// The threshold this write would pass, if any (the write itself counted).
-fn passed(c: &Counts, s: &GuardSettings) -> Option<Trip> {
+/// The threshold this write would pass, if any (the write itself counted; a create counts toward
+/// writes and same values, not toward the share of linked records changed).
+fn passed(c: &Counts, s: &GuardSettings, is_create: bool) -> Option<Trip> {
     let window = humantime::format_duration(s.window).to_string();
     if c.writes + 1 > i64::from(s.max_writes) {
         return Some(Trip::Writes {
@@ -257,6 +259,9 @@ fn passed(c: &Counts, s: &GuardSettings) -> Option<Trip> {
             limit: s.max_same_value,
             window,
         });
+    }
+    if is_create {
+        return None;
     }
     let changed = c.other_records + 1;
     let fraction_applies = c.links >= settings::FRACTION_APPLIES_FROM_LINKS;
@@ -292,13 +297,13 @@ mod tests {
             max_same_value: 3,
             ..GuardSettings::default()
         };
-        assert_eq!(passed(&counts(4, 0, 0, 0), &s), None);
+        assert_eq!(passed(&counts(4, 0, 0, 0), &s, false), None);
         assert!(matches!(
-            passed(&counts(5, 0, 0, 0), &s),
+            passed(&counts(5, 0, 0, 0), &s, false),
             Some(Trip::Writes { limit: 5, .. })
         ));
-        assert_eq!(passed(&counts(0, 0, 2, 0), &s), None);
-        match passed(&counts(0, 0, 3, 0), &s) {
+        assert_eq!(passed(&counts(0, 0, 2, 0), &s, false), None);
+        match passed(&counts(0, 0, 3, 0), &s, false) {
             Some(Trip::SameValue { property, .. }) => assert_eq!(property, "name"),
             other => panic!("{other:?}"),
         }
@@ -308,9 +313,29 @@ mod tests {
     fn the_changed_fraction_applies_from_a_hundred_links() {
         let s = GuardSettings::default();
         // 30 of 99: no fraction yet.
-        assert_eq!(passed(&counts(29, 29, 0, 99), &s), None);
-        assert_eq!(passed(&counts(19, 19, 0, 100), &s), None);
-        let trip = passed(&counts(20, 20, 0, 100), &s).unwrap();
+        assert_eq!(passed(&counts(29, 29, 0, 99), &s, false), None);
+        assert_eq!(passed(&counts(19, 19, 0, 100), &s, false), None);
+        let trip = passed(&counts(20, 20, 0, 100), &s, false).unwrap();
         assert!(trip.to_string().contains("21 of 100"), "{trip}");
+    }
+
+    #[test]
+    fn a_create_counts_toward_writes_and_same_values_but_changes_no_linked_record() {
+        let s = GuardSettings {
+            max_writes: 500,
+            max_same_value: 3,
+            ..GuardSettings::default()
+        };
+        // 130 writes against 100 links: a share past 100% if creates counted as changes.
+        assert_eq!(passed(&counts(130, 20, 0, 100), &s, true), None);
+        assert!(passed(&counts(130, 20, 0, 100), &s, false).is_some());
+        assert!(matches!(
+            passed(&counts(500, 0, 0, 100), &s, true),
+            Some(Trip::Writes { .. })
+        ));
+        assert!(matches!(
+            passed(&counts(0, 0, 3, 100), &s, true),
+            Some(Trip::SameValue { .. })
+        ));
     }
 }

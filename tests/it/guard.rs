@@ -7,16 +7,17 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tether::guard::held;
-use tether::guard::undo;
+use tether::domain::{Action, ChangeEvent, RecordKey, SystemId};
+use tether::guard::{held, undo, Guard, GuardSettings, PlannedWrite, Trip, Verdict, WriteItem};
+use tether::queue::{ClaimedJob, JobPriority};
 use tether::simulators::zendesk::Kind;
+use tether::testing;
 
 use crate::support::{eventually, Service};
 
 const FLOW: &str = "zendesk.Organizations->customerp.Customer";
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Organization names become Custom ERP customer names, both ways.
 /// Organization names become Custom ERP customer names, both ways (shared with the admin tests).
 use crate::admin::OVERLAY;
 
@@ -421,4 +422,92 @@ async fn one_value_given_to_too_many_records_trips_max_same_value() {
         trip.reason
     );
     h.stop().await;
+}
+
+/// A live job of one Zendesk organization (the guard reads its event id and priority).
+fn live_job(n: i64, org: &str) -> ClaimedJob {
+    ClaimedJob {
+        job_id: n,
+        event_id: n,
+        event: ChangeEvent {
+            record: RecordKey {
+                system: SystemId::Zendesk,
+                entity_type: "Organizations".into(),
+                record_id: org.into(),
+            },
+            action: Action::Updated,
+            occurred_at: None,
+            delivery_id: format!("guard-test-{n}"),
+        },
+        attempt: 1,
+        priority: JobPriority::Live,
+    }
+}
+
+/// A write of a new, unique customer name for organization `org`.
+fn name_write(org: &str, is_create: bool) -> PlannedWrite {
+    PlannedWrite {
+        link_id: None,
+        is_create,
+        items: vec![WriteItem {
+            record: format!("zendesk/Organizations/{org}"),
+            side: "target",
+            property: "name".into(),
+            old: None,
+            new: json!(format!("Name of {org}")),
+        }],
+    }
+}
+
+#[tokio::test]
+async fn creates_never_count_as_linked_records_changed_and_updates_past_the_share_trip_it() {
+    let db = testing::database().await;
+    let (registry, _) = tether::registry::load(None).unwrap();
+    let flow = registry.dataflows.iter().find(|f| f.id == FLOW).unwrap();
+    sqlx::query(
+        "INSERT INTO links (flow_id, source_system, source_type, source_id, target_system, \
+         target_type, target_id) SELECT $1, 'zendesk', 'Organizations', g::text, 'customerp', \
+         'Customer', 'c' || g FROM generate_series(1, 100) g",
+    )
+    .bind(FLOW)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let guard = Guard::new(db.pool.clone(), GuardSettings::default());
+    // 130 new organizations against 100 links: their creates change no linked record, so the
+    // share of linked records changed (default 0.2) stays at none; they are under max_writes.
+    for n in 0..130 {
+        let org = format!("new{n}");
+        let verdict = guard
+            .admit(flow, &live_job(n, &org), &name_write(&org, true))
+            .await
+            .unwrap();
+        assert_eq!(verdict, Verdict::Send, "create {n}");
+    }
+    // Updates of linked organizations: 20 of 100 is the share allowed, the 21st passes it.
+    for n in 1..=20 {
+        let org = n.to_string();
+        let verdict = guard
+            .admit(flow, &live_job(1000 + n, &org), &name_write(&org, false))
+            .await
+            .unwrap();
+        assert_eq!(verdict, Verdict::Send, "update {n}");
+    }
+    let verdict = guard
+        .admit(flow, &live_job(1021, "21"), &name_write("21", false))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            verdict,
+            Verdict::Held {
+                tripped: Some(Trip::ChangedFraction {
+                    changed: 21,
+                    links: 100,
+                    ..
+                })
+            }
+        ),
+        "{verdict:?}"
+    );
 }
