@@ -9,27 +9,6 @@ use sqlx::{PgConnection, PgPool};
 use super::PlannedWrite;
 use crate::queue::ClaimedJob;
 
-pub(super) async fn is_tripped(tx: &mut PgConnection, flow_id: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM guard_trips WHERE flow_id = $1)")
-        .bind(flow_id)
-        .fetch_one(tx)
-        .await
-}
-
-pub(super) async fn is_released(
-    tx: &mut PgConnection,
-    flow_id: &str,
-    event_id: i64,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM guard_released WHERE flow_id = $1 AND event_id = $2)",
-    )
-    .bind(flow_id)
-    .bind(event_id)
-    .fetch_one(tx)
-    .await
-}
-
 pub(super) async fn trip(
     tx: &mut PgConnection,
     flow_id: &str,
@@ -167,10 +146,13 @@ async fn settle_begin(
         return Err(SettleError::NotTripped(flow_id.to_owned()));
     }
     // The flow runs again with a fresh window.
-    sqlx::query("DELETE FROM guard_writes WHERE flow_id = $1")
-        .bind(flow_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "WITH values_gone AS (DELETE FROM guard_values WHERE flow_id = $1) \
+         DELETE FROM guard_writes WHERE flow_id = $1",
+    )
+    .bind(flow_id)
+    .execute(&mut *tx)
+    .await?;
     Ok(tx)
 }
 

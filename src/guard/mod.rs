@@ -166,23 +166,28 @@ async fn decide(
     write: &PlannedWrite,
     settings: &GuardSettings,
 ) -> Result<Verdict, sqlx::Error> {
-    if held::is_tripped(&mut *tx, &flow.id).await? {
-        return Ok(Verdict::Held { tripped: None });
-    }
-    if held::is_released(&mut *tx, &flow.id, job.event_id).await? {
-        return Ok(Verdict::Exempt);
-    }
     let record = &write.items[0].record;
     let vals = values_of(write);
-    let counts = count(&mut *tx, &flow.id, settings, record, &vals).await?;
-    if let Some(trip) = passed(&counts, settings, write.is_create) {
+    let standing = standing(&mut *tx, &flow.id, settings, record, &vals, job.event_id).await?;
+    if standing.tripped {
+        return Ok(Verdict::Held { tripped: None });
+    }
+    if standing.released {
+        return Ok(Verdict::Exempt);
+    }
+    if let Some(trip) = passed(&standing.counts, settings, write.is_create) {
         return Ok(Verdict::Held {
             tripped: Some(trip),
         });
     }
     sqlx::query(
         "WITH pruned AS (DELETE FROM guard_writes WHERE flow_id = $1 \
-         AND at < now() - make_interval(secs => $4)) \
+                         AND at < now() - make_interval(secs => $4)), \
+              pruned_values AS (DELETE FROM guard_values WHERE flow_id = $1 \
+                                AND at < now() - make_interval(secs => $4)), \
+              counted_values AS (INSERT INTO guard_values (flow_id, key, value_hash, record) \
+                                 SELECT $1, e.key, hashtextextended(e.value::text, 0), $2 \
+                                 FROM jsonb_each($3::jsonb) e) \
          INSERT INTO guard_writes (flow_id, record, vals, created) VALUES ($1, $2, $3, $5)",
     )
     .bind(&flow.id)
@@ -204,22 +209,39 @@ fn values_of(write: &PlannedWrite) -> Map<String, Value> {
         .collect()
 }
 
-/// The counts of the window as they stand before this write.
-async fn count(
+/// Where a flow stands for one write, read in one statement under the flow's lock (every round
+/// trip there is time every other writer of the flow waits).
+struct Standing {
+    /// The flow is paused: the write is held.
+    tripped: bool,
+    /// The write's event was released by the operator: sent without counting.
+    released: bool,
+    /// The window's counts before this write.
+    counts: Counts,
+}
+
+async fn standing(
     tx: &mut PgConnection,
     flow_id: &str,
     settings: &GuardSettings,
     record: &str,
     vals: &Map<String, Value>,
-) -> Result<Counts, sqlx::Error> {
-    let row: (i64, i64, Option<i64>, Option<String>, i64) = sqlx::query_as(
-        "WITH w AS (SELECT record, vals, created FROM guard_writes \
+    event_id: i64,
+) -> Result<Standing, sqlx::Error> {
+    type Row = (bool, bool, i64, i64, Option<i64>, Option<String>, i64);
+    let row: Row = sqlx::query_as(
+        "WITH w AS (SELECT record, created FROM guard_writes \
                     WHERE flow_id = $1 AND at >= now() - make_interval(secs => $2)), \
-              same AS (SELECT e.key, count(DISTINCT w.record) AS n \
-                       FROM w, jsonb_each(w.vals) e, jsonb_each($4::jsonb) mine \
-                       WHERE e.key = mine.key AND e.value = mine.value AND w.record <> $3 \
-                       GROUP BY e.key ORDER BY n DESC, e.key LIMIT 1) \
-         SELECT (SELECT count(*) FROM w), \
+              same AS (SELECT v.key, count(DISTINCT v.record) AS n \
+                       FROM jsonb_each($4::jsonb) mine JOIN guard_values v \
+                         ON v.flow_id = $1 AND v.key = mine.key \
+                        AND v.value_hash = hashtextextended(mine.value::text, 0) \
+                        AND v.at >= now() - make_interval(secs => $2) \
+                       WHERE v.record <> $3 \
+                       GROUP BY v.key ORDER BY n DESC, v.key LIMIT 1) \
+         SELECT EXISTS (SELECT 1 FROM guard_trips WHERE flow_id = $1), \
+                EXISTS (SELECT 1 FROM guard_released WHERE flow_id = $1 AND event_id = $5), \
+                (SELECT count(*) FROM w), \
                 (SELECT count(DISTINCT record) FROM w WHERE record <> $3 AND NOT created), \
                 (SELECT n FROM same), (SELECT key FROM same), \
                 (SELECT count(*) FROM links WHERE flow_id = $1 AND state = 'active')",
@@ -228,14 +250,19 @@ async fn count(
     .bind(settings.window.as_secs_f64())
     .bind(record)
     .bind(Value::Object(vals.clone()))
+    .bind(event_id)
     .fetch_one(&mut *tx)
     .await?;
-    Ok(Counts {
-        writes: row.0,
-        other_records: row.1,
-        same_value: row.2.unwrap_or(0),
-        same_value_property: row.3,
-        links: row.4,
+    Ok(Standing {
+        tripped: row.0,
+        released: row.1,
+        counts: Counts {
+            writes: row.2,
+            other_records: row.3,
+            same_value: row.4.unwrap_or(0),
+            same_value_property: row.5,
+            links: row.6,
+        },
     })
 }
 
