@@ -5,7 +5,7 @@
 //! May call: `registry`, `connectors` (through the trait: reading both sides), `queue`
 //! (enqueueing the plan's records at [`crate::queue::JobPriority::Backfill`]), `db`.
 //! Called by: `cli`, `sandbox`, and `sync` (the engine reads a backfill job's planned items and
-//! marks them done: [`store::items_of_event`], [`store::item_done`]).
+//! marks them done: [`store::items_of_event`], [`store::item_done`], [`store::items_done`]).
 //!
 //! - [`normalize`]: how merge-criteria values compare (pure);
 //! - [`classify`]: one flow's source records against its targets and links (pure);
@@ -242,6 +242,7 @@ pub struct Summary {
     pub vendor_calls: BTreeMap<String, u64>,
     /// How long running it takes at the vendors' limits (the slowest system's calls).
     pub estimated_seconds: u64,
-    /// Source records the run enqueues (one job each, whatever the number of its flows).
+    /// Source records the run enqueues (whatever the number of their flows; in pages of
+    /// [`store::BATCH_RECORDS`]).
     pub records_to_run: u64,
 }

@@ -131,7 +131,8 @@ pub async fn items(pool: &PgPool, plan: i64) -> Result<Vec<ItemRow>, sqlx::Error
 /// What [`enqueue`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
-    /// The plan's records were enqueued now (this many jobs).
+    /// The plan's records were enqueued now (this many records, in jobs of up to
+    /// [`BATCH_RECORDS`]).
     Now(u64),
     /// An earlier run enqueued them; nothing was added.
     Before,
@@ -139,9 +140,17 @@ pub enum Enqueued {
     NoPlan,
 }
 
-/// Enqueues one backfill job per source record the plan acts on, parents' stages first, once:
-/// the plan row is locked and marked in the same transaction, and each event's delivery id
-/// names the plan and the record, so running a plan again (or twice at once) adds nothing.
+/// Source records per backfill job. A job carries a page of the plan: its items are read, their
+/// links and intents looked up, and the creates that need nothing but the vendor call are
+/// recorded a chunk at a time (`sync::backfill`), so the queue's and the log's statements are
+/// paid per page, not per record. Small enough that a page's work is a few seconds at a
+/// throttled vendor and that progress advances in steps a person sees.
+pub const BATCH_RECORDS: usize = 50;
+
+/// Enqueues the source records the plan acts on, [`BATCH_RECORDS`] per job, parents' stages
+/// first, once: the plan row is locked and marked in the same transaction, and each event's
+/// delivery id names the plan and the page, so running a plan again (or twice at once) adds
+/// nothing.
 pub async fn enqueue(pool: &PgPool, plan: i64) -> Result<Enqueued, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let state: Option<(Option<DateTime<Utc>>,)> =
@@ -154,27 +163,27 @@ pub async fn enqueue(pool: &PgPool, plan: i64) -> Result<Enqueued, sqlx::Error> 
         Some((Some(_),)) => return Ok(Enqueued::Before),
         Some((None,)) => {}
     }
-    let records: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT source_system, source_type, source_id FROM backfill_items \
+    let records: Vec<(i32, String, String, String)> = sqlx::query_as(
+        "SELECT min(stage), source_system, source_type, source_id FROM backfill_items \
          WHERE plan_id = $1 AND verdict IN ('link', 'create') \
          GROUP BY source_system, source_type, source_id ORDER BY min(stage), min(id)",
     )
     .bind(plan)
     .fetch_all(&mut *tx)
     .await?;
-    for chunk in records.chunks(CHUNK) {
-        let pick = |f: fn(&(String, String, String)) -> &String| -> Vec<&str> {
-            chunk.iter().map(|r| f(r).as_str()).collect()
-        };
-        sqlx::query(ENQUEUE)
-            .bind(plan)
-            .bind(pick(|r| &r.0))
-            .bind(pick(|r| &r.1))
-            .bind(pick(|r| &r.2))
-            .bind(JobPriority::Backfill.as_i16())
-            .execute(&mut *tx)
-            .await?;
-    }
+    // One statement: a page's event and its items' pointers must be made together.
+    let pick = |f: fn(&(i32, String, String, String)) -> &String| -> Vec<&str> {
+        records.iter().map(|r| f(r).as_str()).collect()
+    };
+    sqlx::query(ENQUEUE)
+        .bind(plan)
+        .bind(pick(|r| &r.1))
+        .bind(pick(|r| &r.2))
+        .bind(pick(|r| &r.3))
+        .bind(JobPriority::Backfill.as_i16())
+        .bind(pages(&records))
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "UPDATE backfill_plans SET enqueued_at = now(), started_at = coalesce(started_at, now()) \
          WHERE id = $1",
@@ -186,18 +195,54 @@ pub async fn enqueue(pool: &PgPool, plan: i64) -> Result<Enqueued, sqlx::Error> 
     Ok(Enqueued::Now(records.len() as u64))
 }
 
-/// One event and one job per record, in the order given (job ids follow it, so the claim takes
-/// parents first), and the items of each record pointed at their event. The job's record key is
-/// `queue::record_key` of the event: `system/type/id`.
+/// The page of each record, in order: a new page every [`BATCH_RECORDS`] records and wherever
+/// the stage or the record type changes (a job reads one type, and parents' pages come first).
+fn pages(records: &[(i32, String, String, String)]) -> Vec<i32> {
+    let mut out = Vec::with_capacity(records.len());
+    let mut page = 0;
+    let mut in_page = 0;
+    for (i, r) in records.iter().enumerate() {
+        let boundary = i > 0 && {
+            let p = &records[i - 1];
+            (p.0, &p.1, &p.2) != (r.0, &r.1, &r.2)
+        };
+        if boundary || in_page == BATCH_RECORDS {
+            page += 1;
+            in_page = 0;
+        }
+        in_page += 1;
+        out.push(page);
+    }
+    out
+}
+
+/// The record id of a page's event: `backfill:<plan>:<page>` of the page's system and type. Its
+/// job's record key is unique, so the page runs beside live jobs of its records; create intents
+/// and the links' unique indexes keep each record to one counterpart (docs/backfill.md).
+pub fn page_record_id(plan: i64, page: i32) -> String {
+    format!("{DELIVERY_PREFIX}{plan}:{page}")
+}
+
+/// Whether an event is a backfill page (its record id names the page, not a record).
+pub fn is_page_event(event: &crate::domain::ChangeEvent) -> bool {
+    is_backfill_event(event) && event.record.record_id.starts_with(DELIVERY_PREFIX)
+}
+
+/// One event and one job per page, in the order given (job ids follow it, so the claim takes
+/// parents first), and the items of each record pointed at their page's event. The event's
+/// delivery id is `backfill:<plan>:page/<page>`.
 const ENQUEUE: &str = "
     WITH r AS (
-        SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[]) WITH ORDINALITY
-            AS r(system, entity_type, record_id, ord)
+        SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $6::int[]) WITH ORDINALITY
+            AS r(system, entity_type, record_id, page, ord)
+    ), p AS (
+        SELECT page, min(system) AS system, min(entity_type) AS entity_type, min(ord) AS ord
+        FROM r GROUP BY page
     ), ev AS (
         INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id)
-        SELECT system, entity_type, record_id, 'updated', now(),
-               'backfill:' || $1 || ':' || system || '/' || entity_type || '/' || record_id
-        FROM r ORDER BY ord
+        SELECT system, entity_type, 'backfill:' || $1 || ':' || page, 'updated', now(),
+               'backfill:' || $1 || ':page/' || page
+        FROM p ORDER BY ord
         ON CONFLICT (system, delivery_id) DO NOTHING
         RETURNING id, system, entity_type, record_id
     ), jobs_added AS (
@@ -206,9 +251,9 @@ const ENQUEUE: &str = "
         RETURNING event_id
     )
     UPDATE backfill_items i SET event_id = ev.id
-    FROM ev
-    WHERE i.plan_id = $1 AND i.source_system = ev.system AND i.source_type = ev.entity_type
-      AND i.source_id = ev.record_id AND i.verdict IN ('link', 'create')";
+    FROM r JOIN ev ON ev.record_id = 'backfill:' || $1 || ':' || r.page
+    WHERE i.plan_id = $1 AND i.source_system = r.system AND i.source_type = r.entity_type
+      AND i.source_id = r.record_id AND i.verdict IN ('link', 'create')";
 
 /// Where a plan's run stands: items to carry out, carried out, failed for good (their job is a
 /// dead letter), and how the carried-out ones went.
@@ -235,31 +280,37 @@ pub async fn progress(pool: &PgPool, plan: i64) -> Result<Progress, sqlx::Error>
             .bind(plan)
             .fetch_optional(pool)
             .await?;
-    let rows: Vec<(Option<String>, bool, i64)> = sqlx::query_as(
-        "SELECT i.result, coalesce(j.state = 'dead', false) AS dead, count(*) \
-         FROM backfill_items i LEFT JOIN jobs j ON j.event_id = i.event_id \
-         WHERE i.plan_id = $1 AND i.verdict IN ('link', 'create') \
-         GROUP BY 1, 2",
+    // Two small statements rather than every item joined to `jobs`, which scanned both tables on
+    // every poll (`tether backfill run` polls several times a second): the items by result, and
+    // the dead letters (few) with their items found by event.
+    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT result, count(*) FROM backfill_items \
+         WHERE plan_id = $1 AND verdict IN ('link', 'create') GROUP BY 1",
     )
     .bind(plan)
     .fetch_all(pool)
+    .await?;
+    let failed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs j JOIN backfill_items i ON i.event_id = j.event_id \
+         WHERE j.state = 'dead' AND i.plan_id = $1 AND i.done_at IS NULL \
+           AND i.verdict IN ('link', 'create')",
+    )
+    .bind(plan)
+    .fetch_one(pool)
     .await?;
     let mut p = Progress {
         enqueued: enqueued.unwrap_or(false),
         ..Progress::default()
     };
-    for (result, dead, n) in rows {
+    for (result, n) in rows {
         let n = n as u64;
         p.total += n;
-        match result {
-            Some(r) => {
-                p.done += n;
-                *p.results.entry(r).or_default() += n;
-            }
-            None if dead => p.failed += n,
-            None => {}
+        if let Some(r) = result {
+            p.done += n;
+            *p.results.entry(r).or_default() += n;
         }
     }
+    p.failed = failed as u64;
     Ok(p)
 }
 
@@ -309,6 +360,8 @@ pub struct PlannedItem {
     pub id: i64,
     pub plan_id: i64,
     pub flow_id: String,
+    /// The source record (a page's items name several).
+    pub source_id: String,
     pub action: PlannedAction,
     pub source_updated_at: Option<DateTime<Utc>>,
     pub done: bool,
@@ -324,11 +377,12 @@ pub enum PlannedAction {
     Create,
 }
 
-/// The items a backfill job carries out (one per flow of its record), found by its event.
+/// The items a backfill job carries out (one per flow of each record of its page), found by its
+/// event, in plan order.
 pub async fn items_of_event(pool: &PgPool, event_id: i64) -> Result<Vec<PlannedItem>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, plan_id, flow_id, verdict, target_id, source_updated_at, done_at IS NOT NULL AS done \
-         FROM backfill_items WHERE event_id = $1",
+        "SELECT id, plan_id, flow_id, source_id, verdict, target_id, source_updated_at, \
+         done_at IS NOT NULL AS done FROM backfill_items WHERE event_id = $1 ORDER BY id",
     )
     .bind(event_id)
     .fetch_all(pool)
@@ -347,6 +401,7 @@ pub async fn items_of_event(pool: &PgPool, event_id: i64) -> Result<Vec<PlannedI
             id: r.try_get("id")?,
             plan_id: r.try_get("plan_id")?,
             flow_id: r.try_get("flow_id")?,
+            source_id: r.try_get("source_id")?,
             action,
             source_updated_at: r.try_get("source_updated_at")?,
             done: r.try_get("done")?,
@@ -388,6 +443,30 @@ pub async fn item_done(pool: &PgPool, item: i64, result: ItemResult) -> Result<(
     .bind(item)
     .bind(result.as_str())
     .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Marks items carried out, inside the caller's transaction (with the links they made), once
+/// each as [`item_done`] does.
+pub async fn items_done(
+    conn: &mut sqlx::PgConnection,
+    items: &[(i64, ItemResult)],
+) -> Result<(), sqlx::Error> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = items.iter().map(|i| i.0).collect();
+    let results: Vec<&str> = items.iter().map(|i| i.1.as_str()).collect();
+    sqlx::query(
+        "UPDATE backfill_items i SET done_at = now(), result = u.result \
+         FROM UNNEST($1::bigint[], $2::text[]) AS u(id, result) \
+         WHERE i.id = u.id AND i.done_at IS NULL",
+    )
+    .bind(&ids)
+    .bind(&results)
+    .persistent(false)
+    .execute(conn)
     .await?;
     Ok(())
 }

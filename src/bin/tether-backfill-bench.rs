@@ -7,6 +7,11 @@
 //! one with the Zendesk simulator counting a plan limit per minute and Tether configured to the
 //! same limit, which compares the run time with the plan's estimate.
 //!
+//! Each scenario runs on a database of its own in a private PostgreSQL cluster started by the
+//! benchmark with pg_stat_statements loaded, so the report can say where PostgreSQL's time went
+//! (the statements that took most of it during the run) and how the CPU was shared between this
+//! process (Tether and the simulators) and PostgreSQL.
+//!
 //! Figures, not a pass/fail test: see the README's "Benchmarks" section.
 //! Run: `cargo run --release --bin tether-backfill-bench`
 
@@ -20,8 +25,11 @@ use clap::Parser;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use secrecy::ExposeSecret;
 use tether::backfill::{plan, store, Summary};
 use tether::config::{Config, Source};
+use tether::db::embedded::EmbeddedPostgres;
+use tether::measure;
 use tether::sandbox::Simulators;
 use tether::simulators::kit::{Faults, SimControl};
 
@@ -67,6 +75,9 @@ struct Args {
     /// `workers.concurrency` (backfill runs on half of it).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Statements printed per scenario (by PostgreSQL execution time during the run).
+    #[arg(long, default_value_t = 12)]
+    top: usize,
 }
 
 /// One run's shape.
@@ -92,6 +103,90 @@ struct Figures {
     run: Duration,
     plan_calls: Calls,
     run_calls: Calls,
+    cpu: Cpu,
+    /// The run's statements: text, calls, total execution time (ms), by time.
+    statements: Vec<(String, i64, f64)>,
+    /// The scans reading most rows: what and of which table or index, scans, rows read,
+    /// whether the table was analyzed (true for indexes).
+    scans: Vec<(String, i64, i64, bool)>,
+}
+
+/// CPU ticks spent during the run.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    /// This process: Tether's workers and the simulators.
+    process: u64,
+    postgres: u64,
+    machine: u64,
+}
+
+impl Cpu {
+    fn now(postmaster: u32) -> Cpu {
+        Cpu {
+            process: measure::cpu_ticks(std::process::id()).unwrap_or(0),
+            postgres: measure::tree_cpu_ticks(postmaster).unwrap_or(0),
+            machine: measure::machine_busy_ticks().unwrap_or(0),
+        }
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            process: self.process.saturating_sub(before.process),
+            postgres: self.postgres.saturating_sub(before.postgres),
+            machine: self.machine.saturating_sub(before.machine),
+        }
+    }
+}
+
+/// The benchmark's own PostgreSQL: one cluster, a fresh database per scenario.
+struct Cluster {
+    pg: EmbeddedPostgres,
+    postmaster: u32,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    async fn start() -> anyhow::Result<Cluster> {
+        // A directory the unprivileged postgres user can reach; removed by `stop`, not on drop.
+        let temp = tether::testing::shared_tempdir();
+        let dir = temp.path().to_owned();
+        std::mem::forget(temp);
+        let pg = EmbeddedPostgres::start(&dir.join("pg"))
+            .await
+            .context("cannot start PostgreSQL")?;
+        pg.preload_libraries(&["pg_stat_statements"])
+            .await
+            .context("cannot load pg_stat_statements")?;
+        let postmaster = pg.postmaster_pid().context("no postmaster pid")? as u32;
+        Ok(Cluster {
+            pg,
+            postmaster,
+            dir,
+        })
+    }
+
+    /// A new, migrated database with pg_stat_statements.
+    async fn database(&self, name: &str) -> anyhow::Result<sqlx::PgPool> {
+        let admin = sqlx::PgPool::connect(self.pg.url().expose_secret()).await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(20)
+            .connect(self.pg.url_for(name).expose_secret())
+            .await?;
+        tether::db::migrate(&pool).await?;
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&pool)
+            .await?;
+        Ok(pool)
+    }
+
+    async fn stop(self) {
+        let _ = self.pg.stop().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,13 +196,23 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         print_machine();
+        let cluster = Cluster::start().await?;
+        let result = scenarios(&args, &cluster).await;
+        cluster.stop().await;
+        result
+    })
+}
+
+async fn scenarios(args: &Args, cluster: &Cluster) -> anyhow::Result<()> {
+    {
         let open = Scenario {
             orgs: args.orgs,
             matching: args.matching,
             zendesk_limit: None,
             concurrency: args.concurrency,
         };
-        report("unthrottled simulators", &run_scenario(&open).await?);
+        let figures = run_scenario(cluster, "bench_open", &open).await?;
+        report("unthrottled simulators", &figures, args.top);
         if args.throttled_orgs > 0 {
             let throttled = Scenario {
                 orgs: args.throttled_orgs,
@@ -115,14 +220,15 @@ fn main() -> anyhow::Result<()> {
                 zendesk_limit: Some(args.zendesk_limit),
                 concurrency: args.concurrency,
             };
-            let figures = run_scenario(&throttled).await?;
+            let figures = run_scenario(cluster, "bench_throttled", &throttled).await?;
             report(
                 &format!("Zendesk limited to {} a minute", args.zendesk_limit),
                 &figures,
+                args.top,
             );
         }
         anyhow::Ok(())
-    })
+    }
 }
 
 fn trace(what: &str) {
@@ -140,16 +246,16 @@ fn print_machine() {
     );
 }
 
-async fn run_scenario(s: &Scenario) -> anyhow::Result<Figures> {
-    let db = tether::testing::database().await;
+async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Result<Figures> {
+    let pool = cluster.database(name).await?;
     let listener =
         tokio::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await?;
     let addr = listener.local_addr()?;
     let sims = Simulators::start(addr.ip(), &format!("http://{addr}")).await?;
     let config = Arc::new(configure(&sims, addr, s)?);
     let (registry, _) = tether::registry::load(config.registry.overlay.as_deref())?;
-    tether::sandbox::install_webhooks(&config, &db.pool, &registry).await?;
-    tether::service::record_first_connections(&config, &db.pool).await?;
+    tether::sandbox::install_webhooks(&config, &pool, &registry).await?;
+    tether::service::record_first_connections(&config, &pool).await?;
     trace("webhooks installed; seeding");
     seed(&sims, s);
     if let Some(limit) = s.zendesk_limit {
@@ -162,7 +268,7 @@ async fn run_scenario(s: &Scenario) -> anyhow::Result<Figures> {
     let registry = Arc::new(registry);
     let service = tokio::spawn(tether::service::run(
         config.clone(),
-        db.pool.clone(),
+        pool.clone(),
         registry.clone(),
         Some(listener),
         shutdown.clone(),
@@ -170,17 +276,23 @@ async fn run_scenario(s: &Scenario) -> anyhow::Result<Figures> {
 
     trace("service started; planning");
     let started = Instant::now();
-    let summary = plan::make_and_store(&config, &db.pool, &registry, &[FLOW.to_owned()]).await?;
+    let summary = plan::make_and_store(&config, &pool, &registry, &[FLOW.to_owned()]).await?;
     let plan_time = started.elapsed();
     let plan_calls = calls(&sims);
     trace("planned; running");
 
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(&pool)
+        .await?;
+    let cpu = Cpu::now(cluster.postmaster);
     let started = Instant::now();
-    store::enqueue(&db.pool, summary.plan).await?;
-    wait_for_the_end(&db.pool, summary.plan).await?;
+    store::enqueue(&pool, summary.plan).await?;
+    wait_for_the_end(&pool, summary.plan).await?;
     let run_time = started.elapsed();
+    let cpu = Cpu::now(cluster.postmaster).since(cpu);
     let run_calls = minus(calls(&sims), plan_calls);
-
+    let statements = statements(&pool).await?;
+    let scans = scans(&pool).await?;
     shutdown.cancel();
     service.await??;
     Ok(Figures {
@@ -189,7 +301,37 @@ async fn run_scenario(s: &Scenario) -> anyhow::Result<Figures> {
         run: run_time,
         plan_calls,
         run_calls,
+        cpu,
+        statements,
+        scans,
     })
+}
+
+/// The scans that read the most rows (since the database was made: the plan's reading included),
+/// sequential scans of tables (with whether the table was ever analyzed) and index scans: a scan
+/// that reads more rows per call as a table grows makes the rate fall with the run's size.
+async fn scans(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i64, i64, bool)>> {
+    Ok(sqlx::query_as(
+        "SELECT 'sequential scans of ' || relname::text, seq_scan, seq_tup_read, \
+         coalesce(last_analyze, last_autoanalyze) IS NOT NULL \
+         FROM pg_stat_user_tables WHERE seq_tup_read > 0 \
+         UNION ALL SELECT 'index scans of ' || indexrelname::text, idx_scan, idx_tup_read, true \
+         FROM pg_stat_user_indexes WHERE idx_tup_read > 0 ORDER BY 3 DESC LIMIT 12",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The statements of the run by total execution time (the benchmark's own progress query
+/// included: `tether backfill run` follows a run with the same query).
+async fn statements(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i64, f64)>> {
+    Ok(sqlx::query_as(
+        "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time \
+         FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database \
+         WHERE datname = current_database()) ORDER BY total_exec_time DESC",
+    )
+    .fetch_all(pool)
+    .await?)
 }
 
 /// The sandbox's configuration of the simulators, with the bench's overlay, workers and limit.
@@ -262,7 +404,7 @@ fn minus(a: Calls, b: Calls) -> Calls {
     }
 }
 
-fn report(title: &str, f: &Figures) {
+fn report(title: &str, f: &Figures, top: usize) {
     let counts = &f.summary.flows[0];
     let items = counts.link + counts.create;
     let per = |n: u64| n as f64 / items.max(1) as f64;
@@ -292,4 +434,47 @@ fn report(title: &str, f: &Figures) {
         f.run.as_secs_f64(),
         (f.run.as_secs_f64() / (f.summary.estimated_seconds.max(1) as f64) - 1.0) * 100.0
     );
+    print_cpu(f, items);
+    print_statements(f, items, top);
+}
+
+fn print_cpu(f: &Figures, items: u64) {
+    let ms = |ticks: u64| ticks as f64 * 1000.0 / measure::TICKS_PER_SECOND / items.max(1) as f64;
+    let run = f.run.as_secs_f64().max(0.001);
+    let cores = |ticks: u64| ticks as f64 / measure::TICKS_PER_SECOND / run;
+    println!(
+        "cpu per record: this process (Tether and simulators) {:.2} ms, PostgreSQL {:.2} ms, \
+         machine {:.2} ms; cores busy: {:.2} + {:.2} of {:.2}",
+        ms(f.cpu.process),
+        ms(f.cpu.postgres),
+        ms(f.cpu.machine),
+        cores(f.cpu.process),
+        cores(f.cpu.postgres),
+        cores(f.cpu.machine)
+    );
+}
+
+fn print_statements(f: &Figures, items: u64, top: usize) {
+    let n = items.max(1) as f64;
+    let calls: i64 = f.statements.iter().map(|s| s.1).sum();
+    let exec: f64 = f.statements.iter().map(|s| s.2).sum();
+    println!(
+        "PostgreSQL per record: {:.1} statements, {:.3} ms executing them; top statements:",
+        calls as f64 / n,
+        exec / n
+    );
+    for (query, calls, total) in f.statements.iter().take(top) {
+        let query: String = query.chars().take(110).collect();
+        println!(
+            "  {:>7.3} ms {:>6.2}x  {query}",
+            total / n,
+            *calls as f64 / n
+        );
+    }
+    for (table, scans, rows, analyzed) in &f.scans {
+        println!(
+            "  {table}: {scans}, {rows} rows read{}",
+            if *analyzed { "" } else { " (never analyzed)" }
+        );
+    }
 }

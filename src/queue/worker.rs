@@ -623,7 +623,8 @@ async fn prune(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// Every second, analyzes and vacuums `jobs` when it changed enough ([`store::housekeep`]). Its
+/// Every second, analyzes and vacuums `jobs` when it changed enough ([`store::housekeep`]), and
+/// analyzes the engine's keyed tables that grew ([`store::analyze_keyed_tables`]). Its
 /// own task, not part of pruning: under sustained load a pruning pass keeps finding a full batch
 /// and runs on, and housekeeping waiting behind it did not run for whole benchmark runs.
 async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
@@ -651,6 +652,15 @@ async fn housekeeping(shared: Arc<Shared>, stop: CancellationToken) {
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "queue housekeeping failed"),
+        }
+        let analyzed = tokio::select! {
+            _ = stop.cancelled() => return,
+            analyzed = store::analyze_keyed_tables(&q.pool) => analyzed,
+        };
+        match analyzed {
+            Ok(tables) if !tables.is_empty() => tracing::debug!(?tables, "analyzed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "analyzing the engine's tables failed"),
         }
     }
 }

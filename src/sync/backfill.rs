@@ -1,19 +1,62 @@
 //! Carrying out a backfill plan's items through the engine's own path (docs/backfill.md,
-//! "Running a plan"): a backfill job is an ordinary event of its source record, and for the
-//! flows its plan items name, the planned match replaces the live lookup by merge criteria.
+//! "Running a plan"): a backfill job is a page of the plan's source records, and for the flows
+//! its plan items name, the planned match replaces the live lookup by merge criteria.
 //! Everything else (references translated first, create intents, one counterpart, fan-out, the
 //! merge of a linked pair) is what a live event gets.
+//!
+//! A page reads its records at once (rule 7: as they are now) and looks their links and intents
+//! up in one statement each. A planned create of a record unchanged since the plan, not linked,
+//! without an open intent and without references to translate needs nothing but the vendor
+//! call: such creates go a chunk at a time (their intents committed in one statement before
+//! the calls, the calls concurrently, then their links, intents, log entries, fan-out and items
+//! in one transaction). Every other item takes the engine's full path, one record at a time, as
+//! the record's own event would.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::create::Matching;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::create::{Built, Matching};
+use super::mapping::{mapped, synced};
 use super::merge::Side;
-use super::{store, ActiveFlow, Fail, Step, SyncEngine};
+use super::store::{CreatedLink, Entry};
+use super::{store, ActiveFlow, Decision, Fail, Gone, Step, SyncEngine};
 use crate::backfill::normalize;
 use crate::backfill::store::{self as plans, ItemResult, PlannedAction, PlannedItem};
-use crate::connectors::{Connector, Record};
+use crate::connectors::{Connector, ConnectorError, Record};
 use crate::queue::ClaimedJob;
 use crate::registry::Dataflow;
+
+/// Creates sent together: their intents in one statement, the calls at once, their links in one
+/// transaction. Small, so that a counterpart's link follows its create closely (the target's
+/// webhook for it then finds the link) and a page's progress shows in steps.
+const CREATE_CHUNK: usize = 10;
+
+/// Source records of a page read at once.
+const READS_AT_ONCE: usize = 8;
+
+/// The page's job as the event of one of its records: log entries, intents and fan-out name the
+/// record, as its own event would.
+fn job_of(job: &ClaimedJob, record_id: &str) -> ClaimedJob {
+    let mut one = job.clone();
+    one.event.record.record_id = record_id.to_owned();
+    one
+}
+
+/// Whether a planned item is a create that needs nothing but the vendor call: the record is
+/// unchanged since the plan, and the flow creates and translates no reference. (Links, open
+/// intents and other flows' links are looked up for the whole page.)
+fn plain_create(flow: &Dataflow, item: &PlannedItem, src: &Record) -> bool {
+    item.action == PlannedAction::Create
+        && src.updated_at == item.source_updated_at
+        && flow.switches.create_in_target
+        && synced(flow).all(|p| p.reference.is_none())
+}
+
+/// One flow's page of plain creates: what was built for each and the key of its intent.
+type Plain<'a> = (&'a PlannedItem, &'a Record, Built, Uuid);
 
 /// A backfill job runs only the flows its items name, on the source side; a job without items
 /// (live, or a backfill job's fan-out) runs every flow.
@@ -119,4 +162,221 @@ impl SyncEngine {
             });
         Ok(fits.then_some(found))
     }
+}
+
+impl SyncEngine {
+    /// A backfill page: its records read now, the plain creates in chunks, every other item
+    /// through [`SyncEngine::on_planned`]. Items carried out before (an earlier run of the page)
+    /// are skipped. A failing item does not stop the others unless the vendor asks to slow down;
+    /// the first failure is the page's (it runs again for what is left).
+    pub(super) async fn run_page(
+        &self,
+        job: &ClaimedJob,
+        conn: &Arc<dyn Connector>,
+        active: Vec<ActiveFlow<'_>>,
+        planned: &[PlannedItem],
+    ) -> Result<Option<String>, Fail> {
+        let rec = &job.event.record;
+        let open: Vec<&PlannedItem> = planned.iter().filter(|i| !i.done).collect();
+        let mut ids: Vec<String> = Vec::new();
+        for item in &open {
+            if !ids.contains(&item.source_id) {
+                ids.push(item.source_id.clone());
+            }
+        }
+        let records = read_page(conn, &rec.entity_type, &ids).await?;
+        for id in ids.iter().filter(|id| !records.contains_key(*id)) {
+            let one = job_of(job, id);
+            self.record_deleted(&one, Gone::NotFound).await?;
+            let gone: Vec<&PlannedItem> = open
+                .iter()
+                .filter(|i| &i.source_id == id)
+                .copied()
+                .collect();
+            for item in gone {
+                plans::item_done(&self.pool, item.id, ItemResult::Gone).await?;
+            }
+        }
+        let linked = store::linked_among(&self.pool, (rec.system, &rec.entity_type), &ids).await?;
+        let mut later = Vec::new();
+        let mut failure = None;
+        for (flow, _, tconn) in active {
+            let items: Vec<(&PlannedItem, &Record)> = open
+                .iter()
+                .filter(|i| i.flow_id == flow.id)
+                .filter_map(|i| records.get(&i.source_id).map(|r| (*i, r)))
+                .collect();
+            let flow_ids: Vec<String> = items.iter().map(|(i, _)| i.source_id.clone()).collect();
+            let intents = store::intents_among(&self.pool, flow, &flow_ids).await?;
+            let (plain, full): (Vec<_>, Vec<_>) = items.into_iter().partition(|(i, src)| {
+                plain_create(flow, i, src)
+                    && !linked.contains(&i.source_id)
+                    && !intents.contains(&i.source_id)
+            });
+            let mut rest = full;
+            for chunk in plain.chunks(CREATE_CHUNK) {
+                let outcome = self.create_chunk(job, flow, tconn, chunk).await?;
+                rest.extend(outcome.full);
+                if let Some(e) = outcome.failure {
+                    keep_first(&mut failure, e)?;
+                }
+            }
+            for (item, src) in rest {
+                let one = job_of(job, &item.source_id);
+                match self.on_planned(&one, flow, src, tconn, item).await {
+                    Ok(Step::Done) => {}
+                    Ok(Step::Later(reason)) => {
+                        later.push(format!("{} {}: {reason}", flow.id, item.source_id))
+                    }
+                    Err(e) => keep_first(&mut failure, e)?,
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((!later.is_empty()).then(|| later.join("; "))),
+        }
+    }
+
+    /// One chunk of plain creates of `flow` (see the module doc). Records whose intent another
+    /// job recorded first, or whose create the guard holds, are handed back for the full path.
+    async fn create_chunk<'a>(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        tconn: &Arc<dyn Connector>,
+        chunk: &[(&'a PlannedItem, &'a Record)],
+    ) -> Result<ChunkOutcome<'a>, Fail> {
+        let mut out = ChunkOutcome::default();
+        let mut plain: Vec<Plain<'a>> = Vec::with_capacity(chunk.len());
+        for &(item, src) in chunk {
+            let built = self.build_create(flow, src).await?;
+            let one = job_of(job, &item.source_id);
+            // Backfill work is admitted without counting (docs/guard.md); a held create is
+            // logged, as the full path would.
+            if let Some(Step::Done) = self
+                .create_held_by_guard(&one, flow, src, &built.fields)
+                .await?
+            {
+                plans::item_done(&self.pool, item.id, ItemResult::Followed).await?;
+                continue;
+            }
+            plain.push((item, src, built, Uuid::new_v4()));
+        }
+        let rows: Vec<_> = plain
+            .iter()
+            .map(|(i, _, b, key)| (i.source_id.as_str(), *key, &b.snapshot))
+            .collect();
+        let intents = store::insert_intents(&self.pool, flow, &rows, job.job_id).await?;
+        let (mine, taken): (Vec<_>, Vec<_>) = plain
+            .into_iter()
+            .partition(|(i, ..)| intents.contains_key(&i.source_id));
+        out.full
+            .extend(taken.into_iter().map(|(i, src, ..)| (i, src)));
+        let tt = &flow.target.entity_type;
+        let keys: Vec<String> = mine.iter().map(|p| p.3.to_string()).collect();
+        let answers = futures::future::join_all(
+            mine.iter()
+                .zip(&keys)
+                .map(|((_, _, b, _), key)| tconn.create(tt, &b.fields, key)),
+        )
+        .await;
+        let mut made = Vec::new();
+        let mut done = Vec::new();
+        for ((item, src, built, _), answer) in mine.into_iter().zip(answers) {
+            let created = match answer {
+                Ok(created) => created,
+                // The intent stays: the page's next run asks the vendor by its key (rule 8).
+                // The others' links are stored first, whatever the failure.
+                Err(e) => {
+                    let back_pressure = e.is_back_pressure();
+                    if out.failure.is_none() || back_pressure {
+                        out.failure = Some(e.into());
+                    }
+                    continue;
+                }
+            };
+            done.push((item.id, ItemResult::Followed));
+            made.push(self.created_link(job, flow, item, src, built, created, &intents));
+        }
+        let mut tx = self.pool.begin().await?;
+        store::insert_created_links(&mut tx, flow, &made).await?;
+        let fan_out: Vec<_> = made
+            .iter()
+            .filter_map(|m| self.fan_out_key(flow, &flow.target, &m.created.id))
+            .collect();
+        store::enqueue_records(&mut tx, &fan_out, "fan-out", None, job.priority).await?;
+        plans::items_done(&mut tx, &done).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// The link and log entry of one counterpart created for a page (as `create` records it).
+    #[allow(clippy::too_many_arguments)]
+    fn created_link<'a>(
+        &self,
+        job: &ClaimedJob,
+        flow: &'a Dataflow,
+        item: &PlannedItem,
+        src: &'a Record,
+        built: Built,
+        created: Record,
+        intents: &HashMap<String, i64>,
+    ) -> CreatedLink<'a> {
+        let tt = &flow.target.entity_type;
+        let entry = Entry {
+            flow: Some(&flow.id),
+            read: Some(mapped(flow, Side::Source, src)),
+            written: Some(json!({ "target": built.fields })),
+            detail: Some(format!(
+                "created {}/{}/{}",
+                flow.target.system, tt, created.id
+            )),
+            ..Entry::new(Decision::Created)
+        };
+        CreatedLink {
+            job: job_of(job, &item.source_id),
+            src,
+            created,
+            snapshot: built.snapshot,
+            intent: intents[&item.source_id],
+            entry,
+        }
+    }
+}
+
+/// What a chunk of plain creates left: records for the full path, and the first failure.
+#[derive(Default)]
+struct ChunkOutcome<'a> {
+    full: Vec<(&'a PlannedItem, &'a Record)>,
+    failure: Option<Fail>,
+}
+
+/// Keeps the first failure of a page; a vendor asking to slow down ends the page at once (it
+/// runs again after the delay the vendor asked for, with what is left).
+fn keep_first(first: &mut Option<Fail>, e: Fail) -> Result<(), Fail> {
+    if let Fail::Connector(c) = &e {
+        if c.is_back_pressure() {
+            return Err(e);
+        }
+    }
+    first.get_or_insert(e);
+    Ok(())
+}
+
+/// The page's records as they are now, by id (a record gone from its system is absent), read
+/// [`READS_AT_ONCE`] at a time.
+async fn read_page(
+    conn: &Arc<dyn Connector>,
+    entity_type: &str,
+    ids: &[String],
+) -> Result<HashMap<String, Record>, ConnectorError> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(READS_AT_ONCE) {
+        let found =
+            futures::future::try_join_all(chunk.iter().map(|id| conn.fetch(entity_type, id)))
+                .await?;
+        out.extend(found.into_iter().flatten().map(|r| (r.id.clone(), r)));
+    }
+    Ok(out)
 }

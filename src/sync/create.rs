@@ -19,11 +19,11 @@ use crate::queue::ClaimedJob;
 use crate::registry::Dataflow;
 
 /// Values to build a create with.
-struct Built {
-    fields: Map<String, Value>,
-    snapshot: Map<String, Value>,
-    pending: Vec<RecordKey>,
-    unset: Vec<String>,
+pub(super) struct Built {
+    pub(super) fields: Map<String, Value>,
+    pub(super) snapshot: Map<String, Value>,
+    pub(super) pending: Vec<RecordKey>,
+    pub(super) unset: Vec<String>,
 }
 
 /// The merge base of a counterpart found by the key of an intent recorded before intents kept
@@ -355,7 +355,11 @@ impl SyncEngine {
     }
 
     /// The target-side fields (references translated) and snapshot for creating a counterpart.
-    async fn build_create(&self, flow: &Dataflow, src: &Record) -> Result<Built, sqlx::Error> {
+    pub(super) async fn build_create(
+        &self,
+        flow: &Dataflow,
+        src: &Record,
+    ) -> Result<Built, sqlx::Error> {
         let mut b = Built {
             fields: Map::new(),
             snapshot: Map::new(),

@@ -46,6 +46,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 
+use crate::backfill::store as plans;
 use crate::connectors::{Connector, ConnectorError, Record};
 use crate::domain::{Action, SystemId};
 use crate::queue::{ClaimedJob, JobHandler, JobOutcome};
@@ -248,6 +249,10 @@ impl SyncEngine {
                     .map(|(f, side, _)| entity(f, side.other()).system),
             ),
         )?;
+        // A backfill page reads its records itself, all at once.
+        if plans::is_page_event(&job.event) {
+            return self.run_page(job, conn, active, &planned).await;
+        }
         // A final delete needs no read (docs/vendors.md, Exact Online item 3): its links end.
         if job.event.action == Action::Deleted && conn.deletes_are_final() {
             self.record_deleted(job, Gone::Notified).await?;
