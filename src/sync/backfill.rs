@@ -21,7 +21,8 @@ use uuid::Uuid;
 use super::create::{Built, Matching};
 use super::mapping::{mapped, synced};
 use super::merge::Side;
-use super::store::{CreatedLink, Entry};
+use super::page_store::{self, CreatedLink};
+use super::store::Entry;
 use super::{store, ActiveFlow, Decision, Fail, Gone, Step, SyncEngine};
 use crate::backfill::normalize;
 use crate::backfill::store::{self as plans, ItemResult, PlannedAction, PlannedItem};
@@ -197,7 +198,8 @@ impl SyncEngine {
                 plans::item_done(&self.pool, item.id, ItemResult::Gone).await?;
             }
         }
-        let linked = store::linked_among(&self.pool, (rec.system, &rec.entity_type), &ids).await?;
+        let linked =
+            page_store::linked_among(&self.pool, (rec.system, &rec.entity_type), &ids).await?;
         let mut later = Vec::new();
         let mut failure = None;
         for (flow, _, tconn) in active {
@@ -207,7 +209,7 @@ impl SyncEngine {
                 .filter_map(|i| records.get(&i.source_id).map(|r| (*i, r)))
                 .collect();
             let flow_ids: Vec<String> = items.iter().map(|(i, _)| i.source_id.clone()).collect();
-            let intents = store::intents_among(&self.pool, flow, &flow_ids).await?;
+            let intents = page_store::intents_among(&self.pool, flow, &flow_ids).await?;
             let (plain, full): (Vec<_>, Vec<_>) = items.into_iter().partition(|(i, src)| {
                 plain_create(flow, i, src)
                     && !linked.contains(&i.source_id)
@@ -267,7 +269,7 @@ impl SyncEngine {
             .iter()
             .map(|(i, _, b, key)| (i.source_id.as_str(), *key, &b.snapshot))
             .collect();
-        let intents = store::insert_intents(&self.pool, flow, &rows, job.job_id).await?;
+        let intents = page_store::insert_intents(&self.pool, flow, &rows, job.job_id).await?;
         let (mine, taken): (Vec<_>, Vec<_>) = plain
             .into_iter()
             .partition(|(i, ..)| intents.contains_key(&i.source_id));
@@ -300,7 +302,7 @@ impl SyncEngine {
             made.push(self.created_link(job, flow, item, src, built, created, &intents));
         }
         let mut tx = self.pool.begin().await?;
-        store::insert_created_links(&mut tx, flow, &made).await?;
+        page_store::insert_created_links(&mut tx, flow, &made).await?;
         let fan_out: Vec<_> = made
             .iter()
             .filter_map(|m| self.fan_out_key(flow, &flow.target, &m.created.id))

@@ -31,6 +31,7 @@ mod guarded;
 pub mod history;
 mod mapping;
 pub mod merge;
+mod page_store;
 mod plan;
 #[cfg(test)]
 mod plan_tests;
