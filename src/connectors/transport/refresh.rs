@@ -400,6 +400,9 @@ impl StoredRefreshToken {
             tracing::error!(%system, %reason, "{} stopped", self.config.vendor_name);
             return self.stopped_error(&reason);
         }
+        if status == StatusCode::BAD_REQUEST && error == "invalid_request" {
+            return self.refreshed_too_soon(tx).await;
+        }
         match status {
             s if s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error() => {
                 classify(system, s, None, "from the token endpoint".to_owned())
@@ -420,6 +423,51 @@ impl StoredRefreshToken {
         }
     }
 }
+
+impl StoredRefreshToken {
+    /// The vendor refused a refresh as too soon after the last (Exact: `400 invalid_request`,
+    /// "no sooner than 570 s", docs/vendors.md, Exact Online). Tether's own `refreshed_at` did not
+    /// say so, so a refresh whose answer was lost (a kill, a timeout) reached the vendor after
+    /// all. The request itself is always well formed, so this is a wait, not a rejection: the
+    /// attempt is stored as the last refresh, backdated so that every replica tries again
+    /// [`TOO_SOON_RETRY`] from now (not at once: token calls have a daily limit too), and the
+    /// caller's job is put off meanwhile.
+    async fn refreshed_too_soon(&self, mut tx: Transaction<'_, Postgres>) -> ConnectorError {
+        let backdate = self
+            .config
+            .min_refresh_interval
+            .saturating_sub(TOO_SOON_RETRY);
+        let stored = sqlx::query(
+            "UPDATE oauth_tokens SET refreshed_at = now() - make_interval(secs => $3) \
+             WHERE system = $1 AND account = $2",
+        )
+        .bind(self.system().as_str())
+        .bind(&self.config.account)
+        .bind(backdate.as_secs_f64())
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = stored {
+            return self.db_error()(e);
+        }
+        if let Err(e) = tx.commit().await {
+            return self.db_error()(e);
+        }
+        tracing::warn!(
+            system = %self.system(),
+            "{} refused a refresh as too soon after the last one (most likely one whose answer \
+             was lost); trying again in {} s",
+            self.config.vendor_name,
+            TOO_SOON_RETRY.as_secs()
+        );
+        ConnectorError::RateLimited {
+            system: self.system(),
+            retry_after: Some(TOO_SOON_RETRY),
+        }
+    }
+}
+
+/// How long after a refresh refused as too soon the next one is tried.
+const TOO_SOON_RETRY: Duration = Duration::from_secs(60);
 
 #[async_trait]
 impl TokenSource for StoredRefreshToken {

@@ -368,6 +368,56 @@ async fn exact_lost_refresh_response_stops_once_without_looping() {
     assert_eq!(record.fields["Name"], json!("Acme BV"));
 }
 
+/// Exact refuses a refresh sooner than 570 s after the last with `400 invalid_request`. Where the
+/// old refresh token stays valid until its successor is used, a refresh whose answer was lost
+/// leaves Tether with a good token that Exact will take only later: a wait, never a rejection that
+/// dead-letters the jobs (found by the chaos suite's short run), and no token call per job meanwhile.
+#[tokio::test]
+async fn exact_refresh_refused_as_too_soon_after_a_lost_answer_waits_instead_of_failing() {
+    let db = testing::database().await;
+    let (exact, running) = simulator(ExactSimConfig {
+        strict_rotation: false,
+        ..ExactSimConfig::default()
+    })
+    .await;
+    let account = exact.seed_account(json!({ "Name": "Soon BV" }));
+    let connector = ExactOnline::new(
+        config(&running.base_url(), "sim-refresh-0"),
+        db.pool.clone(),
+        Duration::from_millis(500),
+    );
+    exact.lose_next_token_response(Duration::from_secs(2));
+    let lost = connector.fetch("Accounts", &account).await.unwrap_err();
+    assert!(matches!(lost, ConnectorError::Timeout { .. }), "{lost:?}");
+    let too_soon = connector.fetch("Accounts", &account).await.unwrap_err();
+    assert!(
+        matches!(
+            too_soon,
+            ConnectorError::RateLimited {
+                retry_after: Some(after),
+                ..
+            } if after == Duration::from_secs(60)
+        ),
+        "a wait of 60 s, not a rejection: {too_soon:?}"
+    );
+    assert_eq!(exact.token_calls(), 2);
+    for _ in 0..3 {
+        let waiting = connector.fetch("Accounts", &account).await.unwrap_err();
+        assert!(waiting.is_back_pressure(), "{waiting:?}");
+    }
+    assert_eq!(
+        exact.token_calls(),
+        2,
+        "no token call while the wait lasts (Exact limits token calls a day)"
+    );
+    let stopped: Option<String> =
+        sqlx::query_scalar("SELECT stopped_reason FROM oauth_tokens WHERE system = 'exactonline'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stopped, None, "Exact is not stopped");
+}
+
 /// Issue 16 item 5: after a lost refresh response stopped Exact, the operator re-authorises and
 /// hands the new refresh token to the running installation with `tether credentials set
 /// exactonline` (token on standard input). The connector that was stopped, not a new one, works
