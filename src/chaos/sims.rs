@@ -156,6 +156,11 @@ impl Sims {
         let exact_config = ExactSimConfig {
             webhook_target: hook("exactonline"),
             minutely_limit: EXACT_PER_MINUTE,
+            // Exact takes a new refresh no sooner than 570 s after the last. A refresh whose answer
+            // a kill or a late answer loses makes Tether wait that out (docs/vendors.md, Exact
+            // Online); in a run of a few minutes that would be the whole run, so the suite's Exact
+            // asks for 60 s. The 570 s are tested in exactonline::vendor.
+            min_refresh_interval: std::time::Duration::from_secs(60),
             ..ExactSimConfig::default()
         };
         let (exact, exact_running) = exactonline::start(exact_config.clone(), any).await?;
