@@ -51,11 +51,24 @@ where
     let keyring = crate::at_rest::Keyring::from_config(&config.secrets.keys);
     let stored = StoredSecrets::new(SystemId::Zendesk, pool.clone(), keyring);
     stored.spawn_refresh();
-    let intake = Intake::new(config, GroupCommit::start(pool), stored);
+    let echoes = intake_echoes(config);
+    let intake = Intake::new(config, GroupCommit::start_settling(pool, echoes), stored);
     Router::new()
         .route("/webhooks/{system}", post(receive))
         .layer(DefaultBodyLimit::max(config.http.body_limit))
         .with_state(intake)
+}
+
+/// Which custom-system echoes the group commit settles itself (`sync::IntakeEchoes`): from the
+/// registry the sync engine loads and the systems the configuration connects. A registry that
+/// does not load settles none here (`serve` refuses to start on it anyway).
+fn intake_echoes(config: &Config) -> crate::sync::IntakeEchoes {
+    match crate::registry::load(config.registry.overlay.as_deref()) {
+        Ok((registry, _)) => {
+            crate::sync::IntakeEchoes::new(&registry, |s| config.systems.is_connected(s))
+        }
+        Err(_) => crate::sync::IntakeEchoes::default(),
+    }
 }
 
 /// Per-process intake state; cheap to clone.

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::domain::{ChangeEvent, SystemId};
 use crate::queue;
 use crate::sync::delivery::Delivered;
+use crate::sync::{IntakeEcho, IntakeEchoes};
 
 /// The most events in one transaction: a bound on statement size and on the latency one commit
 /// adds to the first request of its batch.
@@ -64,6 +65,8 @@ struct Pending {
     event: ChangeEvent,
     /// What the delivery says of its record, kept with the event (`events.delivered`).
     delivered: Option<Delivered>,
+    /// The echo it may be, settled by the batch's statement if the link says so.
+    echo: Option<IntakeEcho>,
     reply: oneshot::Sender<Result<Stored, StoreError>>,
 }
 
@@ -72,14 +75,24 @@ struct Pending {
 #[derive(Clone)]
 pub struct GroupCommit {
     tx: mpsc::Sender<Pending>,
+    echoes: std::sync::Arc<IntakeEchoes>,
 }
 
 impl GroupCommit {
     /// Starts the batcher on the current tokio runtime.
     pub fn start(pool: PgPool) -> GroupCommit {
+        GroupCommit::start_settling(pool, IntakeEchoes::default())
+    }
+
+    /// [`GroupCommit::start`], settling the custom-system echoes `echoes` names in the batch's
+    /// statement instead of enqueueing them (see [`INSERT_BATCH_SQL`]).
+    pub fn start_settling(pool: PgPool, echoes: IntakeEchoes) -> GroupCommit {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         tokio::spawn(dispatch(pool, rx));
-        GroupCommit { tx }
+        GroupCommit {
+            tx,
+            echoes: std::sync::Arc::new(echoes),
+        }
     }
 
     /// Stores one event (with its job) and returns once its transaction committed.
@@ -95,10 +108,12 @@ impl GroupCommit {
         delivered: Option<Delivered>,
     ) -> Result<Stored, StoreError> {
         let (reply, answer) = oneshot::channel();
+        let echo = self.echoes.of(&event);
         self.tx
             .send(Pending {
                 event,
                 delivered,
+                echo,
                 reply,
             })
             .await
@@ -184,10 +199,7 @@ async fn commit_and_reply(
         (a.event.record.system, &a.event.delivery_id)
             .cmp(&(b.event.record.system, &b.event.delivery_id))
     });
-    let events: Vec<(&ChangeEvent, Option<&Delivered>)> = batch
-        .iter()
-        .map(|p| (&p.event, p.delivered.as_ref()))
-        .collect();
+    let events: Vec<NewEvent<'_>> = batch.iter().map(Pending::as_new).collect();
     match insert_batch_with(&mut conn, &events).await {
         Ok(results) => {
             reply_all(batch, results);
@@ -208,7 +220,7 @@ async fn commit_and_reply(
             tracing::warn!(error.cause_chain = ?e, size = batch.len(), "group commit failed; retrying its events one by one");
             let mut usable = true;
             for p in batch {
-                let one = (&p.event, p.delivered.as_ref());
+                let one = p.as_new();
                 let result = match insert_batch_with(&mut conn, &[one]).await {
                     Ok(mut r) => Ok(r.pop().expect("one result per event")),
                     Err(e) if is_unavailable(&e) => {
@@ -226,6 +238,16 @@ async fn commit_and_reply(
                 conn.close_on_drop();
             }
             usable.then_some(conn)
+        }
+    }
+}
+
+impl Pending {
+    fn as_new(&self) -> NewEvent<'_> {
+        NewEvent {
+            event: &self.event,
+            delivered: self.delivered.as_ref(),
+            echo: self.echo.as_ref(),
         }
     }
 }
@@ -264,15 +286,27 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 /// Both inserts see the statement's snapshot, and the `jobs.event_id` foreign key is checked at
 /// the end of the statement, when the new events exist. `n` is the input position, so the answer
 /// maps back to the requests without returning (and allocating) the keys themselves.
+///
+/// A custom system's echo (`echo_flow` set: `sync::IntakeEchoes`) whose delivered stamp is the
+/// stamp of Tether's own settled write of that side of its flow's active link, the flow not paused,
+/// gets its `echo` entry here and no job (docs/sync-rules.md, "An echo without a read"): exactly
+/// what the sync engine's `echo_by_stamp` would record, without a job to claim and finish. Its
+/// event row is stored as every other. Any other event, or a link not (yet) showing that write,
+/// is enqueued as before and the engine decides.
 static INSERT_BATCH_SQL: LazyLock<String> = LazyLock::new(|| {
-    let jobs = queue::insert_jobs_sql("SELECT event_id, record_key FROM stored ORDER BY event_id");
+    let jobs = queue::insert_jobs_sql(
+        "SELECT event_id, record_key FROM stored s \
+         WHERE NOT EXISTS (SELECT 1 FROM settled t WHERE t.event_id = s.event_id) \
+         ORDER BY event_id",
+    );
     format!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                 $5::timestamptz[], $6::text[], $7::text[], $8::text[])
+                                 $5::timestamptz[], $6::text[], $7::text[], $8::text[],
+                                 $9::text[], $10::text[], $11::text[])
                 WITH ORDINALITY
                 AS i(system, entity_type, record_id, action, occurred_at, delivery_id, record_key,
-                     delivered, n)
+                     delivered, echo_flow, echo_side, echo_detail, n)
         ), inserted AS (
             INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id,
                                 delivered)
@@ -284,12 +318,45 @@ static INSERT_BATCH_SQL: LazyLock<String> = LazyLock::new(|| {
         ), stored AS (
             SELECT ins.id AS event_id, i.record_key, i.n
             FROM inserted ins JOIN input i USING (system, delivery_id)
+        ), own_writes AS (
+            SELECT s.event_id, s.n, l.id AS link_id
+            FROM stored s JOIN input i ON i.n = s.n
+            JOIN links l ON l.source_system = i.system AND l.source_type = i.entity_type
+                AND l.source_id = i.record_id AND l.flow_id = i.echo_flow
+            WHERE i.echo_side = 'source' AND l.state = 'active' AND l.last_write_side = 'source'
+                AND l.last_write_settled AND l.source_seen_at = i.occurred_at
+            UNION ALL
+            SELECT s.event_id, s.n, l.id AS link_id
+            FROM stored s JOIN input i ON i.n = s.n
+            JOIN links l ON l.target_system = i.system AND l.target_type = i.entity_type
+                AND l.target_id = i.record_id AND l.flow_id = i.echo_flow
+            WHERE i.echo_side = 'target' AND l.state = 'active' AND l.last_write_side = 'target'
+                AND l.last_write_settled AND l.target_seen_at = i.occurred_at
+        ), settled AS (
+            INSERT INTO sync_log (event_id, system, entity_type, record_id, flow_id, link_id,
+                                  decision, detail)
+            SELECT o.event_id, i.system, i.entity_type, i.record_id, i.echo_flow, o.link_id,
+                   'echo', i.echo_detail
+            FROM own_writes o JOIN input i ON i.n = o.n
+            WHERE NOT EXISTS (SELECT 1 FROM flow_pauses p WHERE p.flow_id = i.echo_flow)
+            ORDER BY o.n
+            RETURNING event_id, flow_id
         ), enqueued AS (
             {jobs}
         )
-        SELECT n, event_id FROM stored"
+        SELECT s.n, s.event_id, t.flow_id AS echo_of
+        FROM stored s LEFT JOIN settled t ON t.event_id = s.event_id"
     )
 });
+
+/// One event for [`insert_batch_with`]: with what its delivery says of its record
+/// (`events.delivered`) and the echo it may be (settled by the statement, with no job).
+#[derive(Debug, Clone, Copy)]
+pub struct NewEvent<'a> {
+    pub event: &'a ChangeEvent,
+    pub delivered: Option<&'a Delivered>,
+    pub echo: Option<&'a IntakeEcho>,
+}
 
 /// Inserts the events (ON CONFLICT DO NOTHING on `(system, delivery_id)`) and enqueues a job for
 /// each new one, in one statement and so one transaction, which has committed when this returns
@@ -303,58 +370,48 @@ pub async fn insert_batch(
     conn: &mut PgConnection,
     events: &[&ChangeEvent],
 ) -> Result<Vec<Stored>, sqlx::Error> {
-    let events: Vec<_> = events.iter().map(|e| (*e, None)).collect();
+    let events: Vec<_> = events
+        .iter()
+        .map(|event| NewEvent {
+            event,
+            delivered: None,
+            echo: None,
+        })
+        .collect();
     insert_batch_with(conn, &events).await
 }
 
-/// [`insert_batch`] with, per event, what its delivery says of its record (`events.delivered`).
+/// [`insert_batch`] of [`NewEvent`]s: an echo settled by the statement is `Stored::New` too (its
+/// event is stored), with no job.
 pub async fn insert_batch_with(
     conn: &mut PgConnection,
-    events: &[(&ChangeEvent, Option<&Delivered>)],
+    events: &[NewEvent<'_>],
 ) -> Result<Vec<Stored>, sqlx::Error> {
     let n = events.len();
     // In-batch copies are answered here: the statement gets each key once, so every row it
     // returns belongs to exactly one input row (and one job).
     let mut seen: HashSet<(SystemId, &str)> = HashSet::with_capacity(n);
-    let mut systems = Vec::with_capacity(n);
-    let mut types = Vec::with_capacity(n);
-    let mut records = Vec::with_capacity(n);
-    let mut actions = Vec::with_capacity(n);
-    let mut times = Vec::with_capacity(n);
-    let mut deliveries = Vec::with_capacity(n);
-    let mut keys = Vec::with_capacity(n);
-    let mut delivered: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut rows = Rows::with_capacity(n);
     // Index into `events` of each row sent.
     let mut sent = Vec::with_capacity(n);
-    for (i, (e, said)) in events.iter().enumerate() {
-        if !seen.insert((e.record.system, e.delivery_id.as_str())) {
+    for (i, e) in events.iter().enumerate() {
+        if !seen.insert((e.event.record.system, e.event.delivery_id.as_str())) {
             continue; // a later copy: stays Duplicate
         }
         sent.push(i);
-        systems.push(e.record.system.as_str());
-        types.push(e.record.entity_type.as_str());
-        records.push(e.record.record_id.as_str());
-        actions.push(e.action.as_str());
-        times.push(e.occurred_at);
-        deliveries.push(e.delivery_id.as_str());
-        keys.push(queue::record_key(e));
-        delivered.push(said.and_then(|d| serde_json::to_string(d).ok()));
+        rows.push(e);
     }
     // `fetch_all` returns only after PostgreSQL's ReadyForQuery, which follows the implicit
     // commit: an error committing comes back as an error here, never as rows.
-    let stored: Vec<(i64, i64)> = sqlx::query_as(INSERT_BATCH_SQL.as_str())
-        .bind(&systems)
-        .bind(&types)
-        .bind(&records)
-        .bind(&actions)
-        .bind(&times)
-        .bind(&deliveries)
-        .bind(&keys)
-        .bind(&delivered)
+    let stored: Vec<(i64, i64, Option<String>)> = rows
+        .bind(sqlx::query_as(&INSERT_BATCH_SQL))
         .fetch_all(conn)
         .await?;
     let mut results = vec![Stored::Duplicate; n];
-    for (ordinal, id) in stored {
+    for (ordinal, id, echo_of) in stored {
+        if let Some(flow) = echo_of {
+            crate::ops::metrics::sync_decision(Some(&flow), "echo");
+        }
         let i = usize::try_from(ordinal - 1)
             .ok()
             .and_then(|k| sent.get(k))
@@ -364,4 +421,72 @@ pub async fn insert_batch_with(
         results[*i] = Stored::New(id);
     }
     Ok(results)
+}
+
+/// The batch statement's parameter arrays, one element per event sent.
+struct Rows<'a> {
+    systems: Vec<&'a str>,
+    types: Vec<&'a str>,
+    records: Vec<&'a str>,
+    actions: Vec<&'a str>,
+    times: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    deliveries: Vec<&'a str>,
+    keys: Vec<String>,
+    delivered: Vec<Option<String>>,
+    echo_flows: Vec<Option<&'a str>>,
+    echo_sides: Vec<Option<&'a str>>,
+    echo_details: Vec<Option<&'a str>>,
+}
+
+type BatchQuery<'q> =
+    sqlx::query::QueryAs<'q, Postgres, (i64, i64, Option<String>), sqlx::postgres::PgArguments>;
+
+impl<'a> Rows<'a> {
+    fn with_capacity(n: usize) -> Rows<'a> {
+        Rows {
+            systems: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            records: Vec::with_capacity(n),
+            actions: Vec::with_capacity(n),
+            times: Vec::with_capacity(n),
+            deliveries: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            delivered: Vec::with_capacity(n),
+            echo_flows: Vec::with_capacity(n),
+            echo_sides: Vec::with_capacity(n),
+            echo_details: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, e: &NewEvent<'a>) {
+        let event = e.event;
+        self.systems.push(event.record.system.as_str());
+        self.types.push(event.record.entity_type.as_str());
+        self.records.push(event.record.record_id.as_str());
+        self.actions.push(event.action.as_str());
+        self.times.push(event.occurred_at);
+        self.deliveries.push(event.delivery_id.as_str());
+        self.keys.push(queue::record_key(event));
+        self.delivered
+            .push(e.delivered.and_then(|d| serde_json::to_string(d).ok()));
+        self.echo_flows.push(e.echo.map(|x| x.flow_id.as_str()));
+        self.echo_sides.push(e.echo.map(|x| x.side));
+        self.echo_details.push(e.echo.map(|x| x.detail.as_str()));
+    }
+
+    /// Binds the arrays as `$1` to `$11` of [`INSERT_BATCH_SQL`].
+    fn bind<'q>(&'q self, query: BatchQuery<'q>) -> BatchQuery<'q> {
+        query
+            .bind(&self.systems)
+            .bind(&self.types)
+            .bind(&self.records)
+            .bind(&self.actions)
+            .bind(&self.times)
+            .bind(&self.deliveries)
+            .bind(&self.keys)
+            .bind(&self.delivered)
+            .bind(&self.echo_flows)
+            .bind(&self.echo_sides)
+            .bind(&self.echo_details)
+    }
 }

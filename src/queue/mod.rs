@@ -1,5 +1,6 @@
-//! The PostgreSQL work queue: one job per stored event, claimed in batches with
-//! `FOR UPDATE SKIP LOCKED`, leased to an owner, retried with backoff, dead-lettered at the end.
+//! The PostgreSQL work queue: one job per stored event (but an echo that intake settles itself:
+//! `intake::store`), claimed in batches with `FOR UPDATE SKIP LOCKED`, leased to an owner, retried
+//! with backoff, dead-lettered at the end.
 //!
 //! Owns: the `jobs` table and everything that claims, completes, retries or prunes it.
 //! May call: `db`. Called by: `intake` and pollers (enqueue), `sync` (as the [`JobHandler`]),

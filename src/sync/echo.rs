@@ -4,15 +4,19 @@
 //! showed every synced property as the link's snapshot has it, reading the record would find
 //! exactly that answer and log `echo`; the event is logged so without the read.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 
 use super::beside::Idle;
 use super::decision::Decision;
+use super::mapping::entity;
 use super::merge::Side;
 use super::store::{self, Entry};
 use super::{ActiveFlow, SyncEngine};
-use crate::domain::{Action, SystemId};
+use crate::domain::{Action, ChangeEvent, SystemId};
 use crate::queue::ClaimedJob;
+use crate::registry::{Dataflow, Registry};
 
 impl SyncEngine {
     /// Logs the event as the echo of every running flow (and the `idle` entry of the flows that
@@ -95,11 +99,75 @@ fn echo_entry<'a>(stamp: DateTime<Utc>, side: Side) -> Entry<'a> {
 /// (or its poll) of a change gives the record's own `updated_at`; other systems' event times,
 /// deletes and Tether's own synthetic events say nothing about the record's state.
 fn delivered_stamp(job: &ClaimedJob) -> Option<DateTime<Utc>> {
-    let e = &job.event;
+    stamp_of(&job.event)
+}
+
+/// [`delivered_stamp`] of an event.
+fn stamp_of(e: &ChangeEvent) -> Option<DateTime<Utc>> {
     let custom = matches!(e.record.system, SystemId::CustomErp | SystemId::CustomPms);
     let synthetic = e.delivery_id.starts_with("tether:");
     if !custom || synthetic || e.action != Action::Updated {
         return None;
     }
     e.occurred_at
+}
+
+/// The flow and side whose echo a custom system's delivery may be, settled at intake (in the
+/// group commit's statement, with no job: `intake::store`), as [`SyncEngine::echo_by_stamp`]
+/// would settle it. Only record types with exactly one dataflow, switched on and with both its
+/// systems connected, qualify: the engine would then run exactly that flow and log no `idle`
+/// entry, so the one `echo` entry is all it would record. Paused flows are checked by the
+/// statement itself (`flow_pauses`); anything not settled there becomes a job as before.
+#[derive(Debug, Clone, Default)]
+pub struct IntakeEchoes {
+    by_type: HashMap<(SystemId, String), (String, Side)>,
+}
+
+/// What intake needs to settle one event as an echo: its flow, side and the entry's detail.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntakeEcho {
+    pub flow_id: String,
+    pub side: &'static str,
+    pub detail: String,
+}
+
+impl IntakeEchoes {
+    /// From the registry and whether each system is connected (a connector is built for it).
+    pub fn new(registry: &Registry, connected: impl Fn(SystemId) -> bool) -> IntakeEchoes {
+        let mut flows: HashMap<(SystemId, String), Vec<(&Dataflow, Side)>> = HashMap::new();
+        for flow in &registry.dataflows {
+            for side in [Side::Source, Side::Target] {
+                let e = entity(flow, side);
+                let key = (e.system, e.entity_type.clone());
+                flows.entry(key).or_default().push((flow, side));
+            }
+        }
+        let by_type = flows
+            .into_iter()
+            .filter_map(|(key, of_type)| match of_type.as_slice() {
+                [(flow, side)]
+                    if flow.switches.enabled
+                        && connected(flow.source.system)
+                        && connected(flow.target.system) =>
+                {
+                    Some((key, (flow.id.clone(), *side)))
+                }
+                _ => None,
+            })
+            .collect();
+        IntakeEchoes { by_type }
+    }
+
+    /// The echo `event` may be, if its delivery carries a stamp and its type qualifies.
+    pub fn of(&self, event: &ChangeEvent) -> Option<IntakeEcho> {
+        let stamp = stamp_of(event)?;
+        let r = &event.record;
+        let (flow_id, side) = self.by_type.get(&(r.system, r.entity_type.clone()))?;
+        let detail = echo_entry(stamp, *side).detail?;
+        Some(IntakeEcho {
+            flow_id: flow_id.clone(),
+            side: side.as_str(),
+            detail: format!("{detail}; settled at intake, without a job"),
+        })
+    }
 }

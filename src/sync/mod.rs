@@ -32,6 +32,7 @@ mod create;
 pub mod decision;
 pub mod delivery;
 mod echo;
+pub use echo::{IntakeEcho, IntakeEchoes};
 mod guarded;
 pub mod history;
 mod mapping;

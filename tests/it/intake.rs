@@ -1094,3 +1094,85 @@ async fn a_lost_database_connection_fails_at_most_one_batch() {
     assert_eq!(count(&db.pool, "events").await, 3);
     assert_eq!(count(&db.pool, "jobs").await, 3);
 }
+
+/// A custom system's echo is settled by the group commit itself (docs/sync-rules.md, "An echo
+/// without a read"): a delivery whose `updated_at` is the stamp of Tether's own settled write of
+/// that side of its one flow's link is stored with its `echo` entry and no job; another stamp, or
+/// the flow paused, is enqueued as before for the engine to decide.
+#[tokio::test]
+async fn a_custom_echo_carrying_tethers_stamp_is_settled_at_intake_without_a_job() {
+    let db = testing::database().await;
+    let app = app(db.pool.clone(), full_config());
+    let stamp = "2026-12-04T10:00:00.123456Z";
+    let link_id: i64 = sqlx::query_scalar(
+        "INSERT INTO links (flow_id, source_system, source_type, source_id, target_system, \
+         target_type, target_id, snapshot, source_seen_at, target_seen_at, last_write_side, \
+         last_write_settled) VALUES ('zendesk.Organizations->customerp.Customer', 'zendesk', \
+         'Organizations', '42', 'customerp', 'Customer', 'c-7', '{}', now(), $1::timestamptz, \
+         'target', true) RETURNING id",
+    )
+    .bind(stamp)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let echo = |id: &str, at: &str| {
+        let body =
+            format!(r#"{{"type":"customer.updated","data":{{"id":"c-7","updated_at":"{at}"}}}}"#);
+        custom("customerp", id, &body)
+    };
+    let jobs_of = |delivery: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM jobs j JOIN events e ON e.id = j.event_id \
+                 WHERE e.system = 'customerp' AND e.delivery_id = $1",
+            )
+            .bind(delivery)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    assert_eq!(
+        send(&app, &echo("msg_echo", stamp)).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(jobs_of("msg_echo").await, 0, "the echo needs no job");
+    let logged: Vec<(String, Option<i64>, Option<i64>, String)> = sqlx::query_as(
+        "SELECT l.decision, l.link_id, l.job_id, l.flow_id FROM sync_log l \
+         JOIN events e ON e.id = l.event_id WHERE e.delivery_id = 'msg_echo'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        logged,
+        vec![(
+            "echo".to_owned(),
+            Some(link_id),
+            None,
+            "zendesk.Organizations->customerp.Customer".to_owned()
+        )]
+    );
+
+    // Another stamp is a change of the system's own: a job, nothing logged at intake.
+    let other = "2026-12-04T10:00:01Z";
+    assert_eq!(
+        send(&app, &echo("msg_other", other)).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(jobs_of("msg_other").await, 1);
+    // A paused flow records `paused` in the engine, so intake leaves the event to it.
+    sqlx::query("INSERT INTO flow_pauses (flow_id, log_from) VALUES ($1, 0)")
+        .bind("zendesk.Organizations->customerp.Customer")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&app, &echo("msg_paused", stamp)).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(jobs_of("msg_paused").await, 1);
+    assert_eq!(count(&db.pool, "sync_log").await, 1);
+}
