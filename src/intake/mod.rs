@@ -33,6 +33,7 @@ use sqlx::PgPool;
 
 use crate::config::Config;
 use crate::domain::SystemId;
+use crate::sync::delivery::Delivered;
 use crate::systems::{self, WebhookScheme};
 use crate::webhooks::store::StoredSecrets;
 pub use answer::{IntakeError, Missing, Taken};
@@ -207,19 +208,23 @@ async fn handle(
         }
         other => other?,
     };
-    let event = match parsed {
-        Ok(Parsed::Event(event)) => event,
-        Ok(Parsed::Ignored(reason)) => return Ok(Taken::Ignored { reason }),
+    let (event, delivered) = match parsed {
+        Ok((Parsed::Event(event), delivered)) => (event, delivered),
+        Ok((Parsed::Ignored(reason), _)) => return Ok(Taken::Ignored { reason }),
         Err(error) => return Err(IntakeError::InvalidPayload { system, error }),
     };
     let delivery_id = event.delivery_id.clone();
-    match intake.inner.commit.store(event).await {
+    match intake.inner.commit.store_with(event, delivered).await {
         Ok(Stored::New(_)) => Ok(Taken::Accepted { delivery_id }),
         Ok(Stored::Duplicate) => Ok(Taken::Duplicate { delivery_id }),
         Err(StoreError::Unavailable) => Err(IntakeError::DatabaseUnavailable),
         Err(StoreError::Refused) => Err(IntakeError::NotStored),
     }
 }
+
+/// A parsed body and what it says of its record's state, if it says enough to be kept
+/// (`sync::delivery`).
+type ParsedBody = (Parsed, Option<Delivered>);
 
 /// Checks the delivery with its system's verifier; the outer error refuses it as unauthentic
 /// (or from a system that cannot send it), the inner result is the parsed body.
@@ -228,7 +233,7 @@ fn verify_and_parse(
     system: SystemId,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Result<Parsed, parse::FormatError>, IntakeError> {
+) -> Result<Result<ParsedBody, parse::FormatError>, IntakeError> {
     let now = chrono::Utc::now();
     let tolerance = intake.inner.config.http.timestamp_tolerance;
     match intake.verifier(system) {
@@ -257,12 +262,12 @@ fn verify_and_parse(
                 now,
                 tolerance,
             )?;
-            Ok(parse::zendesk(body))
+            Ok(parse::zendesk_with_delivered(body))
         }
         Verifier::Exact(secret) => {
             let envelope = parse::exact_envelope(body).ok_or(Unauthentic::NoExactHash)?;
             verify::exact(secret, envelope.content_raw, envelope.hash_code)?;
-            Ok(parse::exact_content(envelope.content_raw))
+            Ok(parse::exact_content(envelope.content_raw).map(|p| (p, None)))
         }
         Verifier::Standard(key) => {
             let h = StandardHeaders {
@@ -271,7 +276,7 @@ fn verify_and_parse(
                 signature: header(headers, "webhook-signature")?,
             };
             let id = verify::standard(key, h, body, now, tolerance)?;
-            Ok(parse::custom(system, id, body))
+            Ok(parse::custom(system, id, body).map(|p| (p, None)))
         }
     }
 }

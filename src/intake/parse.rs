@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
+use crate::sync::delivery::{zendesk_event_property, Delivered, MAX_DELIVERED_VALUE};
 
 /// What a verified body turned out to be.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,12 +95,18 @@ struct ZendeskEvent<'a> {
 struct ZendeskDetail<'a> {
     #[serde(borrow, default)]
     id: Option<Id<'a>>,
+    /// Kept raw: a stamp of another shape only means nothing is delivered, never a refusal.
+    #[serde(borrow, default)]
+    updated_at: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct ZendeskInner<'a> {
     #[serde(borrow, default)]
     comment: Option<ZendeskComment<'a>>,
+    /// The changed property's new value, for events about one property.
+    #[serde(borrow, default)]
+    current: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -137,6 +144,34 @@ fn zendesk_resource_id(
 
 /// Parses a Zendesk event-subscription body (`zen:event-type:<resource>.<change>`).
 pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
+    zendesk_with_delivered(body).map(|(parsed, _)| parsed)
+}
+
+/// What an event about one property says of its record (docs/sync-rules.md, "An echo without a
+/// read"): the property, its new value (`event.current`) and the record's `updated_at` from
+/// `detail`. `None` for any other event, or when a part is missing, does not parse, or the value
+/// is longer than [`MAX_DELIVERED_VALUE`]: such an event is read as before.
+fn zendesk_delivered(
+    name: &str,
+    detail: Option<&ZendeskDetail<'_>>,
+    event: Option<&ZendeskInner<'_>>,
+) -> Option<Delivered> {
+    let property = zendesk_event_property(name)?;
+    let current = event?.current?.get();
+    if current.len() > MAX_DELIVERED_VALUE {
+        return None;
+    }
+    let stamp: Cow<'_, str> = serde_json::from_str(detail?.updated_at?.get()).ok()?;
+    let updated_at = DateTime::parse_from_rfc3339(&stamp).ok()?;
+    Some(Delivered {
+        property: property.to_owned(),
+        current: serde_json::from_str(current).ok()?,
+        updated_at: updated_at.with_timezone(&Utc),
+    })
+}
+
+/// [`zendesk`], and for a change event what it says of its record (see [`zendesk_delivered`]).
+pub fn zendesk_with_delivered(body: &[u8]) -> Result<(Parsed, Option<Delivered>), FormatError> {
     let ev: ZendeskEvent<'_> = serde_json::from_slice(body).map_err(|e| {
         format_error(format!(
             "not a Zendesk event (expected an object with `type` and `id`): {}",
@@ -153,9 +188,8 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
         .ok_or_else(|| format_error("`type` has no `<resource>.<change>` after the prefix"))?;
     check_id("id", &ev.id)?;
     if ZENDESK_NOISE.contains(&name) {
-        return Ok(Parsed::Ignored(format!(
-            "Zendesk {name} changes no synced field"
-        )));
+        let ignored = format!("Zendesk {name} changes no synced field");
+        return Ok((Parsed::Ignored(ignored), None));
     }
     let entity = match resource {
         "organization" => "Organizations",
@@ -163,11 +197,11 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
         "ticket" if COMMENT_CHANGES.contains(&change) => "Ticketcomments",
         "ticket" => "Tickets",
         _ => {
-            return Ok(Parsed::Ignored(format!(
-                "no dataflow uses Zendesk {resource} events"
-            )))
+            let ignored = format!("no dataflow uses Zendesk {resource} events");
+            return Ok((Parsed::Ignored(ignored), None));
         }
     };
+    let delivered = zendesk_delivered(name, ev.detail.as_ref(), ev.event.as_ref());
     let resource_id = zendesk_resource_id(ev.subject.as_deref(), ev.detail)?;
     let record_id = if entity == "Ticketcomments" {
         let comment = ev
@@ -190,7 +224,7 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
         "comment_added" => Action::Created,
         _ => Action::Updated,
     };
-    Ok(Parsed::Event(ChangeEvent {
+    let event = ChangeEvent {
         record: RecordKey {
             system: SystemId::Zendesk,
             entity_type: entity.to_owned(),
@@ -199,7 +233,8 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
         action,
         occurred_at: ev.time,
         delivery_id: ev.id.into_owned(),
-    }))
+    };
+    Ok((Parsed::Event(event), delivered))
 }
 
 // ---------------------------------------------------------------------------------------------

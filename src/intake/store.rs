@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::{ChangeEvent, SystemId};
 use crate::queue;
+use crate::sync::delivery::Delivered;
 
 /// The most events in one transaction: a bound on statement size and on the latency one commit
 /// adds to the first request of its batch.
@@ -61,6 +62,8 @@ pub enum StoreError {
 
 struct Pending {
     event: ChangeEvent,
+    /// What the delivery says of its record, kept with the event (`events.delivered`).
+    delivered: Option<Delivered>,
     reply: oneshot::Sender<Result<Stored, StoreError>>,
 }
 
@@ -81,9 +84,23 @@ impl GroupCommit {
 
     /// Stores one event (with its job) and returns once its transaction committed.
     pub async fn store(&self, event: ChangeEvent) -> Result<Stored, StoreError> {
+        self.store_with(event, None).await
+    }
+
+    /// [`GroupCommit::store`] with what the delivery says of its record's state
+    /// (docs/sync-rules.md, "An echo without a read").
+    pub async fn store_with(
+        &self,
+        event: ChangeEvent,
+        delivered: Option<Delivered>,
+    ) -> Result<Stored, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Pending { event, reply })
+            .send(Pending {
+                event,
+                delivered,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Unavailable)?;
         // A dropped reply means the batch task died (a panic): nothing is known to be committed,
@@ -167,8 +184,11 @@ async fn commit_and_reply(
         (a.event.record.system, &a.event.delivery_id)
             .cmp(&(b.event.record.system, &b.event.delivery_id))
     });
-    let events: Vec<&ChangeEvent> = batch.iter().map(|p| &p.event).collect();
-    match insert_batch(&mut conn, &events).await {
+    let events: Vec<(&ChangeEvent, Option<&Delivered>)> = batch
+        .iter()
+        .map(|p| (&p.event, p.delivered.as_ref()))
+        .collect();
+    match insert_batch_with(&mut conn, &events).await {
         Ok(results) => {
             reply_all(batch, results);
             Some(conn)
@@ -188,7 +208,8 @@ async fn commit_and_reply(
             tracing::warn!(error.cause_chain = ?e, size = batch.len(), "group commit failed; retrying its events one by one");
             let mut usable = true;
             for p in batch {
-                let result = match insert_batch(&mut conn, &[&p.event]).await {
+                let one = (&p.event, p.delivered.as_ref());
+                let result = match insert_batch_with(&mut conn, &[one]).await {
                     Ok(mut r) => Ok(r.pop().expect("one result per event")),
                     Err(e) if is_unavailable(&e) => {
                         usable = false;
@@ -248,11 +269,15 @@ static INSERT_BATCH_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH input AS (
             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                 $5::timestamptz[], $6::text[], $7::text[]) WITH ORDINALITY
-                AS i(system, entity_type, record_id, action, occurred_at, delivery_id, record_key, n)
+                                 $5::timestamptz[], $6::text[], $7::text[], $8::text[])
+                WITH ORDINALITY
+                AS i(system, entity_type, record_id, action, occurred_at, delivery_id, record_key,
+                     delivered, n)
         ), inserted AS (
-            INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id)
-            SELECT system, entity_type, record_id, action, occurred_at, delivery_id
+            INSERT INTO events (system, entity_type, record_id, action, occurred_at, delivery_id,
+                                delivered)
+            SELECT system, entity_type, record_id, action, occurred_at, delivery_id,
+                   delivered::jsonb
             FROM input ORDER BY n
             ON CONFLICT ON CONSTRAINT events_delivery_once DO NOTHING
             RETURNING id, system, delivery_id
@@ -278,6 +303,15 @@ pub async fn insert_batch(
     conn: &mut PgConnection,
     events: &[&ChangeEvent],
 ) -> Result<Vec<Stored>, sqlx::Error> {
+    let events: Vec<_> = events.iter().map(|e| (*e, None)).collect();
+    insert_batch_with(conn, &events).await
+}
+
+/// [`insert_batch`] with, per event, what its delivery says of its record (`events.delivered`).
+pub async fn insert_batch_with(
+    conn: &mut PgConnection,
+    events: &[(&ChangeEvent, Option<&Delivered>)],
+) -> Result<Vec<Stored>, sqlx::Error> {
     let n = events.len();
     // In-batch copies are answered here: the statement gets each key once, so every row it
     // returns belongs to exactly one input row (and one job).
@@ -289,9 +323,10 @@ pub async fn insert_batch(
     let mut times = Vec::with_capacity(n);
     let mut deliveries = Vec::with_capacity(n);
     let mut keys = Vec::with_capacity(n);
+    let mut delivered: Vec<Option<String>> = Vec::with_capacity(n);
     // Index into `events` of each row sent.
     let mut sent = Vec::with_capacity(n);
-    for (i, e) in events.iter().enumerate() {
+    for (i, (e, said)) in events.iter().enumerate() {
         if !seen.insert((e.record.system, e.delivery_id.as_str())) {
             continue; // a later copy: stays Duplicate
         }
@@ -303,6 +338,7 @@ pub async fn insert_batch(
         times.push(e.occurred_at);
         deliveries.push(e.delivery_id.as_str());
         keys.push(queue::record_key(e));
+        delivered.push(said.and_then(|d| serde_json::to_string(d).ok()));
     }
     // `fetch_all` returns only after PostgreSQL's ReadyForQuery, which follows the implicit
     // commit: an error committing comes back as an error here, never as rows.
@@ -314,6 +350,7 @@ pub async fn insert_batch(
         .bind(&times)
         .bind(&deliveries)
         .bind(&keys)
+        .bind(&delivered)
         .fetch_all(conn)
         .await?;
     let mut results = vec![Stored::Duplicate; n];

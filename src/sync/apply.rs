@@ -90,7 +90,7 @@ impl SyncEngine {
                     detail: Some(reason.clone()),
                     ..Entry::new(Decision::Stale)
                 };
-                store::log(&self.pool, job, &entry).await?;
+                self.log(job, entry).await?;
                 return Ok(Step::Later(reason));
             }
             Decision::WaitingForReference => {
@@ -213,16 +213,19 @@ impl SyncEngine {
         // A remembered unsure write is cleared by storing, even when nothing else moved.
         let unsure = link.unsure_write.is_some();
         if !(changed_snapshot || seen_moved || unsure || entry.written.is_some()) {
-            store::log(&self.pool, job, &entry).await?;
+            self.log(job, entry).await?;
             return Ok(Step::Done);
         }
+        // The event's `idle` entry, if waiting, is written by the same statement (`beside`).
+        let idle = super::beside::take();
+        let entries = (&entry, idle.as_ref());
         // The fan-out's jobs must commit with the link; without them the pool's implicit
         // transaction of the one statement is enough.
         let stored = if fan_out.is_empty() {
-            store::store_sync(&self.pool, job, &entry, link, state).await?
+            store::store_sync(&self.pool, job, entries, link, state).await?
         } else {
             let mut tx = self.pool.begin().await?;
-            let stored = store::store_sync(&mut *tx, job, &entry, link, state).await?;
+            let stored = store::store_sync(&mut *tx, job, entries, link, state).await?;
             if stored {
                 store::enqueue_records(&mut tx, fan_out, "fan-out", None, job.priority).await?;
                 tx.commit().await?;
@@ -231,6 +234,9 @@ impl SyncEngine {
         };
         if stored {
             return Ok(Step::Done);
+        }
+        if let Some(idle) = idle {
+            super::beside::put_back(idle);
         }
         let reason =
             "the link changed while this event was processed; re-reading both sides".to_owned();
@@ -241,7 +247,7 @@ impl SyncEngine {
                 ..entry
             }
         };
-        store::log(&self.pool, job, &entry).await?;
+        self.log(job, entry).await?;
         Ok(Step::Later(reason))
     }
 
@@ -292,7 +298,7 @@ impl SyncEngine {
             detail: Some(detail.clone()),
             ..Entry::new(Decision::WaitingForReference)
         };
-        store::log(&self.pool, job, &entry).await?;
+        self.log(job, entry).await?;
         Ok(Step::Later(detail))
     }
 }

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::beside::Idle;
 use super::decision::Decision;
 use super::merge::Side;
 use super::store::{self, Entry};
@@ -21,7 +22,7 @@ impl SyncEngine {
         &self,
         job: &ClaimedJob,
         active: &[ActiveFlow<'_>],
-        idle: &[String],
+        idle: Idle<'_>,
     ) -> Result<bool, sqlx::Error> {
         if !self.echo_entries(job, active).await? {
             return Ok(false);

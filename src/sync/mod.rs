@@ -13,6 +13,9 @@
 //! - [`create`]: linking or creating the counterpart of an unlinked source record, with the
 //!   create intent committed before the vendor call;
 //! - [`echo`]: a custom system's echo recognised by the stamp its webhook carries, unread;
+//! - [`delivery`]: a Zendesk echo recognised by what its webhook says, unread;
+//! - [`beside`]: an event's `idle` entry written in the statement of its one flow's decision;
+//! - [`noted`]: what a flow decides that sends nothing (only its log entry);
 //! - [`references`]: translating ids through links; [`mapping`]: how a flow reads a record;
 //! - [`store`]: every statement on `links`, `link_intents` and `sync_log`;
 //! - [`decision`]: the decisions a log entry can record; [`merge`]: the per-property rule;
@@ -24,13 +27,16 @@
 
 mod apply;
 mod backfill;
+mod beside;
 mod create;
 pub mod decision;
+pub mod delivery;
 mod echo;
 mod guarded;
 pub mod history;
 mod mapping;
 pub mod merge;
+mod noted;
 mod page_store;
 mod plan;
 #[cfg(test)]
@@ -45,7 +51,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::json;
 
 use crate::backfill::store as plans;
 use crate::connectors::{Connector, ConnectorError, Record};
@@ -61,8 +66,9 @@ enum Gone {
     /// Its system said so in a delete notification it declares final.
     Notified,
 }
+use beside::Idle;
 pub use decision::Decision;
-use mapping::{entity, mapped};
+use mapping::entity;
 use merge::Side;
 use plan::settled_by_one_read;
 use sqlx::PgPool;
@@ -170,8 +176,11 @@ impl SyncEngine {
         stopped.insert(system, until);
     }
 
+    /// Logs a decision of the event, with its waiting `idle` entry if there is one
+    /// ([`beside`]) in the same statement.
     async fn log(&self, job: &ClaimedJob, e: Entry<'_>) -> Result<(), sqlx::Error> {
-        store::log(&self.pool, job, &e).await
+        let idle = beside::take();
+        store::log_beside(&self.pool, job, &e, idle.as_ref()).await
     }
 
     /// The flows that have the event's record type on either side; `None` if there are none.
@@ -259,14 +268,46 @@ impl SyncEngine {
             self.record_deleted(job, Gone::Notified).await?;
             return Ok(None);
         }
+        // With one flow running, its decision carries the `idle` entry (one statement, not two).
+        let idle = Idle {
+            flows: &flows.idle,
+            carried: active.len() == 1,
+        };
+        let waiting = idle.carried.then(|| idle.entry()).flatten();
+        beside::scope(waiting, self.run_flows(job, conn, active, &planned, idle)).await
+    }
+
+    /// The flows of an event that run: the record read once (or an echo settled unread), then
+    /// each flow over the record's side; then the `idle` entry if no decision carried it.
+    async fn run_flows(
+        &self,
+        job: &ClaimedJob,
+        conn: &Arc<dyn Connector>,
+        active: Vec<ActiveFlow<'_>>,
+        planned: &[plans::PlannedItem],
+        idle: Idle<'_>,
+    ) -> Result<Option<String>, Fail> {
+        let rec = &job.event.record;
         // A custom system's own echo, recognised by the stamp its webhook carries.
-        if planned.is_empty() && self.echo_by_stamp(job, &active, &flows.idle).await? {
+        if planned.is_empty() && self.echo_by_stamp(job, &active, idle).await? {
             return Ok(None);
+        }
+        // A Zendesk echo, recognised by the value and stamp its webhook carries.
+        let mut looked = None;
+        if planned.is_empty() {
+            match self.echo_by_delivery(job, &active).await? {
+                delivery::ByDelivery::Echo => {
+                    self.log_idle_beside(job, idle).await?;
+                    return Ok(None);
+                }
+                delivery::ByDelivery::Looked(link) => looked = Some(link),
+                delivery::ByDelivery::NotTried => {}
+            }
         }
         // Rule 7: the current state, never the event's data.
         let Some(current) = conn.fetch(&rec.entity_type, &rec.record_id).await? else {
             self.record_deleted(job, Gone::NotFound).await?;
-            self.planned_record_gone(&planned).await?;
+            self.planned_record_gone(planned).await?;
             return Ok(None);
         };
         let mut later: Vec<String> = Vec::new();
@@ -277,7 +318,8 @@ impl SyncEngine {
                         .await?
                 }
                 None => {
-                    self.on_record(job, flow, side, &current, other_conn)
+                    let record = (side, &current);
+                    self.on_record_with(job, flow, record, other_conn, looked.take())
                         .await?
                 }
             };
@@ -285,17 +327,8 @@ impl SyncEngine {
                 later.push(format!("{}: {reason}", flow.id));
             }
         }
-        self.log_idle_beside(job, &flows.idle).await?;
+        self.log_idle_beside(job, idle).await?;
         Ok((!later.is_empty()).then(|| later.join("; ")))
-    }
-
-    /// Rule 10 for the flows that did not run beside those that did.
-    async fn log_idle_beside(&self, job: &ClaimedJob, idle: &[String]) -> Result<(), sqlx::Error> {
-        if idle.is_empty() {
-            return Ok(());
-        }
-        self.log_idle(job, "other dataflows of this record are idle", idle)
-            .await
     }
 
     /// Records a `paused` entry for each active flow an operator paused and returns the others
@@ -318,20 +351,6 @@ impl SyncEngine {
             self.log(job, entry).await?;
         }
         Ok(run)
-    }
-
-    /// One log entry for the flows of this event that cannot run, and why.
-    async fn log_idle(
-        &self,
-        job: &ClaimedJob,
-        what: &str,
-        idle: &[String],
-    ) -> Result<(), sqlx::Error> {
-        let entry = Entry {
-            detail: Some(format!("{what}: {}", idle.join("; "))),
-            ..Entry::new(Decision::Idle)
-        };
-        self.log(job, entry).await
     }
 
     /// Rule 9: a deleted record's links end; the counterparts stay.
@@ -378,10 +397,28 @@ impl SyncEngine {
         record: &Record,
         other_conn: &Arc<dyn Connector>,
     ) -> Result<Step, Fail> {
+        self.on_record_with(job, flow, (side, record), other_conn, None)
+            .await
+    }
+
+    /// [`SyncEngine::on_record`] with the flow's link as already looked up for this event, if
+    /// it was (`Some`): it is then not looked up again.
+    async fn on_record_with(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        (side, record): (Side, &Record),
+        other_conn: &Arc<dyn Connector>,
+        looked: Option<Option<Link>>,
+    ) -> Result<Step, Fail> {
         if side == Side::Source && private_and_held_back(flow, record) {
             return self.private_comment(job, flow, record).await;
         }
-        let Some(link) = store::find_link(&self.pool, flow, side, &record.id).await? else {
+        let link = match looked {
+            Some(link) => link,
+            None => store::find_link(&self.pool, flow, side, &record.id).await?,
+        };
+        let Some(link) = link else {
             return match side {
                 Side::Source => self.create_or_link(job, flow, record, other_conn).await,
                 Side::Target => self.not_created_back(job, flow, record).await,
@@ -403,97 +440,6 @@ impl SyncEngine {
         };
         self.sync_linked(job, flow, link.clone(), src, tgt, side)
             .await
-    }
-
-    /// A private comment goes no further in a flow that does not sync them (issue 16 item 12):
-    /// nothing is created or written; a counterpart made while it was public stays as it was.
-    async fn private_comment(
-        &self,
-        job: &ClaimedJob,
-        flow: &Dataflow,
-        comment: &Record,
-    ) -> Result<Step, Fail> {
-        tracing::info!(
-            flow = %flow.id,
-            comment = %comment.id,
-            "a private Zendesk comment is not synced onwards (sync_private_comments = false)"
-        );
-        let entry = Entry {
-            flow: Some(&flow.id),
-            detail: Some(
-                "the comment is private in Zendesk and this flow does not sync private comments \
-                 (`sync_private_comments = false`): nothing written"
-                    .into(),
-            ),
-            ..Entry::new(Decision::PrivateComment)
-        };
-        self.log(job, entry).await?;
-        Ok(Step::Done)
-    }
-
-    async fn not_created_back(
-        &self,
-        job: &ClaimedJob,
-        flow: &Dataflow,
-        tgt: &Record,
-    ) -> Result<Step, Fail> {
-        let entry = Entry {
-            flow: Some(&flow.id),
-            read: Some(mapped(flow, Side::Target, tgt)),
-            detail: Some(
-                "unlinked record on the flow's target side: creation only follows the flow's \
-                 direction"
-                    .into(),
-            ),
-            ..Entry::new(Decision::NotCreatedBack)
-        };
-        self.log(job, entry).await?;
-        Ok(Step::Done)
-    }
-
-    /// Logs the event of a linked record settled by its own read: an echo of Tether's own write
-    /// when Tether last wrote this side, otherwise a change outside the mapping.
-    async fn nothing_to_send(
-        &self,
-        job: &ClaimedJob,
-        flow: &Dataflow,
-        link: &Link,
-        record: &Record,
-        side: Side,
-        decision: Decision,
-    ) -> Result<Step, Fail> {
-        let entry = Entry {
-            flow: Some(&flow.id),
-            link: Some(link.id),
-            read: Some(json!({ side.as_str(): mapped(flow, side, record) })),
-            detail: Some(
-                "every mapped value is as last synced; the other side was not read".into(),
-            ),
-            ..Entry::new(decision)
-        };
-        self.log(job, entry).await?;
-        Ok(Step::Done)
-    }
-
-    async fn counterpart_gone(
-        &self,
-        job: &ClaimedJob,
-        flow: &Dataflow,
-        link: &Link,
-        gone: Side,
-    ) -> Result<Step, Fail> {
-        let reason = format!("{} record deleted", gone.as_str());
-        store::end_link(&self.pool, link.id, &reason).await?;
-        let entry = Entry {
-            flow: Some(&flow.id),
-            link: Some(link.id),
-            detail: Some(format!(
-                "the counterpart was not found: link ended ({reason}), this record kept"
-            )),
-            ..Entry::new(Decision::Deleted)
-        };
-        self.log(job, entry).await?;
-        Ok(Step::Done)
     }
 
     /// What the queue does with a job whose event failed, and the decision logged for it.

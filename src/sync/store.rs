@@ -9,6 +9,7 @@ use sqlx::{PgConnection, PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
 use super::decision::Decision;
+use super::delivery::Delivered;
 use super::mapping::entity;
 use super::merge::Side;
 use crate::connectors::Record;
@@ -16,8 +17,8 @@ use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
 use crate::queue::{self, ClaimedJob, JobPriority, NewJob};
 use crate::registry::Dataflow;
 
-/// A create intent's lease: another job seeing it live waits rather than creating concurrently.
-pub(super) const INTENT_LEASE_SECS: f64 = 120.0;
+mod intents;
+pub(crate) use intents::*;
 
 /// An active link as the engine reads it.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,16 +108,42 @@ const LOG_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
 static LOG_SQL: LazyLock<String> =
     LazyLock::new(|| format!("INSERT INTO sync_log {LOG_COLUMNS} VALUES ({LOG_VALUES})"));
 
+/// The parameters of a second entry of the same event (see [`bind_beside`]), from `$n`: the
+/// event's columns are the first entry's `$1` to `$6`.
+fn beside_values(n: usize) -> String {
+    let own: Vec<String> = (n..n + 7).map(|i| format!("${i}")).collect();
+    format!("$1, $2, $3, $4, $5, $6, {}", own.join(", "))
+}
+
+/// A log entry and a second one of the same event (its `idle` entry: `sync::beside`), in one
+/// statement; the rows are inserted in this order, so ids keep the order of the decisions.
+static LOG_TWO_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO sync_log {LOG_COLUMNS} VALUES ({LOG_VALUES}), ({})",
+        beside_values(14)
+    )
+});
+
+/// The `UPDATE` of a linked record's new state, as the CTE `updated` of [`STORE_SYNC_SQL`].
+const UPDATE_LINK_CTE: &str = "WITH updated AS (\
+    UPDATE links SET snapshot = $14, source_seen_at = $15, target_seen_at = $16, \
+    last_write_side = COALESCE($17, last_write_side), last_write_settled = $20, \
+    unsure_write = NULL, version = version + 1, updated_at = now() \
+    WHERE id = $18 AND version = $19 AND state = 'active' RETURNING id)";
+
 /// A linked record's new state and its log entry, in one statement (see [`store_sync`]); the
 /// entry is written only if the link was updated.
 static STORE_SYNC_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!("{UPDATE_LINK_CTE} INSERT INTO sync_log {LOG_COLUMNS} SELECT {LOG_VALUES} FROM updated")
+});
+
+/// [`STORE_SYNC_SQL`] with a second entry of the event after the first (`UNION ALL` appends its
+/// branches in order), also only if the link was updated.
+static STORE_SYNC_TWO_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH updated AS (\
-            UPDATE links SET snapshot = $14, source_seen_at = $15, target_seen_at = $16, \
-            last_write_side = COALESCE($17, last_write_side), last_write_settled = $20, \
-            unsure_write = NULL, version = version + 1, updated_at = now() WHERE id = $18 AND version = $19 AND state = 'active' \
-            RETURNING id) \
-         INSERT INTO sync_log {LOG_COLUMNS} SELECT {LOG_VALUES} FROM updated"
+        "{UPDATE_LINK_CTE} INSERT INTO sync_log {LOG_COLUMNS} \
+         SELECT {LOG_VALUES} FROM updated UNION ALL SELECT {} FROM updated",
+        beside_values(21)
     )
 });
 
@@ -151,6 +178,35 @@ fn bind_entry_uncounted<'q>(
         .bind(&e.error)
 }
 
+/// Binds the own columns of a second entry of the event (see [`beside_values`]).
+fn bind_beside<'q>(query: PgQuery<'q>, e: &'q Entry<'q>) -> PgQuery<'q> {
+    query
+        .bind(e.flow)
+        .bind(e.link)
+        .bind(e.decision.as_str())
+        .bind(&e.read)
+        .bind(&e.written)
+        .bind(&e.detail)
+        .bind(&e.error)
+}
+
+/// [`log`] with, when given, a second entry of the same event after it, in one statement.
+pub(crate) async fn log_beside(
+    conn: impl PgExecutor<'_>,
+    job: &ClaimedJob,
+    e: &Entry<'_>,
+    beside: Option<&Entry<'_>>,
+) -> Result<(), sqlx::Error> {
+    let Some(second) = beside else {
+        return log(conn, job, e).await;
+    };
+    bind_beside(bind_entry(sqlx::query(&LOG_TWO_SQL), job, e), second)
+        .execute(conn)
+        .await?;
+    crate::ops::metrics::sync_decision(second.flow, second.decision.as_str());
+    Ok(())
+}
+
 /// Stores one decision (inside the caller's transaction when given one, so a decision and the
 /// state it produced commit together).
 pub(crate) async fn log(
@@ -167,24 +223,37 @@ pub(crate) async fn log(
 /// Stores a linked record's new snapshot and change stamps, and logs the decision, in one
 /// statement (one round trip and one commit when the caller passes the pool). False when the link
 /// changed meanwhile (its version moved on): then nothing was stored or logged.
+/// With `beside`, a second entry of the event is written after `entry` in the same statement,
+/// also only if the link was stored.
 pub(crate) async fn store_sync(
     conn: impl PgExecutor<'_>,
     job: &ClaimedJob,
-    entry: &Entry<'_>,
+    (entry, beside): (&Entry<'_>, Option<&Entry<'_>>),
     link: &Link,
     state: LinkState,
 ) -> Result<bool, sqlx::Error> {
-    let done = bind_entry(sqlx::query(&STORE_SYNC_SQL), job, entry)
+    let sql: &str = if beside.is_some() {
+        &STORE_SYNC_TWO_SQL
+    } else {
+        &STORE_SYNC_SQL
+    };
+    let mut query = bind_entry(sqlx::query(sql), job, entry)
         .bind(Value::Object(state.snapshot))
         .bind(state.seen[0])
         .bind(state.seen[1])
         .bind(state.last_write.map(Side::as_str))
         .bind(link.id)
         .bind(link.version)
-        .bind(state.last_write_settled)
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
+        .bind(state.last_write_settled);
+    if let Some(second) = beside {
+        query = bind_beside(query, second);
+    }
+    let done = query.execute(conn).await?;
+    let stored = done.rows_affected() >= 1;
+    if let (true, Some(second)) = (stored, beside) {
+        crate::ops::metrics::sync_decision(second.flow, second.decision.as_str());
+    }
+    Ok(stored)
 }
 
 /// Logs `entry` (its link taken from the row) for the active link of `flow` whose record on `side`
@@ -236,6 +305,25 @@ pub(crate) async fn log_if_own_stamp(
     Ok(logged)
 }
 
+/// The columns of a [`Link`], as [`link_of_row`] reads them.
+const LINK_COLUMNS: &str = "id, source_id, target_id, snapshot, source_seen_at, target_seen_at, \
+     last_write_side, last_write_settled, version, unsure_write";
+
+/// The `WHERE` clause finding the active link of a flow ($4) whose record on `side` is of
+/// system $1, type $2 and id $3.
+fn link_where(side: Side) -> &'static str {
+    match side {
+        Side::Source => {
+            "state = 'active' AND source_system = $1 AND source_type = $2 AND source_id = $3 \
+             AND flow_id = $4"
+        }
+        Side::Target => {
+            "state = 'active' AND target_system = $1 AND target_type = $2 AND target_id = $3 \
+             AND flow_id = $4"
+        }
+    }
+}
+
 /// The active link of `flow` whose record on `side` is `id`.
 pub(crate) async fn find_link(
     pool: &PgPool,
@@ -243,50 +331,80 @@ pub(crate) async fn find_link(
     side: Side,
     id: &str,
 ) -> Result<Option<Link>, sqlx::Error> {
-    let (col_sys, col_type, col_id) = match side {
-        Side::Source => ("source_system", "source_type", "source_id"),
-        Side::Target => ("target_system", "target_type", "target_id"),
-    };
     let e = entity(flow, side);
-    let row = sqlx::query(&format!(
-        "SELECT id, source_id, target_id, snapshot, source_seen_at, target_seen_at, \
-         last_write_side, last_write_settled, version, unsure_write FROM links \
-         WHERE state = 'active' AND {col_sys} = $1 AND {col_type} = $2 AND {col_id} = $3 \
-         AND flow_id = $4"
-    ))
-    .bind(e.system.as_str())
-    .bind(&e.entity_type)
-    .bind(id)
-    .bind(&flow.id)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| {
-        let snapshot: Value = row.try_get("snapshot")?;
-        let last_write: Option<String> = row.try_get("last_write_side")?;
-        Ok(Link {
-            id: row.try_get("id")?,
-            source_id: row.try_get("source_id")?,
-            target_id: row.try_get("target_id")?,
-            snapshot: match snapshot {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            },
-            source_seen_at: row.try_get("source_seen_at")?,
-            target_seen_at: row.try_get("target_seen_at")?,
-            last_write_side: match last_write.as_deref() {
-                Some("source") => Some(Side::Source),
-                Some("target") => Some(Side::Target),
-                _ => None,
-            },
-            last_write_settled: row.try_get("last_write_settled")?,
-            version: row.try_get("version")?,
-            unsure_write: row
-                .try_get::<Option<Value>, _>("unsure_write")?
-                .as_ref()
-                .and_then(super::unsure::UnsureWrite::from_json),
-        })
+    let sql = format!(
+        "SELECT {LINK_COLUMNS} FROM links WHERE {}",
+        link_where(side)
+    );
+    let row = sqlx::query(&sql)
+        .bind(e.system.as_str())
+        .bind(&e.entity_type)
+        .bind(id)
+        .bind(&flow.id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| link_of_row(&row)).transpose()
+}
+
+/// [`find_link`] and, in the same statement, what the delivery of event `event_id` said about
+/// the record (`events.delivered`, docs/sync-rules.md "An echo without a read"), if the link
+/// exists; a delivered state that cannot be read counts as none.
+pub(crate) async fn find_link_for_event(
+    pool: &PgPool,
+    flow: &Dataflow,
+    side: Side,
+    id: &str,
+    event_id: i64,
+) -> Result<(Option<Link>, Option<Delivered>), sqlx::Error> {
+    let e = entity(flow, side);
+    let sql = format!(
+        "SELECT {LINK_COLUMNS}, (SELECT delivered FROM events WHERE id = $5) AS delivered \
+         FROM links WHERE {}",
+        link_where(side)
+    );
+    let row = sqlx::query(&sql)
+        .bind(e.system.as_str())
+        .bind(&e.entity_type)
+        .bind(id)
+        .bind(&flow.id)
+        .bind(event_id)
+        .fetch_optional(pool)
+        .await?;
+    let Some(row) = row else {
+        return Ok((None, None));
+    };
+    let delivered = row
+        .try_get::<Option<Value>, _>("delivered")?
+        .and_then(|d| serde_json::from_value(d).ok());
+    Ok((Some(link_of_row(&row)?), delivered))
+}
+
+/// A [`Link`] from a row with [`LINK_COLUMNS`].
+fn link_of_row(row: &sqlx::postgres::PgRow) -> Result<Link, sqlx::Error> {
+    let snapshot: Value = row.try_get("snapshot")?;
+    let last_write: Option<String> = row.try_get("last_write_side")?;
+    Ok(Link {
+        id: row.try_get("id")?,
+        source_id: row.try_get("source_id")?,
+        target_id: row.try_get("target_id")?,
+        snapshot: match snapshot {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        },
+        source_seen_at: row.try_get("source_seen_at")?,
+        target_seen_at: row.try_get("target_seen_at")?,
+        last_write_side: match last_write.as_deref() {
+            Some("source") => Some(Side::Source),
+            Some("target") => Some(Side::Target),
+            _ => None,
+        },
+        last_write_settled: row.try_get("last_write_settled")?,
+        version: row.try_get("version")?,
+        unsure_write: row
+            .try_get::<Option<Value>, _>("unsure_write")?
+            .as_ref()
+            .and_then(super::unsure::UnsureWrite::from_json),
     })
-    .transpose()
 }
 
 /// Ends one link (its counterpart is gone).
@@ -385,97 +503,6 @@ pub(crate) async fn insert_link(
             .await?;
     }
     Ok(link_id)
-}
-
-/// An open create intent of a source record and flow.
-pub(crate) struct Intent {
-    pub id: i64,
-    pub idempotency_key: Uuid,
-    pub owner_job_id: Option<i64>,
-    /// Its lease has not expired.
-    pub live: bool,
-    /// The snapshot of the values the create sent (`None` on intents of older versions).
-    pub written: Option<Map<String, Value>>,
-}
-
-/// The open create intent of `src_id` in `flow`, if there is one.
-pub(crate) async fn pending_intent(
-    pool: &PgPool,
-    flow: &Dataflow,
-    src_id: &str,
-) -> Result<Option<Intent>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT id, idempotency_key, owner_job_id, lease_until > now() AS live, written \
-         FROM link_intents WHERE state = 'pending' AND source_system = $1 \
-         AND source_type = $2 AND source_id = $3 AND flow_id = $4",
-    )
-    .bind(flow.source.system.as_str())
-    .bind(&flow.source.entity_type)
-    .bind(src_id)
-    .bind(&flow.id)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| {
-        Ok(Intent {
-            id: row.try_get("id")?,
-            idempotency_key: row.try_get("idempotency_key")?,
-            owner_job_id: row.try_get("owner_job_id")?,
-            live: row.try_get("live")?,
-            written: match row.try_get::<Option<Value>, _>("written")? {
-                Some(Value::Object(m)) => Some(m),
-                _ => None,
-            },
-        })
-    })
-    .transpose()
-}
-
-/// Takes over an open intent for `job_id` with a fresh lease, about to create with the values
-/// whose snapshot is `written`.
-pub(crate) async fn renew_intent(
-    pool: &PgPool,
-    id: i64,
-    job_id: i64,
-    written: &Map<String, Value>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE link_intents SET owner_job_id = $2, \
-         lease_until = now() + make_interval(secs => $3), written = $4 WHERE id = $1",
-    )
-    .bind(id)
-    .bind(job_id)
-    .bind(INTENT_LEASE_SECS)
-    .bind(Value::Object(written.clone()))
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Records a new intent with `key` to create with the values whose snapshot is `written`; `None`
-/// if another job recorded one for the record first.
-pub(crate) async fn insert_intent(
-    pool: &PgPool,
-    flow: &Dataflow,
-    (src_id, written): (&str, &Map<String, Value>),
-    key: Uuid,
-    job_id: i64,
-) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO link_intents (flow_id, source_system, source_type, source_id, \
-         idempotency_key, owner_job_id, lease_until, written) \
-         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7), $8) \
-         ON CONFLICT DO NOTHING RETURNING id",
-    )
-    .bind(&flow.id)
-    .bind(flow.source.system.as_str())
-    .bind(&flow.source.entity_type)
-    .bind(src_id)
-    .bind(key)
-    .bind(job_id)
-    .bind(INTENT_LEASE_SECS)
-    .bind(Value::Object(written.clone()))
-    .fetch_optional(pool)
-    .await
 }
 
 /// Enqueues a synthetic event per record (rule 5: sync the referenced record first; rule 6:

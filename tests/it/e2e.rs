@@ -410,6 +410,120 @@ resolve = "latest_wins"
     h.stop().await;
 }
 
+/// A Zendesk echo costs no read: a customer renamed in the custom ERP is written back to its
+/// Zendesk organization, whose `organization.name_changed` webhook carries the written name and
+/// the write's `updated_at` in `detail` (docs/sync-rules.md, "An echo without a read"). So the
+/// rename costs Zendesk one read (the counterpart, for the merge) and one write, and its echo
+/// none. Then a person renames the organization right after Tether's write, in the same second
+/// as far as the clock allows (Zendesk stamps whole seconds): that is no echo, and reaches the
+/// customer.
+#[tokio::test]
+async fn a_zendesk_echo_costs_no_read_and_an_edit_in_the_same_second_still_syncs() {
+    let overlay = r#"
+[[dataflow]]
+source = "zendesk.Organizations"
+target = "customerp.Customer"
+[[dataflow.property]]
+source = "name"
+target = "name"
+type = "string"
+
+[[rule]]
+entity = "zendesk.Organizations"
+property = "name"
+resolve = "latest_wins"
+"#;
+    // An organization event is settled unread only where its one running flow is linked: the
+    // other flows of organizations are switched off (each would need the record read).
+    let mut overlay = overlay.to_owned();
+    for (source, target) in [
+        ("exactonline.Accounts", "zendesk.Organizations"),
+        ("exactonline.Departments", "zendesk.Organizations"),
+        ("exactonline.Divisions", "zendesk.Organizations"),
+        ("poweroffice.Customers", "zendesk.Organizations"),
+        ("poweroffice.Departments", "zendesk.Organizations"),
+        ("poweroffice.Suppliers", "zendesk.Organizations"),
+        ("zendesk.Organizations", "custompms.Customer"),
+    ] {
+        overlay.push_str(&format!(
+            "\n[[dataflow]]\nsource = \"{source}\"\ntarget = \"{target}\"\nenabled = false\n"
+        ));
+    }
+    let h = Harness::start(Some(&overlay), "").await;
+    let created = h
+        .sims
+        .zendesk
+        .create(Kind::Organization, json!({"name": "Echoed AS"}));
+    assert!(created.status().is_success());
+    let org_id = h.sims.zendesk.all(Kind::Organization)[0]["id"]
+        .as_u64()
+        .unwrap();
+    let org = org_id.to_string();
+    let customer = h
+        .linked_target("zendesk.Organizations->customerp.Customer", &org)
+        .await;
+    h.assert_settles().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let echoes_before = h.echo_entries("zendesk", &org).await;
+    h.sims.zendesk.control().reset_counters();
+
+    h.sims.customerp.edit(
+        "customer",
+        &customer,
+        obj(json!({"name": "Echoed Norge AS"})),
+    );
+    eventually(
+        "the new name in Zendesk",
+        WAIT,
+        probe(|| {
+            let o = h.sims.zendesk.organization(org_id)?;
+            (o["name"] == json!("Echoed Norge AS")).then_some(())
+        }),
+    )
+    .await;
+    // A person's edit just after Tether's write, most likely within its second.
+    let edited = h.sims.zendesk.update(
+        Kind::Organization,
+        org_id,
+        json!({"name": "Echoed by a person AS"}),
+    );
+    assert!(edited.status().is_success());
+    eventually(
+        "the person's name in the custom ERP",
+        WAIT,
+        probe(|| {
+            let c = h.sims.customerp.get("customer", &customer)?;
+            (c["name"] == json!("Echoed by a person AS")).then_some(())
+        }),
+    )
+    .await;
+    h.assert_settles().await;
+
+    assert_eq!(
+        h.echo_entries("zendesk", &org).await,
+        echoes_before + 1,
+        "Tether's write came back as one echo; the person's edit is none"
+    );
+    // Each decision is followed by the event's `idle` entry (written by the same statement).
+    let decisions: Vec<String> = sqlx::query_scalar(
+        "SELECT decision FROM sync_log WHERE system = 'zendesk' AND record_id = $1 ORDER BY id",
+    )
+    .bind(&org)
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        decisions.ends_with(&["echo", "idle", "updated", "idle"].map(String::from)),
+        "{decisions:?}"
+    );
+    let zendesk = h.sims.zendesk.control();
+    // Tether's write: one read of the organization (the merge's counterpart) and one write; its
+    // echo: nothing; the person's edit (made in the simulator, not through its API): one read.
+    assert_eq!(zendesk.count_method("GET"), 2, "{:?}", zendesk.counters());
+    assert_eq!(zendesk.count_method("PUT"), 1, "{:?}", zendesk.counters());
+    h.stop().await;
+}
+
 impl Harness {
     /// A Zendesk client, as a person using Zendesk (its changes send webhooks to Tether).
     fn zendesk(&self) -> ZendeskConnector {
