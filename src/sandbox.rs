@@ -130,8 +130,6 @@ impl Simulators {
 
     /// Tether's configuration for these simulators, as TOML (validated by the normal loader).
     pub fn config_toml(&self, listen: SocketAddr, data_dir: &Path, poll_interval: &str) -> String {
-        let e = &self.exact_config;
-        let p = &self.poweroffice_config;
         format!(
             r#"listen = "{listen}"
 public_url = "http://{listen}"
@@ -153,23 +151,8 @@ email = "{zd_email}"
 api_token = "{zd_token}"
 rate_limit_per_minute = 6000
 
-[exactonline]
-base_url = "{exact}"
-division = {division}
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-refresh_token = "{refresh_token}"
-webhook_secret = "{exact_secret}"
-poll_interval = "{poll_interval}"
-
-[poweroffice]
-base_url = "{poweroffice}/v2"
-token_url = "{poweroffice}/OAuth/Token"
-application_key = "{app_key}"
-client_key = "{client_key}"
-subscription_key = "{sub_key}"
-poll_interval = "{poll_interval}"
-
+{exact_section}
+{poweroffice_section}
 [crmoffice]
 base_url = "{crmoffice}"
 api_token = "{crm_token}"
@@ -189,16 +172,12 @@ webhook_secret = "{pms_secret}"
             zendesk = self.url(SystemId::Zendesk),
             zd_email = credentials::ZENDESK_EMAIL,
             zd_token = credentials::ZENDESK_TOKEN,
-            exact = self.url(SystemId::ExactOnline),
-            division = e.division,
-            client_id = e.client_id,
-            client_secret = e.client_secret,
-            refresh_token = e.refresh_token,
-            exact_secret = e.webhook_secret,
-            poweroffice = self.url(SystemId::PowerOffice),
-            app_key = p.application_key,
-            client_key = p.client_key,
-            sub_key = p.subscription_key,
+            exact_section = self
+                .exact_config
+                .tether_section(&self.url(SystemId::ExactOnline), poll_interval),
+            poweroffice_section = self
+                .poweroffice_config
+                .tether_section(&self.url(SystemId::PowerOffice), poll_interval),
             crmoffice = self.url(SystemId::CrmOffice),
             crm_token = credentials::CRMOFFICE_TOKEN,
             customerp = self.url(SystemId::CustomErp),

@@ -256,8 +256,6 @@ impl Sims {
     /// Tether's configuration for this run, as TOML (the replicas get `listen` and the database
     /// from the environment).
     pub fn config_toml(&self, data_dir: &Path, overlay: &Path) -> String {
-        let e = &self.exact_config;
-        let p = &self.poweroffice_config;
         format!(
             r#"data_dir = {data_dir:?}
 shutdown_timeout = "10s"
@@ -294,23 +292,8 @@ api_token = "{ZENDESK_TOKEN}"
 webhook_secrets = ["{ZENDESK_WEBHOOK_SECRET}"]
 rate_limit_per_minute = {ZENDESK_PER_MINUTE}
 
-[exactonline]
-base_url = "{exact}"
-division = {division}
-client_id = "{client_id}"
-client_secret = "{client_secret}"
-refresh_token = "{refresh_token}"
-webhook_secret = "{exact_secret}"
-poll_interval = "10m"
-
-[poweroffice]
-base_url = "{poweroffice}/v2"
-token_url = "{poweroffice}/OAuth/Token"
-application_key = "{app_key}"
-client_key = "{client_key}"
-subscription_key = "{sub_key}"
-poll_interval = "1s"
-
+{exact_section}
+{poweroffice_section}
 [customerp]
 base_url = "{erp}"
 api_token = "{ERP_TOKEN}"
@@ -321,16 +304,12 @@ webhook_secret = "{erp_secret}"
             lease = OUTBOUND_TIMEOUT.as_secs() + 6,
             timeout = OUTBOUND_TIMEOUT.as_millis(),
             zendesk = self.url(SystemId::Zendesk),
-            exact = self.url(SystemId::ExactOnline),
-            division = e.division,
-            client_id = e.client_id,
-            client_secret = e.client_secret,
-            refresh_token = e.refresh_token,
-            exact_secret = e.webhook_secret,
-            poweroffice = self.url(SystemId::PowerOffice),
-            app_key = p.application_key,
-            client_key = p.client_key,
-            sub_key = p.subscription_key,
+            exact_section = self
+                .exact_config
+                .tether_section(&self.url(SystemId::ExactOnline), "10m"),
+            poweroffice_section = self
+                .poweroffice_config
+                .tether_section(&self.url(SystemId::PowerOffice), "1s"),
             erp = self.url(SystemId::CustomErp),
             erp_secret = self.erp_secret,
         )

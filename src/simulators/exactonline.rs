@@ -59,6 +59,29 @@ pub struct ExactSimConfig {
     pub strict_rotation: bool,
 }
 
+impl ExactSimConfig {
+    /// The `[exactonline]` section of a Tether configuration that connects to this simulator
+    /// (used by the sandbox and the chaos suite).
+    pub fn tether_section(&self, base_url: &str, poll_interval: &str) -> String {
+        format!(
+            r#"[exactonline]
+base_url = "{base_url}"
+division = {division}
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+refresh_token = "{refresh_token}"
+webhook_secret = "{webhook_secret}"
+poll_interval = "{poll_interval}"
+"#,
+            division = self.division,
+            client_id = self.client_id,
+            client_secret = self.client_secret,
+            refresh_token = self.refresh_token,
+            webhook_secret = self.webhook_secret,
+        )
+    }
+}
+
 impl Default for ExactSimConfig {
     fn default() -> Self {
         ExactSimConfig {

@@ -30,6 +30,10 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Share of webhooks silently not sent.
     pub drop_webhooks: f64,
+    /// Added before each webhook is delivered, in milliseconds: vendors send webhooks from a
+    /// queue of their own, after the change and its answer (Zendesk's arrive seconds later), while
+    /// the simulators send at once. A lane's webhooks wait one after the other.
+    pub webhook_latency_ms: u64,
     /// Requests allowed per window before 429s (`None`: unlimited).
     pub rate_limit: Option<u32>,
     /// The rate-limit window in milliseconds (default one minute).
@@ -594,6 +598,9 @@ impl Lane {
             return;
         }
         let faults = self.control.faults();
+        if faults.webhook_latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.webhook_latency_ms)).await;
+        }
         let twice = self.roll(faults.duplicate_webhooks);
         let attempts = faults.webhook_attempts.unwrap_or(4).max(1);
         let delivered = self.attempt(url, &outgoing, attempts).await;

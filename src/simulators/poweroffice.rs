@@ -34,6 +34,26 @@ pub struct PowerOfficeSimConfig {
     pub per_second: u32,
 }
 
+impl PowerOfficeSimConfig {
+    /// The `[poweroffice]` section of a Tether configuration that connects to this simulator
+    /// (used by the sandbox and the chaos suite).
+    pub fn tether_section(&self, base_url: &str, poll_interval: &str) -> String {
+        format!(
+            r#"[poweroffice]
+base_url = "{base_url}/v2"
+token_url = "{base_url}/OAuth/Token"
+application_key = "{application_key}"
+client_key = "{client_key}"
+subscription_key = "{subscription_key}"
+poll_interval = "{poll_interval}"
+"#,
+            application_key = self.application_key,
+            client_key = self.client_key,
+            subscription_key = self.subscription_key,
+        )
+    }
+}
+
 impl Default for PowerOfficeSimConfig {
     fn default() -> Self {
         PowerOfficeSimConfig {

@@ -403,45 +403,49 @@ impl ZendeskSimHandle {
 }
 
 fn router(shared: Arc<Shared>) -> Router {
-    use Kind::*;
+    Router::new()
+        .merge(directory_routes(Kind::Organization))
+        .route("/api/v2/organizations/search", get(search_organizations))
+        .merge(directory_routes(Kind::User))
+        .route("/api/v2/users/search", get(search_users))
+        .route("/api/v2/users/{id}/identities", get(lookups::identities))
+        .merge(ticket_routes())
+        .merge(export_routes(shared.clone()))
+        .merge(hooks::routes())
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            auth_and_headers,
+        ))
+        .with_state(shared)
+}
+
+/// What organizations and users share: list and create, create-or-update, show_many, show and
+/// update by id.
+fn directory_routes(kind: Kind) -> Router<Arc<Shared>> {
+    let base = format!("/api/v2/{}", kind.plural());
     Router::new()
         .route(
-            "/api/v2/organizations",
-            get(move |s, h, q| list(Organization, s, h, q))
-                .post(move |s, h, b| create(Organization, s, h, b)),
+            &base,
+            get(move |s, h, q| list(kind, s, h, q)).post(move |s, h, b| create(kind, s, h, b)),
         )
         .route(
-            "/api/v2/organizations/create_or_update",
-            post(move |s, h, b| create_or_update(Organization, s, h, b)),
-        )
-        .route("/api/v2/organizations/search", get(search_organizations))
-        .route(
-            "/api/v2/organizations/show_many",
-            get(move |s, q| lookups::show_many(Organization, s, q)),
+            &format!("{base}/create_or_update"),
+            post(move |s, h, b| create_or_update(kind, s, h, b)),
         )
         .route(
-            "/api/v2/organizations/{id}",
-            get(move |s, p| show(Organization, s, p))
-                .put(move |s, p, b| update(Organization, s, p, b)),
+            &format!("{base}/show_many"),
+            get(move |s, q| lookups::show_many(kind, s, q)),
         )
         .route(
-            "/api/v2/users",
-            get(move |s, h, q| list(User, s, h, q)).post(move |s, h, b| create(User, s, h, b)),
+            &format!("{base}/{{id}}"),
+            get(move |s, p| show(kind, s, p)).put(move |s, p, b| update(kind, s, p, b)),
         )
-        .route(
-            "/api/v2/users/create_or_update",
-            post(move |s, h, b| create_or_update(User, s, h, b)),
-        )
-        .route("/api/v2/users/search", get(search_users))
-        .route(
-            "/api/v2/users/show_many",
-            get(move |s, q| lookups::show_many(User, s, q)),
-        )
-        .route(
-            "/api/v2/users/{id}",
-            get(move |s, p| show(User, s, p)).put(move |s, p, b| update(User, s, p, b)),
-        )
-        .route("/api/v2/users/{id}/identities", get(lookups::identities))
+}
+
+/// Tickets, their comments (redaction, making private) and their deletion and restore.
+fn ticket_routes() -> Router<Arc<Shared>> {
+    use Kind::Ticket;
+    Router::new()
         .route(
             "/api/v2/tickets",
             get(move |s, h, q| list(Ticket, s, h, q)).post(move |s, h, b| create(Ticket, s, h, b)),
@@ -469,13 +473,6 @@ fn router(shared: Arc<Shared>) -> Router {
             "/api/v2/deleted_tickets/{id}/restore",
             axum::routing::put(life::restore),
         )
-        .merge(export_routes(shared.clone()))
-        .merge(hooks::routes())
-        .layer(middleware::from_fn_with_state(
-            shared.clone(),
-            auth_and_headers,
-        ))
-        .with_state(shared)
 }
 
 /// The incremental exports, behind their own per-minute limit ([`limits::export_limit`]).
@@ -775,17 +772,9 @@ fn write_update(shared: &Shared, kind: Kind, id: u64, mut input: Map<String, Val
     if let Err(response) = validate(&state, kind, &after, Some(id)) {
         return *response;
     }
-    let comment_input = match (kind, input.get("comment")) {
-        (Kind::Ticket, Some(Value::Object(c))) => {
-            if comment_text(c).is_empty() {
-                return invalid("base", "BlankValue", "Comment: body cannot be blank".into());
-            }
-            Some(c.clone())
-        }
-        (Kind::Ticket, Some(_)) => {
-            return bad_request("`comment` must be an object");
-        }
-        _ => None,
+    let comment_input = match comment_of_update(kind, &input) {
+        Ok(comment) => comment,
+        Err(refusal) => return *refusal,
     };
     if changed.is_empty() && comment_input.is_none() {
         return kit::respond(StatusCode::OK, envelope(kind, &before));
@@ -813,29 +802,49 @@ fn write_update(shared: &Shared, kind: Kind, id: u64, mut input: Map<String, Val
     }
     let mut body = json!({ kind.singular(): after });
     if let Some((comment, audit_id)) = &added {
-        shared.emit(
-            kind,
-            &after,
-            "ticket.comment_added",
-            json!({"comment": {
-                "id": comment["id"].to_string(),
-                "body": comment["body"],
-                "is_public": comment["public"],
-                "author": {"id": id_string(&comment["author_id"])},
-            }}),
-        );
-        let mut event = comment.clone();
-        event.remove("created_at");
-        body["audit"] = json!({
-            "id": audit_id,
-            "ticket_id": id,
-            "created_at": comment["created_at"],
-            "author_id": comment["author_id"],
-            "events": [event],
-        });
+        shared.emit(kind, &after, "ticket.comment_added", comment_added(comment));
+        body["audit"] = comment_audit(id, comment, *audit_id);
     }
     drop(state);
     kit::respond(StatusCode::OK, body)
+}
+
+/// The comment an update of a ticket adds, if any; Zendesk refuses a blank or malformed one.
+fn comment_of_update(
+    kind: Kind,
+    input: &Map<String, Value>,
+) -> Result<Option<Map<String, Value>>, Box<Response>> {
+    match (kind, input.get("comment")) {
+        (Kind::Ticket, Some(Value::Object(c))) if comment_text(c).is_empty() => Err(Box::new(
+            invalid("base", "BlankValue", "Comment: body cannot be blank".into()),
+        )),
+        (Kind::Ticket, Some(Value::Object(c))) => Ok(Some(c.clone())),
+        (Kind::Ticket, Some(_)) => Err(Box::new(bad_request("`comment` must be an object"))),
+        _ => Ok(None),
+    }
+}
+
+/// The `event` of a `ticket.comment_added` webhook for a stored comment.
+fn comment_added(comment: &Map<String, Value>) -> Value {
+    json!({"comment": {
+        "id": comment["id"].to_string(),
+        "body": comment["body"],
+        "is_public": comment["public"],
+        "author": {"id": id_string(&comment["author_id"])},
+    }})
+}
+
+/// The audit an update that added a comment answers with (its one event is the comment).
+fn comment_audit(ticket_id: u64, comment: &Map<String, Value>, audit_id: u64) -> Value {
+    let mut event = comment.clone();
+    event.remove("created_at");
+    json!({
+        "id": audit_id,
+        "ticket_id": ticket_id,
+        "created_at": comment["created_at"],
+        "author_id": comment["author_id"],
+        "events": [event],
+    })
 }
 
 #[cfg(test)]
