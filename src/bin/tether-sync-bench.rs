@@ -156,14 +156,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
-    let pg = EmbeddedPostgres::start(&work.join("pg"))
-        .await
-        .context("cannot start PostgreSQL")?;
-    if !args.no_statements {
-        pg.preload_libraries(&["pg_stat_statements"])
-            .await
-            .context("cannot load pg_stat_statements")?;
-    }
+    let pg = start_postgres(&args, work).await?;
     let postmaster_pid = pg.postmaster_pid().context("no postmaster pid")? as u32;
     let url = pg.url().expose_secret().to_owned();
 
@@ -172,47 +165,120 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
         probe.local_addr()?
     };
     let tether_url = format!("http://{tether_addr}");
-    let (zd_running, zendesk) = ZendeskSim::start(SimOptions {
-        bind: "127.0.0.1:0".parse()?,
-        credentials: SimCredentials {
-            email: ZENDESK_EMAIL.to_owned(),
-            api_token: ZENDESK_TOKEN.to_owned(),
-            oauth_token: None,
-        },
-        webhook_target: Some(format!("{tether_url}/webhooks/zendesk")),
-        webhook_secret: ZENDESK_SECRET.to_owned(),
-        webhook_lanes: args.webhook_lanes,
-    })
-    .await?;
-    let erp_secret = format!(
-        "whsec_{}",
-        base64_standard(b"tether-sync-bench-customerp-secret")
-    );
-    let (erp, erp_running) = CustomSim::start(
-        CustomSimConfig {
-            webhook_lanes: args.webhook_lanes,
-            system: SystemId::CustomErp,
-            api_token: ERP_TOKEN.to_owned(),
-            webhook_secret: Some(erp_secret.clone()),
-            webhook_target: Some(format!("{tether_url}/webhooks/customerp")),
-        },
-        "127.0.0.1:0".parse()?,
-    )
-    .await?;
-
+    let sims = Simulators::start(&args, &tether_url).await?;
     let config_path = write_config(
         work,
         &args,
         tether_addr,
-        &zd_running,
-        &erp_running,
-        &erp_secret,
+        &sims.zendesk_running,
+        &sims.erp_running,
+        &sims.erp_secret,
     )?;
+    let mut tether = spawn_tether(&args, &config_path, &url)?;
+    let tether_pid = tether.id().context("tether exited at once")?;
+
+    let outcome = async {
+        wait_ready(&tether_url, &mut tether).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await?;
+        let mut bench = Bench {
+            args,
+            zendesk: sims.zendesk,
+            erp: sims.erp,
+            pool,
+            tether_pid,
+            postmaster_pid,
+            links: Vec::new(),
+        };
+        bench.run_rounds().await
+    }
+    .await;
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tether_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(30), tether.wait()).await;
+    sims.zendesk_running.stop().await;
+    sims.erp_running.stop().await;
+    let _ = pg.stop().await;
+    outcome
+}
+
+/// The private PostgreSQL cluster, with pg_stat_statements loaded unless `--no-statements`.
+async fn start_postgres(args: &Args, work: &Path) -> anyhow::Result<EmbeddedPostgres> {
+    let pg = EmbeddedPostgres::start(&work.join("pg"))
+        .await
+        .context("cannot start PostgreSQL")?;
+    if !args.no_statements {
+        pg.preload_libraries(&["pg_stat_statements"])
+            .await
+            .context("cannot load pg_stat_statements")?;
+    }
+    Ok(pg)
+}
+
+/// The Zendesk and Custom ERP simulators, in this process, sending their webhooks to tether.
+struct Simulators {
+    zendesk: ZendeskSimHandle,
+    zendesk_running: RunningSim,
+    erp: CustomSim,
+    erp_running: RunningSim,
+    erp_secret: String,
+}
+
+impl Simulators {
+    async fn start(args: &Args, tether_url: &str) -> anyhow::Result<Simulators> {
+        let (zendesk_running, zendesk) = ZendeskSim::start(SimOptions {
+            bind: "127.0.0.1:0".parse()?,
+            credentials: SimCredentials {
+                email: ZENDESK_EMAIL.to_owned(),
+                api_token: ZENDESK_TOKEN.to_owned(),
+                oauth_token: None,
+            },
+            webhook_target: Some(format!("{tether_url}/webhooks/zendesk")),
+            webhook_secret: ZENDESK_SECRET.to_owned(),
+            webhook_lanes: args.webhook_lanes,
+        })
+        .await?;
+        let erp_secret = format!(
+            "whsec_{}",
+            base64_standard(b"tether-sync-bench-customerp-secret")
+        );
+        let (erp, erp_running) = CustomSim::start(
+            CustomSimConfig {
+                webhook_lanes: args.webhook_lanes,
+                system: SystemId::CustomErp,
+                api_token: ERP_TOKEN.to_owned(),
+                webhook_secret: Some(erp_secret.clone()),
+                webhook_target: Some(format!("{tether_url}/webhooks/customerp")),
+            },
+            "127.0.0.1:0".parse()?,
+        )
+        .await?;
+        Ok(Simulators {
+            zendesk,
+            zendesk_running,
+            erp,
+            erp_running,
+            erp_secret,
+        })
+    }
+}
+
+/// A release `tether serve` child process; its warnings and errors go to a file kept after the
+/// run.
+fn spawn_tether(
+    args: &Args,
+    config_path: &Path,
+    database_url: &str,
+) -> anyhow::Result<tokio::process::Child> {
     let tether_bin = match &args.tether {
         Some(path) => path.clone(),
         None => std::env::current_exe()?.with_file_name("tether"),
     };
-    // tether's own log (warnings and errors) goes to a file kept after the run.
     let log_path = std::env::temp_dir().join("tether-sync-bench-tether.log");
     let log = std::fs::File::create(&log_path)?;
     println!(
@@ -224,56 +290,33 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
             "off: [guard] enabled = false"
         }
     );
-    let mut tether = tokio::process::Command::new(&tether_bin)
+    tokio::process::Command::new(&tether_bin)
         .arg("serve")
-        .env("TETHER_CONFIG", &config_path)
-        .env("DATABASE_URL", &url)
+        .env("TETHER_CONFIG", config_path)
+        .env("DATABASE_URL", database_url)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {}", tether_bin.display()))?;
-    let tether_pid = tether.id().context("tether exited at once")?;
+        .with_context(|| format!("cannot start {}", tether_bin.display()))
+}
 
-    let outcome = async {
-        wait_ready(&tether_url, &mut tether).await?;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&url)
-            .await?;
-        let mut bench = Bench {
-            args,
-            zendesk,
-            erp,
-            pool,
-            tether_pid,
-            postmaster_pid,
-            links: Vec::new(),
-        };
-        bench.seed().await?;
-        if !bench.args.no_statements {
+impl Bench {
+    /// Seeds the links, then runs and prints every round.
+    async fn run_rounds(&mut self) -> anyhow::Result<()> {
+        self.seed().await?;
+        if !self.args.no_statements {
             sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-                .execute(&bench.pool)
+                .execute(&self.pool)
                 .await?;
         }
-        bench.print_header();
-        for round in 1..=bench.args.rounds {
-            bench.round(round).await?;
+        self.print_header();
+        for round in 1..=self.args.rounds {
+            self.round(round).await?;
         }
-        anyhow::Ok(())
+        Ok(())
     }
-    .await;
-
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(tether_pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(30), tether.wait()).await;
-    zd_running.stop().await;
-    erp_running.stop().await;
-    let _ = pg.stop().await;
-    outcome
 }
 
 /// CPU per update, which the rest of the machine's load changes less than the rate: and what
