@@ -773,7 +773,9 @@ async fn housekeeping_analyzes_after_a_burst_and_vacuums_after_pruning() {
         .await
         .unwrap();
     // The pruner's connections report on their own schedule; any query on them flushes within a
-    // second or so, and the pool hands them out again while we poll.
+    // second or so, and the pool hands them out again while we poll. Wait for every update and
+    // delete to be counted: the dead-row count alone passes 20,000 on the UPDATE's old row
+    // versions, and a delete batch reported after the VACUUM would then count as left dead.
     eventually(
         "the pruning in the statistics",
         Duration::from_secs(30),
@@ -782,7 +784,13 @@ async fn housekeeping_analyzes_after_a_burst_and_vacuums_after_pruning() {
                 .execute(&db.pool)
                 .await
                 .unwrap();
-            store::table_activity(&db.pool).await.unwrap().dead >= 20_000
+            let (updated, deleted): (i64, i64) = sqlx::query_as(
+                "SELECT n_tup_upd, n_tup_del FROM pg_stat_user_tables WHERE relid = 'jobs'::regclass",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            updated >= 20_100 && deleted >= 20_100
         },
     )
     .await;
