@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::domain::SystemId;
 use crate::registry::{Dataflow, Registry};
 
+use super::store::BATCH_RECORDS;
 use super::Verdict;
 
 /// A vendor's limits on calls.
@@ -68,17 +69,35 @@ fn create_calls(flow: &Dataflow) -> u64 {
     }
 }
 
-/// Adds the calls running one item makes to `calls`: the engine reads the source record
-/// (rule 7), then reads the match and writes the values that differ (link) or creates
-/// (create); a written record whose type takes part in other flows is read once more by its
-/// fan-out job. Verdicts that do not run cost nothing.
+/// Records of one type a read by id returns per call when a backfill page reads its records
+/// (`Connector::fetch_many`): Zendesk organizations and users come 100 a call
+/// (`show_many?ids=`, docs/vendors.md, Zendesk); everything else is one call each.
+fn records_per_read(system: SystemId, entity_type: &str) -> usize {
+    match (system, entity_type) {
+        (SystemId::Zendesk, "Organizations" | "Users") => 100,
+        _ => 1,
+    }
+}
+
+/// Calls reading `n` source records of one type now (rule 7) takes: a page of
+/// [`BATCH_RECORDS`] records at a time, each page in calls of [`records_per_read`].
+pub fn source_read_calls(system: SystemId, entity_type: &str, n: u64) -> u64 {
+    let per_call = records_per_read(system, entity_type) as u64;
+    let page = BATCH_RECORDS as u64;
+    let (full, rest) = (n / page, n % page);
+    full * page.div_ceil(per_call) + rest.div_ceil(per_call)
+}
+
+/// Adds the target's calls running one item makes to `calls`: the engine reads the match and
+/// writes the values that differ (link) or creates (create); a written record whose type takes
+/// part in other flows is read once more by its fan-out job. Verdicts that do not run cost
+/// nothing. The source's reads are counted per record, by [`source_read_calls`].
 pub fn add_item_calls(
     registry: &Registry,
     flow: &Dataflow,
     verdict: &Verdict,
     calls: &mut BTreeMap<SystemId, u64>,
 ) {
-    let (source, target) = (flow.source.system, flow.target.system);
     let target_calls = match verdict {
         Verdict::Link { writes, .. } => 1 + u64::from(*writes > 0),
         Verdict::Create => create_calls(flow),
@@ -88,8 +107,7 @@ pub fn add_item_calls(
         .dataflows
         .iter()
         .any(|f| f.id != flow.id && f.switches.enabled && f.touches(&flow.target));
-    *calls.entry(source).or_default() += 1;
-    *calls.entry(target).or_default() += target_calls + u64::from(fan_out);
+    *calls.entry(flow.target.system).or_default() += target_calls + u64::from(fan_out);
 }
 
 /// Seconds `n` calls take at `limit`: a minute's calls spread over the minute, and a day's
@@ -123,6 +141,17 @@ pub fn estimated_seconds(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zendesk_organizations_are_read_a_page_a_call_and_other_types_one_each() {
+        let zendesk = |n| source_read_calls(SystemId::Zendesk, "Organizations", n);
+        assert_eq!(
+            (zendesk(0), zendesk(1), zendesk(50), zendesk(51)),
+            (0, 1, 1, 2)
+        );
+        assert_eq!(zendesk(10_000), 200);
+        assert_eq!(source_read_calls(SystemId::Zendesk, "Tickets", 120), 120);
+    }
 
     #[test]
     fn exact_takes_a_second_a_call_and_waits_a_day_per_5000() {

@@ -327,6 +327,13 @@ pub fn summarize(
         }
         flows.push(counts);
     }
+    let mut per_type: BTreeMap<(SystemId, &str), u64> = BTreeMap::new();
+    for (system, entity_type, _) in &to_run {
+        *per_type.entry((*system, entity_type)).or_default() += 1;
+    }
+    for ((system, entity_type), n) in per_type {
+        *calls.entry(system).or_default() += estimate::source_read_calls(system, entity_type, n);
+    }
     Summary {
         plan: 0,
         flows,

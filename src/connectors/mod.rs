@@ -172,6 +172,26 @@ impl ConnectorError {
 ///
 /// `entity_type` is the registry's name for the type (`Organizations`, `Accounts`, `Customer`).
 /// Field maps use the registry's property names and may be nested (`company.id`).
+/// Reads [`fetch_each`] has in flight at once.
+const FETCHES_AT_ONCE: usize = 8;
+
+/// The default of [`Connector::fetch_many`]: one [`Connector::fetch`] per id,
+/// [`FETCHES_AT_ONCE`] at a time.
+pub async fn fetch_each<C: Connector + ?Sized>(
+    conn: &C,
+    entity_type: &str,
+    ids: &[String],
+) -> Result<Vec<Record>, ConnectorError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(FETCHES_AT_ONCE) {
+        let found =
+            futures::future::try_join_all(chunk.iter().map(|id| conn.fetch(entity_type, id)))
+                .await?;
+        out.extend(found.into_iter().flatten());
+    }
+    Ok(out)
+}
+
 #[async_trait]
 pub trait Connector: Send + Sync + 'static {
     fn system(&self) -> SystemId;
@@ -186,6 +206,18 @@ pub trait Connector: Send + Sync + 'static {
 
     /// The record's current state, or `None` if it does not exist (any more).
     async fn fetch(&self, entity_type: &str, id: &str) -> Result<Option<Record>, ConnectorError>;
+
+    /// The current state of the records with these ids, in no particular order; a record that
+    /// does not exist (any more) is absent. A backfill page reads its records this way
+    /// (docs/backfill.md, "Running a plan"). By default one [`Connector::fetch`] each, a few at
+    /// once; a vendor with a call reading many records by id overrides it.
+    async fn fetch_many(
+        &self,
+        entity_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<Record>, ConnectorError> {
+        fetch_each(self, entity_type, ids).await
+    }
 
     /// Creates a record. `idempotency_key` is stable across retries of the same intended create:
     /// the connector sends it the way the vendor supports (`external_id`, `Idempotency-Key`, an

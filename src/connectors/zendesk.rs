@@ -506,6 +506,20 @@ impl Connector for ZendeskConnector {
         }
     }
 
+    /// Organizations and users by `show_many?ids=` (100 a call); other types one fetch each.
+    async fn fetch_many(
+        &self,
+        entity_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<Record>, ConnectorError> {
+        match Entity::parse(entity_type, "fetch")? {
+            entity @ (Entity::Organizations | Entity::Users) => {
+                self.show_many_by_id(entity, ids).await
+            }
+            _ => crate::connectors::fetch_each(self, entity_type, ids).await,
+        }
+    }
+
     async fn create(
         &self,
         entity_type: &str,

@@ -35,9 +35,6 @@ use crate::registry::Dataflow;
 /// webhook for it then finds the link) and a page's progress shows in steps.
 const CREATE_CHUNK: usize = 10;
 
-/// Source records of a page read at once.
-const READS_AT_ONCE: usize = 8;
-
 /// The page's job as the event of one of its records: log entries, intents and fan-out name the
 /// record, as its own event would.
 fn job_of(job: &ClaimedJob, record_id: &str) -> ClaimedJob {
@@ -366,19 +363,13 @@ fn keep_first(first: &mut Option<Fail>, e: Fail) -> Result<(), Fail> {
     Ok(())
 }
 
-/// The page's records as they are now, by id (a record gone from its system is absent), read
-/// [`READS_AT_ONCE`] at a time.
+/// The page's records as they are now, by id (a record gone from its system is absent): one
+/// [`Connector::fetch_many`] (Zendesk reads up to 100 organizations or users a call).
 async fn read_page(
     conn: &Arc<dyn Connector>,
     entity_type: &str,
     ids: &[String],
 ) -> Result<HashMap<String, Record>, ConnectorError> {
-    let mut out = HashMap::with_capacity(ids.len());
-    for chunk in ids.chunks(READS_AT_ONCE) {
-        let found =
-            futures::future::try_join_all(chunk.iter().map(|id| conn.fetch(entity_type, id)))
-                .await?;
-        out.extend(found.into_iter().flatten().map(|r| (r.id.clone(), r)));
-    }
-    Ok(out)
+    let found = conn.fetch_many(entity_type, ids).await?;
+    Ok(found.into_iter().map(|r| (r.id.clone(), r)).collect())
 }

@@ -124,17 +124,29 @@ pub(super) async fn show_many(
         return super::bad_request("show_many accepts up to 100 ids");
     }
     let state = shared.state.lock().unwrap();
-    let records: Vec<Value> = state
-        .table(kind)
-        .iter()
-        .filter(|(id, _)| !state.is_deleted(kind, **id))
-        .filter(|(_, s)| {
-            s.body
-                .get(key)
-                .is_some_and(|v| wanted.iter().any(|w| ci_eq(v, w)))
-        })
-        .map(|(_, s)| Value::Object(s.body.clone()))
-        .collect();
+    let records: Vec<Value> = if key == "id" {
+        // Ids are the table's key: looked up, not scanned (a backfill reads its pages by id).
+        let mut ids: Vec<u64> = wanted.iter().filter_map(Value::as_u64).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .filter(|id| !state.is_deleted(kind, *id))
+            .filter_map(|id| state.table(kind).get(&id))
+            .map(|s| Value::Object(s.body.clone()))
+            .collect()
+    } else {
+        state
+            .table(kind)
+            .iter()
+            .filter(|(id, _)| !state.is_deleted(kind, **id))
+            .filter(|(_, s)| {
+                s.body
+                    .get(key)
+                    .is_some_and(|v| wanted.iter().any(|w| ci_eq(v, w)))
+            })
+            .map(|(_, s)| Value::Object(s.body.clone()))
+            .collect()
+    };
     let count = records.len();
     kit::respond(
         StatusCode::OK,

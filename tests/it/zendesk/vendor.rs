@@ -534,3 +534,41 @@ async fn the_exports_allow_ten_requests_a_minute() {
     .await;
     assert_eq!(other.status(), 200);
 }
+
+/// A backfill page reads its organizations with `show_many?ids=` (`Connector::fetch_many`, 100
+/// ids a call): each as `fetch` reads it, unknown ids absent, more than 100 ids split.
+#[tokio::test]
+async fn fetch_many_reads_organizations_by_id_as_fetch_does_and_skips_unknown_ids() {
+    let (_running, _handle, zd) = sim().await;
+    let mut made = Vec::new();
+    for n in 0..3 {
+        let fields = obj(json!({"name": format!("Many {n} AS")}));
+        made.push(
+            zd.create("Organizations", &fields, &format!("m-{n}"))
+                .await
+                .unwrap(),
+        );
+    }
+    // 117 unknown ids around them: the read spans two calls.
+    let mut ids: Vec<String> = (0..117).map(|n| (900_000 + n).to_string()).collect();
+    ids.insert(50, made[0].id.clone());
+    ids.insert(101, made[1].id.clone());
+    ids.push(made[2].id.clone());
+    assert_eq!(ids.len(), 120);
+
+    let found = zd.fetch_many("Organizations", &ids).await.unwrap();
+    let mut found_ids: Vec<&str> = found.iter().map(|r| r.id.as_str()).collect();
+    found_ids.sort_unstable();
+    let mut made_ids: Vec<&str> = made.iter().map(|r| r.id.as_str()).collect();
+    made_ids.sort_unstable();
+    assert_eq!(found_ids, made_ids);
+    for record in &found {
+        let one = zd
+            .fetch("Organizations", &record.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.fields, one.fields);
+        assert_eq!(record.updated_at, one.updated_at);
+    }
+}
