@@ -23,6 +23,7 @@ pub mod intake;
 pub mod measure;
 pub mod ops;
 pub mod polling;
+pub mod ports;
 pub mod queue;
 pub mod registry;
 pub mod sandbox;

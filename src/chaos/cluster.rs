@@ -10,10 +10,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-/// A free loopback port (bound and released at once).
+/// A free loopback port that outgoing connections cannot take meanwhile (`crate::ports`): a
+/// replica is restarted on its port many times in a run.
 pub fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    crate::ports::free_loopback_port()
 }
 
 /// How a replica is started: the binary, its environment, where its log goes.

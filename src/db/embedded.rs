@@ -73,9 +73,10 @@ fn unprivileged_user() -> Option<(u32, u32)> {
     Some((user.uid.as_raw(), user.gid.as_raw()))
 }
 
+/// A port the cluster keeps across restarts, which outgoing connections cannot take meanwhile
+/// (`crate::ports`).
 fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    crate::ports::free_loopback_port()
 }
 
 impl EmbeddedPostgres {
