@@ -420,23 +420,9 @@ resolve = "latest_wins"
 /// customer.
 #[tokio::test]
 async fn a_zendesk_echo_costs_no_read_and_an_edit_in_the_same_second_still_syncs() {
-    let overlay = r#"
-[[dataflow]]
-source = "zendesk.Organizations"
-target = "customerp.Customer"
-[[dataflow.property]]
-source = "name"
-target = "name"
-type = "string"
-
-[[rule]]
-entity = "zendesk.Organizations"
-property = "name"
-resolve = "latest_wins"
-"#;
     // An organization event is settled unread only where its one running flow is linked: the
     // other flows of organizations are switched off (each would need the record read).
-    let mut overlay = overlay.to_owned();
+    let mut overlay = crate::admin::OVERLAY.to_owned();
     for (source, target) in [
         ("exactonline.Accounts", "zendesk.Organizations"),
         ("exactonline.Departments", "zendesk.Organizations"),

@@ -21,14 +21,7 @@ impl ZendeskConnector {
     ) -> Result<Vec<Record>, ConnectorError> {
         let mut found = Vec::new();
         for chunk in external_ids.chunks(SHOW_MANY_MAX) {
-            let path = format!("/api/v2/{}/show_many", entity.plural());
-            let url = self.url(&path, &[("external_ids", chunk.join(","))]);
-            let page = self
-                .get_json(url)
-                .await?
-                .ok_or_else(|| malformed(format!("{path} answered 404")))?;
-            for item in array(&page, entity.plural())? {
-                let record = record(entity, &item)?;
+            for record in self.show_many(entity, "external_ids", chunk).await? {
                 // Only exact (case-insensitive) matches: never trust a lookup's filtering alone.
                 let matches = chunk.iter().any(|wanted| {
                     values_match(
@@ -58,14 +51,7 @@ impl ZendeskConnector {
                 .iter()
                 .map(|id| parse_numeric_id(entity, id).map(|n| n.to_string()))
                 .collect::<Result<Vec<_>, _>>()?;
-            let path = format!("/api/v2/{}/show_many", entity.plural());
-            let url = self.url(&path, &[("ids", numeric.join(","))]);
-            let page = self
-                .get_json(url)
-                .await?
-                .ok_or_else(|| malformed(format!("{path} answered 404")))?;
-            for item in array(&page, entity.plural())? {
-                let record = record(entity, &item)?;
+            for record in self.show_many(entity, "ids", &numeric).await? {
                 // Only the ids asked for: never trust a lookup's filtering alone.
                 if numeric.contains(&record.id) {
                     found.push(record);
@@ -73,6 +59,26 @@ impl ZendeskConnector {
             }
         }
         Ok(found)
+    }
+
+    /// One `show_many` call: the records Zendesk answers for these values of `key` (`ids` or
+    /// `external_ids`; at most [`SHOW_MANY_MAX`]), to be checked by the caller.
+    async fn show_many(
+        &self,
+        entity: Entity,
+        key: &str,
+        values: &[String],
+    ) -> Result<Vec<Record>, ConnectorError> {
+        let path = format!("/api/v2/{}/show_many", entity.plural());
+        let url = self.url(&path, &[(key, values.join(","))]);
+        let page = self
+            .get_json(url)
+            .await?
+            .ok_or_else(|| malformed(format!("{path} answered 404")))?;
+        array(&page, entity.plural())?
+            .iter()
+            .map(|item| record(entity, item))
+            .collect()
     }
 
     /// The one organization or user with this `external_id`, if there is one.
