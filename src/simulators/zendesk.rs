@@ -213,8 +213,13 @@ impl Store {
         }
     }
 
-    /// Stores a record under `id`, keeping the uniqueness index in step.
-    fn put(&mut self, kind: Kind, id: u64, stored: Stored) {
+    /// Stores a record under `id` as the newest change (next place in the export), keeping the
+    /// uniqueness index in step.
+    fn put(&mut self, kind: Kind, id: u64, body: Map<String, Value>) {
+        let stored = Stored {
+            seq: self.seq(),
+            body,
+        };
         for key in kind.unique_fields() {
             if let Some(old) = self
                 .table(kind)
@@ -787,15 +792,7 @@ fn write_update(shared: &Shared, kind: Kind, id: u64, mut input: Map<String, Val
             .unwrap_or_else(|| after.get("requester_id").cloned().unwrap_or(Value::Null));
         add_comment(&mut state, id, &c, author)
     });
-    let seq = state.seq();
-    state.put(
-        kind,
-        id,
-        Stored {
-            seq,
-            body: after.clone(),
-        },
-    );
+    state.put(kind, id, after.clone());
     lookups::index_later(shared, &mut state, kind, id);
     for key in &changed {
         shared.emit_change(kind, &after, key, &before[key], &after[key]);

@@ -144,15 +144,7 @@ pub(super) fn build(
             add_comment(state, id, comment, author);
         }
     }
-    let seq = state.seq();
-    state.put(
-        kind,
-        id,
-        Stored {
-            seq,
-            body: record.clone(),
-        },
-    );
+    state.put(kind, id, record.clone());
     record
 }
 
