@@ -26,7 +26,7 @@ use serde_json::Value;
 use super::decision::Decision;
 use super::mapping::{entity, key, path, synced};
 use super::merge::{normalize, Side};
-use super::store::{self, Entry, Link};
+use super::store::{Entry, Link};
 use super::{ActiveFlow, SyncEngine};
 use crate::domain::{Action, SystemId};
 use crate::queue::ClaimedJob;
@@ -154,8 +154,10 @@ impl SyncEngine {
             return Ok(ByDelivery::NotTried);
         }
         let id = &e.record.record_id;
-        let (link, delivered) =
-            store::find_link_for_event(&self.pool, flow, *side, id, job.event_id).await?;
+        let (link, delivered) = self
+            .batches
+            .find_link_for_event(&self.pool, flow, *side, id, job.event_id)
+            .await?;
         let echo = match (&link, delivered) {
             (Some(l), Some(d)) if settled_by_delivery(flow, l, *side, &d) => Some((l.id, d)),
             _ => None,

@@ -17,7 +17,8 @@
 //! - [`beside`]: an event's `idle` entry written in the statement of its one flow's decision;
 //! - [`noted`]: what a flow decides that sends nothing (only its log entry);
 //! - [`references`]: translating ids through links; [`mapping`]: how a flow reads a record;
-//! - [`store`]: every statement on `links`, `link_intents` and `sync_log`;
+//! - [`store`]: every statement on `links`, `link_intents` and `sync_log`; [`combine`]: the
+//!   per-record ones batched across workers (one statement and one commit per batch);
 //! - [`decision`]: the decisions a log entry can record; [`merge`]: the per-property rule;
 //!   [`history`]: `tether links show`.
 //!
@@ -28,6 +29,7 @@
 mod apply;
 mod backfill;
 mod beside;
+mod combine;
 mod create;
 pub mod decision;
 pub mod delivery;
@@ -95,6 +97,8 @@ pub struct SyncEngine {
     paused: crate::admin::pause::PausedFlows,
     /// Counts each flow's writes and holds them past a threshold (`crate::guard`).
     guard: crate::guard::Guard,
+    /// The per-record statements batched across workers (`combine`).
+    batches: store::Batches,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +146,7 @@ impl SyncEngine {
             registry,
             connectors,
             stopped: std::sync::Mutex::new(HashMap::new()),
+            batches: store::Batches::default(),
         }
     }
 
