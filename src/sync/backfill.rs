@@ -12,16 +12,16 @@
 //! in one transaction). Every other item takes the engine's full path, one record at a time, as
 //! the record's own event would.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::json;
 use uuid::Uuid;
 
-use super::create::{Built, Matching};
+use super::create::{base_from_found, linked_entry, new_link, Built, Matching};
 use super::mapping::{mapped, synced};
 use super::merge::Side;
-use super::page_store::{self, CreatedLink};
+use super::page_store::{self, CreatedLink, PlannedLink};
 use super::store::Entry;
 use super::{store, ActiveFlow, Decision, Fail, Gone, Step, SyncEngine};
 use crate::backfill::normalize;
@@ -34,6 +34,10 @@ use crate::registry::Dataflow;
 /// transaction. Small, so that a counterpart's link follows its create closely (the target's
 /// webhook for it then finds the link) and a page's progress shows in steps.
 const CREATE_CHUNK: usize = 10;
+
+/// Planned links stored together (one statement for the links, one for their log entries):
+/// a page's, at most [`crate::backfill::store::BATCH_RECORDS`].
+const LINK_CHUNK: usize = 50;
 
 /// The page's job as the event of one of its records: log entries, intents and fan-out name the
 /// record, as its own event would.
@@ -153,20 +157,33 @@ impl SyncEngine {
         let Some(found) = tconn.fetch(&flow.target.entity_type, target_id).await? else {
             return Ok(None);
         };
-        let fits = !flow.merge_criteria.is_empty()
-            && flow.merge_criteria.iter().all(|c| {
-                let s = normalize::key(src.get_path(&c.source));
-                s.is_some() && s == normalize::key(found.get_path(&c.target))
-            });
-        Ok(fits.then_some(found))
+        Ok(still_matches(flow, src, &found).then_some(found))
+    }
+}
+
+/// Whether the target record still matches the source on every merge criterion (normalised as
+/// the plan compared).
+fn still_matches(flow: &Dataflow, src: &Record, found: &Record) -> bool {
+    !flow.merge_criteria.is_empty()
+        && flow.merge_criteria.iter().all(|c| {
+            let s = normalize::key(src.get_path(&c.source));
+            s.is_some() && s == normalize::key(found.get_path(&c.target))
+        })
+}
+
+/// The target record a planned link names.
+fn planned_target(item: &PlannedItem) -> Option<&str> {
+    match &item.action {
+        PlannedAction::Link { target_id } => Some(target_id),
+        PlannedAction::Create => None,
     }
 }
 
 impl SyncEngine {
-    /// A backfill page: its records read now, the plain creates in chunks, every other item
-    /// through [`SyncEngine::on_planned`]. Items carried out before (an earlier run of the page)
-    /// are skipped. A failing item does not stop the others unless the vendor asks to slow down;
-    /// the first failure is the page's (it runs again for what is left).
+    /// A backfill page: its records read now, the plain creates and links in chunks, every other
+    /// item through [`SyncEngine::on_planned`]. Items carried out before (an earlier run of the
+    /// page) are skipped. A failing item does not stop the others unless the vendor asks to slow
+    /// down; the first failure is the page's (it runs again for what is left).
     pub(super) async fn run_page(
         &self,
         job: &ClaimedJob,
@@ -183,58 +200,180 @@ impl SyncEngine {
             }
         }
         let records = read_page(conn, &rec.entity_type, &ids).await?;
-        for id in ids.iter().filter(|id| !records.contains_key(*id)) {
-            let one = job_of(job, id);
-            self.record_deleted(&one, Gone::NotFound).await?;
-            let gone: Vec<&PlannedItem> = open
-                .iter()
-                .filter(|i| &i.source_id == id)
-                .copied()
-                .collect();
-            for item in gone {
-                plans::item_done(&self.pool, item.id, ItemResult::Gone).await?;
-            }
-        }
+        self.page_records_gone(job, &open, &ids, &records).await?;
         let linked =
             page_store::linked_among(&self.pool, (rec.system, &rec.entity_type), &ids).await?;
-        let mut later = Vec::new();
-        let mut failure = None;
+        let mut page = PageOutcome::default();
         for (flow, _, tconn) in active {
             let items: Vec<(&PlannedItem, &Record)> = open
                 .iter()
                 .filter(|i| i.flow_id == flow.id)
                 .filter_map(|i| records.get(&i.source_id).map(|r| (*i, r)))
                 .collect();
-            let flow_ids: Vec<String> = items.iter().map(|(i, _)| i.source_id.clone()).collect();
-            let intents = page_store::intents_among(&self.pool, flow, &flow_ids).await?;
-            let (plain, full): (Vec<_>, Vec<_>) = items.into_iter().partition(|(i, src)| {
-                plain_create(flow, i, src)
-                    && !linked.contains(&i.source_id)
-                    && !intents.contains(&i.source_id)
-            });
-            let mut rest = full;
-            for chunk in plain.chunks(CREATE_CHUNK) {
-                let outcome = self.create_chunk(job, flow, tconn, chunk).await?;
-                rest.extend(outcome.full);
-                if let Some(e) = outcome.failure {
-                    keep_first(&mut failure, e)?;
-                }
-            }
-            for (item, src) in rest {
-                let one = job_of(job, &item.source_id);
-                match self.on_planned(&one, flow, src, tconn, item).await {
-                    Ok(Step::Done) => {}
-                    Ok(Step::Later(reason)) => {
-                        later.push(format!("{} {}: {reason}", flow.id, item.source_id))
-                    }
-                    Err(e) => keep_first(&mut failure, e)?,
-                }
-            }
+            self.run_flow_items(job, flow, tconn, items, &linked, &mut page)
+                .await?;
         }
-        match failure {
+        match page.failure {
             Some(e) => Err(e),
-            None => Ok((!later.is_empty()).then(|| later.join("; "))),
+            None => Ok((!page.later.is_empty()).then(|| page.later.join("; "))),
         }
+    }
+
+    /// The page's records gone from their system: logged as a live event's would be, and their
+    /// items carried out (`gone`).
+    async fn page_records_gone(
+        &self,
+        job: &ClaimedJob,
+        open: &[&PlannedItem],
+        ids: &[String],
+        records: &HashMap<String, Record>,
+    ) -> Result<(), Fail> {
+        for id in ids.iter().filter(|id| !records.contains_key(*id)) {
+            self.record_deleted(&job_of(job, id), Gone::NotFound)
+                .await?;
+            for item in open.iter().filter(|i| &i.source_id == id) {
+                plans::item_done(&self.pool, item.id, ItemResult::Gone).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One flow's items of a page: plain creates and plain links (the record not linked in any
+    /// flow, no open create intent, no reference to translate) in chunks, the rest one at a time.
+    async fn run_flow_items<'a>(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        tconn: &Arc<dyn Connector>,
+        items: Vec<(&'a PlannedItem, &'a Record)>,
+        linked: &HashSet<String>,
+        page: &mut PageOutcome,
+    ) -> Result<(), Fail> {
+        let flow_ids: Vec<String> = items.iter().map(|(i, _)| i.source_id.clone()).collect();
+        let intents = page_store::intents_among(&self.pool, flow, &flow_ids).await?;
+        let free =
+            |i: &PlannedItem| !linked.contains(&i.source_id) && !intents.contains(&i.source_id);
+        let plain = synced(flow).all(|p| p.reference.is_none());
+        let (creates, rest): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|(i, src)| plain_create(flow, i, src) && free(i));
+        let (links, mut full): (Vec<_>, Vec<_>) = rest
+            .into_iter()
+            .partition(|(i, _)| plain && planned_target(i).is_some() && free(i));
+        for chunk in creates.chunks(CREATE_CHUNK) {
+            let outcome = self.create_chunk(job, flow, tconn, chunk).await?;
+            page.absorb(outcome, &mut full)?;
+        }
+        for chunk in links.chunks(LINK_CHUNK) {
+            let outcome = self.link_chunk(job, flow, tconn, chunk).await?;
+            page.absorb(outcome, &mut full)?;
+        }
+        for (item, src) in full {
+            let one = job_of(job, &item.source_id);
+            match self.on_planned(&one, flow, src, tconn, item).await {
+                Ok(Step::Done) => {}
+                Ok(Step::Later(reason)) => page
+                    .later
+                    .push(format!("{} {}: {reason}", flow.id, item.source_id)),
+                Err(e) => keep_first(&mut page.failure, e)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// One chunk of plain links of `flow`: the planned target records re-read at once; those
+    /// still matching are linked in one transaction (the links' unique indexes decide: a link
+    /// whose source or target was linked meanwhile is not stored) and then merged one by one as
+    /// the full path does (the source's differing values written as the flow's direction says),
+    /// their items marked in one statement. The rest (gone, no longer matching, linked
+    /// meanwhile) are handed back for the full path, which checks them again.
+    async fn link_chunk<'a>(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        tconn: &Arc<dyn Connector>,
+        chunk: &[(&'a PlannedItem, &'a Record)],
+    ) -> Result<ChunkOutcome<'a>, Fail> {
+        let mut out = ChunkOutcome::default();
+        let target_ids: Vec<String> = chunk
+            .iter()
+            .filter_map(|(i, _)| planned_target(i).map(str::to_owned))
+            .collect();
+        let found = read_page(tconn, &flow.target.entity_type, &target_ids).await?;
+        let mut links = Vec::with_capacity(chunk.len());
+        let mut items = Vec::with_capacity(chunk.len());
+        for &(item, src) in chunk {
+            let fits = planned_target(item)
+                .and_then(|t| found.get(t))
+                .filter(|t| still_matches(flow, src, t));
+            let Some(target) = fits else {
+                out.full.push((item, src));
+                continue;
+            };
+            let built = self.build_create(flow, src).await?;
+            links.push(PlannedLink {
+                job: job_of(job, &item.source_id),
+                src,
+                base: base_from_found(flow, &built.snapshot, target),
+                entry: linked_entry(flow, src, target, Decision::LinkedByMergeCriteria),
+                target: target.clone(),
+            });
+            items.push((item, src));
+        }
+        let stored = self.store_planned_links(job, flow, &links).await?;
+        let mut done = Vec::new();
+        for (link, (item, src)) in links.into_iter().zip(items) {
+            let Some(&id) = stored.get(&src.id) else {
+                out.full.push((item, src));
+                continue;
+            };
+            let pair = new_link(id, link.src, &link.target, link.base);
+            let step =
+                self.sync_linked(&link.job, flow, pair, link.src, &link.target, Side::Source);
+            match step.await {
+                Ok(Step::Done) => done.push((item.id, ItemResult::Followed)),
+                Ok(Step::Later(reason)) => out
+                    .later
+                    .push(format!("{} {}: {reason}", flow.id, item.source_id)),
+                // Linked, not yet merged: the page's next run takes the linked path for it.
+                Err(e) => {
+                    let stop = back_pressure(&e);
+                    if out.failure.is_none() || stop {
+                        out.failure = Some(e);
+                    }
+                    if stop {
+                        break;
+                    }
+                }
+            }
+        }
+        if !done.is_empty() {
+            plans::items_done(&mut *self.pool.acquire().await?, &done).await?;
+        }
+        Ok(out)
+    }
+
+    /// The planned links, their log entries and fan-out in one transaction; returns the link of
+    /// each source record whose link was stored (see [`page_store::insert_planned_links`]).
+    async fn store_planned_links(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        links: &[PlannedLink<'_>],
+    ) -> Result<HashMap<String, i64>, sqlx::Error> {
+        if links.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let stored = page_store::insert_planned_links(&mut tx, flow, links).await?;
+        let fan_out: Vec<_> = links
+            .iter()
+            .filter(|l| stored.contains_key(&l.src.id))
+            .filter_map(|l| self.fan_out_key(flow, &flow.target, &l.target.id))
+            .collect();
+        store::enqueue_records(&mut tx, &fan_out, "fan-out", None, job.priority).await?;
+        tx.commit().await?;
+        Ok(stored)
     }
 
     /// One chunk of plain creates of `flow` (see the module doc). Records whose intent another
@@ -344,20 +483,48 @@ impl SyncEngine {
     }
 }
 
-/// What a chunk of plain creates left: records for the full path, and the first failure.
+/// What a chunk of plain creates or links left: records for the full path, records to run
+/// again later, and the first failure.
 #[derive(Default)]
 struct ChunkOutcome<'a> {
     full: Vec<(&'a PlannedItem, &'a Record)>,
+    later: Vec<String>,
     failure: Option<Fail>,
+}
+
+/// What a page's items left: why some run again later, and the first failure.
+#[derive(Default)]
+struct PageOutcome {
+    later: Vec<String>,
+    failure: Option<Fail>,
+}
+
+impl PageOutcome {
+    /// Takes in a chunk's outcome, its records for the full path into `full`.
+    fn absorb<'a>(
+        &mut self,
+        chunk: ChunkOutcome<'a>,
+        full: &mut Vec<(&'a PlannedItem, &'a Record)>,
+    ) -> Result<(), Fail> {
+        full.extend(chunk.full);
+        self.later.extend(chunk.later);
+        match chunk.failure {
+            Some(e) => keep_first(&mut self.failure, e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A vendor asking to slow down.
+fn back_pressure(e: &Fail) -> bool {
+    matches!(e, Fail::Connector(c) if c.is_back_pressure())
 }
 
 /// Keeps the first failure of a page; a vendor asking to slow down ends the page at once (it
 /// runs again after the delay the vendor asked for, with what is left).
 fn keep_first(first: &mut Option<Fail>, e: Fail) -> Result<(), Fail> {
-    if let Fail::Connector(c) = &e {
-        if c.is_back_pressure() {
-            return Err(e);
-        }
+    if back_pressure(&e) {
+        return Err(e);
     }
     first.get_or_insert(e);
     Ok(())

@@ -30,7 +30,7 @@ pub(super) struct Built {
 /// what their create sent: the counterpart's own values, and for references the pair the source
 /// would give now if it still translates to the counterpart's id. (Intents recorded since keep
 /// the create's values, which are the base.)
-fn base_from_found(
+pub(super) fn base_from_found(
     flow: &Dataflow,
     built: &Map<String, Value>,
     created: &Record,
@@ -431,34 +431,49 @@ impl SyncEngine {
         base: Map<String, Value>,
         decision: Decision,
     ) -> Result<Step, Fail> {
-        let entry = Entry {
-            flow: Some(&flow.id),
-            read: Some(json!({
-                "source": mapped(flow, Side::Source, src),
-                "target": mapped(flow, Side::Target, &tgt),
-            })),
-            detail: Some(format!(
-                "linked to existing {}/{}/{}",
-                flow.target.system, flow.target.entity_type, tgt.id
-            )),
-            ..Entry::new(decision)
-        };
+        let entry = linked_entry(flow, src, &tgt, decision);
         let link_id = self
             .store_link(job, entry, flow, src, &tgt, &base, intent)
             .await?;
-        let link = Link {
-            id: link_id,
-            source_id: src.id.clone(),
-            target_id: tgt.id.clone(),
-            snapshot: base,
-            source_seen_at: src.updated_at,
-            target_seen_at: tgt.updated_at,
-            last_write_side: Some(Side::Target),
-            last_write_settled: false,
-            version: 0,
-            unsure_write: None,
-        };
+        let link = new_link(link_id, src, &tgt, base);
         self.sync_linked(job, flow, link, src, &tgt, Side::Source)
             .await
+    }
+}
+
+/// The log entry of a source record linked to an existing target record.
+pub(super) fn linked_entry<'a>(
+    flow: &'a Dataflow,
+    src: &Record,
+    tgt: &Record,
+    decision: Decision,
+) -> Entry<'a> {
+    Entry {
+        flow: Some(&flow.id),
+        read: Some(json!({
+            "source": mapped(flow, Side::Source, src),
+            "target": mapped(flow, Side::Target, tgt),
+        })),
+        detail: Some(format!(
+            "linked to existing {}/{}/{}",
+            flow.target.system, flow.target.entity_type, tgt.id
+        )),
+        ..Entry::new(decision)
+    }
+}
+
+/// A link just stored between `src` and the existing `tgt`, merged next from `base`.
+pub(super) fn new_link(id: i64, src: &Record, tgt: &Record, base: Map<String, Value>) -> Link {
+    Link {
+        id,
+        source_id: src.id.clone(),
+        target_id: tgt.id.clone(),
+        snapshot: base,
+        source_seen_at: src.updated_at,
+        target_seen_at: tgt.updated_at,
+        last_write_side: Some(Side::Target),
+        last_write_settled: false,
+        version: 0,
+        unsure_write: None,
     }
 }

@@ -156,6 +156,80 @@ pub(crate) async fn insert_created_links(
     log_many(tx, &entries).await
 }
 
+/// A planned link of a backfill page, its target re-read and still matching: the source
+/// record, the target as it is now, the merge base (the target's own values) and the log entry.
+pub(crate) struct PlannedLink<'a> {
+    pub job: ClaimedJob,
+    pub src: &'a Record,
+    pub target: Record,
+    pub base: Map<String, Value>,
+    pub entry: Entry<'a>,
+}
+
+/// [`insert_link`] and [`log`] for several planned links of one flow, in the caller's
+/// transaction: one statement for the links, one for the entries of those stored. The links'
+/// unique indexes decide (never one record linked to two): a link whose source or target was
+/// linked meanwhile is not stored, logged nor returned, and its record is checked again by the
+/// caller. Returns the new link of each source record stored.
+pub(crate) async fn insert_planned_links(
+    tx: &mut PgConnection,
+    flow: &Dataflow,
+    links: &[PlannedLink<'_>],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    if links.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let stored: Vec<(i64, String)> = sqlx::query_as(
+        "INSERT INTO links (flow_id, source_system, source_type, source_id, target_system, \
+         target_type, target_id, snapshot, source_seen_at, target_seen_at, last_write_side) \
+         SELECT $1, $2, $3, source_id, $4, $5, target_id, snapshot, s_at, t_at, 'target' \
+         FROM UNNEST($6::text[], $7::text[], $8::jsonb[], $9::timestamptz[], \
+                     $10::timestamptz[]) WITH ORDINALITY \
+              AS u(source_id, target_id, snapshot, s_at, t_at, ord) \
+         ORDER BY ord ON CONFLICT DO NOTHING RETURNING id, source_id",
+    )
+    .bind(&flow.id)
+    .bind(flow.source.system.as_str())
+    .bind(&flow.source.entity_type)
+    .bind(flow.target.system.as_str())
+    .bind(&flow.target.entity_type)
+    .bind(links.iter().map(|l| l.src.id.as_str()).collect::<Vec<_>>())
+    .bind(
+        links
+            .iter()
+            .map(|l| l.target.id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        links
+            .iter()
+            .map(|l| Value::Object(l.base.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(links.iter().map(|l| l.src.updated_at).collect::<Vec<_>>())
+    .bind(
+        links
+            .iter()
+            .map(|l| l.target.updated_at)
+            .collect::<Vec<_>>(),
+    )
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await?;
+    // A flow's source record has one item in a page, so its id names its new link.
+    let by_source: HashMap<String, i64> = stored.into_iter().map(|(id, s)| (s, id)).collect();
+    let entries: Vec<(&ClaimedJob, Entry<'_>)> = links
+        .iter()
+        .filter_map(|l| {
+            let mut e = l.entry.clone();
+            e.link = Some(*by_source.get(&l.src.id)?);
+            Some((&l.job, e))
+        })
+        .collect();
+    log_many(tx, &entries).await?;
+    Ok(by_source)
+}
+
 /// Several log entries in one statement (each counted as [`log`] counts it).
 pub(crate) async fn log_many(
     conn: &mut PgConnection,

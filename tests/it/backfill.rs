@@ -8,6 +8,9 @@
 //! - `a_run_killed_mid_way_resumes_without_duplicates`: the service is killed (`kill -9`
 //!   semantics) half way through a run and started again: every record gets exactly one
 //!   counterpart.
+//! - `a_page_of_links_with_one_target_taken_meanwhile_links_the_others_and_checks_that_one_again`:
+//!   a page's planned links are stored together, the links' unique indexes deciding; the one
+//!   whose target was linked after the plan loses alone and is decided again.
 //! - `the_cli_plans_runs_and_reports_a_backfill`: the commands as processes (JSON, CSV, run, status, a
 //!   refused flow).
 
@@ -276,6 +279,108 @@ async fn a_run_killed_mid_way_resumes_without_duplicates() {
     let names = customers_by_name(&h, 1..=(2 * N as u64));
     assert_eq!(names.len(), N);
     assert!(names.values().all(|&n| n == 1));
+    h.stop().await;
+}
+
+/// A page's planned links are stored in one statement (docs/backfill.md, "Running a plan"), the
+/// links' unique indexes deciding. A customer linked to another organization after the plan
+/// makes its planned link lose: that organization alone is decided again (the engine's own
+/// merge criteria find the customer taken, so it gets a counterpart of its own), and every
+/// other organization of the page is linked to its planned customer.
+#[tokio::test]
+async fn a_page_of_links_with_one_target_taken_meanwhile_links_the_others_and_checks_that_one_again(
+) {
+    let h = Harness::start_layered(Some(OVERLAY), "", LAYER).await;
+    const N: usize = 20;
+    for i in 0..N {
+        h.sims
+            .zendesk
+            .insert_organization(json!({ "name": format!("Batch Co {i}") }));
+        h.sims.customerp.insert(
+            "customer",
+            obj(json!({ "name": format!("batch  CO {i}") })),
+            None,
+        );
+    }
+    let plan = make_plan(&h).await;
+    assert_eq!((plan.flows[0].link, plan.flows[0].create), (N as u64, 0));
+    let planned: Vec<(String, String)> = sqlx::query_as(
+        "SELECT source_id, target_id FROM backfill_items WHERE plan_id = $1 ORDER BY id",
+    )
+    .bind(plan.plan)
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(planned.len(), N);
+    // After the plan, another record of the flow is linked to the third organization's match.
+    let (loser, taken) = planned[2].clone();
+    let flow = registry(&h)
+        .dataflows
+        .into_iter()
+        .find(|f| f.id == FLOW)
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO links (flow_id, source_system, source_type, source_id, target_system, \
+         target_type, target_id) VALUES ($1, $2, $3, 'elsewhere', $4, $5, $6)",
+    )
+    .bind(FLOW)
+    .bind(flow.source.system.as_str())
+    .bind(&flow.source.entity_type)
+    .bind(flow.target.system.as_str())
+    .bind(&flow.target.entity_type)
+    .bind(&taken)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+
+    store::enqueue(&h.db.pool, plan.plan).await.unwrap();
+    run_to_the_end(&h, plan.plan).await;
+
+    let results: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT source_id, result FROM backfill_items WHERE plan_id = $1 ORDER BY id",
+    )
+    .bind(plan.plan)
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap();
+    for (source, result) in &results {
+        let expected = if *source == loser {
+            "replanned"
+        } else {
+            "followed"
+        };
+        assert_eq!(result.as_deref(), Some(expected), "organization {source}");
+    }
+    let links: HashMap<String, String> = sqlx::query_as(
+        "SELECT source_id, target_id FROM links WHERE state = 'active' AND flow_id = $1",
+    )
+    .bind(FLOW)
+    .fetch_all(&h.db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(
+        links.len(),
+        N + 1,
+        "one link per organization, and the other record's"
+    );
+    assert_eq!(
+        links["elsewhere"], taken,
+        "the taken customer keeps its one link"
+    );
+    for (source, target) in &planned {
+        if *source == loser {
+            assert_ne!(links[source], taken, "never linked to a taken record");
+        } else {
+            assert_eq!(&links[source], target, "linked as planned");
+        }
+    }
+    assert_eq!(
+        h.sims.customerp.len("customer"),
+        N + 1,
+        "one counterpart created, for the organization decided again"
+    );
     h.stop().await;
 }
 
