@@ -299,19 +299,24 @@ impl SyncEngine {
             return Ok(None);
         }
         // A Zendesk echo, recognised by the value and stamp its webhook carries.
-        let mut looked = None;
+        let (mut looked, mut described) = (None, None);
         if planned.is_empty() {
             match self.echo_by_delivery(job, &active).await? {
                 delivery::ByDelivery::Echo => {
                     self.log_idle_beside(job, idle).await?;
                     return Ok(None);
                 }
-                delivery::ByDelivery::Looked(link) => looked = Some(link),
+                delivery::ByDelivery::Looked(link, d) => (looked, described) = (Some(link), d),
                 delivery::ByDelivery::NotTried => {}
             }
         }
-        // Rule 7: the current state, never the event's data.
-        let Some(current) = conn.fetch(&rec.entity_type, &rec.record_id).await? else {
+        // Rule 7: the current state, never the event's data; or the state a Zendesk delivery
+        // describes, newer than anything the link has seen (docs/sync-rules.md).
+        let current = match described {
+            Some(record) => Some(*record),
+            None => conn.fetch(&rec.entity_type, &rec.record_id).await?,
+        };
+        let Some(current) = current else {
             self.record_deleted(job, Gone::NotFound).await?;
             self.planned_record_gone(planned).await?;
             return Ok(None);
