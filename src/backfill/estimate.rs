@@ -126,7 +126,8 @@ pub fn seconds_for(n: u64, limit: Limit) -> f64 {
     }
 }
 
-/// The run's duration: the systems are called in parallel, so the slowest system's calls.
+/// The vendors' part of the run's duration: the systems are called in parallel, so the slowest
+/// system's calls.
 pub fn estimated_seconds(
     calls: &BTreeMap<SystemId, u64>,
     limits: &BTreeMap<SystemId, Limit>,
@@ -136,6 +137,25 @@ pub fn estimated_seconds(
         .map(|(s, n)| seconds_for(*n, limits.get(s).copied().unwrap_or(NONE)))
         .fold(0.0, f64::max)
         .ceil() as u64
+}
+
+/// Tether's own time per record run, when no vendor limit is slower: the engine's work in Tether
+/// and at PostgreSQL, as `tether-backfill-bench` measured it (docs/backfill.md, "The estimate":
+/// 2,300-2,400 records a second on two cores otherwise idle, half that with other work beside
+/// it). A machine with more cores runs faster; the figure keeps an unthrottled estimate from
+/// saying nothing.
+pub const ENGINE_SECONDS_PER_RECORD: f64 = 1.0 / 2_000.0;
+
+/// The run's duration: the vendors' calls at their limits ([`estimated_seconds`]) or Tether's own
+/// time for `records` ([`ENGINE_SECONDS_PER_RECORD`]), whichever is longer (the engine works
+/// while it waits for a vendor's limit).
+pub fn run_seconds(
+    calls: &BTreeMap<SystemId, u64>,
+    limits: &BTreeMap<SystemId, Limit>,
+    records: u64,
+) -> u64 {
+    let engine = (records as f64 * ENGINE_SECONDS_PER_RECORD).ceil() as u64;
+    estimated_seconds(calls, limits).max(engine)
 }
 
 #[cfg(test)]
@@ -183,5 +203,27 @@ mod tests {
         .into();
         assert_eq!(estimated_seconds(&calls, &limits), 300);
         assert_eq!(seconds_for(50_000, NONE), 0.0);
+    }
+
+    #[test]
+    fn a_run_takes_the_vendors_time_or_tethers_own_whichever_is_longer() {
+        let limits: BTreeMap<SystemId, Limit> = [(
+            SystemId::Zendesk,
+            Limit {
+                per_minute: Some(200),
+                per_day: None,
+            },
+        )]
+        .into();
+        let calls: BTreeMap<SystemId, u64> =
+            [(SystemId::Zendesk, 200), (SystemId::CustomErp, 13_000)].into();
+        // 200 Zendesk calls at 200 a minute: a minute, longer than 10,000 records' own time.
+        assert_eq!(run_seconds(&calls, &limits, 10_000), 60);
+        // Unlimited vendors: Tether's own time.
+        let unlimited = BTreeMap::from([(SystemId::Zendesk, NONE)]);
+        let own = (10_000.0 * ENGINE_SECONDS_PER_RECORD).ceil() as u64;
+        assert_eq!(run_seconds(&calls, &unlimited, 10_000), own);
+        assert!(own > 0);
+        assert_eq!(run_seconds(&BTreeMap::new(), &unlimited, 0), 0);
     }
 }

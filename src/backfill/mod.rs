@@ -240,7 +240,8 @@ pub struct Summary {
     pub flows: Vec<FlowCounts>,
     /// Calls running the plan makes, per system (`zendesk`, `exactonline`, ...).
     pub vendor_calls: BTreeMap<String, u64>,
-    /// How long running it takes at the vendors' limits (the slowest system's calls).
+    /// How long running it takes: the slowest system's calls at its limit, or Tether's own time
+    /// for the records (`estimate::run_seconds`), whichever is longer.
     pub estimated_seconds: u64,
     /// Source records the run enqueues (whatever the number of their flows; in pages of
     /// [`store::BATCH_RECORDS`]).

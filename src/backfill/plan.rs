@@ -334,14 +334,15 @@ pub fn summarize(
     for ((system, entity_type), n) in per_type {
         *calls.entry(system).or_default() += estimate::source_read_calls(system, entity_type, n);
     }
+    let records_to_run = to_run.len() as u64;
     Summary {
         plan: 0,
         flows,
-        estimated_seconds: estimate::estimated_seconds(&calls, limits),
+        estimated_seconds: estimate::run_seconds(&calls, limits, records_to_run),
         vendor_calls: calls
             .into_iter()
             .map(|(s, n)| (s.as_str().to_owned(), n))
             .collect(),
-        records_to_run: to_run.len() as u64,
+        records_to_run,
     }
 }

@@ -22,6 +22,7 @@ use super::create::{base_from_found, linked_entry, new_link, Built, Matching};
 use super::mapping::{mapped, synced};
 use super::merge::Side;
 use super::page_store::{self, CreatedLink, PlannedLink};
+use super::plan::settled_by_one_read;
 use super::store::Entry;
 use super::{store, ActiveFlow, Decision, Fail, Gone, Step, SyncEngine};
 use crate::backfill::normalize;
@@ -474,6 +475,7 @@ impl SyncEngine {
         };
         CreatedLink {
             job: job_of(job, &item.source_id),
+            settled: create_settled(flow, src, &built.snapshot, &created),
             src,
             created,
             snapshot: built.snapshot,
@@ -481,6 +483,21 @@ impl SyncEngine {
             entry,
         }
     }
+}
+
+/// Whether a create's answer settles it as a write would be (docs/sync-rules.md, "An echo
+/// without a read"): it carries its change stamp and shows every synced value as the snapshot
+/// has it, so reading the created record would find exactly that. The target's webhook of the
+/// creation, carrying that stamp, is then its echo with no read.
+fn create_settled(
+    flow: &Dataflow,
+    src: &Record,
+    snapshot: &serde_json::Map<String, serde_json::Value>,
+    created: &Record,
+) -> bool {
+    let after = new_link(0, src, created, snapshot.clone());
+    created.updated_at.is_some()
+        && settled_by_one_read(flow, &after, created, Side::Target) == Some(Decision::Echo)
 }
 
 /// What a chunk of plain creates or links left: records for the full path, records to run

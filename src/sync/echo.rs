@@ -96,8 +96,10 @@ fn echo_entry<'a>(stamp: DateTime<Utc>, side: Side) -> Entry<'a> {
 }
 
 /// The record's change stamp as the event's delivery gives it: only a custom system's webhook
-/// (or its poll) of a change gives the record's own `updated_at`; other systems' event times,
-/// deletes and Tether's own synthetic events say nothing about the record's state.
+/// (or its poll) of a change or a creation gives the record's own `updated_at`; other systems'
+/// event times, deletes and Tether's own synthetic events say nothing about the record's state.
+/// (A creation settles only against a link that remembers Tether's own create as its settled
+/// write at that stamp: a backfill page's creates, `sync::backfill`.)
 fn delivered_stamp(job: &ClaimedJob) -> Option<DateTime<Utc>> {
     stamp_of(&job.event)
 }
@@ -106,7 +108,7 @@ fn delivered_stamp(job: &ClaimedJob) -> Option<DateTime<Utc>> {
 fn stamp_of(e: &ChangeEvent) -> Option<DateTime<Utc>> {
     let custom = matches!(e.record.system, SystemId::CustomErp | SystemId::CustomPms);
     let synthetic = e.delivery_id.starts_with("tether:");
-    if !custom || synthetic || e.action != Action::Updated {
+    if !custom || synthetic || !matches!(e.action, Action::Updated | Action::Created) {
         return None;
     }
     e.occurred_at

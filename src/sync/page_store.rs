@@ -100,6 +100,10 @@ pub(crate) struct CreatedLink<'a> {
     pub snapshot: Map<String, Value>,
     pub intent: i64,
     pub entry: Entry<'a>,
+    /// The create's answer showed every synced value as the snapshot has it, with its stamp:
+    /// the link remembers the create as its settled write of the target side
+    /// (`links.last_write_settled`), so the target's webhook of it is settled without a read.
+    pub settled: bool,
 }
 
 /// [`insert_link`] and [`log`] for several created counterparts of one flow, in the caller's
@@ -116,13 +120,16 @@ pub(crate) async fn insert_created_links(
         |f: &dyn Fn(&CreatedLink<'_>) -> String| -> Vec<String> { made.iter().map(f).collect() };
     let link_ids: Vec<(i64, String)> = sqlx::query_as(
         "WITH u AS (SELECT * FROM UNNEST($5::text[], $6::text[], $7::jsonb[], \
-                                         $8::timestamptz[], $9::timestamptz[], $10::bigint[]) \
-                    WITH ORDINALITY AS u(source_id, target_id, snapshot, s_at, t_at, intent, ord)), \
+                                         $8::timestamptz[], $9::timestamptz[], $10::bigint[], \
+                                         $12::bool[]) \
+                    WITH ORDINALITY AS u(source_id, target_id, snapshot, s_at, t_at, intent, \
+                                         settled, ord)), \
               closed AS (UPDATE link_intents SET state = 'done', done_at = now() \
                          WHERE id IN (SELECT intent FROM u)) \
          INSERT INTO links (flow_id, source_system, source_type, source_id, target_system, \
-         target_type, target_id, snapshot, source_seen_at, target_seen_at, last_write_side) \
-         SELECT $1, $2, $3, source_id, $4, $11, target_id, snapshot, s_at, t_at, 'target' \
+         target_type, target_id, snapshot, source_seen_at, target_seen_at, last_write_side, \
+         last_write_settled) \
+         SELECT $1, $2, $3, source_id, $4, $11, target_id, snapshot, s_at, t_at, 'target', settled \
          FROM u ORDER BY ord RETURNING id, source_id",
     )
     .bind(&flow.id)
@@ -137,9 +144,14 @@ pub(crate) async fn insert_created_links(
             .collect::<Vec<_>>(),
     )
     .bind(made.iter().map(|m| m.src.updated_at).collect::<Vec<_>>())
-    .bind(made.iter().map(|m| m.created.updated_at).collect::<Vec<_>>())
+    .bind(
+        made.iter()
+            .map(|m| m.created.updated_at)
+            .collect::<Vec<_>>(),
+    )
     .bind(made.iter().map(|m| m.intent).collect::<Vec<_>>())
     .bind(&flow.target.entity_type)
+    .bind(made.iter().map(|m| m.settled).collect::<Vec<_>>())
     .persistent(false)
     .fetch_all(&mut *tx)
     .await?;

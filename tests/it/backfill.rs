@@ -11,6 +11,8 @@
 //! - `a_page_of_links_with_one_target_taken_meanwhile_links_the_others_and_checks_that_one_again`:
 //!   a page's planned links are stored together, the links' unique indexes deciding; the one
 //!   whose target was linked after the plan loses alone and is decided again.
+//! - `the_custom_erps_webhooks_of_a_pages_creates_are_echoes_settled_without_a_read`: a page's
+//!   creates are their links' settled writes, so the target's `created` webhooks need no read.
 //! - `the_cli_plans_runs_and_reports_a_backfill`: the commands as processes (JSON, CSV, run, status, a
 //!   refused flow).
 
@@ -380,6 +382,63 @@ async fn a_page_of_links_with_one_target_taken_meanwhile_links_the_others_and_ch
         h.sims.customerp.len("customer"),
         N + 1,
         "one counterpart created, for the organization decided again"
+    );
+    h.stop().await;
+}
+
+/// A counterpart a backfill page created is its link's settled write (the create's answer showed
+/// the values sent, with its stamp): the Custom ERP's `created` webhook carrying that stamp is the
+/// echo, settled without reading the customer (docs/sync-rules.md, "An echo without a read").
+/// The simulator's webhooks wait 300 ms, as a vendor's queue does, so that they arrive after the
+/// page stored its links (one arriving before would be read, as any unknown change is).
+#[tokio::test]
+async fn the_custom_erps_webhooks_of_a_pages_creates_are_echoes_settled_without_a_read() {
+    let h = Harness::start_layered(Some(OVERLAY), "", LAYER).await;
+    const N: usize = 12;
+    for i in 0..N {
+        h.sims
+            .zendesk
+            .insert_organization(json!({ "name": format!("Fresh Co {i}") }));
+    }
+    let plan = make_plan(&h).await;
+    assert_eq!(plan.flows[0].create, N as u64);
+    let erp = &h.sims.customerp.control;
+    erp.set_faults(tether::simulators::kit::Faults {
+        webhook_latency_ms: 300,
+        ..Default::default()
+    });
+    erp.reset_counters();
+    store::enqueue(&h.db.pool, plan.plan).await.unwrap();
+    run_to_the_end(&h, plan.plan).await;
+    let settled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM links WHERE flow_id = $1 AND state = 'active' AND last_write_settled",
+    )
+    .bind(FLOW)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(settled, N as i64, "each create is its link's settled write");
+    let echoes = || async {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT l.decision, count(*) FROM sync_log l JOIN events e ON e.id = l.event_id \
+             WHERE e.system = 'customerp' AND e.action = 'created' GROUP BY 1",
+        )
+        .fetch_all(&h.db.pool)
+        .await
+        .unwrap()
+    };
+    eventually(
+        "the ERP's webhooks of the creates to be logged",
+        Duration::from_secs(60),
+        || async { echoes().await.iter().map(|(_, n)| n).sum::<i64>() >= N as i64 },
+    )
+    .await;
+    assert_eq!(echoes().await, vec![("echo".to_owned(), N as i64)]);
+    assert_eq!(
+        erp.count("GET /{kind}/{id}"),
+        0,
+        "no customer read: {:?}",
+        erp.counters()
     );
     h.stop().await;
 }
