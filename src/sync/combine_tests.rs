@@ -236,3 +236,43 @@ async fn batched_lookups_answer_each_its_own_link() {
     assert_eq!(lb.unwrap().0, Some(b.clone()));
     assert_eq!(lt.unwrap().0, Some(b));
 }
+
+#[tokio::test]
+async fn batched_echoes_are_logged_only_where_their_own_link_shows_the_stamp() {
+    let db = crate::testing::database().await;
+    let pool = &db.pool;
+    let (a, b) = (
+        insert_link(pool, "1", "c1").await,
+        insert_link(pool, "2", "c2").await,
+    );
+    let at = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+    sqlx::query(
+        "UPDATE links SET last_write_side = 'target', last_write_settled = true, \
+         target_seen_at = $1",
+    )
+    .bind(at)
+    .execute(pool)
+    .await
+    .unwrap();
+    let f = flow();
+    let batches = Batches::default();
+    let (ja, jb) = (job("c1"), job("c2"));
+    let echo = Entry {
+        flow: Some(&f.id),
+        ..Entry::new(Decision::Echo)
+    };
+    let later = at + chrono::Duration::seconds(1);
+    let (logged_a, logged_b) = tokio::join!(
+        batches.log_if_own_stamp(pool, &ja, &echo, (&f, Side::Target, "c1"), at),
+        batches.log_if_own_stamp(pool, &jb, &echo, (&f, Side::Target, "c2"), later),
+    );
+    assert!(logged_a.unwrap(), "the link shows this stamp");
+    assert!(!logged_b.unwrap(), "another stamp is not the echo");
+    let rows: Vec<(String, Option<i64>)> =
+        sqlx::query_as("SELECT record_id, link_id FROM sync_log WHERE decision = 'echo'")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![("c1".to_owned(), Some(a.id))]);
+    assert_ne!(a.id, b.id);
+}

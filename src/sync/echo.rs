@@ -52,7 +52,9 @@ impl SyncEngine {
                 flow: Some(&flow.id),
                 ..echo_entry(stamp, *side)
             };
-            return store::log_if_own_stamp(&self.pool, job, &entry, (flow, *side, id), stamp)
+            return self
+                .batches
+                .log_if_own_stamp(&self.pool, job, &entry, (flow, *side, id), stamp)
                 .await;
         }
         let mut settled = Vec::with_capacity(active.len());

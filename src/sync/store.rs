@@ -258,55 +258,6 @@ pub(crate) async fn store_sync(
     Ok(stored)
 }
 
-/// Logs `entry` (its link taken from the row) for the active link of `flow` whose record on `side`
-/// is `id`, if Tether wrote that side last, the write's answer settled it, and that side's stamp is
-/// `stamp` (docs/sync-rules.md, "An echo without a read"); answers whether it did. One statement:
-/// the check and the entry, so such an echo costs a single round trip.
-pub(crate) async fn log_if_own_stamp(
-    pool: &PgPool,
-    job: &ClaimedJob,
-    entry: &Entry<'_>,
-    (flow, side, id): (&Dataflow, Side, &str),
-    stamp: DateTime<Utc>,
-) -> Result<bool, sqlx::Error> {
-    let (col_sys, col_type, col_id, col_seen) = match side {
-        Side::Source => (
-            "source_system",
-            "source_type",
-            "source_id",
-            "source_seen_at",
-        ),
-        Side::Target => (
-            "target_system",
-            "target_type",
-            "target_id",
-            "target_seen_at",
-        ),
-    };
-    let sql = format!(
-        "INSERT INTO sync_log {LOG_COLUMNS} \
-         SELECT $1, $2, $3, $4, $5, $6, $7, l.id, $9, $10, $11, $12, $13 FROM links l \
-         WHERE l.state = 'active' AND l.{col_sys} = $14 AND l.{col_type} = $15 \
-         AND l.{col_id} = $16 AND l.flow_id = $17 AND l.last_write_side = $18 \
-         AND l.last_write_settled AND l.{col_seen} = $19"
-    );
-    let e = entity(flow, side);
-    let done = bind_entry_uncounted(sqlx::query(&sql), job, entry)
-        .bind(e.system.as_str())
-        .bind(&e.entity_type)
-        .bind(id)
-        .bind(&flow.id)
-        .bind(side.as_str())
-        .bind(stamp)
-        .execute(pool)
-        .await?;
-    let logged = done.rows_affected() == 1;
-    if logged {
-        crate::ops::metrics::sync_decision(entry.flow, entry.decision.as_str());
-    }
-    Ok(logged)
-}
-
 /// The columns of a [`Link`], as [`link_of_row`] reads them.
 const LINK_COLUMNS: &str = "id, source_id, target_id, snapshot, source_seen_at, target_seen_at, \
      last_write_side, last_write_settled, version, unsure_write";

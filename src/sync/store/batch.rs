@@ -161,7 +161,7 @@ impl Statement for StoreBatch {
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// Binds the log rows of a batch as the arrays `$9` to `$23` of [`STORE_BATCH_SQL`].
+/// Binds the log rows of a batch as the next 15 arrays (`$9` to `$23` of [`STORE_BATCH_SQL`]).
 fn bind_log_rows<'q>(query: PgQuery<'q>, rows: &[(i32, i32, &'q LogRow)]) -> PgQuery<'q> {
     fn col<'q, T>(
         rows: &[(i32, i32, &'q LogRow)],
@@ -263,6 +263,88 @@ impl Statement for LookupBatch {
     }
 }
 
+/// One custom-system echo to settle by its stamp (see [`Batches::log_if_own_stamp`]).
+pub(crate) struct OwnStamp {
+    entry: LogRow,
+    system: &'static str,
+    entity_type: String,
+    record_id: String,
+    flow_id: String,
+    side: &'static str,
+    stamp: DateTime<Utc>,
+}
+
+/// `store::log_if_own_stamp` for many events of one side: each entry is inserted (with its
+/// link's id) only where its own link shows Tether's settled write of that side at its stamp.
+pub(crate) struct OwnStampBatch {
+    sql: String,
+}
+
+impl OwnStampBatch {
+    pub fn new(side: Side) -> OwnStampBatch {
+        let s = side.as_str();
+        let sql = format!(
+            "WITH q AS (SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::timestamptz[]) \
+             AS q(ord, q_system, q_type, q_id, q_flow, q_side, q_stamp)), \
+             matched AS (SELECT q.ord, l.id AS link_id FROM q JOIN links l ON l.state = 'active' \
+             AND l.{s}_system = q.q_system AND l.{s}_type = q.q_type AND l.{s}_id = q.q_id \
+             AND l.flow_id = q.q_flow AND l.last_write_side = q.q_side AND l.last_write_settled \
+             AND l.{s}_seen_at = q.q_stamp), \
+             entries AS (SELECT * FROM unnest($8::int[], $9::int[], $10::bigint[], $11::bigint[], \
+             $12::int[], $13::text[], $14::text[], $15::text[], $16::text[], $17::bigint[], \
+             $18::text[], $19::jsonb[], $20::jsonb[], $21::text[], $22::text[]) \
+             AS e(ord, pos, event_id, job_id, attempt, system, entity_type, record_id, flow_id, \
+             link_id, decision, read, written, detail, error)), \
+             logged AS (INSERT INTO sync_log {LOG_COLUMNS} \
+             SELECT e.event_id, e.job_id, e.attempt, e.system, e.entity_type, e.record_id, \
+             e.flow_id, m.link_id, e.decision, e.read, e.written, e.detail, e.error \
+             FROM entries e JOIN matched m ON m.ord = e.ord ORDER BY e.ord) \
+             SELECT ord FROM matched"
+        );
+        OwnStampBatch { sql }
+    }
+}
+
+#[async_trait]
+impl Statement for OwnStampBatch {
+    type Item = OwnStamp;
+    type Answer = bool;
+
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        items: &[OwnStamp],
+    ) -> Result<Vec<bool>, sqlx::Error> {
+        let ords: Vec<i32> = (0..items.len() as i32).collect();
+        fn col<'a, T>(items: &'a [OwnStamp], f: impl Fn(&'a OwnStamp) -> T) -> Vec<T> {
+            items.iter().map(f).collect()
+        }
+        let entries: Vec<(i32, i32, &LogRow)> = items
+            .iter()
+            .zip(&ords)
+            .map(|(i, &ord)| (ord, 0, &i.entry))
+            .collect();
+        let query = sqlx::query(&self.sql)
+            .bind(&ords)
+            .bind(col(items, |i| i.system))
+            .bind(col(items, |i| i.entity_type.as_str()))
+            .bind(col(items, |i| i.record_id.as_str()))
+            .bind(col(items, |i| i.flow_id.as_str()))
+            .bind(col(items, |i| i.side))
+            .bind(col(items, |i| i.stamp));
+        let rows = bind_log_rows(query, &entries).fetch_all(conn).await?;
+        let mut logged = vec![false; items.len()];
+        for row in rows {
+            let ord: i32 = row.try_get(0)?;
+            if let Some(l) = logged.get_mut(ord as usize) {
+                *l = true;
+            }
+        }
+        Ok(logged)
+    }
+}
+
 /// The engine's combiners (`sync::combine`), started on first use, on the runtime of the
 /// engine's jobs; they stop when the engine is dropped.
 #[derive(Default)]
@@ -274,15 +356,19 @@ struct Started {
     store: Combiner<StoreBatch>,
     /// By side: source, target.
     lookup: [Combiner<LookupBatch>; 2],
+    /// By side: source, target.
+    own_stamp: [Combiner<OwnStampBatch>; 2],
 }
 
 impl Batches {
     fn get(&self, pool: &PgPool) -> &Started {
         self.started.get_or_init(|| {
             let lookup = |side| Combiner::start(pool.clone(), LookupBatch::new(side), WINDOW);
+            let own = |side| Combiner::start(pool.clone(), OwnStampBatch::new(side), WINDOW);
             Started {
                 store: Combiner::start(pool.clone(), StoreBatch, WINDOW),
                 lookup: [lookup(Side::Source), lookup(Side::Target)],
+                own_stamp: [own(Side::Source), own(Side::Target)],
             }
         })
     }
@@ -329,10 +415,42 @@ impl Batches {
             flow_id: flow.id.clone(),
             event_id,
         };
-        let i = match side {
-            Side::Source => 0,
-            Side::Target => 1,
+        self.get(pool).lookup[side_index(side)].submit(lookup).await
+    }
+    /// `store::log_if_own_stamp`, batched with other workers' of the same side: logs `entry`
+    /// (its link taken from the row) if the active link of `flow` whose record on `side` is `id`
+    /// shows Tether's settled write of that side at `stamp`; answers whether it did.
+    pub(crate) async fn log_if_own_stamp(
+        &self,
+        pool: &PgPool,
+        job: &ClaimedJob,
+        entry: &Entry<'_>,
+        (flow, side, id): (&Dataflow, Side, &str),
+        stamp: DateTime<Utc>,
+    ) -> Result<bool, sqlx::Error> {
+        let e = entity(flow, side);
+        let item = OwnStamp {
+            entry: LogRow::of(job, entry),
+            system: e.system.as_str(),
+            entity_type: e.entity_type.clone(),
+            record_id: id.to_owned(),
+            flow_id: flow.id.clone(),
+            side: side.as_str(),
+            stamp,
         };
-        self.get(pool).lookup[i].submit(lookup).await
+        let logged = self.get(pool).own_stamp[side_index(side)]
+            .submit(item)
+            .await?;
+        if logged {
+            crate::ops::metrics::sync_decision(entry.flow, entry.decision.as_str());
+        }
+        Ok(logged)
+    }
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Source => 0,
+        Side::Target => 1,
     }
 }
