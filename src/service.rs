@@ -209,6 +209,7 @@ pub async fn run(
         let state = crate::http::AppState {
             pool: pool.clone(),
             config: config.clone(),
+            registry: registry.clone(),
             shutdown: shutdown.clone(),
         };
         tasks.spawn(async move {

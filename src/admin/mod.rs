@@ -43,18 +43,10 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     let Some(token) = &state.config.admin.token else {
         return Router::new();
     };
-    // The same registry `serve` validated at start (a pure file read); flows are listed from it.
-    let registry = match crate::registry::load(state.config.registry.overlay.as_deref()) {
-        Ok((registry, _warnings)) => registry,
-        Err(e) => {
-            tracing::error!(error = %e, "admin: the registry cannot be read; /admin is off");
-            return Router::new();
-        }
-    };
     let admin = AdminState {
         pool: state.pool.clone(),
         config: state.config.clone(),
-        registry: Arc::new(registry),
+        registry: state.registry.clone(),
         auth: Arc::new(auth::AdminAuth::new(token)),
         resume_settle: pause::PAUSE_REFRESH + Duration::from_millis(500),
     };

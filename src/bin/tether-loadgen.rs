@@ -185,6 +185,49 @@ struct Level {
     cpu: CpuUse,
 }
 
+/// One sender's connection: sends presigned webhooks until `stop`, counting (while `measuring`)
+/// the accepted ones with their latency and the refused ones.
+struct SenderLoop {
+    target: Arc<Target>,
+    bodies: Arc<Bodies>,
+    stop: Arc<AtomicBool>,
+    measuring: Arc<AtomicBool>,
+}
+
+impl SenderLoop {
+    async fn run(self, secret: &str, w: usize, mut sender: Sender) -> (usize, usize, Vec<u64>) {
+        let (mut accepted, mut refused, mut lat) = (0usize, 0usize, Vec::new());
+        while !self.stop.load(Ordering::Relaxed) {
+            let delivery = self.bodies.take(secret, w);
+            let started = Instant::now();
+            let result = tokio::time::timeout(
+                Duration::from_secs(30),
+                send(&mut sender, &self.target, delivery),
+            )
+            .await;
+            let took = started.elapsed();
+            let ok = matches!(result, Ok(Ok(202)));
+            if !matches!(result, Ok(Ok(_))) {
+                // A broken or stuck connection: start a new one, as a sender would.
+                match connect(&self.target).await {
+                    Ok(s) => sender = s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            if !self.measuring.load(Ordering::Relaxed) {
+                continue;
+            }
+            if ok {
+                accepted += 1;
+                lat.push(took.as_micros() as u64);
+            } else {
+                refused += 1;
+            }
+        }
+        (accepted, refused, lat)
+    }
+}
+
 async fn run_level(args: &Args, target: &Arc<Target>, concurrency: usize) -> anyhow::Result<Level> {
     let bodies = Arc::new(Bodies::prepare(
         &args.secret,
@@ -197,7 +240,7 @@ async fn run_level(args: &Args, target: &Arc<Target>, concurrency: usize) -> any
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let mut workers = tokio::task::JoinSet::new();
-    for (w, mut sender) in senders.into_iter().enumerate() {
+    for (w, sender) in senders.into_iter().enumerate() {
         let (target, bodies, stop, measuring) = (
             target.clone(),
             bodies.clone(),
@@ -206,35 +249,13 @@ async fn run_level(args: &Args, target: &Arc<Target>, concurrency: usize) -> any
         );
         let secret = args.secret.clone();
         workers.spawn(async move {
-            let (mut accepted, mut refused, mut lat) = (0usize, 0usize, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                let delivery = bodies.take(&secret, w);
-                let started = Instant::now();
-                let result = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    send(&mut sender, &target, delivery),
-                )
-                .await;
-                let took = started.elapsed();
-                let ok = matches!(result, Ok(Ok(202)));
-                if !matches!(result, Ok(Ok(_))) {
-                    // A broken or stuck connection: start a new one, as a sender would.
-                    match connect(&target).await {
-                        Ok(s) => sender = s,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                }
-                if !measuring.load(Ordering::Relaxed) {
-                    continue;
-                }
-                if ok {
-                    accepted += 1;
-                    lat.push(took.as_micros() as u64);
-                } else {
-                    refused += 1;
-                }
-            }
-            (accepted, refused, lat)
+            let sender_loop = SenderLoop {
+                target,
+                bodies,
+                stop,
+                measuring,
+            };
+            sender_loop.run(&secret, w, sender).await
         });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;

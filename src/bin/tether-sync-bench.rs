@@ -28,6 +28,9 @@ use sqlx::PgPool;
 use tether::db::embedded::EmbeddedPostgres;
 use tether::domain::SystemId;
 use tether::measure;
+
+#[path = "sync_bench/pg_cpu.rs"]
+mod pg_cpu;
 use tether::simulators::custom::{CustomSim, CustomSimConfig};
 use tether::simulators::kit::RunningSim;
 use tether::simulators::zendesk::{Kind, SimCredentials, SimOptions, ZendeskSim, ZendeskSimHandle};
@@ -141,6 +144,8 @@ struct Bench {
     pool: PgPool,
     tether_pid: u32,
     postmaster_pid: u32,
+    /// PostgreSQL's CPU by kind of process.
+    pg_cpu: pg_cpu::PgCpu,
     /// Zendesk organization id -> Custom ERP customer id.
     links: Vec<(u64, String)>,
 }
@@ -190,6 +195,7 @@ async fn run(args: Args, work: &Path) -> anyhow::Result<()> {
             pool,
             tether_pid,
             postmaster_pid,
+            pg_cpu: pg_cpu::PgCpu::start(postmaster_pid),
             links: Vec::new(),
         };
         bench.run_rounds().await
@@ -317,6 +323,24 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+/// PostgreSQL's CPU per update by kind of process (see `pg_cpu`).
+fn print_pg_split(split: &pg_cpu::Split, n: f64) {
+    let ms = |ticks: u64| ticks as f64 * 1000.0 / measure::TICKS_PER_SECOND / n;
+    let kinds: Vec<String> = split
+        .by_kind
+        .iter()
+        .map(|(kind, (ticks, sys))| {
+            format!("{} {:.3} ({:.3} sys)", kind.label(), ms(*ticks), ms(*sys))
+        })
+        .collect();
+    println!(
+        "      PostgreSQL CPU per linked update by process (ms): {}, exited unsampled and postmaster {:.3}; sampler {:.3} (left out of the simulators')",
+        kinds.join(", "),
+        ms(split.unsampled),
+        ms(split.sampler)
+    );
 }
 
 /// CPU per update, which the rest of the machine's load changes less than the rate: and what
@@ -551,6 +575,8 @@ impl Bench {
                 .execute(&self.pool)
                 .await?;
         }
+        let sampler_before = self.pg_cpu.sampler_ticks();
+        self.pg_cpu.start_round();
         let cpu_before = CpuTicks::read(self.tether_pid, self.postmaster_pid);
         let started = Instant::now();
         let issued_at = self.issue_renames(round).await?;
@@ -560,7 +586,10 @@ impl Bench {
         let latencies_ms = self.latencies_ms(round, &issued_at)?;
         self.settle().await?;
         let settled = started.elapsed();
-        let cpu = CpuTicks::read(self.tether_pid, self.postmaster_pid).since(cpu_before);
+        let mut cpu = CpuTicks::read(self.tether_pid, self.postmaster_pid).since(cpu_before);
+        let split = self.pg_cpu.finish_round(cpu.postgres, sampler_before);
+        // The sampler runs in this process: its time is not the simulators'.
+        cpu.simulators = cpu.simulators.saturating_sub(split.sampler);
         self.print_round(RoundFigures {
             round,
             written,
@@ -569,6 +598,7 @@ impl Bench {
             cpu,
             counters_before,
         });
+        print_pg_split(&split, self.links.len() as f64);
         self.print_decisions(log_before, issue_time).await?;
         if !self.args.no_statements {
             self.print_statements(cpu.postgres).await?;

@@ -136,6 +136,75 @@ fn first_page() -> u32 {
     1
 }
 
+impl Cursor {
+    fn parse(cursor: Option<&str>) -> Result<Cursor, ConnectorError> {
+        match cursor {
+            None => Ok(Cursor {
+                page: 1,
+                ..Cursor::default()
+            }),
+            Some(text) => serde_json::from_str(text).map_err(|_| ConnectorError::Rejected {
+                system: SYSTEM,
+                status: 400,
+                message: "the poll cursor was not written by this connector".to_owned(),
+            }),
+        }
+    }
+
+    /// Keeps the page's records this cursor has not delivered yet, and moves the cursor past the
+    /// page: to the page's latest change, or (a whole page sharing the `since` instant) on to the
+    /// next page of that instant.
+    fn advance(
+        &mut self,
+        page: Vec<Record>,
+        full_page: bool,
+    ) -> Result<Vec<Record>, ConnectorError> {
+        let mut records = Vec::with_capacity(page.len());
+        let mut page_max: Option<DateTime<Utc>> = None;
+        let mut at_max: Vec<String> = Vec::new();
+        for record in page {
+            let Some(at) = record.updated_at else {
+                return Err(malformed(format!(
+                    "a listed record has no `{}`",
+                    a::UPDATED_FIELD
+                )));
+            };
+            match page_max {
+                Some(max) if at < max => {}
+                Some(max) if at == max => at_max.push(record.id.clone()),
+                _ => {
+                    page_max = Some(at);
+                    at_max = vec![record.id.clone()];
+                }
+            }
+            let old = self.since.is_some_and(|s| at < s);
+            let seen = self.since == Some(at) && self.seen.contains(&record.id);
+            if !old && !seen {
+                records.push(record);
+            }
+        }
+        match page_max {
+            Some(max) if self.since.is_none_or(|s| max > s) => {
+                self.since = Some(max);
+                self.seen = at_max;
+                self.page = 1;
+            }
+            Some(_) => {
+                // The whole page shares the `since` instant: remember it and page on, or (caught
+                // up) start from page 1 next time.
+                for id in at_max {
+                    if !self.seen.contains(&id) {
+                        self.seen.push(id);
+                    }
+                }
+                self.page = if full_page { self.page + 1 } else { 1 };
+            }
+            None => self.page = 1,
+        }
+        Ok(records)
+    }
+}
+
 const SYSTEM: SystemId = SystemId::CrmOffice;
 
 fn malformed(what: impl std::fmt::Display) -> ConnectorError {
@@ -439,17 +508,7 @@ impl Connector for CrmOfficeConnector {
         cursor: Option<&str>,
     ) -> Result<ChangePage, ConnectorError> {
         let collection = self.collection(entity_type, "list_changed")?;
-        let mut state: Cursor = match cursor {
-            None => Cursor {
-                page: 1,
-                ..Cursor::default()
-            },
-            Some(text) => serde_json::from_str(text).map_err(|_| ConnectorError::Rejected {
-                system: SYSTEM,
-                status: 400,
-                message: "the poll cursor was not written by this connector".to_owned(),
-            })?,
-        };
+        let mut state = Cursor::parse(cursor)?;
         let mut query = vec![
             (a::SORT_PARAM, a::SORT_BY_UPDATED_ASC.to_owned()),
             (a::PAGE_PARAM, state.page.max(1).to_string()),
@@ -460,49 +519,11 @@ impl Connector for CrmOfficeConnector {
         }
         let items = self.list(collection, &query).await?;
         let full_page = items.len() as u32 >= self.page_size;
-        let mut records = Vec::with_capacity(items.len());
-        let mut page_max: Option<DateTime<Utc>> = None;
-        let mut at_max: Vec<String> = Vec::new();
-        for item in items {
-            let record = to_record(item)?;
-            let Some(at) = record.updated_at else {
-                return Err(malformed(format!(
-                    "a listed record has no `{}`",
-                    a::UPDATED_FIELD
-                )));
-            };
-            match page_max {
-                Some(max) if at < max => {}
-                Some(max) if at == max => at_max.push(record.id.clone()),
-                _ => {
-                    page_max = Some(at);
-                    at_max = vec![record.id.clone()];
-                }
-            }
-            let old = state.since.is_some_and(|s| at < s);
-            let seen = state.since == Some(at) && state.seen.contains(&record.id);
-            if !old && !seen {
-                records.push(record);
-            }
-        }
-        match page_max {
-            Some(max) if state.since.is_none_or(|s| max > s) => {
-                state.since = Some(max);
-                state.seen = at_max;
-                state.page = 1;
-            }
-            Some(_) => {
-                // The whole page shares the `since` instant: remember it and page on, or (caught
-                // up) start from page 1 next time.
-                for id in at_max {
-                    if !state.seen.contains(&id) {
-                        state.seen.push(id);
-                    }
-                }
-                state.page = if full_page { state.page + 1 } else { 1 };
-            }
-            None => state.page = 1,
-        }
+        let page = items
+            .into_iter()
+            .map(to_record)
+            .collect::<Result<Vec<_>, _>>()?;
+        let records = state.advance(page, full_page)?;
         Ok(ChangePage {
             records,
             next_cursor: Some(serde_json::to_string(&state).expect("a cursor serialises")),

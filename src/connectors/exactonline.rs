@@ -367,6 +367,27 @@ impl ExactOnline {
     }
 
     /// GETs a collection page: its entities and the `__next` link.
+    /// The first page of a type filtered on `Modified`, from `modified_ms` on (inclusive, so
+    /// records sharing the last time are not lost; the cursor's `seen` skips those emitted).
+    fn modified_since_url(
+        &self,
+        def: &EntityDef,
+        modified_ms: Option<i64>,
+    ) -> Result<String, ConnectorError> {
+        let mut query = String::from("$orderby=Modified");
+        if let Some(ms) = modified_ms {
+            let at = Utc
+                .timestamp_millis_opt(ms)
+                .single()
+                .ok_or_else(|| bad_input("cursor time out of range".to_owned()))?;
+            query.push_str(&format!(
+                "&$filter=Modified%20ge%20datetime'{}'",
+                at.format("%Y-%m-%dT%H:%M:%S%.3f")
+            ));
+        }
+        Ok(self.url(&format!("{}?{query}", def.path)))
+    }
+
     async fn get_page(&self, url: &str) -> Result<(Vec<Value>, Option<String>), ConnectorError> {
         let value = self
             .call(Method::GET, url, None)
@@ -518,6 +539,42 @@ struct ModifiedCursor {
     next: Option<String>,
 }
 
+impl ModifiedCursor {
+    /// Keeps the page's records not emitted yet and returns the cursor past the page.
+    fn advance(self, page: Vec<Record>, next: Option<&str>) -> (Vec<Record>, ModifiedCursor) {
+        let cursor_ms = self.modified_ms;
+        let page_max = page
+            .iter()
+            .map(|r| r.updated_at.map(|t| t.timestamp_millis()))
+            .fold(cursor_ms, Option::max);
+        let mut seen_at_max: Vec<String> = if page_max == cursor_ms {
+            self.seen.clone()
+        } else {
+            Vec::new()
+        };
+        let mut records = Vec::new();
+        for record in page {
+            let ms = record.updated_at.map(|t| t.timestamp_millis());
+            let already = ms == cursor_ms && self.seen.contains(&record.id);
+            if ms == page_max && !seen_at_max.contains(&record.id) {
+                seen_at_max.push(record.id.clone());
+            }
+            if !already && ms >= cursor_ms {
+                records.push(record);
+            }
+        }
+        // A full page that did not move past the cursor's time is a run of equal timestamps:
+        // continue it through `__next` instead of re-reading the same page forever.
+        let continue_run = page_max == cursor_ms && next.is_some();
+        let cursor = ModifiedCursor {
+            modified_ms: page_max,
+            seen: seen_at_max,
+            next: next.filter(|_| continue_run).map(str::to_owned),
+        };
+        (records, cursor)
+    }
+}
+
 #[async_trait]
 impl Connector for ExactOnline {
     fn system(&self) -> SystemId {
@@ -657,56 +714,14 @@ impl Connector for ExactOnline {
         };
         let url = match state.next.take() {
             Some(next) => next,
-            None => {
-                let mut query = String::from("$orderby=Modified");
-                if let Some(ms) = state.modified_ms {
-                    let at = Utc
-                        .timestamp_millis_opt(ms)
-                        .single()
-                        .ok_or_else(|| bad_input("cursor time out of range".to_owned()))?;
-                    // Inclusive, so records sharing the last time are not lost; `seen` skips
-                    // the ones already emitted.
-                    query.push_str(&format!(
-                        "&$filter=Modified%20ge%20datetime'{}'",
-                        at.format("%Y-%m-%dT%H:%M:%S%.3f")
-                    ));
-                }
-                self.url(&format!("{}?{query}", def.path))
-            }
+            None => self.modified_since_url(&def, state.modified_ms)?,
         };
         let (results, next) = self.get_page(&url).await?;
-        let mut records = Vec::new();
-        let mut page_max = state.modified_ms;
-        let mut parsed = Vec::with_capacity(results.len());
-        for item in &results {
-            let record = to_record(&def, item)?;
-            let ms = record.updated_at.map(|t| t.timestamp_millis());
-            page_max = page_max.max(ms);
-            parsed.push((ms, record));
-        }
-        let cursor_ms = state.modified_ms;
-        let mut seen_at_max: Vec<String> = if page_max == cursor_ms {
-            state.seen.clone()
-        } else {
-            Vec::new()
-        };
-        for (ms, record) in parsed {
-            let already = ms == cursor_ms && state.seen.contains(&record.id);
-            if ms == page_max && !seen_at_max.contains(&record.id) {
-                seen_at_max.push(record.id.clone());
-            }
-            if !already && ms >= cursor_ms {
-                records.push(record);
-            }
-        }
-        // A full page that did not move past the cursor's time is a run of equal timestamps:
-        // continue it through `__next` instead of re-reading the same page forever.
-        let continue_run = page_max == cursor_ms && next.is_some();
-        let new_cursor = ModifiedCursor {
-            modified_ms: page_max,
-            seen: seen_at_max,
-            next: if continue_run { next.clone() } else { None },
-        };
+        let page = results
+            .iter()
+            .map(|item| to_record(&def, item))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (records, new_cursor) = state.advance(page, next.as_deref());
         Ok(ChangePage {
             records,
             next_cursor: Some(serde_json::to_string(&new_cursor).expect("cursor serialises")),

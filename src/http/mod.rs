@@ -25,6 +25,9 @@ use crate::config::Config;
 pub struct AppState {
     pub pool: PgPool,
     pub config: Arc<Config>,
+    /// The mapping registry `serve` validated at start: the intake settles echoes by it and the
+    /// admin interface lists its flows.
+    pub registry: Arc<crate::registry::Registry>,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
 }
@@ -36,7 +39,11 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .merge(crate::intake::routes(&state.config, state.pool.clone()))
+        .merge(crate::intake::routes(
+            &state.config,
+            state.pool.clone(),
+            &state.registry,
+        ))
         .merge(crate::ops::routes(&state))
         .merge(crate::admin::routes(&state))
         .with_state(state)

@@ -33,6 +33,7 @@ use sqlx::PgPool;
 
 use crate::config::Config;
 use crate::domain::SystemId;
+use crate::registry::Registry;
 use crate::sync::delivery::Delivered;
 use crate::systems::{self, WebhookScheme};
 use crate::webhooks::store::StoredSecrets;
@@ -44,31 +45,19 @@ use verify::{StandardHeaders, StandardKey, Unauthentic};
 /// The webhook routes, with the intake's own state: the group-commit batcher (started here, on
 /// the current runtime, and stopped when the router is dropped) and the verifiers built once from
 /// the configuration. Generic over the caller's state, which the intake does not need.
-pub fn routes<S>(config: &Arc<Config>, pool: PgPool) -> Router<S>
+pub fn routes<S>(config: &Arc<Config>, pool: PgPool, registry: &Registry) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
     let keyring = crate::at_rest::Keyring::from_config(&config.secrets.keys);
     let stored = StoredSecrets::new(SystemId::Zendesk, pool.clone(), keyring);
     stored.spawn_refresh();
-    let echoes = intake_echoes(config);
+    let echoes = crate::sync::IntakeEchoes::new(registry, |s| config.systems.is_connected(s));
     let intake = Intake::new(config, GroupCommit::start_settling(pool, echoes), stored);
     Router::new()
         .route("/webhooks/{system}", post(receive))
         .layer(DefaultBodyLimit::max(config.http.body_limit))
         .with_state(intake)
-}
-
-/// Which custom-system echoes the group commit settles itself (`sync::IntakeEchoes`): from the
-/// registry the sync engine loads and the systems the configuration connects. A registry that
-/// does not load settles none here (`serve` refuses to start on it anyway).
-fn intake_echoes(config: &Config) -> crate::sync::IntakeEchoes {
-    match crate::registry::load(config.registry.overlay.as_deref()) {
-        Ok((registry, _)) => {
-            crate::sync::IntakeEchoes::new(&registry, |s| config.systems.is_connected(s))
-        }
-        Err(_) => crate::sync::IntakeEchoes::default(),
-    }
 }
 
 /// Per-process intake state; cheap to clone.

@@ -13,7 +13,9 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
-use crate::sync::delivery::{zendesk_event_property, Delivered, MAX_DELIVERED_VALUE};
+use crate::sync::delivery::{
+    zendesk_detail_state, zendesk_event_property, Delivered, MAX_DELIVERED_VALUE,
+};
 
 /// What a verified body turned out to be.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,8 +87,10 @@ struct ZendeskEvent<'a> {
     time: Option<DateTime<Utc>>,
     #[serde(borrow, default)]
     subject: Option<Cow<'a, str>>,
+    /// Kept raw: read as [`ZendeskDetail`], and for an event about one property also as the
+    /// record's state it describes ([`zendesk_delivered`]).
     #[serde(borrow, default)]
-    detail: Option<ZendeskDetail<'a>>,
+    detail: Option<&'a RawValue>,
     #[serde(borrow, default)]
     event: Option<ZendeskInner<'a>>,
 }
@@ -148,12 +152,14 @@ pub fn zendesk(body: &[u8]) -> Result<Parsed, FormatError> {
 }
 
 /// What an event about one property says of its record (docs/sync-rules.md, "An echo without a
-/// read"): the property, its new value (`event.current`) and the record's `updated_at` from
-/// `detail`. `None` for any other event, or when a part is missing, does not parse, or the value
-/// is longer than [`MAX_DELIVERED_VALUE`]: such an event is read as before.
+/// read" and "A Zendesk update without a read"): the property, its new value (`event.current`),
+/// the record's `updated_at` and the properties of `detail` that can stand for a read
+/// ([`zendesk_detail_state`]). `None` for any other event, or when a part is missing, does not
+/// parse, or the value is longer than [`MAX_DELIVERED_VALUE`]: such an event is read as before.
 fn zendesk_delivered(
     name: &str,
-    detail: Option<&ZendeskDetail<'_>>,
+    entity: &str,
+    detail: Option<(&ZendeskDetail<'_>, &RawValue)>,
     event: Option<&ZendeskInner<'_>>,
 ) -> Option<Delivered> {
     let property = zendesk_event_property(name)?;
@@ -161,12 +167,17 @@ fn zendesk_delivered(
     if current.len() > MAX_DELIVERED_VALUE {
         return None;
     }
-    let stamp: Cow<'_, str> = serde_json::from_str(detail?.updated_at?.get()).ok()?;
+    let (detail, raw) = detail?;
+    let stamp: Cow<'_, str> = serde_json::from_str(detail.updated_at?.get()).ok()?;
     let updated_at = DateTime::parse_from_rfc3339(&stamp).ok()?;
+    let state = serde_json::from_str(raw.get())
+        .ok()
+        .and_then(|all| zendesk_detail_state(entity, &all));
     Some(Delivered {
         property: property.to_owned(),
         current: serde_json::from_str(current).ok()?,
         updated_at: updated_at.with_timezone(&Utc),
+        state,
     })
 }
 
@@ -201,8 +212,14 @@ pub fn zendesk_with_delivered(body: &[u8]) -> Result<(Parsed, Option<Delivered>)
             return Ok((Parsed::Ignored(ignored), None));
         }
     };
-    let delivered = zendesk_delivered(name, ev.detail.as_ref(), ev.event.as_ref());
-    let resource_id = zendesk_resource_id(ev.subject.as_deref(), ev.detail)?;
+    let detail: Option<ZendeskDetail<'_>> = ev
+        .detail
+        .map(|raw| serde_json::from_str(raw.get()))
+        .transpose()
+        .map_err(|e| format_error(format!("`detail` is not an object: {}", e.classify_str())))?;
+    let with_raw = detail.as_ref().zip(ev.detail);
+    let delivered = zendesk_delivered(name, entity, with_raw, ev.event.as_ref());
+    let resource_id = zendesk_resource_id(ev.subject.as_deref(), detail)?;
     let record_id = if entity == "Ticketcomments" {
         let comment = ev
             .event

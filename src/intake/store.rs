@@ -260,7 +260,7 @@ fn reply_all(batch: Vec<Pending>, results: Vec<Stored>) {
 }
 
 /// Connection-level trouble (the sender should retry), as opposed to an error about the rows.
-fn is_unavailable(e: &sqlx::Error) -> bool {
+pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
             // Class 08: connection exception; 57P: operator intervention (shutdown, crash);

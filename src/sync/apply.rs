@@ -219,10 +219,13 @@ impl SyncEngine {
         // The event's `idle` entry, if waiting, is written by the same statement (`beside`).
         let idle = super::beside::take();
         let entries = (&entry, idle.as_ref());
-        // The fan-out's jobs must commit with the link; without them the pool's implicit
-        // transaction of the one statement is enough.
+        // The fan-out's jobs must commit with the link; without them the statement is batched
+        // with other workers' (`combine`): one implicit transaction per batch, each row's own
+        // version check.
         let stored = if fan_out.is_empty() {
-            store::store_sync(&self.pool, job, entries, link, state).await?
+            self.batches
+                .store_sync(&self.pool, job, entries, link, state)
+                .await?
         } else {
             let mut tx = self.pool.begin().await?;
             let stored = store::store_sync(&mut *tx, job, entries, link, state).await?;

@@ -21,13 +21,14 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::decision::Decision;
 use super::mapping::{entity, key, path, synced};
 use super::merge::{normalize, Side};
-use super::store::{self, Entry, Link};
+use super::store::{Entry, Link};
 use super::{ActiveFlow, SyncEngine};
+use crate::connectors::Record;
 use crate::domain::{Action, SystemId};
 use crate::queue::ClaimedJob;
 use crate::registry::Dataflow;
@@ -36,13 +37,20 @@ use crate::registry::Dataflow;
 /// kept, so the events table stays small, and such an event is read as before.
 pub const MAX_DELIVERED_VALUE: usize = 512;
 
+/// The longest record state (as JSON text) intake keeps from an event's `detail`.
+pub const MAX_DELIVERED_STATE: usize = 1024;
+
 /// What a Zendesk event delivery says about its record: one property's new value and the
-/// record's change stamp (stored as `events.delivered`).
+/// record's change stamp (stored as `events.delivered`), and the properties of its `detail` that
+/// can stand for reading them ([`zendesk_detail_state`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivered {
     pub property: String,
     pub current: Value,
     pub updated_at: DateTime<Utc>,
+    /// Absent on events stored before it was kept, and when nothing qualifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<Map<String, Value>>,
 }
 
 /// Zendesk event types (`<resource>.<change>`) whose `event.current` is the new value of exactly
@@ -90,6 +98,60 @@ fn zendesk_reports(entity_type: &str, path: &str) -> bool {
     reported.contains(&top)
 }
 
+/// The properties of a Zendesk event's `detail` (for a record of `entity_type`) that are what a
+/// read of the record would show: those whose every change Zendesk announces by an event of its
+/// own ([`zendesk_reports`]: an organization's `name` and `external_id`; a user's `email`,
+/// `external_id` and `role`), with a text or null value. Ids are left out (`detail` renders them
+/// as strings, the API as numbers), as are the stamps. `None` if none qualifies or they are
+/// longer than [`MAX_DELIVERED_STATE`].
+pub fn zendesk_detail_state(
+    entity_type: &str,
+    detail: &Map<String, Value>,
+) -> Option<Map<String, Value>> {
+    let state: Map<String, Value> = detail
+        .iter()
+        .filter(|(k, v)| {
+            let id = k.as_str() == "id" || (k.ends_with("_id") && k.as_str() != "external_id");
+            !id && zendesk_reports(entity_type, k) && (v.is_string() || v.is_null())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let size = serde_json::to_string(&state).map_or(usize::MAX, |t| t.len());
+    (!state.is_empty() && size <= MAX_DELIVERED_STATE).then_some(state)
+}
+
+/// The Zendesk record on `side` of `flow`, linked by `link`, as the event's delivery `d`
+/// describes it, when that can stand for reading it (docs/sync-rules.md, "A Zendesk update
+/// without a read"): the delivery holds every property the flow syncs (none a reference), and
+/// its `updated_at` is strictly later than the Zendesk stamp the link holds (Zendesk stamps whole
+/// seconds: an equal stamp may hide a second change in that second), and Tether did not write
+/// that side last. Else `None`: read it.
+pub(crate) fn record_from_delivery(
+    flow: &Dataflow,
+    link: &Link,
+    side: Side,
+    d: &Delivered,
+    id: &str,
+) -> Option<Record> {
+    let state = d.state.as_ref()?;
+    let seen = link.seen_on(side)?;
+    let newer = d.updated_at.timestamp_micros() > seen.timestamp_micros();
+    // Kept to the read: an event of a side Tether wrote last (its echo, or an edit close to it:
+    // "An echo without a read" judges those) and one with a write whose answer was lost.
+    let own_write = link.last_write_side == Some(side) || link.unsure_write.is_some();
+    if entity(flow, side).system != SystemId::Zendesk || !newer || own_write {
+        return None;
+    }
+    let mut properties = synced(flow).peekable();
+    properties.peek()?;
+    let held = properties.all(|p| p.reference.is_none() && state.contains_key(path(p, side)));
+    held.then(|| Record {
+        id: id.to_owned(),
+        updated_at: Some(d.updated_at),
+        fields: state.clone(),
+    })
+}
+
 /// Whether `delivered`, for the record on `side` of `flow` linked by `link`, is the echo of
 /// Tether's last write of that side (see the module doc). Pure: no I/O, no clock.
 pub(crate) fn settled_by_delivery(
@@ -131,8 +193,9 @@ pub(crate) fn settled_by_delivery(
 pub(super) enum ByDelivery {
     /// Settled as the echo (logged); nothing else to do for the flow.
     Echo,
-    /// Not the echo; the flow's link as looked up for it, so it is not looked up again.
-    Looked(Option<Link>),
+    /// Not the echo; the flow's link as looked up for it, so it is not looked up again, and the
+    /// record as the delivery describes it if that can stand for reading it.
+    Looked(Option<Link>, Option<Box<Record>>),
     /// The event carries nothing to look at, or more than one flow runs.
     NotTried,
 }
@@ -154,14 +217,17 @@ impl SyncEngine {
             return Ok(ByDelivery::NotTried);
         }
         let id = &e.record.record_id;
-        let (link, delivered) =
-            store::find_link_for_event(&self.pool, flow, *side, id, job.event_id).await?;
-        let echo = match (&link, delivered) {
-            (Some(l), Some(d)) if settled_by_delivery(flow, l, *side, &d) => Some((l.id, d)),
-            _ => None,
-        };
-        let Some((link_id, d)) = echo else {
-            return Ok(ByDelivery::Looked(link));
+        let (link, delivered) = self
+            .batches
+            .find_link_for_event(&self.pool, flow, *side, id, job.event_id)
+            .await?;
+        let (link_id, d) = match (&link, delivered) {
+            (Some(l), Some(d)) if settled_by_delivery(flow, l, *side, &d) => (l.id, d),
+            (Some(l), Some(d)) => {
+                let described = record_from_delivery(flow, l, *side, &d, id).map(Box::new);
+                return Ok(ByDelivery::Looked(link, described));
+            }
+            _ => return Ok(ByDelivery::Looked(link, None)),
         };
         let detail = format!(
             "the delivery's {} is the value Tether's own write of the {} record left, and its \

@@ -4,7 +4,10 @@
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{json, Map, Value};
 
-use super::{settled_by_delivery, zendesk_event_property, Delivered};
+use super::{
+    record_from_delivery, settled_by_delivery, zendesk_detail_state, zendesk_event_property,
+    Delivered,
+};
 use crate::domain::SystemId;
 use crate::registry::{Dataflow, EntityRef, FlowSwitches, PropertyMapping, SyncMode};
 use crate::sync::merge::Side::{self, Source, Target};
@@ -65,6 +68,7 @@ fn said(property: &str, current: Value, at: i64) -> Delivered {
         property: property.into(),
         current,
         updated_at: t(at),
+        state: None,
     }
 }
 
@@ -153,4 +157,95 @@ fn only_events_about_one_property_name_it() {
     );
     assert_eq!(zendesk_event_property("organization.tags_changed"), None);
     assert_eq!(zendesk_event_property("user.identity_changed"), None);
+}
+
+/// A rename event of the organization at `t(at)` whose `detail` holds `state`.
+fn described(state: Value, at: i64) -> Delivered {
+    Delivered {
+        state: state.as_object().cloned(),
+        ..said("name", json!("Acme Norge AS"), at)
+    }
+}
+
+/// [`link`], with Tether's last write on the other side (the custom system's).
+fn written_other_side(snapshot: Value) -> Link {
+    Link {
+        last_write_side: Some(Source),
+        ..link(snapshot)
+    }
+}
+
+#[test]
+fn a_delivery_newer_than_the_link_with_every_synced_property_stands_for_the_read() {
+    let l = written_other_side(json!({"Name>name": "Acme AS"}));
+    let d = described(json!({"name": "Acme Norge AS", "external_id": null}), 6);
+    let r = record_from_delivery(&flow(&[]), &l, Target, &d, "42").expect("no read needed");
+    assert_eq!(r.id, "42");
+    assert_eq!(r.updated_at, Some(t(6)));
+    assert_eq!(r.get_path("name"), Some(&json!("Acme Norge AS")));
+}
+
+#[test]
+fn a_delivery_of_the_links_second_or_older_is_read() {
+    // The link holds the organization's stamp t(5): another change in that same second would
+    // carry the same whole-second stamp, so only a later one can stand for a read.
+    let l = written_other_side(json!({"Name>name": "Acme AS"}));
+    for at in [5, 4] {
+        let d = described(json!({"name": "Acme Norge AS"}), at);
+        assert!(
+            record_from_delivery(&flow(&[]), &l, Target, &d, "42").is_none(),
+            "t({at})"
+        );
+    }
+    let mut unseen = written_other_side(json!({"Name>name": "Acme AS"}));
+    unseen.target_seen_at = None;
+    let d = described(json!({"name": "Acme Norge AS"}), 6);
+    assert!(record_from_delivery(&flow(&[]), &unseen, Target, &d, "42").is_none());
+}
+
+#[test]
+fn a_delivery_lacking_a_synced_property_or_of_the_other_system_is_read() {
+    let l = written_other_side(json!({"Name>name": "Acme AS"}));
+    let d = described(json!({"name": "Acme Norge AS"}), 6);
+    let more = flow(&[mapping("Ref", "external_id")]);
+    assert!(record_from_delivery(&more, &l, Target, &d, "42").is_none());
+    assert!(record_from_delivery(&flow(&[]), &l, Source, &d, "42").is_none());
+    let without = Delivered {
+        state: None,
+        ..d.clone()
+    };
+    assert!(record_from_delivery(&flow(&[]), &l, Target, &without, "42").is_none());
+}
+
+#[test]
+fn a_delivery_of_the_side_tether_wrote_last_is_read() {
+    // Its echo, or an edit close to it: judged by the echo rules, else read.
+    let d = described(json!({"name": "Acme Norge AS"}), 6);
+    let l = link(json!({"Name>name": "Acme AS"}));
+    assert!(record_from_delivery(&flow(&[]), &l, Target, &d, "42").is_none());
+}
+
+#[test]
+fn a_detail_keeps_the_text_properties_whose_changes_have_events() {
+    let detail = json!({
+        "created_at": "2026-12-04T10:00:00Z",
+        "external_id": null,
+        "group_id": "7",
+        "id": "42",
+        "name": "Acme AS",
+        "shared_comments": false,
+        "shared_tickets": false,
+        "updated_at": "2026-12-04T10:00:05Z",
+    });
+    let state = zendesk_detail_state("Organizations", detail.as_object().unwrap());
+    assert_eq!(
+        state.map(Value::Object),
+        Some(json!({"external_id": null, "name": "Acme AS"}))
+    );
+    let user = json!({"email": "a@b.c", "organization_id": "9", "role": "end-user", "id": "3"});
+    let state = zendesk_detail_state("Users", user.as_object().unwrap());
+    assert_eq!(
+        state.map(Value::Object),
+        Some(json!({"email": "a@b.c", "role": "end-user"}))
+    );
 }

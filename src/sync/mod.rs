@@ -17,7 +17,8 @@
 //! - [`beside`]: an event's `idle` entry written in the statement of its one flow's decision;
 //! - [`noted`]: what a flow decides that sends nothing (only its log entry);
 //! - [`references`]: translating ids through links; [`mapping`]: how a flow reads a record;
-//! - [`store`]: every statement on `links`, `link_intents` and `sync_log`;
+//! - [`store`]: every statement on `links`, `link_intents` and `sync_log`; [`combine`]: the
+//!   per-record ones batched across workers (one statement and one commit per batch);
 //! - [`decision`]: the decisions a log entry can record; [`merge`]: the per-property rule;
 //!   [`history`]: `tether links show`.
 //!
@@ -28,6 +29,7 @@
 mod apply;
 mod backfill;
 mod beside;
+mod combine;
 mod create;
 pub mod decision;
 pub mod delivery;
@@ -95,6 +97,8 @@ pub struct SyncEngine {
     paused: crate::admin::pause::PausedFlows,
     /// Counts each flow's writes and holds them past a threshold (`crate::guard`).
     guard: crate::guard::Guard,
+    /// The per-record statements batched across workers (`combine`).
+    batches: store::Batches,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +146,7 @@ impl SyncEngine {
             registry,
             connectors,
             stopped: std::sync::Mutex::new(HashMap::new()),
+            batches: store::Batches::default(),
         }
     }
 
@@ -294,19 +299,24 @@ impl SyncEngine {
             return Ok(None);
         }
         // A Zendesk echo, recognised by the value and stamp its webhook carries.
-        let mut looked = None;
+        let (mut looked, mut described) = (None, None);
         if planned.is_empty() {
             match self.echo_by_delivery(job, &active).await? {
                 delivery::ByDelivery::Echo => {
                     self.log_idle_beside(job, idle).await?;
                     return Ok(None);
                 }
-                delivery::ByDelivery::Looked(link) => looked = Some(link),
+                delivery::ByDelivery::Looked(link, d) => (looked, described) = (Some(link), d),
                 delivery::ByDelivery::NotTried => {}
             }
         }
-        // Rule 7: the current state, never the event's data.
-        let Some(current) = conn.fetch(&rec.entity_type, &rec.record_id).await? else {
+        // Rule 7: the current state, never the event's data; or the state a Zendesk delivery
+        // describes, newer than anything the link has seen (docs/sync-rules.md).
+        let current = match described {
+            Some(record) => Some(*record),
+            None => conn.fetch(&rec.entity_type, &rec.record_id).await?,
+        };
+        let Some(current) = current else {
             self.record_deleted(job, Gone::NotFound).await?;
             self.planned_record_gone(planned).await?;
             return Ok(None);

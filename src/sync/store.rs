@@ -17,6 +17,8 @@ use crate::domain::{Action, ChangeEvent, RecordKey, SystemId};
 use crate::queue::{self, ClaimedJob, JobPriority, NewJob};
 use crate::registry::Dataflow;
 
+mod batch;
+pub(crate) use batch::Batches;
 mod intents;
 pub(crate) use intents::*;
 
@@ -344,39 +346,6 @@ pub(crate) async fn find_link(
         .fetch_optional(pool)
         .await?;
     row.map(|row| link_of_row(&row)).transpose()
-}
-
-/// [`find_link`] and, in the same statement, what the delivery of event `event_id` said about
-/// the record (`events.delivered`, docs/sync-rules.md "An echo without a read"), if the link
-/// exists; a delivered state that cannot be read counts as none.
-pub(crate) async fn find_link_for_event(
-    pool: &PgPool,
-    flow: &Dataflow,
-    side: Side,
-    id: &str,
-    event_id: i64,
-) -> Result<(Option<Link>, Option<Delivered>), sqlx::Error> {
-    let e = entity(flow, side);
-    let sql = format!(
-        "SELECT {LINK_COLUMNS}, (SELECT delivered FROM events WHERE id = $5) AS delivered \
-         FROM links WHERE {}",
-        link_where(side)
-    );
-    let row = sqlx::query(&sql)
-        .bind(e.system.as_str())
-        .bind(&e.entity_type)
-        .bind(id)
-        .bind(&flow.id)
-        .bind(event_id)
-        .fetch_optional(pool)
-        .await?;
-    let Some(row) = row else {
-        return Ok((None, None));
-    };
-    let delivered = row
-        .try_get::<Option<Value>, _>("delivered")?
-        .and_then(|d| serde_json::from_value(d).ok());
-    Ok((Some(link_of_row(&row)?), delivered))
 }
 
 /// A [`Link`] from a row with [`LINK_COLUMNS`].

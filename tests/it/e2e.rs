@@ -17,6 +17,7 @@
 
 use std::time::{Duration, Instant};
 
+use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use tether::connectors::zendesk::ZendeskConnector;
 use tether::connectors::Connector;
@@ -519,6 +520,113 @@ async fn a_zendesk_echo_costs_no_read_and_an_edit_in_the_same_second_still_syncs
     h.stop().await;
 }
 
+/// A Zendesk rename whose webhook `detail` holds every property the flow syncs (here `name`), with
+/// an `updated_at` later than the Zendesk stamp the link holds, costs no read of the organization:
+/// the delivery stands for it (docs/sync-rules.md, "A Zendesk update without a read"). An event
+/// stamped in the link's second, or earlier, is read: signed events describing a name the
+/// organization does not have change nothing, and each costs one read.
+#[tokio::test]
+async fn a_zendesk_update_newer_than_the_link_costs_no_read_and_one_of_its_second_is_read() {
+    let h = Harness::start(Some(&organizations_to_customerp_only()), "").await;
+    let created = h
+        .sims
+        .zendesk
+        .create(Kind::Organization, json!({"name": "Described AS"}));
+    assert!(created.status().is_success());
+    let org_id = h.sims.zendesk.all(Kind::Organization)[0]["id"]
+        .as_u64()
+        .unwrap();
+    let org = org_id.to_string();
+    let flow = "zendesk.Organizations->customerp.Customer";
+    let customer = h.linked_target(flow, &org).await;
+    h.assert_settles().await;
+    let webhook = h.zendesk_rename_webhook().await;
+    // The rename is then stamped in a later second than the link's (whole seconds).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.sims.zendesk.control().reset_counters();
+    h.sims.customerp.control.reset_counters();
+
+    let renamed = h.sims.zendesk.update(
+        Kind::Organization,
+        org_id,
+        json!({"name": "Described Norge AS"}),
+    );
+    assert!(renamed.status().is_success());
+    eventually(
+        "the new name in the custom ERP",
+        WAIT,
+        probe(|| {
+            let c = h.sims.customerp.get("customer", &customer)?;
+            (c["name"] == json!("Described Norge AS")).then_some(())
+        }),
+    )
+    .await;
+    h.assert_settles().await;
+    let zendesk = h.sims.zendesk.control();
+    assert_eq!(zendesk.count_method("GET"), 0, "{:?}", zendesk.counters());
+    let erp = &h.sims.customerp.control;
+    assert_eq!(erp.count_method("GET"), 1, "{:?}", erp.counters());
+    assert_eq!(erp.count_method("PATCH"), 1, "{:?}", erp.counters());
+
+    // Events describing another name, stamped in the link's second and one second before it.
+    let seen: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "SELECT source_seen_at FROM links WHERE flow_id = $1 AND source_id = $2 AND state = 'active'",
+    )
+    .bind(flow)
+    .bind(&org)
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    for (n, stamp) in [seen, seen - chrono::Duration::seconds(1)]
+        .into_iter()
+        .enumerate()
+    {
+        let entries = h.log_entries("zendesk", &org).await;
+        h.send_zendesk_rename(webhook.clone(), org_id, "Forged AS", stamp, n)
+            .await;
+        let deadline = Instant::now() + WAIT;
+        while h.log_entries("zendesk", &org).await <= entries {
+            assert!(Instant::now() < deadline, "event {n} never decided");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            zendesk.count_method("GET"),
+            n as u64 + 1,
+            "{:?}",
+            zendesk.counters()
+        );
+    }
+    h.assert_settles().await;
+    let c = h.sims.customerp.get("customer", &customer).unwrap();
+    assert_eq!(
+        c["name"],
+        json!("Described Norge AS"),
+        "the forged name was not taken"
+    );
+    assert_eq!(erp.count_method("PATCH"), 1, "{:?}", erp.counters());
+    h.stop().await;
+}
+
+/// An overlay whose only running flow of Zendesk organizations is the one to the Custom ERP
+/// (`admin::OVERLAY`'s, mapping `name`): the others are switched off.
+fn organizations_to_customerp_only() -> String {
+    let mut overlay = crate::admin::OVERLAY.to_owned();
+    for (source, target) in [
+        ("exactonline.Accounts", "zendesk.Organizations"),
+        ("exactonline.Departments", "zendesk.Organizations"),
+        ("exactonline.Divisions", "zendesk.Organizations"),
+        ("poweroffice.Customers", "zendesk.Organizations"),
+        ("poweroffice.Departments", "zendesk.Organizations"),
+        ("poweroffice.Suppliers", "zendesk.Organizations"),
+        ("zendesk.Organizations", "custompms.Customer"),
+    ] {
+        overlay.push_str(&format!(
+            "\n[[dataflow]]\nsource = \"{source}\"\ntarget = \"{target}\"\nenabled = false\n"
+        ));
+    }
+    overlay
+}
+
 impl Harness {
     /// A Zendesk client, as a person using Zendesk (its changes send webhooks to Tether).
     fn zendesk(&self) -> ZendeskConnector {
@@ -527,6 +635,91 @@ impl Harness {
             Duration::from_secs(10),
         )
         .unwrap()
+    }
+
+    /// The id and signing secret of the Zendesk webhook Tether installed for organization
+    /// renames, read through the simulator's Webhooks API.
+    async fn zendesk_rename_webhook(&self) -> (String, String) {
+        let zendesk = self.config.systems.zendesk.as_ref().unwrap();
+        let base = zendesk.base_url.as_str().trim_end_matches('/').to_owned();
+        let http = reqwest::Client::new();
+        let get = |url: String| {
+            http.get(url)
+                .basic_auth(
+                    format!("{}/token", zendesk.email.as_deref().unwrap()),
+                    Some(zendesk.api_token.as_ref().unwrap().expose_secret()),
+                )
+                .send()
+        };
+        let list: Value = get(format!("{base}/api/v2/webhooks"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let hook = list["webhooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| {
+                h["subscriptions"]
+                    .as_array()
+                    .is_some_and(|s| s.contains(&json!("zen:event-type:organization.name_changed")))
+            })
+            .unwrap_or_else(|| panic!("no webhook for organization renames: {list}"));
+        let id = id_text(&hook["id"]);
+        let secret: Value = get(format!("{base}/api/v2/webhooks/{id}/signing_secret"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            id,
+            secret["signing_secret"]["secret"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        )
+    }
+
+    /// Sends Tether a signed `organization.name_changed` webhook naming `name`, its `detail`
+    /// stamped `updated_at` (delivery id `forged-<n>`), as if Zendesk had sent it through
+    /// `webhook` (id, signing secret).
+    async fn send_zendesk_rename(
+        &self,
+        webhook: (String, String),
+        org_id: u64,
+        name: &str,
+        updated_at: chrono::DateTime<chrono::Utc>,
+        n: usize,
+    ) {
+        let stamp = updated_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let body = json!({
+            "type": "zen:event-type:organization.name_changed",
+            "account_id": 1,
+            "id": format!("forged-{n}"),
+            "subject": format!("zen:organization:{org_id}"),
+            "time": stamp,
+            "zendesk_event_version": "2022-06-20",
+            "detail": {"id": org_id.to_string(), "name": name, "updated_at": stamp},
+            "event": {"current": name, "previous": "Described Norge AS"},
+        })
+        .to_string();
+        let (webhook_id, secret) = webhook;
+        let signed_at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let signature = tether::signing::zendesk::sign(&secret, &signed_at, body.as_bytes());
+        let answer = reqwest::Client::new()
+            .post(format!("{}/webhooks/zendesk", self.base))
+            .header("content-type", "application/json")
+            .header("x-zendesk-webhook-signature", signature)
+            .header("x-zendesk-webhook-signature-timestamp", signed_at)
+            .header("x-zendesk-webhook-id", webhook_id)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 202, "{:?}", answer.text().await);
     }
 
     /// The target id linked to `source_id` by the flow `flow_id`, once the link exists.

@@ -65,8 +65,15 @@ webhook_secret = "{PMS_SECRET}"
     ))
 }
 
+/// The registry `serve` would load for `config`.
+fn registry_of(config: &Config) -> Arc<tether::registry::Registry> {
+    let (registry, _) = tether::registry::load(config.registry.overlay.as_deref()).unwrap();
+    Arc::new(registry)
+}
+
 fn app(pool: PgPool, config: Arc<Config>) -> Router {
     tether::http::router(AppState {
+        registry: registry_of(&config),
         pool,
         config,
         shutdown: CancellationToken::new(),
@@ -908,6 +915,7 @@ async fn served_over_tcp_the_answer_comes_after_commit() {
     let shutdown = CancellationToken::new();
     let state = AppState {
         pool: db.pool.clone(),
+        registry: registry_of(&full_config()),
         config: full_config(),
         shutdown: shutdown.clone(),
     };

@@ -25,67 +25,12 @@ impl Shared {
         before: &Value,
         after: &Value,
     ) {
-        let current_previous = json!({"current": after, "previous": before});
-        let tags = || {
-            let list = |v: &Value| -> Vec<Value> { v.as_array().cloned().unwrap_or_default() };
-            let (old, new) = (list(before), list(after));
-            json!({
-                "tags_added": new.iter().filter(|t| !old.contains(t)).collect::<Vec<_>>(),
-                "tags_removed": old.iter().filter(|t| !new.contains(t)).collect::<Vec<_>>(),
-            })
-        };
         let events: Vec<(&str, Value)> = match (kind, key) {
-            (Kind::Organization, "name") => vec![("name_changed", current_previous)],
-            (Kind::Organization, "external_id") => vec![("external_id_changed", current_previous)],
-            (Kind::Organization, "tags") => vec![("tags_changed", tags())],
-            (Kind::Organization, "organization_fields") => {
-                vec![("custom_field_changed", current_previous)]
-            }
-            (Kind::User, "organization_id") => {
-                let mut events = Vec::new();
-                if !before.is_null() {
-                    events.push((
-                        "organization_membership_deleted",
-                        json!({"organization": {"id": id_string(before)}}),
-                    ));
-                }
-                if !after.is_null() {
-                    events.push((
-                        "organization_membership_created",
-                        json!({"organization": {"id": id_string(after)}}),
-                    ));
-                }
-                events
-            }
-            (Kind::User, "tags") => vec![("tags_changed", tags())],
-            (Kind::User, key) => match key {
-                "name" => vec![("name_changed", current_previous)],
-                "email" | "phone" => vec![("identity_changed", current_previous)],
-                "external_id" => vec![("external_id_changed", current_previous)],
-                "role" => vec![("role_changed", current_previous)],
-                "details" => vec![("details_changed", current_previous)],
-                "notes" => vec![("notes_changed", current_previous)],
-                "default_group_id" => vec![("default_group_changed", current_previous)],
-                "suspended" => vec![("suspended_changed", current_previous)],
-                "time_zone" => vec![("time_zone_changed", current_previous)],
-                "user_fields" => vec![("custom_field_changed", current_previous)],
-                _ => vec![],
-            },
-            (Kind::Ticket, "tags") => vec![("tags_changed", tags())],
-            (Kind::Ticket, key) => match key {
-                "status" => vec![("status_changed", current_previous)],
-                "priority" => vec![("priority_changed", current_previous)],
-                "subject" => vec![("subject_changed", current_previous)],
-                "assignee_id" => vec![("agent_assignment_changed", current_previous)],
-                "group_id" => vec![("group_assignment_changed", current_previous)],
-                "organization_id" => vec![("organization_changed", current_previous)],
-                "requester_id" => vec![("requester_changed", current_previous)],
-                "external_id" => vec![("external_id_changed", current_previous)],
-                "type" => vec![("type_changed", current_previous)],
-                "custom_fields" => vec![("custom_field_changed", current_previous)],
-                _ => vec![],
-            },
-            _ => vec![],
+            (_, "tags") => vec![("tags_changed", tags_change(before, after))],
+            (Kind::User, "organization_id") => membership_events(before, after),
+            _ => change_event_name(kind, key)
+                .map(|name| vec![(name, json!({"current": after, "previous": before}))])
+                .unwrap_or_default(),
         };
         for (name, event) in events {
             self.emit(kind, record, &format!("{}.{name}", kind.singular()), event);
@@ -142,4 +87,65 @@ impl Shared {
             );
         }
     }
+}
+
+/// The event type (after `<kind>.`) of a change of `key` whose event carries the property's
+/// `current` and `previous` values; `None` where Zendesk has no event for the property.
+fn change_event_name(kind: Kind, key: &str) -> Option<&'static str> {
+    let name = match (kind, key) {
+        (Kind::Organization, "name") => "name_changed",
+        (Kind::Organization, "external_id") => "external_id_changed",
+        (Kind::Organization, "organization_fields") => "custom_field_changed",
+        (Kind::User, "name") => "name_changed",
+        (Kind::User, "email" | "phone") => "identity_changed",
+        (Kind::User, "external_id") => "external_id_changed",
+        (Kind::User, "role") => "role_changed",
+        (Kind::User, "details") => "details_changed",
+        (Kind::User, "notes") => "notes_changed",
+        (Kind::User, "default_group_id") => "default_group_changed",
+        (Kind::User, "suspended") => "suspended_changed",
+        (Kind::User, "time_zone") => "time_zone_changed",
+        (Kind::User, "user_fields") => "custom_field_changed",
+        (Kind::Ticket, "status") => "status_changed",
+        (Kind::Ticket, "priority") => "priority_changed",
+        (Kind::Ticket, "subject") => "subject_changed",
+        (Kind::Ticket, "assignee_id") => "agent_assignment_changed",
+        (Kind::Ticket, "group_id") => "group_assignment_changed",
+        (Kind::Ticket, "organization_id") => "organization_changed",
+        (Kind::Ticket, "requester_id") => "requester_changed",
+        (Kind::Ticket, "external_id") => "external_id_changed",
+        (Kind::Ticket, "type") => "type_changed",
+        (Kind::Ticket, "custom_fields") => "custom_field_changed",
+        _ => return None,
+    };
+    Some(name)
+}
+
+/// A `tags_changed` event names the tags added and removed, not the lists.
+fn tags_change(before: &Value, after: &Value) -> Value {
+    let list = |v: &Value| -> Vec<Value> { v.as_array().cloned().unwrap_or_default() };
+    let (old, new) = (list(before), list(after));
+    json!({
+        "tags_added": new.iter().filter(|t| !old.contains(t)).collect::<Vec<_>>(),
+        "tags_removed": old.iter().filter(|t| !new.contains(t)).collect::<Vec<_>>(),
+    })
+}
+
+/// A user moved between organizations: the old membership's deletion, then the new one's
+/// creation (either missing when the user had or gets none).
+fn membership_events(before: &Value, after: &Value) -> Vec<(&'static str, Value)> {
+    let mut events = Vec::new();
+    if !before.is_null() {
+        events.push((
+            "organization_membership_deleted",
+            json!({"organization": {"id": id_string(before)}}),
+        ));
+    }
+    if !after.is_null() {
+        events.push((
+            "organization_membership_created",
+            json!({"organization": {"id": id_string(after)}}),
+        ));
+    }
+    events
 }
