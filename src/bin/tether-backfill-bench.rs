@@ -114,6 +114,15 @@ struct Figures {
     /// The scans reading most rows: what and of which table or index, scans, rows read,
     /// whether the table was analyzed (true for indexes).
     scans: Vec<(String, i64, i64, bool)>,
+    quiet: Quiet,
+}
+
+/// When the run's consequences were carried out too: the Custom ERP's webhooks of its writes
+/// delivered and handled (their echoes), no job left. Timed and counted from the run's start.
+struct Quiet {
+    after: Duration,
+    erp_endpoints: BTreeMap<String, u64>,
+    cpu: Cpu,
 }
 
 /// CPU ticks spent during the run.
@@ -289,25 +298,23 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
     sqlx::query("SELECT pg_stat_statements_reset()")
         .execute(&pool)
         .await?;
-    let cpu = Cpu::now(cluster.postmaster);
+    let cpu_before = Cpu::now(cluster.postmaster);
     let erp_before = sims.customerp.control.counters();
     let started = Instant::now();
     store::enqueue(&pool, summary.plan).await?;
     wait_for_the_end(&pool, summary.plan).await?;
     let run_time = started.elapsed();
-    let cpu = Cpu::now(cluster.postmaster).since(cpu);
+    let cpu = Cpu::now(cluster.postmaster).since(cpu_before);
     let run_calls = minus(calls(&sims), plan_calls);
-    let erp_endpoints = sims
-        .customerp
-        .control
-        .counters()
-        .into_iter()
-        .map(|(k, n)| (n - erp_before.get(&k).copied().unwrap_or(0), k))
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, k)| (k, n))
-        .collect();
+    let erp_endpoints = endpoints_since(&sims, &erp_before);
     let statements = statements(&pool).await?;
     let scans = scans(&pool).await?;
+    wait_for_quiet(&pool, &sims, &erp_before).await?;
+    let quiet = Quiet {
+        after: started.elapsed(),
+        erp_endpoints: endpoints_since(&sims, &erp_before),
+        cpu: Cpu::now(cluster.postmaster).since(cpu_before),
+    };
     shutdown.cancel();
     service.await??;
     Ok(Figures {
@@ -320,7 +327,49 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
         cpu,
         statements,
         scans,
+        quiet,
     })
+}
+
+/// The Custom ERP's requests since `before`, by endpoint.
+fn endpoints_since(sims: &Simulators, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    sims.customerp
+        .control
+        .counters()
+        .into_iter()
+        .map(|(k, n)| (n - before.get(&k).copied().unwrap_or(0), k))
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, k)| (k, n))
+        .collect()
+}
+
+/// Waits until the Custom ERP has delivered the webhook of every write of the run (each `POST`
+/// and `PATCH` changes a customer) and no job is left: the run's echoes are carried out too.
+/// Its webhooks go one after the other per lane, so they can trail the run's end.
+async fn wait_for_quiet(
+    pool: &sqlx::PgPool,
+    sims: &Simulators,
+    before: &BTreeMap<String, u64>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let writes: u64 = endpoints_since(sims, before)
+            .iter()
+            .filter(|(k, _)| k.starts_with("POST") || k.starts_with("PATCH"))
+            .map(|(_, n)| n)
+            .sum();
+        let w = sims.customerp.webhook_stats();
+        let busy: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state IN ('ready', 'running'))",
+        )
+        .fetch_one(pool)
+        .await?;
+        if w.delivered + w.dropped + w.failed >= writes && !busy {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not quiet after 300 s: {w:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The scans that read the most rows (since the database was made: the plan's reading included),
@@ -471,8 +520,31 @@ fn report(title: &str, f: &Figures, top: usize) {
         "customerp per record by request: {}",
         by_endpoint.join(", ")
     );
+    print_quiet(&f.quiet, items);
     print_cpu(f, items);
     print_statements(f, items, top);
+}
+
+fn print_quiet(q: &Quiet, items: u64) {
+    let per = |n: u64| n as f64 / items.max(1) as f64;
+    let ms = |ticks: u64| ticks as f64 * 1000.0 / measure::TICKS_PER_SECOND / items.max(1) as f64;
+    let erp: u64 = q.erp_endpoints.values().sum();
+    let by_endpoint: Vec<String> = q
+        .erp_endpoints
+        .iter()
+        .map(|(k, n)| format!("{k} {:.2}", per(*n)))
+        .collect();
+    println!(
+        "with the echoes (the ERP's webhooks of the run's writes handled, no job left): {:.2}s = \
+         {:.0} records/s; customerp {:.2} calls per record ({}); cpu per record {:.2} ms this \
+         process, {:.2} ms PostgreSQL",
+        q.after.as_secs_f64(),
+        items as f64 / q.after.as_secs_f64().max(0.001),
+        per(erp),
+        by_endpoint.join(", "),
+        ms(q.cpu.process),
+        ms(q.cpu.postgres)
+    );
 }
 
 fn print_cpu(f: &Figures, items: u64) {
