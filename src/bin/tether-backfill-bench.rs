@@ -108,6 +108,8 @@ struct Figures {
     run_calls: Calls,
     /// The run's Custom ERP requests by endpoint.
     erp_endpoints: BTreeMap<String, u64>,
+    /// The run's Zendesk requests by endpoint.
+    zendesk_endpoints: BTreeMap<String, u64>,
     cpu: Cpu,
     /// The run's statements: text, calls, total execution time (ms), by time.
     statements: Vec<(String, i64, f64)>,
@@ -300,6 +302,7 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
         .await?;
     let cpu_before = Cpu::now(cluster.postmaster);
     let erp_before = sims.customerp.control.counters();
+    let zendesk_before = sims.zendesk.control().counters();
     let started = Instant::now();
     store::enqueue(&pool, summary.plan).await?;
     wait_for_the_end(&pool, summary.plan).await?;
@@ -307,9 +310,25 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
     let cpu = Cpu::now(cluster.postmaster).since(cpu_before);
     let run_calls = minus(calls(&sims), plan_calls);
     let erp_endpoints = endpoints_since(&sims, &erp_before);
+    let zendesk_endpoints = since(sims.zendesk.control(), &zendesk_before);
     let statements = statements(&pool).await?;
     let scans = scans(&pool).await?;
     wait_for_quiet(&pool, &sims, &erp_before).await?;
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        let events: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT system, entity_type, action, count(*) FROM events GROUP BY 1, 2, 3 \
+             ORDER BY 4 DESC",
+        )
+        .fetch_all(&pool)
+        .await?;
+        eprintln!("events: {events:?}");
+        let decisions: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT system, decision, count(*) FROM sync_log GROUP BY 1, 2 ORDER BY 3 DESC",
+        )
+        .fetch_all(&pool)
+        .await?;
+        eprintln!("decisions: {decisions:?}");
+    }
     let quiet = Quiet {
         after: started.elapsed(),
         erp_endpoints: endpoints_since(&sims, &erp_before),
@@ -324,6 +343,7 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
         plan_calls,
         run_calls,
         erp_endpoints,
+        zendesk_endpoints,
         cpu,
         statements,
         scans,
@@ -333,8 +353,12 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
 
 /// The Custom ERP's requests since `before`, by endpoint.
 fn endpoints_since(sims: &Simulators, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    sims.customerp
-        .control
+    since(&sims.customerp.control, before)
+}
+
+/// A simulator's requests since `before`, by endpoint.
+fn since(control: &SimControl, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    control
         .counters()
         .into_iter()
         .map(|(k, n)| (n - before.get(&k).copied().unwrap_or(0), k))
@@ -520,6 +544,12 @@ fn report(title: &str, f: &Figures, top: usize) {
         "customerp per record by request: {}",
         by_endpoint.join(", ")
     );
+    let zendesk: Vec<String> = f
+        .zendesk_endpoints
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!("zendesk requests: {}", zendesk.join(", "));
     print_quiet(&f.quiet, items);
     print_cpu(f, items);
     print_statements(f, items, top);
