@@ -30,6 +30,12 @@ use crate::intake::store::is_unavailable;
 
 /// How long a combiner collects after taking its first items.
 pub(crate) const WINDOW: Duration = Duration::from_millis(1);
+/// The link-and-log update's: none. Its batch takes only what queued while the previous one ran,
+/// because a write's new link state must be stored as soon as the vendor answered: the written
+/// system's webhook of that write (its echo) races it, and an echo that finds the link without the
+/// write is read on both sides and its link update conflicts (docs/sync-rules.md). With a 1 ms
+/// window, a throttled backfill spent a third more of Zendesk's budget on such reads.
+pub(crate) const STORE_WINDOW: Duration = Duration::ZERO;
 /// The most items of one statement: a bound on its size and on what one failure re-runs.
 pub(crate) const MAX_BATCH: usize = 256;
 /// Items waiting beyond which submitters wait to enqueue (back-pressure).
@@ -113,8 +119,17 @@ async fn dispatch<S: Statement>(
             // Every handle dropped and the channel drained.
             return;
         }
+        if window.is_zero() {
+            // No waiting: what queued while the previous batch ran.
+            while carried.len() + arrived.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => arrived.push(p),
+                    Err(_) => break,
+                }
+            }
+        }
         let deadline = tokio::time::Instant::now() + window;
-        while carried.len() + arrived.len() < MAX_BATCH {
+        while !window.is_zero() && carried.len() + arrived.len() < MAX_BATCH {
             let room = MAX_BATCH - carried.len() - arrived.len();
             match tokio::time::timeout_at(deadline, rx.recv_many(&mut arrived, room)).await {
                 Ok(0) | Err(_) => break,

@@ -100,6 +100,27 @@ async fn an_idle_combiner_answers_within_the_window() {
     assert_eq!(batches.lock().unwrap().len(), 2);
 }
 
+#[tokio::test]
+async fn without_a_window_a_lone_item_runs_at_once_and_queued_items_still_share_a_batch() {
+    let db = crate::testing::database().await;
+    let (combiner, batches) = divide(&db.pool, false, Duration::ZERO);
+    combiner.submit(1).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(combiner.submit(4).await.unwrap(), 25);
+    let alone = started.elapsed();
+    // Submitted before the combiner's task runs again: all queued when it takes them.
+    let answers = futures::future::join_all([5, 10, 20].map(|x| combiner.submit(x))).await;
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    let batches = batches.lock().unwrap().clone();
+    assert_eq!(batches, vec![vec![1], vec![4], vec![5, 10, 20]]);
+    // One query's round trip; a combiner that waited for company would take its window (the
+    // test above waits 300 ms). Loose, since a shared machine's scheduling is not steady.
+    assert!(
+        alone < Duration::from_millis(250),
+        "a lone item took {alone:?}"
+    );
+}
+
 fn flow() -> Dataflow {
     Dataflow {
         id: "zendesk.Organizations->customerp.Customer".into(),

@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use super::{entity, link_of_row, Delivered, Entry, Link, LinkState, LINK_COLUMNS, LOG_COLUMNS};
 use crate::queue::ClaimedJob;
 use crate::registry::Dataflow;
-use crate::sync::combine::{Combiner, Statement, WINDOW};
+use crate::sync::combine::{Combiner, Statement, STORE_WINDOW, WINDOW};
 use crate::sync::merge::Side;
 
 /// A `sync_log` row, owned, for a batched statement.
@@ -366,7 +366,7 @@ impl Batches {
             let lookup = |side| Combiner::start(pool.clone(), LookupBatch::new(side), WINDOW);
             let own = |side| Combiner::start(pool.clone(), OwnStampBatch::new(side), WINDOW);
             Started {
-                store: Combiner::start(pool.clone(), StoreBatch, WINDOW),
+                store: Combiner::start(pool.clone(), StoreBatch, STORE_WINDOW),
                 lookup: [lookup(Side::Source), lookup(Side::Target)],
                 own_stamp: [own(Side::Source), own(Side::Target)],
             }
