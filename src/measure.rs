@@ -38,14 +38,7 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
 pub fn tree_cpu_ticks(root: u32) -> Option<u64> {
     let stat = proc_stat(root)?;
     let mut total = stat.own + stat.reaped_children;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in process_ids() {
         if pid == root {
             continue;
         }
@@ -54,6 +47,15 @@ pub fn tree_cpu_ticks(root: u32) -> Option<u64> {
         }
     }
     Some(total)
+}
+
+/// The ids of the machine's processes (the numeric entries of `/proc`); none if it cannot be read.
+pub fn process_ids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
 }
 
 /// Busy ticks of the whole machine (all CPUs) from `/proc/stat`: everything but idle and iowait.

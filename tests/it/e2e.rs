@@ -478,21 +478,8 @@ async fn a_zendesk_echo_costs_no_read_and_an_edit_in_the_same_second_still_syncs
     )
     .await;
     // A person's edit just after Tether's write, most likely within its second.
-    let edited = h.sims.zendesk.update(
-        Kind::Organization,
-        org_id,
-        json!({"name": "Echoed by a person AS"}),
-    );
-    assert!(edited.status().is_success());
-    eventually(
-        "the person's name in the custom ERP",
-        WAIT,
-        probe(|| {
-            let c = h.sims.customerp.get("customer", &customer)?;
-            (c["name"] == json!("Echoed by a person AS")).then_some(())
-        }),
-    )
-    .await;
+    h.rename_organization_and_wait(org_id, &customer, "Echoed by a person AS")
+        .await;
     h.assert_settles().await;
 
     assert_eq!(
@@ -546,21 +533,8 @@ async fn a_zendesk_update_newer_than_the_link_costs_no_read_and_one_of_its_secon
     h.sims.zendesk.control().reset_counters();
     h.sims.customerp.control.reset_counters();
 
-    let renamed = h.sims.zendesk.update(
-        Kind::Organization,
-        org_id,
-        json!({"name": "Described Norge AS"}),
-    );
-    assert!(renamed.status().is_success());
-    eventually(
-        "the new name in the custom ERP",
-        WAIT,
-        probe(|| {
-            let c = h.sims.customerp.get("customer", &customer)?;
-            (c["name"] == json!("Described Norge AS")).then_some(())
-        }),
-    )
-    .await;
+    h.rename_organization_and_wait(org_id, &customer, "Described Norge AS")
+        .await;
     h.assert_settles().await;
     let zendesk = h.sims.zendesk.control();
     assert_eq!(zendesk.count_method("GET"), 0, "{:?}", zendesk.counters());
@@ -628,6 +602,25 @@ fn organizations_to_customerp_only() -> String {
 }
 
 impl Harness {
+    /// Renames Zendesk organization `org_id` as a person would (its webhook goes to Tether) and
+    /// waits until the linked Custom ERP customer carries the new name.
+    async fn rename_organization_and_wait(&self, org_id: u64, customer: &str, name: &str) {
+        let renamed = self
+            .sims
+            .zendesk
+            .update(Kind::Organization, org_id, json!({"name": name}));
+        assert!(renamed.status().is_success());
+        eventually(
+            &format!("{name} in the custom ERP"),
+            WAIT,
+            probe(|| {
+                let c = self.sims.customerp.get("customer", customer)?;
+                (c["name"] == json!(name)).then_some(())
+            }),
+        )
+        .await;
+    }
+
     /// A Zendesk client, as a person using Zendesk (its changes send webhooks to Tether).
     fn zendesk(&self) -> ZendeskConnector {
         ZendeskConnector::new(

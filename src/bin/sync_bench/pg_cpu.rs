@@ -199,17 +199,7 @@ fn sample(state: &Mutex<State>, postmaster: u32) {
 /// The postmaster's children: (pid, start time) to CPU ticks (all, system).
 fn children(postmaster: u32) -> HashMap<(u32, u64), (u64, u64)> {
     let mut out = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in tether::measure::process_ids() {
         if let Some(s) = stat(&format!("/proc/{pid}/stat")) {
             if s.ppid == postmaster {
                 out.insert((pid, s.start), (s.ticks, s.sys));
