@@ -262,6 +262,28 @@ fn print_machine() {
     );
 }
 
+/// `tether serve` in this process (HTTP on `listener`, workers, pollers) until the token is
+/// cancelled.
+fn start_service(
+    config: &Arc<Config>,
+    pool: &sqlx::PgPool,
+    registry: &Arc<tether::registry::Registry>,
+    listener: tokio::net::TcpListener,
+) -> (
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    CancellationToken,
+) {
+    let shutdown = CancellationToken::new();
+    let service = tokio::spawn(tether::service::run(
+        config.clone(),
+        pool.clone(),
+        registry.clone(),
+        Some(listener),
+        shutdown.clone(),
+    ));
+    (service, shutdown)
+}
+
 async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Result<Figures> {
     let pool = cluster.database(name).await?;
     let listener =
@@ -280,15 +302,8 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
             ..Faults::default()
         });
     }
-    let shutdown = CancellationToken::new();
     let registry = Arc::new(registry);
-    let service = tokio::spawn(tether::service::run(
-        config.clone(),
-        pool.clone(),
-        registry.clone(),
-        Some(listener),
-        shutdown.clone(),
-    ));
+    let (service, shutdown) = start_service(&config, &pool, &registry, listener);
 
     trace("service started; planning");
     let started = Instant::now();
@@ -315,19 +330,7 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
     let scans = scans(&pool).await?;
     wait_for_quiet(&pool, &sims, &erp_before).await?;
     if std::env::var_os("BENCH_TRACE").is_some() {
-        let events: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "SELECT system, entity_type, action, count(*) FROM events GROUP BY 1, 2, 3 \
-             ORDER BY 4 DESC",
-        )
-        .fetch_all(&pool)
-        .await?;
-        eprintln!("events: {events:?}");
-        let decisions: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT system, decision, count(*) FROM sync_log GROUP BY 1, 2 ORDER BY 3 DESC",
-        )
-        .fetch_all(&pool)
-        .await?;
-        eprintln!("decisions: {decisions:?}");
+        print_trace(&pool).await?;
     }
     let quiet = Quiet {
         after: started.elapsed(),
@@ -349,6 +352,25 @@ async fn run_scenario(cluster: &Cluster, name: &str, s: &Scenario) -> anyhow::Re
         scans,
         quiet,
     })
+}
+
+/// With `BENCH_TRACE`: the run's events by system and action and the log's decisions (what
+/// showed, for one, the throttled run's extra Zendesk reads).
+async fn print_trace(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let events: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT system, entity_type, action, count(*) FROM events GROUP BY 1, 2, 3 \
+         ORDER BY 4 DESC",
+    )
+    .fetch_all(pool)
+    .await?;
+    eprintln!("events: {events:?}");
+    let decisions: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT system, decision, count(*) FROM sync_log GROUP BY 1, 2 ORDER BY 3 DESC",
+    )
+    .fetch_all(pool)
+    .await?;
+    eprintln!("decisions: {decisions:?}");
+    Ok(())
 }
 
 /// The Custom ERP's requests since `before`, by endpoint.
