@@ -345,8 +345,7 @@ impl SyncEngine {
             job,
             entry,
             flow,
-            src,
-            &created,
+            (src, &created, false),
             &built.snapshot,
             Some(intent_id),
         )
@@ -395,15 +394,16 @@ impl SyncEngine {
         Ok(b)
     }
 
-    /// Stores a new link, closes the intent, fans out and logs `entry` in one transaction.
+    /// Stores a new link, closes the intent, fans out and logs `entry` in one transaction; for a
+    /// pair whose target has a change of its own still to merge (`unmerged`), also a job of the
+    /// target record.
     #[allow(clippy::too_many_arguments)]
     async fn store_link(
         &self,
         job: &ClaimedJob,
         mut entry: Entry<'_>,
         flow: &Dataflow,
-        src: &Record,
-        tgt: &Record,
+        (src, tgt, unmerged): (&Record, &Record, bool),
         snapshot: &Map<String, Value>,
         intent: Option<i64>,
     ) -> Result<i64, sqlx::Error> {
@@ -411,6 +411,16 @@ impl SyncEngine {
         let link_id = store::insert_link(&mut tx, flow, src, tgt, snapshot, intent).await?;
         if let Some(k) = self.fan_out_key(flow, &flow.target, &tgt.id) {
             store::enqueue_records(&mut tx, &[k], "fan-out", None, job.priority).await?;
+        }
+        if unmerged {
+            // With the link, so a crash right after cannot lose it (see `link_existing`).
+            let target = RecordKey {
+                system: flow.target.system,
+                entity_type: flow.target.entity_type.clone(),
+                record_id: tgt.id.clone(),
+            };
+            store::enqueue_records(&mut tx, &[target], "unmerged", Some(link_id), job.priority)
+                .await?;
         }
         entry.link = Some(link_id);
         store::log(&mut *tx, job, &entry).await?;
@@ -432,8 +442,20 @@ impl SyncEngine {
         decision: Decision,
     ) -> Result<Step, Fail> {
         let entry = linked_entry(flow, src, &tgt, decision);
+        // A target whose values differ from `base` still has its own change to merge. If the
+        // merge below fails (a vendor error), the event's retry finds its source record as last
+        // synced and reads no further, and the target's webhook for that change may have come
+        // and gone while the pair was unlinked: a job of the target's own then merges it (found
+        // by the chaos suite; docs/sync-rules.md, rule 8).
+        let unmerged = super::plan::settled_by_one_read(
+            flow,
+            &new_link(0, src, &tgt, base.clone()),
+            &tgt,
+            Side::Target,
+        )
+        .is_none();
         let link_id = self
-            .store_link(job, entry, flow, src, &tgt, &base, intent)
+            .store_link(job, entry, flow, (src, &tgt, unmerged), &base, intent)
             .await?;
         let link = new_link(link_id, src, &tgt, base);
         self.sync_linked(job, flow, link, src, &tgt, Side::Source)

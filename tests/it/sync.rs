@@ -1144,6 +1144,51 @@ async fn rule8_counterpart_edited_between_crash_and_retry_is_kept_not_reverted()
     );
 }
 
+/// Found by the chaos suite: the counterpart's edit (its webhook came while the pair was unlinked)
+/// must still reach the source when writing it there fails once after the link was stored; the
+/// event's next attempt finds its own record as last synced and reads no further.
+#[tokio::test]
+async fn rule8_counterpart_edited_between_crash_and_retry_reaches_the_source_after_a_failed_write()
+{
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let c = h
+        .m(PowerOffice)
+        .insert("Customers", obj(json!({"Name": "As sent"})));
+    h.m(Zendesk).crash_after_next_create();
+    let job = h.event(PowerOffice, "Customers", &c.id).await;
+    assert!(matches!(h.handle(&job).await, JobOutcome::Later { .. }));
+    let org = h.m(Zendesk).all("Organizations").remove(0);
+    h.m(Zendesk).edit(
+        "Organizations",
+        &org.id,
+        obj(json!({"name": "Renamed by an agent"})),
+    );
+    h.m(PowerOffice).fail_next("update", Failure::Transient);
+    let second = h
+        .handle(&ClaimedJob {
+            attempt: 2,
+            ..job.clone()
+        })
+        .await;
+    assert!(!matches!(second, JobOutcome::Done), "{second:?}");
+    assert_eq!(h.active_links().await.len(), 1, "linked before the failure");
+    assert_eq!(
+        h.handle(&ClaimedJob { attempt: 3, ..job }).await,
+        JobOutcome::Done
+    );
+    h.drain().await;
+    assert_eq!(
+        h.m(PowerOffice).get("Customers", &c.id).unwrap().fields["Name"],
+        json!("Renamed by an agent"),
+        "the agent's edit reached the source"
+    );
+    assert_eq!(
+        h.m(Zendesk).all("Organizations")[0].fields["name"],
+        json!("Renamed by an agent"),
+        "and was not overwritten"
+    );
+}
+
 #[tokio::test]
 async fn rule8_another_job_holding_the_intent_makes_a_second_job_wait() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
