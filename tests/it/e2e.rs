@@ -423,20 +423,7 @@ resolve = "latest_wins"
 async fn a_zendesk_echo_costs_no_read_and_an_edit_in_the_same_second_still_syncs() {
     // An organization event is settled unread only where its one running flow is linked: the
     // other flows of organizations are switched off (each would need the record read).
-    let mut overlay = crate::admin::OVERLAY.to_owned();
-    for (source, target) in [
-        ("exactonline.Accounts", "zendesk.Organizations"),
-        ("exactonline.Departments", "zendesk.Organizations"),
-        ("exactonline.Divisions", "zendesk.Organizations"),
-        ("poweroffice.Customers", "zendesk.Organizations"),
-        ("poweroffice.Departments", "zendesk.Organizations"),
-        ("poweroffice.Suppliers", "zendesk.Organizations"),
-        ("zendesk.Organizations", "custompms.Customer"),
-    ] {
-        overlay.push_str(&format!(
-            "\n[[dataflow]]\nsource = \"{source}\"\ntarget = \"{target}\"\nenabled = false\n"
-        ));
-    }
+    let overlay = organizations_to_customerp_only();
     let h = Harness::start(Some(&overlay), "").await;
     let created = h
         .sims

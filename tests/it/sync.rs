@@ -1107,12 +1107,11 @@ async fn rule8_source_edited_between_crash_and_retry_is_written_not_reverted() {
     assert_eq!(h.m(PowerOffice).count("update"), 0);
 }
 
-/// Issue 19: the create timed out although the vendor made the record, an agent renamed the new
-/// record, then the retry found it. The base is what the create sent, so the rename is a change
-/// of the target (kept, and written back), not an old value to overwrite.
-#[tokio::test]
-async fn rule8_counterpart_edited_between_crash_and_retry_is_kept_not_reverted() {
-    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+/// A PowerOffice customer whose organization Zendesk made although the create's attempt crashed
+/// (no link stored), then renamed by an agent: the customer and its event's job, to retry.
+async fn created_by_a_crashed_attempt_then_renamed_by_an_agent(
+    h: &Harness,
+) -> (Record, ClaimedJob) {
     let c = h
         .m(PowerOffice)
         .insert("Customers", obj(json!({"Name": "As sent"})));
@@ -1125,6 +1124,16 @@ async fn rule8_counterpart_edited_between_crash_and_retry_is_kept_not_reverted()
         &org.id,
         obj(json!({"name": "Renamed by an agent"})),
     );
+    (c, job)
+}
+
+/// Issue 19: the create timed out although the vendor made the record, an agent renamed the new
+/// record, then the retry found it. The base is what the create sent, so the rename is a change
+/// of the target (kept, and written back), not an old value to overwrite.
+#[tokio::test]
+async fn rule8_counterpart_edited_between_crash_and_retry_is_kept_not_reverted() {
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let (c, job) = created_by_a_crashed_attempt_then_renamed_by_an_agent(&h).await;
     assert_eq!(
         h.handle(&ClaimedJob { attempt: 2, ..job }).await,
         JobOutcome::Done
@@ -1151,18 +1160,7 @@ async fn rule8_counterpart_edited_between_crash_and_retry_is_kept_not_reverted()
 async fn rule8_counterpart_edited_between_crash_and_retry_reaches_the_source_after_a_failed_write()
 {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
-    let c = h
-        .m(PowerOffice)
-        .insert("Customers", obj(json!({"Name": "As sent"})));
-    h.m(Zendesk).crash_after_next_create();
-    let job = h.event(PowerOffice, "Customers", &c.id).await;
-    assert!(matches!(h.handle(&job).await, JobOutcome::Later { .. }));
-    let org = h.m(Zendesk).all("Organizations").remove(0);
-    h.m(Zendesk).edit(
-        "Organizations",
-        &org.id,
-        obj(json!({"name": "Renamed by an agent"})),
-    );
+    let (c, job) = created_by_a_crashed_attempt_then_renamed_by_an_agent(&h).await;
     h.m(PowerOffice).fail_next("update", Failure::Transient);
     let second = h
         .handle(&ClaimedJob {
