@@ -564,12 +564,7 @@ impl Bench {
             self.zendesk.control().counters(),
             self.erp.control.counters(),
         );
-        let (log_before,): (i64,) = sqlx::query_as(concat!(
-            bench_sql!(),
-            "SELECT coalesce(max(id), 0) FROM sync_log"
-        ))
-        .fetch_one(&self.pool)
-        .await?;
+        let log_before = self.last_ids().await?;
         if !self.args.no_statements {
             sqlx::query(concat!(bench_sql!(), "SELECT pg_stat_statements_reset()"))
                 .execute(&self.pool)
@@ -734,8 +729,35 @@ impl Bench {
         print_cpu_per_update(cpu, n);
     }
 
-    /// How long issuing the renames took, and the engine's decisions of the round.
-    async fn print_decisions(&self, log_before: i64, issue_time: Duration) -> anyhow::Result<()> {
+    /// The last ids of `sync_log`, `events` and `jobs` (identities: what came after is the
+    /// round's).
+    async fn last_ids(&self) -> anyhow::Result<LastIds> {
+        let (sync_log, events, jobs): (i64, i64, i64) = sqlx::query_as(concat!(
+            bench_sql!(),
+            "SELECT (SELECT coalesce(max(id), 0) FROM sync_log), \
+                    (SELECT coalesce(max(id), 0) FROM events), \
+                    (SELECT coalesce(max(id), 0) FROM jobs)"
+        ))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(LastIds {
+            sync_log,
+            events,
+            jobs,
+        })
+    }
+
+    /// How long issuing the renames took, the events and jobs per update (an echo the intake
+    /// settles has no job), and the engine's decisions of the round.
+    async fn print_decisions(&self, before: LastIds, issue_time: Duration) -> anyhow::Result<()> {
+        let after = self.last_ids().await?;
+        let n = self.links.len() as f64;
+        println!(
+            "      events per update {:.2}, jobs per update {:.2}",
+            (after.events - before.events) as f64 / n,
+            (after.jobs - before.jobs) as f64 / n
+        );
+        let log_before = before.sync_log;
         let decisions: Vec<(String, i64)> = sqlx::query_as(
             concat!(bench_sql!(), "SELECT decision, count(*) FROM sync_log WHERE id > $1 GROUP BY decision ORDER BY decision"),
         )
@@ -810,6 +832,14 @@ fn non_get_calls(counters: &Counters) -> u64 {
         .filter(|(k, _)| !k.starts_with("GET "))
         .map(|(_, v)| *v)
         .sum()
+}
+
+/// The last ids of the tables a round adds to, read before and after it.
+#[derive(Debug, Clone, Copy)]
+struct LastIds {
+    sync_log: i64,
+    events: i64,
+    jobs: i64,
 }
 
 /// What one round measured, for its line of the table.

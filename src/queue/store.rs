@@ -659,30 +659,41 @@ pub const KEYED_TABLES: [&str; 5] = [
     "backfill_items",
 ];
 
-/// A table of [`KEYED_TABLES`] is analyzed once this many rows changed since its last ANALYZE
-/// (and [`ANALYZE_CHANGED_FRACTION`] of its live rows). Never analyzed, such a table has no
-/// statistics, and the plans prepared statements cache for it are made for an empty table: the
-/// engine's link lookup then walked `links_active_by_flow` (every active link of the flow) instead
-/// of the unique index on the record, a cost per job that grew with the table (measured in
-/// `tether-backfill-bench`: 10,000 records ran at 138 a second, 3,000 at 182). Autovacuum's first
-/// ANALYZE of such a table comes up to a minute after it filled; this one within a second or two
-/// of the first thousand rows, and each ANALYZE makes PostgreSQL plan the cached statements anew.
-pub const KEYED_ANALYZE_MIN_CHANGES: i64 = 1_000;
+/// A table of [`KEYED_TABLES`] is analyzed once it holds this many live rows and has grown to
+/// [`KEYED_ANALYZE_GROWTH`] times the rows its last ANALYZE (or VACUUM) counted, or was never
+/// counted. Never analyzed, such a table has no statistics, and the plans prepared statements
+/// cache for it are made for an empty table: the engine's link lookup then walked
+/// `links_active_by_flow` (every active link of the flow) instead of the unique index on the
+/// record, a cost per job that grew with the table (measured in `tether-backfill-bench`: 10,000
+/// records ran at 138 a second, 3,000 at 182). Autovacuum's first ANALYZE of such a table comes up
+/// to a minute after it filled; this one within a second or two of the first thousand rows, and
+/// each ANALYZE makes PostgreSQL plan the cached statements anew.
+pub const KEYED_ANALYZE_MIN_ROWS: i64 = 1_000;
 
-/// Analyzes each table of [`KEYED_TABLES`] that changed enough (see
-/// [`KEYED_ANALYZE_MIN_CHANGES`]); returns the tables analyzed. `SKIP_LOCKED` as in
-/// [`housekeep`].
+/// Growth, not change, is what calls for another ANALYZE of a keyed table (docs/queue.md,
+/// "Housekeeping"): its statements look rows up by unique keys, and those plans only go wrong
+/// while the table is much larger than its statistics say. Updates and a steady stream of
+/// inserts into a large table change nothing the plans depend on; analyzing on every fifth of the
+/// rows changed cost `tether-sync-bench` 0.06–0.24 ms of PostgreSQL's CPU per linked update (the
+/// ANALYZE of `events`, `links` and `sync_log` each round). Doubling keeps the ANALYZEs of a table
+/// that grows from empty logarithmic in its size; autovacuum's own stays as configured.
+pub const KEYED_ANALYZE_GROWTH: f64 = 2.0;
+
+/// Analyzes each table of [`KEYED_TABLES`] that grew enough (see [`KEYED_ANALYZE_MIN_ROWS`] and
+/// [`KEYED_ANALYZE_GROWTH`]); returns the tables analyzed. `SKIP_LOCKED` as in [`housekeep`].
 pub async fn analyze_keyed_tables(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    // `reltuples` is -1 until the table's first ANALYZE or VACUUM.
     let due: Vec<String> = sqlx::query_scalar(
-        "SELECT s.relname::text FROM pg_stat_user_tables s \
+        "SELECT s.relname::text FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
          WHERE s.schemaname = current_schema() AND s.relname = ANY($1) \
-           AND s.n_mod_since_analyze >= $2 AND s.n_mod_since_analyze >= $3 * s.n_live_tup \
+           AND s.n_live_tup >= $2 \
+           AND (c.reltuples < 0 OR s.n_live_tup >= $3 * c.reltuples) \
            AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_analyze a WHERE a.relid = s.relid) \
          ORDER BY s.relname",
     )
     .bind(&KEYED_TABLES[..])
-    .bind(KEYED_ANALYZE_MIN_CHANGES)
-    .bind(ANALYZE_CHANGED_FRACTION)
+    .bind(KEYED_ANALYZE_MIN_ROWS)
+    .bind(KEYED_ANALYZE_GROWTH)
     .fetch_all(pool)
     .await?;
     if due.is_empty() {

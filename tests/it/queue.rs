@@ -731,6 +731,75 @@ async fn without_autovacuum(pool: &PgPool) {
         .unwrap();
 }
 
+/// `events` as the statistics see it: (analyze_count, n_live_tup), after `conn` reported its own.
+async fn events_stats(conn: &mut sqlx::PgConnection) -> (i64, i64) {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_as(
+        "SELECT analyze_count, n_live_tup FROM pg_stat_user_tables WHERE relid = 'events'::regclass",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn keyed_tables_are_analyzed_as_they_grow_and_not_as_their_rows_change() {
+    let db = testing::database().await;
+    for table in store::KEYED_TABLES {
+        sqlx::query(&format!(
+            "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    burst(&db.pool, "small", 500).await;
+    assert!(store::analyze_keyed_tables(&db.pool)
+        .await
+        .unwrap()
+        .is_empty());
+
+    burst(&db.pool, "first", 1_000).await;
+    assert_eq!(
+        store::analyze_keyed_tables(&db.pool).await.unwrap(),
+        ["events"],
+        "1,500 rows never counted"
+    );
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert_eq!(events_stats(&mut conn).await, (1, 1_500));
+
+    // Every row changed twice over, none added: the plans have nothing new to learn.
+    for _ in 0..2 {
+        sqlx::query("UPDATE events SET action = 'created'")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(events_stats(&mut conn).await.0, 1);
+    assert!(store::analyze_keyed_tables(&db.pool)
+        .await
+        .unwrap()
+        .is_empty());
+
+    burst(&db.pool, "second", 1_400).await;
+    assert!(
+        store::analyze_keyed_tables(&db.pool)
+            .await
+            .unwrap()
+            .is_empty(),
+        "2,900 rows are less than twice the 1,500 counted"
+    );
+    burst(&db.pool, "third", 100).await;
+    assert_eq!(
+        store::analyze_keyed_tables(&db.pool).await.unwrap(),
+        ["events"]
+    );
+    assert_eq!(events_stats(&mut conn).await, (2, 3_000));
+}
+
 #[tokio::test]
 async fn housekeeping_analyzes_after_a_burst_and_vacuums_after_pruning() {
     let db = testing::database().await;
