@@ -204,12 +204,15 @@ pub async fn run(
     record_first_connections(&config, &pool).await?;
     let mut tasks = tokio::task::JoinSet::new();
     spawn_metrics(&mut tasks, &config, &pool, &shutdown).await?;
+    // Shared by this process's engine and intake (`crate::sync::storing`).
+    let storing = crate::sync::StoringWrites::default();
     if let Some(listener) = listener.filter(|_| config.http.enabled) {
         tracing::info!(address = %listener.local_addr()?, "listening");
         let state = crate::http::AppState {
             pool: pool.clone(),
             config: config.clone(),
             registry: registry.clone(),
+            storing: storing.clone(),
             shutdown: shutdown.clone(),
         };
         tasks.spawn(async move {
@@ -223,6 +226,7 @@ pub async fn run(
             config: &config,
             pool: &pool,
             registry: &registry,
+            storing: &storing,
             shutdown: &shutdown,
         };
         work.spawn(&mut tasks, connectors);
@@ -272,6 +276,7 @@ struct Work<'a> {
     config: &'a Arc<Config>,
     pool: &'a PgPool,
     registry: &'a Arc<Registry>,
+    storing: &'a crate::sync::StoringWrites,
     shutdown: &'a CancellationToken,
 }
 
@@ -291,7 +296,8 @@ impl Work<'_> {
         );
         let engine = Arc::new(
             crate::sync::SyncEngine::new(pool.clone(), self.registry.clone(), connectors)
-                .with_guard(config.guard),
+                .with_guard(config.guard)
+                .with_storing(self.storing.clone()),
         );
         // Credentials handed over with `tether credentials set` lift a stop without a restart.
         tasks.spawn(crate::credentials::watch(

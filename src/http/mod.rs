@@ -28,6 +28,9 @@ pub struct AppState {
     /// The mapping registry `serve` validated at start: the intake settles echoes by it and the
     /// admin interface lists its flows.
     pub registry: Arc<crate::registry::Registry>,
+    /// The sync engine's writes of this process not yet stored: the intake holds a custom
+    /// system's possible echo of one until it is (`crate::sync::storing`).
+    pub storing: crate::sync::StoringWrites,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
 }
@@ -43,6 +46,7 @@ pub fn router(state: AppState) -> Router {
             &state.config,
             state.pool.clone(),
             &state.registry,
+            &state.storing,
         ))
         .merge(crate::ops::routes(&state))
         .merge(crate::admin::routes(&state))

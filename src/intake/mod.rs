@@ -45,14 +45,20 @@ use verify::{StandardHeaders, StandardKey, Unauthentic};
 /// The webhook routes, with the intake's own state: the group-commit batcher (started here, on
 /// the current runtime, and stopped when the router is dropped) and the verifiers built once from
 /// the configuration. Generic over the caller's state, which the intake does not need.
-pub fn routes<S>(config: &Arc<Config>, pool: PgPool, registry: &Registry) -> Router<S>
+pub fn routes<S>(
+    config: &Arc<Config>,
+    pool: PgPool,
+    registry: &Registry,
+    storing: &crate::sync::StoringWrites,
+) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
 {
     let keyring = crate::at_rest::Keyring::from_config(&config.secrets.keys);
     let stored = StoredSecrets::new(SystemId::Zendesk, pool.clone(), keyring);
     stored.spawn_refresh();
-    let echoes = crate::sync::IntakeEchoes::new(registry, |s| config.systems.is_connected(s));
+    let echoes = crate::sync::IntakeEchoes::new(registry, |s| config.systems.is_connected(s))
+        .waiting_for(storing.clone());
     let intake = Intake::new(config, GroupCommit::start_settling(pool, echoes), stored);
     Router::new()
         .route("/webhooks/{system}", post(receive))

@@ -109,6 +109,9 @@ impl GroupCommit {
     ) -> Result<Stored, StoreError> {
         let (reply, answer) = oneshot::channel();
         let echo = self.echoes.of(&event);
+        if echo.is_some() {
+            self.echoes.wait_for_store(&event).await;
+        }
         self.tx
             .send(Pending {
                 event,

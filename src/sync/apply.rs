@@ -28,6 +28,9 @@ struct Written {
     fan_out: Vec<RecordKey>,
     /// Sides that could not be written.
     notes: Vec<String>,
+    /// The written records' marks, dropped once the link's new state is stored or refused
+    /// (`super::storing`): [`Written`] lives to the end of [`SyncEngine::apply`].
+    _storing: Vec<super::storing::Storing>,
 }
 
 impl SyncEngine {
@@ -148,6 +151,7 @@ impl SyncEngine {
             stored: [None, None],
             fan_out: Vec::new(),
             notes: Vec::new(),
+            _storing: Vec::new(),
         };
         for to in [Side::Target, Side::Source] {
             let i = idx(to);
@@ -161,6 +165,11 @@ impl SyncEngine {
             let id = link.id_on(to);
             match conn.update(&e.entity_type, id, &plan.changes[i]).await {
                 Ok(stored) => {
+                    w._storing.push(self.storing.mark(RecordKey {
+                        system: e.system,
+                        entity_type: e.entity_type.clone(),
+                        record_id: id.to_owned(),
+                    }));
                     w.seen[i] = stored.updated_at;
                     w.fields
                         .insert(to.as_str().into(), Value::Object(plan.changes[i].clone()));

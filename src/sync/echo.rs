@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 
 use super::beside::Idle;
@@ -13,6 +15,7 @@ use super::decision::Decision;
 use super::mapping::entity;
 use super::merge::Side;
 use super::store::{self, Entry};
+use super::storing::StoringWrites;
 use super::{ActiveFlow, SyncEngine};
 use crate::domain::{Action, ChangeEvent, SystemId};
 use crate::queue::ClaimedJob;
@@ -125,7 +128,14 @@ fn stamp_of(e: &ChangeEvent) -> Option<DateTime<Utc>> {
 #[derive(Debug, Clone, Default)]
 pub struct IntakeEchoes {
     by_type: HashMap<(SystemId, String), (String, Side)>,
+    /// The engine's writes of this process not yet stored (`super::storing`).
+    storing: StoringWrites,
 }
+
+/// How long the intake holds an event that may be an echo while the engine stores the write it
+/// may echo: a batched statement, normally a few milliseconds. Past it, the event is committed
+/// and, if the link does not show the write yet, enqueued: the engine settles it then.
+const STORE_WAIT: Duration = Duration::from_secs(1);
 
 /// What intake needs to settle one event as an echo: its flow, side and the entry's detail.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,7 +169,22 @@ impl IntakeEchoes {
                 _ => None,
             })
             .collect();
-        IntakeEchoes { by_type }
+        IntakeEchoes {
+            by_type,
+            storing: StoringWrites::default(),
+        }
+    }
+
+    /// These echoes, waiting for the writes `storing` marks before they are committed.
+    pub fn waiting_for(mut self, storing: StoringWrites) -> IntakeEchoes {
+        self.storing = storing;
+        self
+    }
+
+    /// Returns once this process's engine is not storing a write of `event`'s record (see
+    /// `super::storing`), so that the event, if it is that write's echo, is settled at intake.
+    pub async fn wait_for_store(&self, event: &ChangeEvent) {
+        self.storing.wait(&event.record, STORE_WAIT).await;
     }
 
     /// The echo `event` may be, if its delivery carries a stamp and its type qualifies.

@@ -47,6 +47,8 @@ mod plan_tests;
 mod references;
 mod resume;
 mod store;
+pub mod storing;
+pub use storing::StoringWrites;
 mod unsure;
 
 use std::collections::HashMap;
@@ -99,6 +101,8 @@ pub struct SyncEngine {
     guard: crate::guard::Guard,
     /// The per-record statements batched across workers (`combine`).
     batches: store::Batches,
+    /// Records a vendor answered a write of, until the link state is stored (`storing`).
+    storing: StoringWrites,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +151,14 @@ impl SyncEngine {
             connectors,
             stopped: std::sync::Mutex::new(HashMap::new()),
             batches: store::Batches::default(),
+            storing: StoringWrites::default(),
         }
+    }
+
+    /// The engine marking its writes in `storing`, which the process's intake waits on.
+    pub fn with_storing(mut self, storing: StoringWrites) -> SyncEngine {
+        self.storing = storing;
+        self
     }
 
     /// The engine with the configuration's `[guard]` settings (the default ones otherwise).

@@ -57,6 +57,7 @@ async fn readyz_follows_the_database_without_a_restart() {
         pool,
         config: Arc::new(Config::from_source(empty_source()).unwrap()),
         registry: Arc::new(tether::registry::load(None).unwrap().0),
+        storing: Default::default(),
         shutdown: CancellationToken::new(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

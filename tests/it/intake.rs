@@ -74,6 +74,7 @@ fn registry_of(config: &Config) -> Arc<tether::registry::Registry> {
 fn app(pool: PgPool, config: Arc<Config>) -> Router {
     tether::http::router(AppState {
         registry: registry_of(&config),
+        storing: Default::default(),
         pool,
         config,
         shutdown: CancellationToken::new(),
@@ -916,6 +917,7 @@ async fn served_over_tcp_the_answer_comes_after_commit() {
     let state = AppState {
         pool: db.pool.clone(),
         registry: registry_of(&full_config()),
+        storing: Default::default(),
         config: full_config(),
         shutdown: shutdown.clone(),
     };
@@ -1101,6 +1103,93 @@ async fn a_lost_database_connection_fails_at_most_one_batch() {
     }
     assert_eq!(count(&db.pool, "events").await, 3);
     assert_eq!(count(&db.pool, "jobs").await, 3);
+}
+
+/// The echo of a write the engine has not stored yet (the vendor answered, the link's new stamp
+/// is not committed) is held by the intake until the store returns, and then settled without a
+/// job (`sync::storing`): here the "engine" is the test, which marks the record, stores the
+/// link's stamp, and drops the mark.
+#[tokio::test]
+async fn a_custom_echo_of_a_write_being_stored_waits_for_the_store_and_needs_no_job() {
+    let db = testing::database().await;
+    let config = full_config();
+    let storing = tether::sync::StoringWrites::default();
+    let app = tether::http::router(AppState {
+        registry: registry_of(&config),
+        storing: storing.clone(),
+        pool: db.pool.clone(),
+        config,
+        shutdown: CancellationToken::new(),
+    });
+    let stamp = "2026-12-04T10:00:00.123456Z";
+    // The link as it was before the write: the ERP side last seen at an older stamp.
+    let link_id: i64 = sqlx::query_scalar(
+        "INSERT INTO links (flow_id, source_system, source_type, source_id, target_system, \
+         target_type, target_id, snapshot, source_seen_at, target_seen_at, last_write_side, \
+         last_write_settled) VALUES ('zendesk.Organizations->customerp.Customer', 'zendesk', \
+         'Organizations', '42', 'customerp', 'Customer', 'c-7', '{}', now(), \
+         '2026-12-04T09:00:00Z', 'source', true) RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let mark = storing.mark(tether::domain::RecordKey {
+        system: tether::domain::SystemId::CustomErp,
+        entity_type: "Customer".into(),
+        record_id: "c-7".into(),
+    });
+    let body =
+        format!(r#"{{"type":"customer.updated","data":{{"id":"c-7","updated_at":"{stamp}"}}}}"#);
+    let delivery = custom("customerp", "msg_early_echo", &body);
+    let answered = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, &delivery).await.0 }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !answered.is_finished(),
+        "answered before the store returned"
+    );
+    assert_eq!(count(&db.pool, "events").await, 0);
+
+    // The engine's store: the write's stamp, settled, then the mark goes.
+    sqlx::query(
+        "UPDATE links SET target_seen_at = $1::timestamptz, last_write_side = 'target', \
+         last_write_settled = true WHERE id = $2",
+    )
+    .bind(stamp)
+    .bind(link_id)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    drop(mark);
+    let status = tokio::time::timeout(Duration::from_secs(20), answered)
+        .await
+        .expect("answered once the store returned")
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(count(&db.pool, "jobs").await, 0, "the echo needs no job");
+    let decisions: Vec<String> = sqlx::query_scalar("SELECT decision FROM sync_log")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(decisions, ["echo"]);
+
+    // A delivery of another record is not held by that mark's record.
+    let _other_mark = storing.mark(tether::domain::RecordKey {
+        system: tether::domain::SystemId::CustomErp,
+        entity_type: "Customer".into(),
+        record_id: "c-8".into(),
+    });
+    let body =
+        r#"{"type":"customer.updated","data":{"id":"c-9","updated_at":"2026-12-04T10:00:02Z"}}"#;
+    let other = tokio::time::timeout(
+        Duration::from_millis(900),
+        send(&app, &custom("customerp", "msg_other_record", body)),
+    )
+    .await
+    .expect("not held by another record's mark");
+    assert_eq!(other.0, StatusCode::ACCEPTED);
 }
 
 /// A custom system's echo is settled by the group commit itself (docs/sync-rules.md, "An echo
