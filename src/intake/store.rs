@@ -288,7 +288,9 @@ pub(crate) fn is_unavailable(e: &sqlx::Error) -> bool {
 ///
 /// Both inserts see the statement's snapshot, and the `jobs.event_id` foreign key is checked at
 /// the end of the statement, when the new events exist. `n` is the input position, so the answer
-/// maps back to the requests without returning (and allocating) the keys themselves.
+/// maps back to the requests without returning (and allocating) the keys themselves. `stored`
+/// carries the input columns the echo check needs, so no later step joins `input` again: the
+/// planner estimates such CTEs at one row and joined them by nested loops, batch size squared.
 ///
 /// A custom system's echo (`echo_flow` set: `sync::IntakeEchoes`) whose delivered stamp is the
 /// stamp of Tether's own settled write of that side of its flow's active link, the flow not paused,
@@ -319,29 +321,30 @@ static INSERT_BATCH_SQL: LazyLock<String> = LazyLock::new(|| {
             ON CONFLICT ON CONSTRAINT events_delivery_once DO NOTHING
             RETURNING id, system, delivery_id
         ), stored AS (
-            SELECT ins.id AS event_id, i.record_key, i.n
+            SELECT ins.id AS event_id, i.record_key, i.n, i.system, i.entity_type, i.record_id,
+                   i.occurred_at, i.echo_flow, i.echo_side, i.echo_detail
             FROM inserted ins JOIN input i USING (system, delivery_id)
         ), own_writes AS (
-            SELECT s.event_id, s.n, l.id AS link_id
-            FROM stored s JOIN input i ON i.n = s.n
-            JOIN links l ON l.source_system = i.system AND l.source_type = i.entity_type
-                AND l.source_id = i.record_id AND l.flow_id = i.echo_flow
-            WHERE i.echo_side = 'source' AND l.state = 'active' AND l.last_write_side = 'source'
-                AND l.last_write_settled AND l.source_seen_at = i.occurred_at
+            SELECT s.*, l.id AS link_id
+            FROM stored s
+            JOIN links l ON l.source_system = s.system AND l.source_type = s.entity_type
+                AND l.source_id = s.record_id AND l.flow_id = s.echo_flow
+            WHERE s.echo_side = 'source' AND l.state = 'active' AND l.last_write_side = 'source'
+                AND l.last_write_settled AND l.source_seen_at = s.occurred_at
             UNION ALL
-            SELECT s.event_id, s.n, l.id AS link_id
-            FROM stored s JOIN input i ON i.n = s.n
-            JOIN links l ON l.target_system = i.system AND l.target_type = i.entity_type
-                AND l.target_id = i.record_id AND l.flow_id = i.echo_flow
-            WHERE i.echo_side = 'target' AND l.state = 'active' AND l.last_write_side = 'target'
-                AND l.last_write_settled AND l.target_seen_at = i.occurred_at
+            SELECT s.*, l.id AS link_id
+            FROM stored s
+            JOIN links l ON l.target_system = s.system AND l.target_type = s.entity_type
+                AND l.target_id = s.record_id AND l.flow_id = s.echo_flow
+            WHERE s.echo_side = 'target' AND l.state = 'active' AND l.last_write_side = 'target'
+                AND l.last_write_settled AND l.target_seen_at = s.occurred_at
         ), settled AS (
             INSERT INTO sync_log (event_id, system, entity_type, record_id, flow_id, link_id,
                                   decision, detail)
-            SELECT o.event_id, i.system, i.entity_type, i.record_id, i.echo_flow, o.link_id,
-                   'echo', i.echo_detail
-            FROM own_writes o JOIN input i ON i.n = o.n
-            WHERE NOT EXISTS (SELECT 1 FROM flow_pauses p WHERE p.flow_id = i.echo_flow)
+            SELECT o.event_id, o.system, o.entity_type, o.record_id, o.echo_flow, o.link_id,
+                   'echo', o.echo_detail
+            FROM own_writes o
+            WHERE NOT EXISTS (SELECT 1 FROM flow_pauses p WHERE p.flow_id = o.echo_flow)
             ORDER BY o.n
             RETURNING event_id, flow_id
         ), enqueued AS (
