@@ -202,15 +202,9 @@ pub fn zendesk_with_delivered(body: &[u8]) -> Result<(Parsed, Option<Delivered>)
         let ignored = format!("Zendesk {name} changes no synced field");
         return Ok((Parsed::Ignored(ignored), None));
     }
-    let entity = match resource {
-        "organization" => "Organizations",
-        "user" => "Users",
-        "ticket" if COMMENT_CHANGES.contains(&change) => "Ticketcomments",
-        "ticket" => "Tickets",
-        _ => {
-            let ignored = format!("no dataflow uses Zendesk {resource} events");
-            return Ok((Parsed::Ignored(ignored), None));
-        }
+    let Some(entity) = zendesk_entity(resource, change) else {
+        let ignored = format!("no dataflow uses Zendesk {resource} events");
+        return Ok((Parsed::Ignored(ignored), None));
     };
     let detail: Option<ZendeskDetail<'_>> = ev
         .detail
@@ -232,7 +226,34 @@ pub fn zendesk_with_delivered(body: &[u8]) -> Result<(Parsed, Option<Delivered>)
     } else {
         resource_id
     };
-    let action = match change {
+    let event = ChangeEvent {
+        record: RecordKey {
+            system: SystemId::Zendesk,
+            entity_type: entity.to_owned(),
+            record_id,
+        },
+        action: zendesk_action(change),
+        occurred_at: ev.time,
+        delivery_id: ev.id.into_owned(),
+    };
+    Ok((Parsed::Event(event), delivered))
+}
+
+/// The registry's entity type of a Zendesk event's resource (a ticket's comment events are the
+/// comment's); `None` for resources no dataflow uses.
+fn zendesk_entity(resource: &str, change: &str) -> Option<&'static str> {
+    match resource {
+        "organization" => Some("Organizations"),
+        "user" => Some("Users"),
+        "ticket" if COMMENT_CHANGES.contains(&change) => Some("Ticketcomments"),
+        "ticket" => Some("Tickets"),
+        _ => None,
+    }
+}
+
+/// What a Zendesk event's change does to its record.
+fn zendesk_action(change: &str) -> Action {
+    match change {
         "created" => Action::Created,
         // A soft-deleted ticket answers 404 like a permanently deleted one (docs/vendors.md,
         // Zendesk "Deleted tickets"); `ticket.undeleted` is an update that finds it again.
@@ -240,18 +261,7 @@ pub fn zendesk_with_delivered(body: &[u8]) -> Result<(Parsed, Option<Delivered>)
         // comment_added creates the comment record; everything else changes an existing record.
         "comment_added" => Action::Created,
         _ => Action::Updated,
-    };
-    let event = ChangeEvent {
-        record: RecordKey {
-            system: SystemId::Zendesk,
-            entity_type: entity.to_owned(),
-            record_id,
-        },
-        action,
-        occurred_at: ev.time,
-        delivery_id: ev.id.into_owned(),
-    };
-    Ok((Parsed::Event(event), delivered))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -99,51 +99,64 @@ pub async fn claim_in(
     let mut claims = Vec::with_capacity(rows.len());
     let mut unreadable = Vec::new();
     for row in rows {
-        let lease = Lease {
-            job_id: row.try_get("id")?,
-            claims: row.try_get("claims")?,
-            attempts: row.try_get("attempts")?,
-            deferrals: row.try_get("deferrals")?,
-        };
-        let event_id: i64 = row.try_get("event_id")?;
-        // The CHECK constraint allows only known values; an unknown one runs as live work.
-        let priority = JobPriority::from_i16(row.try_get("priority")?).unwrap_or_default();
-        let system: String = row.try_get("system")?;
-        let action: String = row.try_get("action")?;
-        let parsed = system
-            .parse()
-            .map_err(|e: crate::domain::UnknownSystem| e.to_string())
-            .and_then(|system| action.parse().map(|action| (system, action)));
-        match parsed {
-            Ok((system, action)) => claims.push(Claim {
-                job: ClaimedJob {
-                    job_id: lease.job_id,
-                    event_id,
-                    event: ChangeEvent {
-                        record: RecordKey {
-                            system,
-                            entity_type: row.try_get("entity_type")?,
-                            record_id: row.try_get("record_id")?,
-                        },
-                        action,
-                        occurred_at: row.try_get::<Option<DateTime<Utc>>, _>("occurred_at")?,
-                        delivery_id: row.try_get("delivery_id")?,
-                    },
-                    attempt: lease.attempts,
-                    priority,
-                },
-                lease,
-            }),
-            Err(error) => unreadable.push(Unreadable {
-                lease,
-                error: format!("event {event_id} cannot be read: {error}"),
-            }),
+        match claimed_row(&row)? {
+            Ok(claim) => claims.push(claim),
+            Err(bad) => unreadable.push(bad),
         }
     }
     // Started in (priority, id) order; the statement leaves ordering to us (no sort in its plan:
     // see CLAIM_PLANNER_SETTINGS).
     claims.sort_by_key(|c| (c.job.priority, c.lease.job_id));
     Ok((claims, unreadable))
+}
+
+/// One row of [`CLAIM`] as a claim, or as an unreadable job if its event names a system or action
+/// this build does not know.
+fn claimed_row(row: &sqlx::postgres::PgRow) -> Result<Result<Claim, Unreadable>, sqlx::Error> {
+    let lease = Lease {
+        job_id: row.try_get("id")?,
+        claims: row.try_get("claims")?,
+        attempts: row.try_get("attempts")?,
+        deferrals: row.try_get("deferrals")?,
+    };
+    let event_id: i64 = row.try_get("event_id")?;
+    // The CHECK constraint allows only known values; an unknown one runs as live work.
+    let priority = JobPriority::from_i16(row.try_get("priority")?).unwrap_or_default();
+    let system: String = row.try_get("system")?;
+    let action: String = row.try_get("action")?;
+    let parsed = system
+        .parse()
+        .map_err(|e: crate::domain::UnknownSystem| e.to_string())
+        .and_then(|system| action.parse().map(|action| (system, action)));
+    let (system, action) = match parsed {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            return Ok(Err(Unreadable {
+                lease,
+                error: format!("event {event_id} cannot be read: {error}"),
+            }))
+        }
+    };
+    let event = ChangeEvent {
+        record: RecordKey {
+            system,
+            entity_type: row.try_get("entity_type")?,
+            record_id: row.try_get("record_id")?,
+        },
+        action,
+        occurred_at: row.try_get::<Option<DateTime<Utc>>, _>("occurred_at")?,
+        delivery_id: row.try_get("delivery_id")?,
+    };
+    Ok(Ok(Claim {
+        job: ClaimedJob {
+            job_id: lease.job_id,
+            event_id,
+            event,
+            attempt: lease.attempts,
+            priority,
+        },
+        lease,
+    }))
 }
 
 /// Planner settings for the claim, local to its transaction.

@@ -689,72 +689,68 @@ pub fn transition(
     outcome: &JobOutcome,
     jitter: f64,
 ) -> Transition {
-    let failed = |error: String| {
-        // `attempts` includes the run that just failed; the schedule has one entry per retry.
-        let used = lease.attempts.max(1) as usize;
-        match cfg.retry_schedule.get(used - 1) {
-            Some(delay) => Transition {
-                lease,
-                state: JobState::Ready,
-                delay: delay.mul_f64(jitter),
-                attempt_delta: 0,
-                deferral_delta: 0,
-                error: Some(error),
-            },
-            None => Transition {
-                lease,
-                state: JobState::Dead,
-                delay: Duration::ZERO,
-                attempt_delta: 0,
-                deferral_delta: 0,
-                error: Some(error),
-            },
-        }
-    };
     match outcome {
-        JobOutcome::Done => Transition {
-            lease,
-            state: JobState::Done,
-            delay: Duration::ZERO,
-            attempt_delta: 0,
-            deferral_delta: 0,
-            error: None,
+        JobOutcome::Done => settled(lease, JobState::Done, None),
+        JobOutcome::Dead { error } => settled(lease, JobState::Dead, Some(error.clone())),
+        JobOutcome::Retry { error } => failed(cfg, lease, error.clone(), jitter),
+        JobOutcome::Later { after, reason } => deferred(cfg, lease, *after, reason, jitter),
+    }
+}
+
+/// Done or dead at once: no delay, no counter changed.
+fn settled(lease: Lease, state: JobState, error: Option<String>) -> Transition {
+    Transition {
+        lease,
+        state,
+        delay: Duration::ZERO,
+        attempt_delta: 0,
+        deferral_delta: 0,
+        error,
+    }
+}
+
+/// A failed run: ready again after the schedule's next delay, or dead after its last entry.
+fn failed(cfg: &WorkerConfig, lease: Lease, error: String, jitter: f64) -> Transition {
+    // `attempts` includes the run that just failed; the schedule has one entry per retry.
+    let used = lease.attempts.max(1) as usize;
+    match cfg.retry_schedule.get(used - 1) {
+        Some(delay) => Transition {
+            delay: delay.mul_f64(jitter),
+            ..settled(lease, JobState::Ready, Some(error))
         },
-        JobOutcome::Dead { error } => Transition {
-            lease,
-            state: JobState::Dead,
-            delay: Duration::ZERO,
-            attempt_delta: 0,
-            deferral_delta: 0,
-            error: Some(error.clone()),
-        },
-        JobOutcome::Retry { error } => failed(error.clone()),
-        JobOutcome::Later { after, reason } => {
-            if lease.deferrals >= cfg.max_deferrals as i32 {
-                return failed(format!(
-                    "deferred {} times (the limit); last reason: {reason}",
-                    lease.deferrals
-                ));
-            }
-            let delay = match after {
-                Some(after) => *after,
-                None => cfg
-                    .retry_schedule
-                    .first()
-                    .copied()
-                    .unwrap_or(Duration::from_secs(1))
-                    .mul_f64(jitter),
-            };
-            Transition {
-                lease,
-                state: JobState::Ready,
-                delay: delay.min(cfg.max_retry_after),
-                // Back-pressure is not the job's fault: give back the attempt the claim took.
-                attempt_delta: -1,
-                deferral_delta: 1,
-                error: Some(reason.clone()),
-            }
-        }
+        None => settled(lease, JobState::Dead, Some(error)),
+    }
+}
+
+/// Back-pressure: ready again after `after` (or the schedule's first delay) without using up an
+/// attempt, until the deferrals run out; then it counts as a failure.
+fn deferred(
+    cfg: &WorkerConfig,
+    lease: Lease,
+    after: Option<Duration>,
+    reason: &str,
+    jitter: f64,
+) -> Transition {
+    if lease.deferrals >= cfg.max_deferrals as i32 {
+        let error = format!(
+            "deferred {} times (the limit); last reason: {reason}",
+            lease.deferrals
+        );
+        return failed(cfg, lease, error, jitter);
+    }
+    let delay = after.unwrap_or_else(|| {
+        cfg.retry_schedule
+            .first()
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+            .mul_f64(jitter)
+    });
+    Transition {
+        delay: delay.min(cfg.max_retry_after),
+        // Back-pressure is not the job's fault: give back the attempt the claim took.
+        attempt_delta: -1,
+        deferral_delta: 1,
+        ..settled(lease, JobState::Ready, Some(reason.to_owned()))
     }
 }
 
