@@ -163,13 +163,16 @@ impl SyncEngine {
                 continue;
             };
             let id = link.id_on(to);
+            // Dropped on a failed write; kept in `w` to the end of the store otherwise.
+            let mark = self.storing.mark(RecordKey {
+                system: e.system,
+                entity_type: e.entity_type.clone(),
+                record_id: id.to_owned(),
+            });
             match conn.update(&e.entity_type, id, &plan.changes[i]).await {
                 Ok(stored) => {
-                    w._storing.push(self.storing.mark(RecordKey {
-                        system: e.system,
-                        entity_type: e.entity_type.clone(),
-                        record_id: id.to_owned(),
-                    }));
+                    mark.answered();
+                    w._storing.push(mark);
                     w.seen[i] = stored.updated_at;
                     w.fields
                         .insert(to.as_str().into(), Value::Object(plan.changes[i].clone()));

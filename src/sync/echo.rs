@@ -6,8 +6,6 @@
 
 use std::collections::HashMap;
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 
 use super::beside::Idle;
@@ -132,11 +130,6 @@ pub struct IntakeEchoes {
     storing: StoringWrites,
 }
 
-/// How long the intake holds an event that may be an echo while the engine stores the write it
-/// may echo: a batched statement, normally a few milliseconds. Past it, the event is committed
-/// and, if the link does not show the write yet, enqueued: the engine settles it then.
-const STORE_WAIT: Duration = Duration::from_secs(1);
-
 /// What intake needs to settle one event as an echo: its flow, side and the entry's detail.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IntakeEcho {
@@ -181,10 +174,11 @@ impl IntakeEchoes {
         self
     }
 
-    /// Returns once this process's engine is not storing a write of `event`'s record (see
-    /// `super::storing`), so that the event, if it is that write's echo, is settled at intake.
+    /// Returns once this process's engine is not writing and storing `event`'s record, or its
+    /// wait ran out (see `super::storing`), so that the event, if it is that write's echo, is
+    /// settled at intake.
     pub async fn wait_for_store(&self, event: &ChangeEvent) {
-        self.storing.wait(&event.record, STORE_WAIT).await;
+        self.storing.wait(&event.record).await;
     }
 
     /// The echo `event` may be, if its delivery carries a stamp and its type qualifies.

@@ -1,18 +1,26 @@
-//! Writes being stored: the records a vendor has answered a write of, while the link state that
-//! write produced is not yet committed (docs/sync-rules.md, "An echo without a read").
+//! Writes being stored: the records the engine is writing, from the moment it sends a write
+//! until the link state that write produced is committed (docs/sync-rules.md, "An echo without a
+//! read").
 //!
-//! A custom system sends its webhook of Tether's own write as soon as it made the change, and
-//! the webhook can reach the intake before the worker has stored the link's new stamp. The
+//! A custom system sends its webhook as soon as it made the change, often before Tether has its
+//! answer and nearly always before the worker has stored the stamp the write answered with. The
 //! intake's statement then cannot see the echo and enqueues a job, which the engine settles by
-//! the same stamp a moment later: a job inserted, claimed and finished for nothing (measured in
-//! `tether-sync-bench`: about 0.45 jobs per linked update). So the worker marks the record from
-//! the vendor's answer until its store returns, and the intake, for an event that may be such an
-//! echo, waits for the mark to go (at most [`StoringWrites::wait`]'s bound) before it commits the
-//! event.
+//! the same stamp a moment later: a job inserted, claimed and finished for nothing. So the engine
+//! marks the record while it writes and stores, and the intake, for an event that may be such an
+//! echo, waits for the mark to go before it commits the event.
 //!
-//! The mark begins only once the vendor answered, never before the write is sent: a system that
-//! sends its webhook before answering the write would otherwise make each wait for the other.
-//! Marks are per process; a webhook that reaches another replica goes the job path, as before.
+//! A mark has two phases, and the intake waits differently in each:
+//! - [`Phase::Sending`]: the write is sent and not answered. A system may send its webhook before
+//!   it answers, and even wait for that delivery before answering; waiting for the answer would
+//!   then hold both sides until the bound. So this phase is waited on only briefly
+//!   ([`StoringWrites::sending_wait`], 50 ms by default): long enough for a system that answers
+//!   at once, short enough to cost a system that does not at most that much per write.
+//! - [`Phase::Answered`]: the vendor answered and the link's store is running: a batched
+//!   statement, normally a few milliseconds, waited on up to [`StoringWrites::store_wait`] (1 s).
+//!
+//! Whatever the wait ends with, the event is committed then; if its link does not show the write
+//! yet, it becomes a job as before. Marks are per process: a webhook that reaches another replica
+//! goes the job path.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,41 +30,90 @@ use tokio::sync::watch;
 
 use crate::domain::RecordKey;
 
-/// The records being stored; cheap to clone, shared by the engine and the intake of a process.
-#[derive(Debug, Clone, Default)]
-pub struct StoringWrites {
-    marks: Arc<Mutex<HashMap<RecordKey, watch::Receiver<()>>>>,
+type Marks = Arc<Mutex<HashMap<RecordKey, watch::Receiver<Phase>>>>;
+
+/// Where a marked write is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Sent to the vendor, not answered yet.
+    Sending,
+    /// Answered; the link's new state is being stored.
+    Answered,
 }
 
-/// The mark of one record; dropping it (once the store returned, whatever it returned) releases
+/// The records being written and stored; cheap to clone, shared by the engine and the intake of
+/// a process.
+#[derive(Debug, Clone)]
+pub struct StoringWrites {
+    marks: Marks,
+    sending_wait: Duration,
+    store_wait: Duration,
+}
+
+impl Default for StoringWrites {
+    fn default() -> Self {
+        StoringWrites::with_waits(Duration::from_millis(50), Duration::from_secs(1))
+    }
+}
+
+/// The mark of one record; dropping it (once the store returned or the write failed) releases
 /// whoever waits for it.
 #[derive(Debug)]
 pub struct Storing {
-    marks: Arc<Mutex<HashMap<RecordKey, watch::Receiver<()>>>>,
+    marks: Marks,
     record: RecordKey,
-    /// Dropped with the mark: the waiters' `changed()` then returns.
-    _done: watch::Sender<()>,
+    phase: watch::Sender<Phase>,
 }
 
 impl StoringWrites {
-    /// Marks `record` as written by the vendor and not yet stored, until the mark is dropped.
+    /// Marks whose intake waits at most `sending_wait` for a write's answer and `store_wait` for
+    /// its store (the defaults: 50 ms and 1 s).
+    pub fn with_waits(sending_wait: Duration, store_wait: Duration) -> StoringWrites {
+        StoringWrites {
+            marks: Marks::default(),
+            sending_wait,
+            store_wait,
+        }
+    }
+
+    /// Marks `record` as being written, until the mark is dropped.
     pub fn mark(&self, record: RecordKey) -> Storing {
-        let (done, waiting) = watch::channel(());
+        let (phase, waiting) = watch::channel(Phase::Sending);
         lock(&self.marks).insert(record.clone(), waiting);
         Storing {
             marks: self.marks.clone(),
             record,
-            _done: done,
+            phase,
         }
     }
 
-    /// Returns once `record` is not marked, or after `bound`; answers whether it waited.
-    pub async fn wait(&self, record: &RecordKey, bound: Duration) -> bool {
+    /// How long the intake waits for a marked write's answer.
+    pub fn sending_wait(&self) -> Duration {
+        self.sending_wait
+    }
+
+    /// How long the intake waits for an answered write's store.
+    pub fn store_wait(&self) -> Duration {
+        self.store_wait
+    }
+
+    /// Returns once `record` is not marked, or once a wait of its phase ran out; answers whether
+    /// there was a mark to wait for.
+    pub async fn wait(&self, record: &RecordKey) -> bool {
         let Some(mut waiting) = lock(&self.marks).get(record).cloned() else {
             return false;
         };
+        if *waiting.borrow_and_update() == Phase::Sending {
+            let answered = waiting.wait_for(|phase| *phase == Phase::Answered);
+            match tokio::time::timeout(self.sending_wait, answered).await {
+                Ok(Ok(_)) => {}
+                // No answer in time, or the mark is gone (the write failed): commit now.
+                Ok(Err(_)) | Err(_) => return true,
+            }
+        }
         // `changed` fails once the mark's sender is gone: the store returned.
-        let _ = tokio::time::timeout(bound, waiting.changed()).await;
+        let stored = async { while waiting.changed().await.is_ok() {} };
+        let _ = tokio::time::timeout(self.store_wait, stored).await;
         true
     }
 
@@ -71,13 +128,20 @@ impl StoringWrites {
     }
 }
 
+impl Storing {
+    /// The vendor answered the write: from now on the intake waits for the store.
+    pub fn answered(&self) {
+        self.phase.send_replace(Phase::Answered);
+    }
+}
+
 impl Drop for Storing {
     fn drop(&mut self) {
         let mut marks = lock(&self.marks);
         // A later mark of the same record (another flow's write) stays.
         if marks
             .get(&self.record)
-            .is_some_and(|waiting| waiting.same_channel(&self._done.subscribe()))
+            .is_some_and(|waiting| waiting.same_channel(&self.phase.subscribe()))
         {
             marks.remove(&self.record);
         }
@@ -102,22 +166,27 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_wait_for_an_unmarked_record_returns_at_once() {
-        let writes = StoringWrites::default();
-        assert!(!writes.wait(&record("1"), Duration::from_secs(60)).await);
+    fn long_waits() -> StoringWrites {
+        StoringWrites::with_waits(Duration::from_secs(60), Duration::from_secs(60))
     }
 
     #[tokio::test]
-    async fn a_wait_returns_when_the_mark_is_dropped() {
-        let writes = StoringWrites::default();
+    async fn a_wait_for_an_unmarked_record_returns_at_once() {
+        assert!(!long_waits().wait(&record("1")).await);
+    }
+
+    #[tokio::test]
+    async fn a_wait_lasts_through_the_answer_and_ends_when_the_mark_is_dropped() {
+        let writes = long_waits();
         let mark = writes.mark(record("1"));
         let waiter = {
             let writes = writes.clone();
-            tokio::spawn(async move { writes.wait(&record("1"), Duration::from_secs(60)).await })
+            tokio::spawn(async move { writes.wait(&record("1")).await })
         };
         tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
+        mark.answered();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "the store has not returned yet");
         drop(mark);
         let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
@@ -127,18 +196,46 @@ mod tests {
         assert!(writes.is_empty());
     }
 
+    #[tokio::test]
+    async fn a_write_that_fails_before_its_answer_releases_the_wait() {
+        let writes = long_waits();
+        let mark = writes.mark(record("1"));
+        let waiter = {
+            let writes = writes.clone();
+            tokio::spawn(async move { writes.wait(&record("1")).await })
+        };
+        tokio::task::yield_now().await;
+        drop(mark);
+        let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter returns once the mark is dropped")
+            .unwrap();
+        assert!(waited);
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_wait_gives_up_after_its_bound() {
-        let writes = StoringWrites::default();
+    async fn an_unanswered_write_is_waited_for_only_the_sending_bound() {
+        let writes = StoringWrites::with_waits(Duration::from_millis(50), Duration::from_secs(60));
         let _mark = writes.mark(record("1"));
         let started = tokio::time::Instant::now();
-        assert!(writes.wait(&record("1"), Duration::from_millis(500)).await);
+        assert!(writes.wait(&record("1")).await);
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answered_write_is_waited_for_at_most_the_store_bound() {
+        let writes =
+            StoringWrites::with_waits(Duration::from_millis(50), Duration::from_millis(500));
+        let mark = writes.mark(record("1"));
+        mark.answered();
+        let started = tokio::time::Instant::now();
+        assert!(writes.wait(&record("1")).await);
         assert_eq!(started.elapsed(), Duration::from_millis(500));
     }
 
     #[tokio::test]
     async fn an_older_mark_dropped_after_a_newer_one_of_the_same_record_leaves_the_newer() {
-        let writes = StoringWrites::default();
+        let writes = long_waits();
         let older = writes.mark(record("1"));
         let newer = writes.mark(record("1"));
         drop(older);

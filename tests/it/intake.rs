@@ -1105,15 +1105,17 @@ async fn a_lost_database_connection_fails_at_most_one_batch() {
     assert_eq!(count(&db.pool, "jobs").await, 3);
 }
 
-/// The echo of a write the engine has not stored yet (the vendor answered, the link's new stamp
-/// is not committed) is held by the intake until the store returns, and then settled without a
-/// job (`sync::storing`): here the "engine" is the test, which marks the record, stores the
-/// link's stamp, and drops the mark.
+/// The echo of a write the engine has not stored yet is held by the intake while the write is
+/// being answered and then stored, and settled without a job once the store returned
+/// (`sync::storing`): here the "engine" is the test, which marks the record, takes the answer,
+/// stores the link's stamp, and drops the mark. The waits are long, so that only the mark ends
+/// them.
 #[tokio::test]
 async fn a_custom_echo_of_a_write_being_stored_waits_for_the_store_and_needs_no_job() {
     let db = testing::database().await;
     let config = full_config();
-    let storing = tether::sync::StoringWrites::default();
+    let storing =
+        tether::sync::StoringWrites::with_waits(Duration::from_secs(30), Duration::from_secs(30));
     let app = tether::http::router(AppState {
         registry: registry_of(&config),
         storing: storing.clone(),
@@ -1145,6 +1147,10 @@ async fn a_custom_echo_of_a_write_being_stored_waits_for_the_store_and_needs_no_
         let app = app.clone();
         async move { send(&app, &delivery).await.0 }
     });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!answered.is_finished(), "answered before the write was");
+    // The vendor's answer: now the store.
+    mark.answered();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !answered.is_finished(),
@@ -1184,12 +1190,44 @@ async fn a_custom_echo_of_a_write_being_stored_waits_for_the_store_and_needs_no_
     let body =
         r#"{"type":"customer.updated","data":{"id":"c-9","updated_at":"2026-12-04T10:00:02Z"}}"#;
     let other = tokio::time::timeout(
-        Duration::from_millis(900),
+        Duration::from_secs(10),
         send(&app, &custom("customerp", "msg_other_record", body)),
     )
     .await
     .expect("not held by another record's mark");
     assert_eq!(other.0, StatusCode::ACCEPTED);
+}
+
+/// A system may send its webhook before it answers the write, and even wait for its delivery
+/// before answering: with the default waits, a write that is not answered holds its record's
+/// webhook only briefly (50 ms), and the webhook is then committed with its job.
+#[tokio::test]
+async fn a_webhook_of_a_write_never_answered_is_held_only_briefly_and_gets_its_job() {
+    let db = testing::database().await;
+    let config = full_config();
+    let storing = tether::sync::StoringWrites::default();
+    let app = tether::http::router(AppState {
+        registry: registry_of(&config),
+        storing: storing.clone(),
+        pool: db.pool.clone(),
+        config,
+        shutdown: CancellationToken::new(),
+    });
+    let _never_answered = storing.mark(tether::domain::RecordKey {
+        system: tether::domain::SystemId::CustomErp,
+        entity_type: "Customer".into(),
+        record_id: "c-7".into(),
+    });
+    let body =
+        r#"{"type":"customer.updated","data":{"id":"c-7","updated_at":"2026-12-04T10:00:00Z"}}"#;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(10),
+        send(&app, &custom("customerp", "msg_sync_sender", body)),
+    )
+    .await
+    .expect("not held until the write's answer");
+    assert_eq!(answered.0, StatusCode::ACCEPTED);
+    assert_eq!(count(&db.pool, "jobs").await, 1);
 }
 
 /// A custom system's echo is settled by the group commit itself (docs/sync-rules.md, "An echo
