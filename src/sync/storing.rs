@@ -13,10 +13,10 @@
 //! - [`Phase::Sending`]: the write is sent and not answered. A system may send its webhook before
 //!   it answers, and even wait for that delivery before answering; waiting for the answer would
 //!   then hold both sides until the bound. So this phase is waited on only briefly
-//!   ([`StoringWrites::sending_wait`], 50 ms by default): long enough for a system that answers
+//!   (the `sending_wait` of [`StoringWrites::with_waits`], 50 ms by default): long enough for a system that answers
 //!   at once, short enough to cost a system that does not at most that much per write.
 //! - [`Phase::Answered`]: the vendor answered and the link's store is running: a batched
-//!   statement, normally a few milliseconds, waited on up to [`StoringWrites::store_wait`] (1 s).
+//!   statement, normally a few milliseconds, waited on up to its `store_wait` (1 s).
 //!
 //! Whatever the wait ends with, the event is committed then; if its link does not show the write
 //! yet, it becomes a job as before. Marks are per process: a webhook that reaches another replica
@@ -87,16 +87,6 @@ impl StoringWrites {
         }
     }
 
-    /// How long the intake waits for a marked write's answer.
-    pub fn sending_wait(&self) -> Duration {
-        self.sending_wait
-    }
-
-    /// How long the intake waits for an answered write's store.
-    pub fn store_wait(&self) -> Duration {
-        self.store_wait
-    }
-
     /// Returns once `record` is not marked, or once a wait of its phase ran out; answers whether
     /// there was a mark to wait for.
     pub async fn wait(&self, record: &RecordKey) -> bool {
@@ -117,14 +107,10 @@ impl StoringWrites {
         true
     }
 
-    /// How many records are marked (for tests).
-    pub fn len(&self) -> usize {
+    /// How many records are marked.
+    #[cfg(test)]
+    fn marked(&self) -> usize {
         lock(&self.marks).len()
-    }
-
-    /// No record is marked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -170,6 +156,20 @@ mod tests {
         StoringWrites::with_waits(Duration::from_secs(60), Duration::from_secs(60))
     }
 
+    /// A task waiting on record 1.
+    fn spawn_wait(writes: &StoringWrites) -> tokio::task::JoinHandle<bool> {
+        let writes = writes.clone();
+        tokio::spawn(async move { writes.wait(&record("1")).await })
+    }
+
+    /// What the waiter answered, once the mark it waits on is dropped.
+    async fn returned(waiter: tokio::task::JoinHandle<bool>) -> bool {
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter returns once the mark is dropped")
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_wait_for_an_unmarked_record_returns_at_once() {
         assert!(!long_waits().wait(&record("1")).await);
@@ -179,38 +179,24 @@ mod tests {
     async fn a_wait_lasts_through_the_answer_and_ends_when_the_mark_is_dropped() {
         let writes = long_waits();
         let mark = writes.mark(record("1"));
-        let waiter = {
-            let writes = writes.clone();
-            tokio::spawn(async move { writes.wait(&record("1")).await })
-        };
+        let waiter = spawn_wait(&writes);
         tokio::task::yield_now().await;
         mark.answered();
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished(), "the store has not returned yet");
         drop(mark);
-        let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("the waiter returns once the mark is dropped")
-            .unwrap();
-        assert!(waited);
-        assert!(writes.is_empty());
+        assert!(returned(waiter).await);
+        assert_eq!(writes.marked(), 0);
     }
 
     #[tokio::test]
     async fn a_write_that_fails_before_its_answer_releases_the_wait() {
         let writes = long_waits();
         let mark = writes.mark(record("1"));
-        let waiter = {
-            let writes = writes.clone();
-            tokio::spawn(async move { writes.wait(&record("1")).await })
-        };
+        let waiter = spawn_wait(&writes);
         tokio::task::yield_now().await;
         drop(mark);
-        let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("the waiter returns once the mark is dropped")
-            .unwrap();
-        assert!(waited);
+        assert!(returned(waiter).await);
     }
 
     #[tokio::test(start_paused = true)]
@@ -239,8 +225,8 @@ mod tests {
         let older = writes.mark(record("1"));
         let newer = writes.mark(record("1"));
         drop(older);
-        assert_eq!(writes.len(), 1);
+        assert_eq!(writes.marked(), 1);
         drop(newer);
-        assert!(writes.is_empty());
+        assert_eq!(writes.marked(), 0);
     }
 }

@@ -72,13 +72,27 @@ fn registry_of(config: &Config) -> Arc<tether::registry::Registry> {
 }
 
 fn app(pool: PgPool, config: Arc<Config>) -> Router {
+    app_storing(pool, config, Default::default())
+}
+
+/// [`app`] whose intake waits on the engine's writes `storing` marks.
+fn app_storing(pool: PgPool, config: Arc<Config>, storing: tether::sync::StoringWrites) -> Router {
     tether::http::router(AppState {
         registry: registry_of(&config),
-        storing: Default::default(),
+        storing,
         pool,
         config,
         shutdown: CancellationToken::new(),
     })
+}
+
+/// A Custom ERP customer, as the engine marks the one it writes.
+fn erp_customer(id: &str) -> tether::domain::RecordKey {
+    tether::domain::RecordKey {
+        system: tether::domain::SystemId::CustomErp,
+        entity_type: "Customer".into(),
+        record_id: id.into(),
+    }
 }
 
 /// One delivery to send.
@@ -1113,16 +1127,9 @@ async fn a_lost_database_connection_fails_at_most_one_batch() {
 #[tokio::test]
 async fn a_custom_echo_of_a_write_being_stored_waits_for_the_store_and_needs_no_job() {
     let db = testing::database().await;
-    let config = full_config();
     let storing =
         tether::sync::StoringWrites::with_waits(Duration::from_secs(30), Duration::from_secs(30));
-    let app = tether::http::router(AppState {
-        registry: registry_of(&config),
-        storing: storing.clone(),
-        pool: db.pool.clone(),
-        config,
-        shutdown: CancellationToken::new(),
-    });
+    let app = app_storing(db.pool.clone(), full_config(), storing.clone());
     let stamp = "2026-12-04T10:00:00.123456Z";
     // The link as it was before the write: the ERP side last seen at an older stamp.
     let link_id: i64 = sqlx::query_scalar(
@@ -1135,11 +1142,7 @@ async fn a_custom_echo_of_a_write_being_stored_waits_for_the_store_and_needs_no_
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    let mark = storing.mark(tether::domain::RecordKey {
-        system: tether::domain::SystemId::CustomErp,
-        entity_type: "Customer".into(),
-        record_id: "c-7".into(),
-    });
+    let mark = storing.mark(erp_customer("c-7"));
     let body =
         format!(r#"{{"type":"customer.updated","data":{{"id":"c-7","updated_at":"{stamp}"}}}}"#);
     let delivery = custom("customerp", "msg_early_echo", &body);
@@ -1182,11 +1185,7 @@ async fn a_custom_echo_of_a_write_being_stored_waits_for_the_store_and_needs_no_
     assert_eq!(decisions, ["echo"]);
 
     // A delivery of another record is not held by that mark's record.
-    let _other_mark = storing.mark(tether::domain::RecordKey {
-        system: tether::domain::SystemId::CustomErp,
-        entity_type: "Customer".into(),
-        record_id: "c-8".into(),
-    });
+    let _other_mark = storing.mark(erp_customer("c-8"));
     let body =
         r#"{"type":"customer.updated","data":{"id":"c-9","updated_at":"2026-12-04T10:00:02Z"}}"#;
     let other = tokio::time::timeout(
@@ -1204,20 +1203,9 @@ async fn a_custom_echo_of_a_write_being_stored_waits_for_the_store_and_needs_no_
 #[tokio::test]
 async fn a_webhook_of_a_write_never_answered_is_held_only_briefly_and_gets_its_job() {
     let db = testing::database().await;
-    let config = full_config();
     let storing = tether::sync::StoringWrites::default();
-    let app = tether::http::router(AppState {
-        registry: registry_of(&config),
-        storing: storing.clone(),
-        pool: db.pool.clone(),
-        config,
-        shutdown: CancellationToken::new(),
-    });
-    let _never_answered = storing.mark(tether::domain::RecordKey {
-        system: tether::domain::SystemId::CustomErp,
-        entity_type: "Customer".into(),
-        record_id: "c-7".into(),
-    });
+    let app = app_storing(db.pool.clone(), full_config(), storing.clone());
+    let _never_answered = storing.mark(erp_customer("c-7"));
     let body =
         r#"{"type":"customer.updated","data":{"id":"c-7","updated_at":"2026-12-04T10:00:00Z"}}"#;
     let answered = tokio::time::timeout(
