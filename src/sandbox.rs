@@ -162,11 +162,13 @@ poll_interval = "{poll_interval}"
 base_url = "{customerp}"
 api_token = "{erp_token}"
 webhook_secret = "{erp_secret}"
+conditional_writes = true
 
 [custompms]
 base_url = "{custompms}"
 api_token = "{pms_token}"
 webhook_secret = "{pms_secret}"
+conditional_writes = true
 "#,
             data_dir = data_dir.display().to_string(),
             zendesk = self.url(SystemId::Zendesk),

@@ -106,6 +106,11 @@ struct Args {
     /// The tether binary (default: `tether` beside this binary).
     #[arg(long)]
     tether: Option<PathBuf>,
+    /// Configure the Custom ERP without `conditional_writes`, as a system whose `PATCH` ignores
+    /// `If-Match`: every write to it is then preceded by a read (docs/sync-rules.md, "A write
+    /// without a read").
+    #[arg(long)]
+    read_before_write: bool,
 }
 
 /// CPU time used so far, in ticks, by each group of processes.
@@ -411,7 +416,9 @@ rate_limit_per_minute = 100000
 base_url = "{erp}"
 api_token = "{ERP_TOKEN}"
 webhook_secret = "{erp_secret}"
+conditional_writes = {conditional_writes}
 "#,
+        conditional_writes = !args.read_before_write,
         max_connections = args.max_connections,
         concurrency = args.worker_concurrency,
         overlay = overlay.display().to_string(),

@@ -298,6 +298,7 @@ rate_limit_per_minute = {ZENDESK_PER_MINUTE}
 base_url = "{erp}"
 api_token = "{ERP_TOKEN}"
 webhook_secret = "{erp_secret}"
+conditional_writes = true
 "#,
             data_dir = data_dir.display().to_string(),
             overlay = overlay.display().to_string(),

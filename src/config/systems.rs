@@ -82,6 +82,9 @@ pub struct CustomSystemConfig {
     pub webhook_secret: Option<SecretString>,
     /// Reconciliation poll of the list endpoint; `None`: webhooks only.
     pub poll_interval: Option<Duration>,
+    /// The system honours `If-Match` on `PATCH` (README, "The custom-system contract"), so a
+    /// record Tether wrote last and saw unchanged since is written without reading it first.
+    pub conditional_writes: bool,
 }
 
 /// Every system section, and the reconciliation intervals.
@@ -235,5 +238,8 @@ fn custom(s: &mut Source, name: &str) -> Result<Option<CustomSystemConfig>, Conf
         api_token: require(s.secret(&token_key)?, &token_key, name)?,
         webhook_secret,
         poll_interval: s.duration(&format!("{name}.poll_interval"))?,
+        conditional_writes: s
+            .bool(&format!("{name}.conditional_writes"))?
+            .unwrap_or(false),
     }))
 }

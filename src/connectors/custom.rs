@@ -24,6 +24,12 @@
 //!   happen?" without creating. More than one item in the answer means the server ignored the
 //!   parameter and is reported as an error rather than guessed at.
 //!
+//! # Conditional writes (optional, `conditional_writes = true`)
+//! - `PATCH` with `If-Match: "<updated_at>"` (the stamp Tether last saw, RFC 3339 UTC with
+//!   microseconds) → 412 with nothing changed if the record's `updated_at` is another instant.
+//!   [`Connector::update_if_unchanged`] sends it; the engine then need not read the record
+//!   before writing it (docs/sync-rules.md, "A write without a read").
+//!
 //! # Polling
 //! The cursor is this module's JSON: the watermark `updated_at` of the last finished pass plus the
 //! ids already delivered at exactly that instant, and the server's `cursor` within a pass. Each
@@ -56,6 +62,8 @@ pub struct CustomConnector {
     system: SystemId,
     base_url: url::Url,
     client: VendorClient,
+    /// The system honours `If-Match` on `PATCH` (the contract's optional conditional writes).
+    conditional_writes: bool,
 }
 
 impl std::fmt::Debug for CustomConnector {
@@ -63,6 +71,7 @@ impl std::fmt::Debug for CustomConnector {
         f.debug_struct("CustomConnector")
             .field("system", &self.system)
             .field("base_url", &self.base_url.as_str())
+            .field("conditional_writes", &self.conditional_writes)
             .finish_non_exhaustive()
     }
 }
@@ -135,6 +144,7 @@ impl CustomConnector {
                 Arc::new(StaticToken(Credential::Bearer(config.api_token.clone()))),
                 Arc::new(Gates::default()),
             ),
+            conditional_writes: config.conditional_writes,
         })
     }
 
@@ -212,6 +222,40 @@ impl CustomConnector {
     }
 }
 
+impl CustomConnector {
+    /// The contract's `PATCH` of the changed fields; with `If-Match` on the stamp `seen` if
+    /// given, where 412 means the record changed since.
+    async fn patch(
+        &self,
+        entity_type: &str,
+        id: &str,
+        changed: &Map<String, Value>,
+        seen: Option<DateTime<Utc>>,
+    ) -> Result<Record, ConnectorError> {
+        let segment = self.segment(entity_type, "update")?;
+        let patch = Value::Object(changed.clone());
+        let mut call = Call::new(Method::PATCH, join(&self.base_url, &[segment, id]))
+            .json(&patch)
+            .content_type("application/merge-patch+json");
+        if let Some(seen) = seen {
+            call = call.header("If-Match", format!("\"{}\"", rfc3339(seen)));
+        }
+        let value = match self.send(call).await {
+            Ok(Some(value)) => value,
+            Ok(None) => return Err(self.not_found(&format!("{entity_type} {id}"))),
+            Err(ConnectorError::Rejected { status: 412, .. }) if seen.is_some() => {
+                return Err(ConnectorError::Changed {
+                    system: self.system,
+                    entity_type: entity_type.to_owned(),
+                    id: id.to_owned(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        self.record(value)
+    }
+}
+
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
@@ -283,15 +327,28 @@ impl Connector for CustomConnector {
         id: &str,
         changed: &Map<String, Value>,
     ) -> Result<Record, ConnectorError> {
-        let segment = self.segment(entity_type, "update")?;
-        let patch = Value::Object(changed.clone());
-        let call = Call::new(Method::PATCH, join(&self.base_url, &[segment, id]))
-            .json(&patch)
-            .content_type("application/merge-patch+json");
-        let Some(value) = self.send(call).await? else {
-            return Err(self.not_found(&format!("{entity_type} {id}")));
-        };
-        self.record(value)
+        self.patch(entity_type, id, changed, None).await
+    }
+
+    fn writes_conditionally(&self) -> bool {
+        self.conditional_writes
+    }
+
+    async fn update_if_unchanged(
+        &self,
+        entity_type: &str,
+        id: &str,
+        changed: &Map<String, Value>,
+        seen: DateTime<Utc>,
+    ) -> Result<Record, ConnectorError> {
+        if !self.conditional_writes {
+            return Err(ConnectorError::Unsupported {
+                system: self.system,
+                entity_type: entity_type.to_owned(),
+                operation: "a conditional update (conditional_writes is off)",
+            });
+        }
+        self.patch(entity_type, id, changed, Some(seen)).await
     }
 
     async fn list_changed(

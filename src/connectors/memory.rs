@@ -51,6 +51,8 @@ struct State {
     crash_after_create: bool,
     read_only_types: Vec<String>,
     final_deletes: bool,
+    /// `update_if_unchanged` is offered ([`MemoryConnector::write_conditionally`]).
+    conditional_writes: bool,
     pause_after_update: Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>,
 }
 
@@ -183,6 +185,12 @@ impl MemoryConnector {
         UpdatePause { reached, release }
     }
 
+    /// Offers conditional writes, as a custom system with `conditional_writes` does: an update
+    /// naming a stamp the record no longer has is refused ([`ConnectorError::Changed`]).
+    pub fn write_conditionally(&self) {
+        self.lock().conditional_writes = true;
+    }
+
     /// Updates of this type return `Unsupported` (like Zendesk's immutable comments).
     pub fn make_read_only(&self, entity_type: &str) {
         self.lock().read_only_types.push(entity_type.to_owned());
@@ -195,6 +203,52 @@ impl MemoryConnector {
             return Err(self.error(failure));
         }
         Ok(st)
+    }
+
+    /// An update; with `seen`, refused unless the record's stamp is still `seen`.
+    async fn update_checked(
+        &self,
+        entity_type: &str,
+        id: &str,
+        changed: &Map<String, Value>,
+        seen: Option<DateTime<Utc>>,
+    ) -> Result<Record, ConnectorError> {
+        let (stored, pause) = {
+            let mut st = self.begin("update")?;
+            if st.read_only_types.iter().any(|t| t == entity_type) {
+                return Err(ConnectorError::Unsupported {
+                    system: self.system,
+                    entity_type: entity_type.to_owned(),
+                    operation: "update",
+                });
+            }
+            let now = tick(&mut st);
+            let Some(record) = st.records.get_mut(entity_type).and_then(|m| m.get_mut(id)) else {
+                return Err(ConnectorError::Rejected {
+                    system: self.system,
+                    status: 404,
+                    message: format!("no {entity_type} {id}"),
+                });
+            };
+            // Compared at microseconds, as the contract says (Tether keeps no finer stamp).
+            let micros = |t: DateTime<Utc>| t.timestamp_micros();
+            if seen.is_some_and(|seen| record.updated_at.map(micros) != Some(micros(seen))) {
+                return Err(ConnectorError::Changed {
+                    system: self.system,
+                    entity_type: entity_type.to_owned(),
+                    id: id.to_owned(),
+                });
+            }
+            merge_into(&mut record.fields, changed);
+            record.updated_at = Some(now);
+            let stored = record.clone();
+            (stored, st.pause_after_update.take())
+        };
+        if let Some((reached, release)) = pause {
+            let _ = reached.send(());
+            let _ = release.await;
+        }
+        Ok(stored)
     }
 
     fn error(&self, failure: Failure) -> ConnectorError {
@@ -316,33 +370,29 @@ impl Connector for MemoryConnector {
         id: &str,
         changed: &Map<String, Value>,
     ) -> Result<Record, ConnectorError> {
-        let (stored, pause) = {
-            let mut st = self.begin("update")?;
-            if st.read_only_types.iter().any(|t| t == entity_type) {
-                return Err(ConnectorError::Unsupported {
-                    system: self.system,
-                    entity_type: entity_type.to_owned(),
-                    operation: "update",
-                });
-            }
-            let now = tick(&mut st);
-            let Some(record) = st.records.get_mut(entity_type).and_then(|m| m.get_mut(id)) else {
-                return Err(ConnectorError::Rejected {
-                    system: self.system,
-                    status: 404,
-                    message: format!("no {entity_type} {id}"),
-                });
-            };
-            merge_into(&mut record.fields, changed);
-            record.updated_at = Some(now);
-            let stored = record.clone();
-            (stored, st.pause_after_update.take())
-        };
-        if let Some((reached, release)) = pause {
-            let _ = reached.send(());
-            let _ = release.await;
+        self.update_checked(entity_type, id, changed, None).await
+    }
+
+    fn writes_conditionally(&self) -> bool {
+        self.lock().conditional_writes
+    }
+
+    async fn update_if_unchanged(
+        &self,
+        entity_type: &str,
+        id: &str,
+        changed: &Map<String, Value>,
+        seen: DateTime<Utc>,
+    ) -> Result<Record, ConnectorError> {
+        if !self.writes_conditionally() {
+            return Err(ConnectorError::Unsupported {
+                system: self.system,
+                entity_type: entity_type.to_owned(),
+                operation: "a conditional update",
+            });
         }
-        Ok(stored)
+        self.update_checked(entity_type, id, changed, Some(seen))
+            .await
     }
 
     async fn list_changed(

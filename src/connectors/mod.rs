@@ -148,6 +148,14 @@ pub enum ConnectorError {
     /// The system has no configuration section: its dataflows are idle.
     #[error("{system} is not configured")]
     NotConfigured { system: SystemId },
+    /// A conditional write ([`Connector::update_if_unchanged`]) found the record changed since
+    /// the stamp it named (412): nothing was written. The caller reads the record again.
+    #[error("{system} {entity_type} {id} changed since it was last seen; nothing was written")]
+    Changed {
+        system: SystemId,
+        entity_type: String,
+        id: String,
+    },
 }
 
 impl ConnectorError {
@@ -245,6 +253,29 @@ pub trait Connector: Send + Sync + 'static {
         id: &str,
         changed: &Map<String, Value>,
     ) -> Result<Record, ConnectorError>;
+
+    /// Whether [`Connector::update_if_unchanged`] is offered: the system refuses a write whose
+    /// record changed since a given stamp (docs/sync-rules.md, "A write without a read").
+    fn writes_conditionally(&self) -> bool {
+        false
+    }
+
+    /// [`Connector::update`], made only if the record's change stamp is still `seen`; otherwise
+    /// nothing is written and the answer is [`ConnectorError::Changed`]. Only called where
+    /// [`Connector::writes_conditionally`] says so.
+    async fn update_if_unchanged(
+        &self,
+        entity_type: &str,
+        _id: &str,
+        _changed: &Map<String, Value>,
+        _seen: DateTime<Utc>,
+    ) -> Result<Record, ConnectorError> {
+        Err(ConnectorError::Unsupported {
+            system: self.system(),
+            entity_type: entity_type.to_owned(),
+            operation: "a conditional update",
+        })
+    }
 
     /// Records changed after the cursor (`None`: from the beginning), one page at a time.
     async fn list_changed(

@@ -20,6 +20,10 @@
 //! - A `PATCH` that changes nothing keeps `updated_at` and sends no webhook.
 //! - Every webhook carries the record's `updated_at` after the change in `data` (optional in the
 //!   contract; Tether then recognises its own echo without a read).
+//! - A `PATCH` with `If-Match: "<updated_at>"` is made only if the record's `updated_at` is that
+//!   instant, to the microsecond; otherwise 412 and nothing changes (RFC 9110, 13.1.1; the contract's optional
+//!   conditional writes). `*` matches any existing record; a tag that is not an RFC 3339 instant
+//!   answers 400.
 //! - `GET /{type}?idempotency_key=<k>` is the contract addition described in
 //!   [`crate::connectors::custom`].
 
@@ -506,10 +510,15 @@ async fn create(
 async fn patch(
     State(sim): State<CustomSim>,
     Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let patch = match object_body(&body) {
         Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let condition = match IfMatch::from_headers(&headers) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
     let (changed, rendered) = {
@@ -520,6 +529,15 @@ async fn patch(
         let Some(current) = records.get(&id) else {
             return json_error(StatusCode::NOT_FOUND, &format!("no {kind} {id}"));
         };
+        if !condition.holds_for(current.updated_at) {
+            return json_error(
+                StatusCode::PRECONDITION_FAILED,
+                &format!(
+                    "{kind} {id} changed: its updated_at is {}",
+                    stamp(current.updated_at)
+                ),
+            );
+        }
         let mut fields = current.fields.clone();
         merge_patch(&mut fields, &patch);
         let changed = fields != current.fields;
@@ -541,6 +559,53 @@ async fn patch(
         sim.notify(&kind, "updated", &id, rendered.get("updated_at"));
     }
     respond(StatusCode::OK, rendered)
+}
+
+/// A `PATCH`'s `If-Match` precondition: none, any record (`*`), or these `updated_at` instants.
+enum IfMatch {
+    Absent,
+    Any,
+    Stamps(Vec<DateTime<Utc>>),
+}
+
+impl IfMatch {
+    fn from_headers(headers: &HeaderMap) -> Result<IfMatch, Box<Response>> {
+        let Some(value) = headers.get("if-match") else {
+            return Ok(IfMatch::Absent);
+        };
+        let bad = |why: &str| {
+            Box::new(json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("If-Match {why}: it names the record's updated_at, in quotes"),
+            ))
+        };
+        let text = value.to_str().map_err(|_| bad("is not ASCII"))?.trim();
+        if text == "*" {
+            return Ok(IfMatch::Any);
+        }
+        let mut stamps = Vec::new();
+        for tag in text.split(',').map(str::trim) {
+            let inner = tag
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .ok_or_else(|| bad(&format!("has {tag:?}, not a quoted tag")))?;
+            let at = DateTime::parse_from_rfc3339(inner)
+                .map_err(|_| bad(&format!("has {tag:?}, not an RFC 3339 instant")))?;
+            stamps.push(at.with_timezone(&Utc));
+        }
+        Ok(IfMatch::Stamps(stamps))
+    }
+
+    /// Whether a record changed at `updated_at` meets the precondition.
+    fn holds_for(&self, updated_at: DateTime<Utc>) -> bool {
+        match self {
+            IfMatch::Absent | IfMatch::Any => true,
+            // At microseconds, as the contract says: Tether keeps no finer stamp.
+            IfMatch::Stamps(stamps) => stamps
+                .iter()
+                .any(|s| s.timestamp_micros() == updated_at.timestamp_micros()),
+        }
+    }
 }
 
 fn current_stamp(state: &State_, kind: &str, id: &str) -> DateTime<Utc> {

@@ -33,6 +33,33 @@ struct Written {
     _storing: Vec<super::storing::Storing>,
 }
 
+impl Written {
+    /// Nothing written yet; the stamps are those the plan was made from.
+    fn before([src, tgt]: [&Record; 2]) -> Written {
+        Written {
+            sides: [false; 2],
+            fields: Map::new(),
+            seen: [src.updated_at, tgt.updated_at],
+            last_write: None,
+            stored: [None, None],
+            fan_out: Vec::new(),
+            notes: Vec::new(),
+            _storing: Vec::new(),
+        }
+    }
+
+    /// Side `to` took `changes` and answered with `stored`.
+    fn took(&mut self, to: Side, changes: &Map<String, Value>, stored: Record) {
+        let i = idx(to);
+        self.seen[i] = stored.updated_at;
+        self.fields
+            .insert(to.as_str().into(), Value::Object(changes.clone()));
+        self.sides[i] = true;
+        self.last_write = Some(to);
+        self.stored[i] = Some(stored);
+    }
+}
+
 impl SyncEngine {
     /// Rules 2-5 for a linked pair: plan (looking up the translations the planner asks for),
     /// then apply.
@@ -47,25 +74,55 @@ impl SyncEngine {
     ) -> Result<Step, Fail> {
         let mut link = link;
         super::unsure::take_in(&mut link, [src, tgt]);
+        let plan = self
+            .plan_linked(flow, &link, [src, tgt], event_side)
+            .await?;
+        self.apply(job, flow, &link, src, tgt, plan).await
+    }
+
+    /// [`SyncEngine::sync_linked`] with the counterpart on side `unread` not read but as Tether's
+    /// settled write left it (`super::unread`). Its write names the stamp it was planned from;
+    /// [`Fail::UnreadChanged`] if the record changed since (nothing was written then).
+    pub(crate) async fn sync_linked_unread(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        link: &Link,
+        [src, tgt]: [&Record; 2],
+        event_side: Side,
+        unread: Side,
+    ) -> Result<Step, Fail> {
+        let mut plan = self.plan_linked(flow, link, [src, tgt], event_side).await?;
+        plan.unread = Some(unread);
+        self.apply(job, flow, link, src, tgt, plan).await
+    }
+
+    /// The planner's plan for the pair, with every translation it asks for looked up.
+    async fn plan_linked(
+        &self,
+        flow: &Dataflow,
+        link: &Link,
+        [src, tgt]: [&Record; 2],
+        event_side: Side,
+    ) -> Result<Plan, Fail> {
         let mut translations = Translations::new();
-        let plan = loop {
+        loop {
             let input = PlanInput {
                 registry: &self.registry,
                 flow,
-                link: &link,
+                link,
                 source: src,
                 target: tgt,
                 event_side,
                 translations: &translations,
             };
             match plan(&input) {
-                Planned::Ready(plan) => break plan,
+                Planned::Ready(plan) => return Ok(plan),
                 Planned::NeedTranslations(lookups) => {
                     self.look_up(flow, lookups, &mut translations).await?
                 }
             }
-        };
-        self.apply(job, flow, &link, src, tgt, plan).await
+        }
     }
 
     /// Performs a plan: waits for references, or writes each side's changes and stores the
@@ -79,10 +136,14 @@ impl SyncEngine {
         tgt: &Record,
         plan: Plan,
     ) -> Result<Step, Fail> {
-        let read = json!({
+        let mut read = json!({
             "source": mapped(flow, Side::Source, src),
             "target": mapped(flow, Side::Target, tgt),
         });
+        if let Some(side) = plan.unread {
+            // The log says which side was the snapshot rather than a read.
+            read["unread"] = Value::from(side.as_str());
+        }
         match plan.decision() {
             Decision::Stale => {
                 let reason = plan.notes.join("; ");
@@ -135,25 +196,22 @@ impl SyncEngine {
             .await
     }
 
-    /// One update call per side with only the changed properties.
+    /// One update call per side with only the changed properties; the side planned unread
+    /// first, so that its refusal comes before anything was written. A system that writes
+    /// conditionally is written on the stamp the plan read (or assumed) it at.
     async fn write(
         &self,
         flow: &Dataflow,
         link: &Link,
         plan: &Plan,
-        [src, tgt]: [&Record; 2],
+        records: [&Record; 2],
     ) -> Result<Written, Fail> {
-        let mut w = Written {
-            sides: [false; 2],
-            fields: Map::new(),
-            seen: [src.updated_at, tgt.updated_at],
-            last_write: None,
-            stored: [None, None],
-            fan_out: Vec::new(),
-            notes: Vec::new(),
-            _storing: Vec::new(),
+        let mut w = Written::before(records);
+        let order = match plan.unread {
+            Some(Side::Source) => [Side::Source, Side::Target],
+            _ => [Side::Target, Side::Source],
         };
-        for to in [Side::Target, Side::Source] {
+        for to in order {
             let i = idx(to);
             if plan.changes[i].is_empty() {
                 continue;
@@ -169,17 +227,23 @@ impl SyncEngine {
                 entity_type: e.entity_type.clone(),
                 record_id: id.to_owned(),
             });
-            match conn.update(&e.entity_type, id, &plan.changes[i]).await {
+            let changes = &plan.changes[i];
+            let answer = match records[i]
+                .updated_at
+                .filter(|_| conn.writes_conditionally())
+            {
+                Some(seen) => conn.update_if_unchanged(&e.entity_type, id, changes, seen),
+                None => conn.update(&e.entity_type, id, changes),
+            };
+            match answer.await {
                 Ok(stored) => {
                     mark.answered();
                     w._storing.push(mark);
-                    w.seen[i] = stored.updated_at;
-                    w.fields
-                        .insert(to.as_str().into(), Value::Object(plan.changes[i].clone()));
-                    w.sides[i] = true;
-                    w.last_write = Some(to);
                     w.fan_out.extend(self.fan_out_key(flow, e, id));
-                    w.stored[i] = Some(stored);
+                    w.took(to, changes, stored);
+                }
+                Err(ConnectorError::Changed { .. }) if plan.unread == Some(to) => {
+                    return Err(Fail::UnreadChanged)
                 }
                 Err(ConnectorError::Unsupported { .. }) => w.notes.push(format!(
                     "the {} side ({}/{}) cannot be written: skipped",
@@ -188,25 +252,39 @@ impl SyncEngine {
                     e.entity_type
                 )),
                 Err(err) => {
-                    if matches!(
-                        err,
-                        ConnectorError::Timeout { .. } | ConnectorError::Transient { .. }
-                    ) {
-                        // The vendor may have made the change: the next sync looks.
-                        let mut written = w.sides;
-                        written[i] = true;
-                        let write = super::unsure::UnsureWrite {
-                            side: to,
-                            fields: plan.changes[i].clone(),
-                            snapshot: plan.snapshot_after(written),
-                        };
-                        super::unsure::remember(&self.pool, link.id, &write).await?;
-                    }
+                    self.remember_if_unsure(link, plan, &w, to, &err).await?;
                     return Err(err.into());
                 }
             }
         }
         Ok(w)
+    }
+
+    /// A write that failed in a way the vendor may still have made the change (a timeout, a
+    /// transient failure) is remembered on the link: the next sync looks (`super::unsure`).
+    async fn remember_if_unsure(
+        &self,
+        link: &Link,
+        plan: &Plan,
+        w: &Written,
+        to: Side,
+        err: &ConnectorError,
+    ) -> Result<(), Fail> {
+        if !matches!(
+            err,
+            ConnectorError::Timeout { .. } | ConnectorError::Transient { .. }
+        ) {
+            return Ok(());
+        }
+        let mut written = w.sides;
+        written[idx(to)] = true;
+        let write = super::unsure::UnsureWrite {
+            side: to,
+            fields: plan.changes[idx(to)].clone(),
+            snapshot: plan.snapshot_after(written),
+        };
+        super::unsure::remember(&self.pool, link.id, &write).await?;
+        Ok(())
     }
 
     /// Stores the link's new state with its log entry (with the fan-out's jobs in the same

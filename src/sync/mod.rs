@@ -49,6 +49,7 @@ mod resume;
 mod store;
 pub mod storing;
 pub use storing::StoringWrites;
+mod unread;
 mod unsure;
 
 use std::collections::HashMap;
@@ -119,6 +120,10 @@ pub(crate) enum Fail {
         system: SystemId,
         remaining: Duration,
     },
+    /// The counterpart planned unread had changed: its conditional write wrote nothing, and the
+    /// engine reads it and plans again (`unread`).
+    #[error("the counterpart changed since Tether wrote it; nothing was written")]
+    UnreadChanged,
 }
 
 /// The result of one flow for one event.
@@ -452,6 +457,11 @@ impl SyncEngine {
                 .await;
         }
         let other = side.other();
+        if other_conn.writes_conditionally() {
+            if let Some(step) = self.write_unread(job, flow, &link, (side, record)).await? {
+                return Ok(step);
+            }
+        }
         let other_type = &entity(flow, other).entity_type;
         let Some(counterpart) = other_conn.fetch(other_type, link.id_on(other)).await? else {
             return self.counterpart_gone(job, flow, &link, other).await;
@@ -462,6 +472,33 @@ impl SyncEngine {
         };
         self.sync_linked(job, flow, link.clone(), src, tgt, side)
             .await
+    }
+
+    /// The pair synced without reading the counterpart, if the link vouches for it
+    /// (`unread`); `None` if it does not, or if the counterpart turned out changed (then nothing
+    /// was written and the caller reads it).
+    async fn write_unread(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        link: &Link,
+        (side, record): (Side, &Record),
+    ) -> Result<Option<Step>, Fail> {
+        let other = side.other();
+        let Some(assumed) = unread::counterpart_as_written(flow, link, other) else {
+            return Ok(None);
+        };
+        let records = match side {
+            Side::Source => [record, &assumed],
+            Side::Target => [&assumed, record],
+        };
+        match self
+            .sync_linked_unread(job, flow, link, records, side, other)
+            .await
+        {
+            Err(Fail::UnreadChanged) => Ok(None),
+            done => done.map(Some),
+        }
     }
 
     /// What the queue does with a job whose event failed, and the decision logged for it.
@@ -476,6 +513,14 @@ impl SyncEngine {
                     reason: message,
                 };
                 return (later, Decision::SystemStopped);
+            }
+            // Not reached: the engine reads the counterpart instead.
+            Fail::UnreadChanged => {
+                let later = JobOutcome::Later {
+                    after: Some(REFERENCE_WAIT),
+                    reason: message,
+                };
+                return (later, Decision::Conflict);
             }
             Fail::Connector(e) => e,
         };
@@ -514,6 +559,9 @@ impl SyncEngine {
             ConnectorError::NotConfigured { .. } => {
                 return (JobOutcome::Done, Decision::NotConnected)
             }
+            // The record changed between the read and the write, which named its stamp: its own
+            // event follows, and this one is synced again on fresh reads.
+            ConnectorError::Changed { .. } => return (later(REFERENCE_WAIT), Decision::Conflict),
         };
         (outcome, Decision::Error)
     }

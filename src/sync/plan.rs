@@ -91,6 +91,9 @@ pub(crate) struct Plan {
     pub converged: bool,
     /// Tether wrote the event's side last: an event that changes nothing is its echo.
     pub echo: bool,
+    /// The side planned from the snapshot instead of a read (`super::unread`), set by the
+    /// engine: written first, on the stamp the link keeps.
+    pub unread: Option<Side>,
 }
 
 impl Plan {

@@ -435,3 +435,89 @@ async fn simulator_enforces_the_contract_and_its_fault_knobs() {
         "{err:?}"
     );
 }
+
+/// The contract's optional conditional writes (README, "The custom-system contract"): with
+/// `conditional_writes`, a `PATCH` names the stamp it assumes in `If-Match`; the simulator makes
+/// it only if the record still has that `updated_at`, and otherwise answers 412 with nothing
+/// changed, which the connector reports as `Changed`. `*` matches any record, a tag that is not
+/// a quoted instant is a 400, and a connector without the setting refuses to send one.
+#[tokio::test]
+async fn a_conditional_write_is_made_only_on_the_stamp_it_names() {
+    let (sim, running) = sim(SystemId::CustomErp, None).await;
+    let config = tether::config::CustomSystemConfig {
+        conditional_writes: true,
+        ..support_custom::config(&running.base_url(), TOKEN)
+    };
+    let c = CustomConnector::new(SystemId::CustomErp, &config, Duration::from_secs(5)).unwrap();
+    assert!(c.writes_conditionally());
+    let created = c
+        .create("Customer", &obj(json!({"name": "Acme"})), "key-1")
+        .await
+        .unwrap();
+    let seen = created.updated_at.unwrap();
+
+    let written = c
+        .update_if_unchanged(
+            "Customer",
+            &created.id,
+            &obj(json!({"name": "Acme AS"})),
+            seen,
+        )
+        .await
+        .unwrap();
+    assert_eq!(written.fields["name"], json!("Acme AS"));
+    assert!(written.updated_at.unwrap() > seen);
+
+    // The same stamp again: the record has moved on, so nothing is written.
+    let refused = c
+        .update_if_unchanged(
+            "Customer",
+            &created.id,
+            &obj(json!({"name": "Stale"})),
+            seen,
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(ConnectorError::Changed { ref id, .. }) if *id == created.id),
+        "{refused:?}"
+    );
+    assert_eq!(
+        sim.get("customer", &created.id).unwrap()["name"],
+        json!("Acme AS")
+    );
+
+    let plain = connector(
+        SystemId::CustomErp,
+        &running.base_url(),
+        Duration::from_secs(5),
+    );
+    assert!(!plain.writes_conditionally());
+    let unsupported = plain
+        .update_if_unchanged("Customer", &created.id, &obj(json!({"name": "X"})), seen)
+        .await;
+    assert!(
+        matches!(unsupported, Err(ConnectorError::Unsupported { .. })),
+        "{unsupported:?}"
+    );
+
+    let http = reqwest::Client::new();
+    let url = format!("{}/customer/{}", running.base_url(), created.id);
+    let patch = |if_match: &'static str| {
+        http.patch(&url)
+            .bearer_auth(TOKEN)
+            .header("If-Match", if_match)
+            .json(&json!({"name": "Raw"}))
+            .send()
+    };
+    assert_eq!(patch("yesterday").await.unwrap().status(), 400);
+    assert_eq!(patch("\"not a stamp\"").await.unwrap().status(), 400);
+    assert_eq!(
+        sim.get("customer", &created.id).unwrap()["name"],
+        json!("Acme AS")
+    );
+    assert_eq!(patch("*").await.unwrap().status(), 200);
+    assert_eq!(
+        sim.get("customer", &created.id).unwrap()["name"],
+        json!("Raw")
+    );
+}

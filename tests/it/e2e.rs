@@ -303,7 +303,9 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
 /// renamed in Zendesk costs one read of it, and per linked custom-system customer one read (the
 /// counterpart's current values, which the three-way merge needs) and one write; the echo of each
 /// write costs no call at all: its webhook carries the customer's `updated_at`, the stamp the
-/// write answered with (docs/sync-rules.md, "An echo without a read").
+/// write answered with (docs/sync-rules.md, "An echo without a read"). The next rename reads
+/// no customer: Tether wrote them last, their answers showed the synced name, and the sandbox's
+/// custom systems write conditionally (docs/sync-rules.md, "A write without a read").
 #[tokio::test]
 async fn a_linked_rename_costs_one_read_per_record_and_one_write_and_its_echo_no_call() {
     let overlay = r#"
@@ -408,6 +410,37 @@ resolve = "latest_wins"
         assert_eq!(sim.control.count_method("GET"), 1, "{counters:?}");
         assert_eq!(sim.control.count_method("PATCH"), 1, "{counters:?}");
         assert_eq!(sim.control.count_method("POST"), 0, "{counters:?}");
+    }
+
+    // The next rename: each customer written on the stamp of Tether's own write, unread.
+    for sim in custom {
+        sim.control.reset_counters();
+    }
+    let renamed = h.sims.zendesk.update(
+        Kind::Organization,
+        org_id,
+        json!({"name": "Counted Holding AS"}),
+    );
+    assert!(renamed.status().is_success());
+    for (sim, id) in [
+        (&h.sims.customerp, &erp_customer),
+        (&h.sims.custompms, &pms_customer),
+    ] {
+        eventually(
+            "the second name in the custom system",
+            WAIT,
+            probe(|| {
+                let c = sim.get("customer", id)?;
+                (c["name"] == json!("Counted Holding AS")).then_some(())
+            }),
+        )
+        .await;
+    }
+    h.assert_settles().await;
+    for sim in custom {
+        let counters = sim.control.counters();
+        assert_eq!(sim.control.count_method("GET"), 0, "{counters:?}");
+        assert_eq!(sim.control.count_method("PATCH"), 1, "{counters:?}");
     }
     h.stop().await;
 }

@@ -388,6 +388,7 @@ pub mod custom {
             api_token: SecretString::from(api_token),
             webhook_secret: None,
             poll_interval: None,
+            conditional_writes: false,
         }
     }
 

@@ -704,6 +704,78 @@ async fn rule3_a_custom_echo_carrying_the_written_stamp_costs_no_call() {
     assert_ne!(h.decisions().await.last().unwrap(), "echo");
 }
 
+/// docs/sync-rules.md, "A write without a read": a custom system that writes conditionally is
+/// written without reading it first when Tether wrote it last and its answer showed the snapshot.
+/// The write names the stamp it assumes, so a change made there meanwhile (its webhook not yet
+/// handled) refuses it with nothing written; the record is then read, and the later change wins
+/// as ever instead of being overwritten.
+#[tokio::test]
+async fn rule2_a_conditional_system_written_last_is_written_unread_unless_it_changed_since() {
+    let flow = flow(
+        (PowerOffice, "Customers"),
+        (CustomErp, "Customer"),
+        vec![prop("Name", "name"), prop("WebsiteUrl", "url")],
+    );
+    let h = Harness::new(vec![flow], &[PowerOffice, CustomErp]).await;
+    h.m(CustomErp).write_conditionally();
+    let c = h.m(PowerOffice).insert(
+        "Customers",
+        obj(json!({"Name": "Acme AS", "WebsiteUrl": "https://acme.no"})),
+    );
+    assert_eq!(
+        h.run(PowerOffice, "Customers", &c.id).await,
+        JobOutcome::Done
+    );
+    let customer = h.active_links().await[0].2.clone();
+    let erp_name = || name_of(&h.m(CustomErp).get("Customer", &customer).unwrap());
+    let rename = |name: &str| {
+        h.m(PowerOffice)
+            .edit("Customers", &c.id, obj(json!({ "Name": name })))
+    };
+
+    // The link was made by a create, whose answer is not vouched for: the customer is read.
+    rename("Acme Norge AS");
+    assert_eq!(erp_calls_of_a_sync(&h, &c.id).await, (1, 1));
+
+    // Tether's write answered with the snapshot: the next change is written unread.
+    rename("Acme Holding AS");
+    assert_eq!(erp_calls_of_a_sync(&h, &c.id).await, (0, 1));
+    assert_eq!(erp_name(), json!("Acme Holding AS"));
+    let read: Value =
+        sqlx::query_scalar("SELECT read FROM sync_log WHERE decision = 'updated' ORDER BY id DESC")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(read["unread"], json!("target"), "{read}");
+
+    // Renamed in PowerOffice, then in the ERP: the unread write is refused, the customer read,
+    // and the ERP's later name wins on both sides.
+    rename("From PowerOffice");
+    h.m(CustomErp)
+        .edit("Customer", &customer, obj(json!({"name": "From the ERP"})));
+    assert_eq!(
+        erp_calls_of_a_sync(&h, &c.id).await,
+        (1, 1),
+        "one refused write, then one read"
+    );
+    assert_eq!(erp_name(), json!("From the ERP"));
+    assert_eq!(
+        h.m(PowerOffice).get("Customers", &c.id).unwrap().fields["Name"],
+        json!("From the ERP")
+    );
+}
+
+/// Runs the PowerOffice customer's event and returns the Custom ERP's (reads, writes) it cost.
+async fn erp_calls_of_a_sync(h: &Harness, customer: &str) -> (u64, u64) {
+    h.reset_counters();
+    assert_eq!(
+        h.run(PowerOffice, "Customers", customer).await,
+        JobOutcome::Done
+    );
+    let erp = h.m(CustomErp);
+    (erp.count("fetch"), erp.count("update"))
+}
+
 /// A registry rule naming another flow as the owner of a property: this flow does not write it
 /// to a linked record, but still writes the properties it owns or shares.
 #[tokio::test]
