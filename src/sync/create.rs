@@ -341,11 +341,16 @@ impl SyncEngine {
             detail: Some(detail),
             ..Entry::new(Decision::Created)
         };
+        // The create's answer vouches for the target as a settled write does (docs/sync-rules.md,
+        // "An echo without a read"), when it shows every synced value as sent.
+        let answered = new_link(0, src, &created, built.snapshot.clone());
+        let settled = super::plan::settled_by_one_read(flow, &answered, &created, Side::Target)
+            == Some(Decision::Echo);
         self.store_link(
             job,
             entry,
             flow,
-            (src, &created, false),
+            (src, &created, Linked::Created { settled }),
             &built.snapshot,
             Some(intent_id),
         )
@@ -403,12 +408,22 @@ impl SyncEngine {
         job: &ClaimedJob,
         mut entry: Entry<'_>,
         flow: &Dataflow,
-        (src, tgt, unmerged): (&Record, &Record, bool),
+        (src, tgt, linked): (&Record, &Record, Linked),
         snapshot: &Map<String, Value>,
         intent: Option<i64>,
     ) -> Result<i64, sqlx::Error> {
+        let (settled, unmerged) = match linked {
+            Linked::Created { settled } => (settled, false),
+            Linked::Existing { unmerged } => (false, unmerged),
+        };
         let mut tx = self.pool.begin().await?;
-        let link_id = store::insert_link(&mut tx, flow, src, tgt, snapshot, intent).await?;
+        let new = store::NewLink {
+            src,
+            tgt,
+            snapshot,
+            settled,
+        };
+        let link_id = store::insert_link(&mut tx, flow, new, intent).await?;
         if let Some(k) = self.fan_out_key(flow, &flow.target, &tgt.id) {
             store::enqueue_records(&mut tx, &[k], "fan-out", None, job.priority).await?;
         }
@@ -455,12 +470,28 @@ impl SyncEngine {
         )
         .is_none();
         let link_id = self
-            .store_link(job, entry, flow, (src, &tgt, unmerged), &base, intent)
+            .store_link(
+                job,
+                entry,
+                flow,
+                (src, &tgt, Linked::Existing { unmerged }),
+                &base,
+                intent,
+            )
             .await?;
         let link = new_link(link_id, src, &tgt, base);
         self.sync_linked(job, flow, link, src, &tgt, Side::Source)
             .await
     }
+}
+
+/// How a new link's target came to be.
+#[derive(Debug, Clone, Copy)]
+enum Linked {
+    /// Tether created it; `settled`: the create's answer showed every synced value as sent.
+    Created { settled: bool },
+    /// It existed and was linked; `unmerged`: it has a change of its own still to merge.
+    Existing { unmerged: bool },
 }
 
 /// The log entry of a source record linked to an existing target record.

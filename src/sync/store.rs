@@ -389,20 +389,33 @@ pub(crate) async fn linked_id(
     .await
 }
 
+/// A link to insert: the pair, its snapshot, and whether Tether's create of the target is
+/// its settled write (`links.last_write_settled`).
+pub(crate) struct NewLink<'a> {
+    pub src: &'a Record,
+    pub tgt: &'a Record,
+    pub snapshot: &'a Map<String, Value>,
+    pub settled: bool,
+}
+
 /// Inserts a new link (Tether just wrote or linked the target) and closes its create intent,
 /// inside the caller's transaction; returns the link's id.
 pub(crate) async fn insert_link(
     tx: &mut PgConnection,
     flow: &Dataflow,
-    src: &Record,
-    tgt: &Record,
-    snapshot: &Map<String, Value>,
+    NewLink {
+        src,
+        tgt,
+        snapshot,
+        settled,
+    }: NewLink<'_>,
     intent: Option<i64>,
 ) -> Result<i64, sqlx::Error> {
     let link_id: i64 = sqlx::query_scalar(
         "INSERT INTO links (flow_id, source_system, source_type, source_id, target_system, \
-         target_type, target_id, snapshot, source_seen_at, target_seen_at, last_write_side) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'target') RETURNING id",
+         target_type, target_id, snapshot, source_seen_at, target_seen_at, last_write_side, \
+         last_write_settled) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'target', $11) RETURNING id",
     )
     .bind(&flow.id)
     .bind(flow.source.system.as_str())
@@ -414,6 +427,7 @@ pub(crate) async fn insert_link(
     .bind(Value::Object(snapshot.clone()))
     .bind(src.updated_at)
     .bind(tgt.updated_at)
+    .bind(settled)
     .fetch_one(&mut *tx)
     .await?;
     if let Some(intent) = intent {

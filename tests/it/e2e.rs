@@ -12,7 +12,7 @@
 //!   (departments and divisions link-only, by merge criteria from the test's overlay).
 //! - `poweroffice_suppliers_departments_employees_and_contact_persons_reach_zendesk`: the other
 //!   four PowerOffice flows (employees and contact persons link-only, by email from the overlay).
-//! - `a_linked_rename_costs_one_read_per_record_and_one_write_and_its_echo_no_call`: the API
+//! - `a_linked_rename_writes_each_custom_customer_once_unread_and_its_echo_costs_no_call`: the API
 //!   calls of one linked update, counted by the simulators.
 
 use std::time::{Duration, Instant};
@@ -300,14 +300,16 @@ async fn zendesk_users_tickets_and_comments_reach_crmoffice_and_custom_systems()
 }
 
 /// API calls of one linked update, counted by the simulators' request counters: an organization
-/// renamed in Zendesk costs one read of it, and per linked custom-system customer one read (the
-/// counterpart's current values, which the three-way merge needs) and one write; the echo of each
-/// write costs no call at all: its webhook carries the customer's `updated_at`, the stamp the
-/// write answered with (docs/sync-rules.md, "An echo without a read"). The next rename reads
-/// no customer: Tether wrote them last, their answers showed the synced name, and the sandbox's
-/// custom systems write conditionally (docs/sync-rules.md, "A write without a read").
+/// renamed in Zendesk costs one read of it (two flows run for it), and each linked custom-system
+/// customer one write and no read: Tether created it, the create's answer showed the synced
+/// name, and the sandbox's custom systems write conditionally, so the write names the stamp the
+/// link keeps (docs/sync-rules.md, "A write without a read"). The echo of each write costs no call
+/// at all: its webhook carries the customer's `updated_at`, the stamp the write answered with
+/// ("An echo without a read"). Then each customer is changed in its system without a webhook
+/// (a field no flow maps): the next rename's write names a stale stamp and is refused, the
+/// customer is read, and written again, keeping the system's own change.
 #[tokio::test]
-async fn a_linked_rename_costs_one_read_per_record_and_one_write_and_its_echo_no_call() {
+async fn a_linked_rename_writes_each_custom_customer_once_unread_and_its_echo_costs_no_call() {
     let overlay = r#"
 [[dataflow]]
 source = "zendesk.Organizations"
@@ -407,13 +409,22 @@ resolve = "latest_wins"
     );
     for sim in custom {
         let counters = sim.control.counters();
-        assert_eq!(sim.control.count_method("GET"), 1, "{counters:?}");
+        assert_eq!(sim.control.count_method("GET"), 0, "{counters:?}");
         assert_eq!(sim.control.count_method("PATCH"), 1, "{counters:?}");
         assert_eq!(sim.control.count_method("POST"), 0, "{counters:?}");
     }
 
-    // The next rename: each customer written on the stamp of Tether's own write, unread.
-    for sim in custom {
+    // Changed in the custom systems with no webhook: the next write is refused, then read.
+    for (sim, id) in [
+        (&h.sims.customerp, &erp_customer),
+        (&h.sims.custompms, &pms_customer),
+    ] {
+        sim.touch(
+            "customer",
+            id,
+            obj(json!({"phone": "+47 22 00 00 00"})),
+            None,
+        );
         sim.control.reset_counters();
     }
     let renamed = h.sims.zendesk.update(
@@ -437,10 +448,15 @@ resolve = "latest_wins"
         .await;
     }
     h.assert_settles().await;
-    for sim in custom {
+    for (sim, id) in [
+        (&h.sims.customerp, &erp_customer),
+        (&h.sims.custompms, &pms_customer),
+    ] {
         let counters = sim.control.counters();
-        assert_eq!(sim.control.count_method("GET"), 0, "{counters:?}");
-        assert_eq!(sim.control.count_method("PATCH"), 1, "{counters:?}");
+        assert_eq!(sim.control.count_method("GET"), 1, "{counters:?}");
+        assert_eq!(sim.control.count_method("PATCH"), 2, "{counters:?}");
+        let customer = sim.get("customer", id).unwrap();
+        assert_eq!(customer["phone"], json!("+47 22 00 00 00"));
     }
     h.stop().await;
 }
@@ -559,7 +575,9 @@ async fn a_zendesk_update_newer_than_the_link_costs_no_read_and_one_of_its_secon
     let zendesk = h.sims.zendesk.control();
     assert_eq!(zendesk.count_method("GET"), 0, "{:?}", zendesk.counters());
     let erp = &h.sims.customerp.control;
-    assert_eq!(erp.count_method("GET"), 1, "{:?}", erp.counters());
+    // Nor of the customer: Tether created it, and the sandbox's ERP writes conditionally
+    // (docs/sync-rules.md, "A write without a read").
+    assert_eq!(erp.count_method("GET"), 0, "{:?}", erp.counters());
     assert_eq!(erp.count_method("PATCH"), 1, "{:?}", erp.counters());
 
     // Events describing another name, stamped in the link's second and one second before it.

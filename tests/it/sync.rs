@@ -705,7 +705,8 @@ async fn rule3_a_custom_echo_carrying_the_written_stamp_costs_no_call() {
 }
 
 /// docs/sync-rules.md, "A write without a read": a custom system that writes conditionally is
-/// written without reading it first when Tether wrote it last and its answer showed the snapshot.
+/// written without reading it first when Tether wrote (or created) it last and its answer showed
+/// the snapshot; after Tether wrote the other side last, it is read.
 /// The write names the stamp it assumes, so a change made there meanwhile (its webhook not yet
 /// handled) refuses it with nothing written; the record is then read, and the later change wins
 /// as ever instead of being overwritten.
@@ -733,14 +734,26 @@ async fn rule2_a_conditional_system_written_last_is_written_unread_unless_it_cha
             .edit("Customers", &c.id, obj(json!({ "Name": name })))
     };
 
-    // The link was made by a create, whose answer is not vouched for: the customer is read.
+    // Tether created the customer and the create's answer showed the values sent: unread.
     rename("Acme Norge AS");
+    assert_eq!(erp_calls_of_a_sync(&h, &c.id).await, (0, 1));
+    assert_eq!(erp_name(), json!("Acme Norge AS"));
+
+    // Renamed in the ERP and synced to PowerOffice: Tether wrote the other side last, so the
+    // customer is read before the next write.
+    h.m(CustomErp)
+        .edit("Customer", &customer, obj(json!({"name": "Acme ERP AS"})));
+    assert_eq!(
+        h.run(CustomErp, "Customer", &customer).await,
+        JobOutcome::Done
+    );
+    rename("Acme Holding AS");
     assert_eq!(erp_calls_of_a_sync(&h, &c.id).await, (1, 1));
 
     // Tether's write answered with the snapshot: the next change is written unread.
-    rename("Acme Holding AS");
+    rename("Acme Group AS");
     assert_eq!(erp_calls_of_a_sync(&h, &c.id).await, (0, 1));
-    assert_eq!(erp_name(), json!("Acme Holding AS"));
+    assert_eq!(erp_name(), json!("Acme Group AS"));
     let read: Value =
         sqlx::query_scalar("SELECT read FROM sync_log WHERE decision = 'updated' ORDER BY id DESC")
             .fetch_one(&h.db.pool)
