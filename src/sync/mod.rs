@@ -13,6 +13,8 @@
 //! - [`create`]: linking or creating the counterpart of an unlinked source record, with the
 //!   create intent committed before the vendor call;
 //! - [`echo`]: a custom system's echo recognised by the stamp its webhook carries, unread;
+//! - [`unread`]: a custom system's counterpart written without a read, on the stamp Tether's
+//!   own settled write left it at;
 //! - [`delivery`]: a Zendesk echo recognised by what its webhook says, unread;
 //! - [`beside`]: an event's `idle` entry written in the statement of its one flow's decision;
 //! - [`noted`]: what a flow decides that sends nothing (only its log entry);
@@ -472,33 +474,6 @@ impl SyncEngine {
         };
         self.sync_linked(job, flow, link.clone(), src, tgt, side)
             .await
-    }
-
-    /// The pair synced without reading the counterpart, if the link vouches for it
-    /// (`unread`); `None` if it does not, or if the counterpart turned out changed (then nothing
-    /// was written and the caller reads it).
-    async fn write_unread(
-        &self,
-        job: &ClaimedJob,
-        flow: &Dataflow,
-        link: &Link,
-        (side, record): (Side, &Record),
-    ) -> Result<Option<Step>, Fail> {
-        let other = side.other();
-        let Some(assumed) = unread::counterpart_as_written(flow, link, other) else {
-            return Ok(None);
-        };
-        let records = match side {
-            Side::Source => [record, &assumed],
-            Side::Target => [&assumed, record],
-        };
-        match self
-            .sync_linked_unread(job, flow, link, records, side, other)
-            .await
-        {
-            Err(Fail::UnreadChanged) => Ok(None),
-            done => done.map(Some),
-        }
     }
 
     /// What the queue does with a job whose event failed, and the decision logged for it.

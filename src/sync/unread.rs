@@ -14,9 +14,39 @@ use super::mapping::{key, path, ref_part, synced};
 use super::merge::Side;
 use super::plan::settled_by_one_read;
 use super::store::Link;
-use super::Decision;
+use super::{Decision, Fail, Step, SyncEngine};
 use crate::connectors::{set_path, Record};
+use crate::queue::ClaimedJob;
 use crate::registry::Dataflow;
+
+impl SyncEngine {
+    /// The pair synced without reading the counterpart, if the link vouches for it (see the
+    /// module doc); `None` if it does not, or if the counterpart turned out changed (then nothing
+    /// was written and the caller reads it).
+    pub(super) async fn write_unread(
+        &self,
+        job: &ClaimedJob,
+        flow: &Dataflow,
+        link: &Link,
+        (side, record): (Side, &Record),
+    ) -> Result<Option<Step>, Fail> {
+        let other = side.other();
+        let Some(assumed) = counterpart_as_written(flow, link, other) else {
+            return Ok(None);
+        };
+        let records = match side {
+            Side::Source => [record, &assumed],
+            Side::Target => [&assumed, record],
+        };
+        match self
+            .sync_linked_unread(job, flow, link, records, side, other)
+            .await
+        {
+            Err(Fail::UnreadChanged) => Ok(None),
+            done => done.map(Some),
+        }
+    }
+}
 
 /// The record on `side` of `link` as Tether's settled write left it, built from the snapshot; `None`
 /// unless the link vouches for it (see the module doc) and every synced property reads back
