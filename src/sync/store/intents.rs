@@ -15,7 +15,12 @@ pub(crate) struct Intent {
     pub id: i64,
     pub idempotency_key: Uuid,
     pub owner_job_id: Option<i64>,
-    /// Its lease has not expired.
+    /// Its lease has not expired and its owner job is running (claimed, its lease not expired).
+    /// An owner waiting to retry is not creating anything: its intent is an earlier attempt's,
+    /// which the next job of the record takes over (asking the vendor first by its key).
+    /// Waiting on it instead could stall both: the queue runs a record's jobs in id order, so a
+    /// younger owner's retry waits behind the older job that waits on its intent (seen in the
+    /// chaos suite: two minutes, the intent's lease).
     pub live: bool,
     /// The snapshot of the values the create sent (`None` on intents of older versions).
     pub written: Option<Map<String, Value>>,
@@ -28,9 +33,12 @@ pub(crate) async fn pending_intent(
     src_id: &str,
 ) -> Result<Option<Intent>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT id, idempotency_key, owner_job_id, lease_until > now() AS live, written \
-         FROM link_intents WHERE state = 'pending' AND source_system = $1 \
-         AND source_type = $2 AND source_id = $3 AND flow_id = $4",
+        "SELECT i.id, i.idempotency_key, i.owner_job_id, \
+         i.lease_until > now() AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = i.owner_job_id \
+           AND j.state = 'running' AND j.lease_until > now()) AS live, \
+         i.written \
+         FROM link_intents i WHERE i.state = 'pending' AND i.source_system = $1 \
+         AND i.source_type = $2 AND i.source_id = $3 AND i.flow_id = $4",
     )
     .bind(flow.source.system.as_str())
     .bind(&flow.source.entity_type)
