@@ -220,9 +220,7 @@ impl CustomConnector {
         };
         serde_json::from_value(value).map_err(|e| self.malformed(format!("list body: {e}")))
     }
-}
 
-impl CustomConnector {
     /// The contract's `PATCH` of the changed fields; with `If-Match` on the stamp `seen` if
     /// given, where 412 means the record changed since.
     async fn patch(
