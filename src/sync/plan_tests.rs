@@ -20,7 +20,7 @@ fn t(secs: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
 }
 
-fn name_mapping() -> PropertyMapping {
+pub(super) fn name_mapping() -> PropertyMapping {
     PropertyMapping {
         source: "Name".into(),
         target: "name".into(),
@@ -31,7 +31,7 @@ fn name_mapping() -> PropertyMapping {
     }
 }
 
-fn party_mapping() -> PropertyMapping {
+pub(super) fn party_mapping() -> PropertyMapping {
     PropertyMapping {
         source: "partyId".into(),
         target: "organization_id".into(),
@@ -43,7 +43,7 @@ fn party_mapping() -> PropertyMapping {
     }
 }
 
-fn flow(properties: Vec<PropertyMapping>) -> Dataflow {
+pub(super) fn flow(properties: Vec<PropertyMapping>) -> Dataflow {
     Dataflow {
         id: "poweroffice.Contactperson->zendesk.Users".into(),
         source: EntityRef::new(SystemId::PowerOffice, "Contactperson"),

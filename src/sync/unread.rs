@@ -81,38 +81,16 @@ pub(crate) fn counterpart_as_written(flow: &Dataflow, link: &Link, side: Side) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::SystemId;
-    use crate::registry::{EntityRef, FlowSwitches, PropertyMapping, Reference, SyncMode};
+    use crate::sync::plan_tests;
     use chrono::{TimeZone, Utc};
     use serde_json::json;
 
+    /// The planner tests' flow: a plain `Name` and the reference `partyId`.
     fn flow() -> Dataflow {
-        let name = PropertyMapping {
-            source: "Name".into(),
-            target: "name".into(),
-            data_type: "string".into(),
-            reference: None,
-            sync: SyncMode::Both,
-            note: None,
-        };
-        let party = PropertyMapping {
-            source: "partyId".into(),
-            target: "organization_id".into(),
-            reference: Some(Reference {
-                source_types: vec!["Customers".into()],
-                target_type: "Organizations".into(),
-            }),
-            ..name.clone()
-        };
-        Dataflow {
-            id: "customerp.Contact->zendesk.Users".into(),
-            source: EntityRef::new(SystemId::CustomErp, "Contact"),
-            target: EntityRef::new(SystemId::Zendesk, "Users"),
-            properties: vec![name, party],
-            merge_criteria: Vec::new(),
-            switches: FlowSwitches::default(),
-            guard: Default::default(),
-        }
+        plan_tests::flow(vec![
+            plan_tests::name_mapping(),
+            plan_tests::party_mapping(),
+        ])
     }
 
     /// A link whose `last_write` side was written last, `settled` or not.

@@ -21,6 +21,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use tether::connectors::zendesk::ZendeskConnector;
 use tether::connectors::Connector;
+use tether::simulators::custom::CustomSim;
 use tether::simulators::kit;
 use tether::simulators::zendesk::Kind;
 
@@ -379,15 +380,7 @@ resolve = "latest_wins"
     .into_iter()
     .zip(echoes_before)
     {
-        eventually(
-            "the new name in the custom system",
-            WAIT,
-            probe(|| {
-                let c = sim.get("customer", id)?;
-                (c["name"] == json!("Counted Norge AS")).then_some(())
-            }),
-        )
-        .await;
+        customer_named(sim, id, "Counted Norge AS").await;
         // The echo of the write is recognised (and causes nothing).
         let deadline = Instant::now() + WAIT;
         while h.echo_entries(system, id).await <= before {
@@ -415,10 +408,11 @@ resolve = "latest_wins"
     }
 
     // Changed in the custom systems with no webhook: the next write is refused, then read.
-    for (sim, id) in [
+    let customers = [
         (&h.sims.customerp, &erp_customer),
         (&h.sims.custompms, &pms_customer),
-    ] {
+    ];
+    for (sim, id) in customers {
         sim.touch(
             "customer",
             id,
@@ -433,25 +427,11 @@ resolve = "latest_wins"
         json!({"name": "Counted Holding AS"}),
     );
     assert!(renamed.status().is_success());
-    for (sim, id) in [
-        (&h.sims.customerp, &erp_customer),
-        (&h.sims.custompms, &pms_customer),
-    ] {
-        eventually(
-            "the second name in the custom system",
-            WAIT,
-            probe(|| {
-                let c = sim.get("customer", id)?;
-                (c["name"] == json!("Counted Holding AS")).then_some(())
-            }),
-        )
-        .await;
+    for (sim, id) in customers {
+        customer_named(sim, id, "Counted Holding AS").await;
     }
     h.assert_settles().await;
-    for (sim, id) in [
-        (&h.sims.customerp, &erp_customer),
-        (&h.sims.custompms, &pms_customer),
-    ] {
+    for (sim, id) in customers {
         let counters = sim.control.counters();
         assert_eq!(sim.control.count_method("GET"), 1, "{counters:?}");
         assert_eq!(sim.control.count_method("PATCH"), 2, "{counters:?}");
@@ -459,6 +439,19 @@ resolve = "latest_wins"
         assert_eq!(customer["phone"], json!("+47 22 00 00 00"));
     }
     h.stop().await;
+}
+
+/// Waits until the custom system's customer `id` carries `name`.
+async fn customer_named(sim: &CustomSim, id: &str, name: &str) {
+    eventually(
+        "the new name in the custom system",
+        WAIT,
+        probe(|| {
+            let c = sim.get("customer", id)?;
+            (c["name"] == json!(name)).then_some(())
+        }),
+    )
+    .await;
 }
 
 /// A Zendesk echo costs no read: a customer renamed in the custom ERP is written back to its

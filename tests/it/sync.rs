@@ -1284,15 +1284,22 @@ async fn rule8_counterpart_edited_between_crash_and_retry_reaches_the_source_aft
     );
 }
 
-#[tokio::test]
-async fn rule8_another_job_holding_the_intent_makes_a_second_job_wait() {
-    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+/// A PowerOffice customer named `name` whose first job recorded its create intent and then
+/// failed to create the organization (a transient error): the customer and that job, to retry.
+async fn create_failed_once(h: &Harness, name: &str) -> (Record, ClaimedJob) {
     let c = h
         .m(PowerOffice)
-        .insert("Customers", obj(json!({"Name": "Once AS"})));
+        .insert("Customers", obj(json!({ "Name": name })));
     h.m(Zendesk).fail_next("create", Failure::Transient);
     let a = h.event(PowerOffice, "Customers", &c.id).await;
     assert!(matches!(h.handle(&a).await, JobOutcome::Retry { .. }));
+    (c, a)
+}
+
+#[tokio::test]
+async fn rule8_another_job_holding_the_intent_makes_a_second_job_wait() {
+    let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
+    let (c, a) = create_failed_once(&h, "Once AS").await;
     // A different job for the same record while A runs again (claimed, its lease live) and
     // its intent lease is live: it waits.
     h.mark_running(&a).await;
@@ -1315,12 +1322,7 @@ async fn rule8_another_job_holding_the_intent_makes_a_second_job_wait() {
 #[tokio::test]
 async fn rule8_an_intent_whose_job_waits_to_retry_is_taken_over_not_waited_for() {
     let h = Harness::new(vec![customers_to_orgs()], &[PowerOffice, Zendesk]).await;
-    let c = h
-        .m(PowerOffice)
-        .insert("Customers", obj(json!({"Name": "Taken Over AS"})));
-    h.m(Zendesk).fail_next("create", Failure::Transient);
-    let a = h.event(PowerOffice, "Customers", &c.id).await;
-    assert!(matches!(h.handle(&a).await, JobOutcome::Retry { .. }));
+    let (c, a) = create_failed_once(&h, "Taken Over AS").await;
     let b = h.event(PowerOffice, "Customers", &c.id).await;
     assert_eq!(h.handle(&b).await, JobOutcome::Done);
     assert_eq!(h.m(Zendesk).all("Organizations").len(), 1);
