@@ -690,7 +690,11 @@ async fn pruning_removes_old_finished_jobs_and_their_events_only() {
 /// Stores `n` events with their jobs (one record each) in one statement, on one connection, and
 /// asks that connection to report its statistics at once (they are otherwise sent at most once a
 /// second, and up to 10 s later when the connection goes idle).
+/// Inserts `n` events with their jobs and returns once the statistics views show the inserts.
+/// `pg_stat_force_next_flush` flushes when the backend next goes idle, which sqlx does not wait
+/// for before it hands the connection back: another connection may read the views first.
 async fn burst(pool: &PgPool, tag: &str, n: i64) {
+    let inserted_before = events_inserted(pool).await;
     let mut conn = pool.acquire().await.unwrap();
     sqlx::query(
         "WITH e AS (
@@ -710,6 +714,20 @@ async fn burst(pool: &PgPool, tag: &str, n: i64) {
         .execute(&mut *conn)
         .await
         .unwrap();
+    drop(conn);
+    eventually(
+        "the burst in the statistics",
+        Duration::from_secs(30),
+        || async { events_inserted(pool).await >= inserted_before + n },
+    )
+    .await;
+}
+
+async fn events_inserted(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'events'::regclass")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// `pg_stat_user_tables` for `jobs`: (analyze_count, vacuum_count, n_mod_since_analyze, n_dead_tup).
