@@ -50,7 +50,7 @@ use serde_json::{Map, Value};
 
 use super::transport::token::StaticToken;
 use super::transport::{http_client, Answer, Call, Credential, Gates, VendorClient};
-use super::{get_path, ChangePage, Connector, ConnectorError, Record};
+use super::{get_path, ChangePage, ConditionalWrites, Connector, ConnectorError, Record};
 use crate::config::CustomSystemConfig;
 use crate::domain::SystemId;
 
@@ -328,8 +328,11 @@ impl Connector for CustomConnector {
         self.patch(entity_type, id, changed, None).await
     }
 
-    fn writes_conditionally(&self) -> bool {
-        self.conditional_writes
+    fn conditional_writes(&self, _entity_type: &str) -> ConditionalWrites {
+        match self.conditional_writes {
+            true => ConditionalWrites::Exact,
+            false => ConditionalWrites::No,
+        }
     }
 
     async fn update_if_unchanged(

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
-use super::{get_path, ChangePage, Connector, ConnectorError, Record};
+use super::{get_path, ChangePage, ConditionalWrites, Connector, ConnectorError, Record};
 use crate::domain::SystemId;
 
 /// An error the next call of one operation returns (ConnectorError is not Clone, so the knob holds
@@ -373,8 +373,11 @@ impl Connector for MemoryConnector {
         self.update_checked(entity_type, id, changed, None).await
     }
 
-    fn writes_conditionally(&self) -> bool {
-        self.lock().conditional_writes
+    fn conditional_writes(&self, _entity_type: &str) -> ConditionalWrites {
+        match self.lock().conditional_writes {
+            true => ConditionalWrites::Exact,
+            false => ConditionalWrites::No,
+        }
     }
 
     async fn update_if_unchanged(
@@ -384,7 +387,7 @@ impl Connector for MemoryConnector {
         changed: &Map<String, Value>,
         seen: DateTime<Utc>,
     ) -> Result<Record, ConnectorError> {
-        if !self.writes_conditionally() {
+        if !self.lock().conditional_writes {
             return Err(ConnectorError::Unsupported {
                 system: self.system,
                 entity_type: entity_type.to_owned(),

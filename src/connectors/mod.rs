@@ -102,6 +102,22 @@ pub struct DeletionPage {
     pub has_more: bool,
 }
 
+/// How a system can refuse a write to a record that changed since a stamp Tether names
+/// ([`Connector::update_if_unchanged`]; docs/sync-rules.md, "Conditional writes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionalWrites {
+    /// It cannot: a write lands whatever happened to the record since it was read.
+    No,
+    /// It can, and its stamps tell every change apart (a custom system's `If-Match` on
+    /// microseconds): a record Tether wrote last may be written on that write's stamp without
+    /// being read first.
+    Exact,
+    /// It can, but its stamps are whole seconds (Zendesk tickets' `safe_update`): a change made
+    /// in the same second as the stamp passes unseen, so only a stamp just read is named. That
+    /// narrows the window between the read and the write to that second; it never replaces the read.
+    AfterRead,
+}
+
 /// Why a call to a vendor failed, classified by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -254,15 +270,16 @@ pub trait Connector: Send + Sync + 'static {
         changed: &Map<String, Value>,
     ) -> Result<Record, ConnectorError>;
 
-    /// Whether [`Connector::update_if_unchanged`] is offered: the system refuses a write whose
-    /// record changed since a given stamp (docs/sync-rules.md, "A write without a read").
-    fn writes_conditionally(&self) -> bool {
-        false
+    /// Whether and how [`Connector::update_if_unchanged`] is offered for the type: the system
+    /// refuses a write whose record changed since a given stamp (docs/sync-rules.md,
+    /// "Conditional writes").
+    fn conditional_writes(&self, _entity_type: &str) -> ConditionalWrites {
+        ConditionalWrites::No
     }
 
     /// [`Connector::update`], made only if the record's change stamp is still `seen`; otherwise
     /// nothing is written and the answer is [`ConnectorError::Changed`]. Only called where
-    /// [`Connector::writes_conditionally`] says so.
+    /// [`Connector::conditional_writes`] offers it.
     async fn update_if_unchanged(
         &self,
         entity_type: &str,

@@ -16,13 +16,16 @@
 //! `external_id = "tether-<idempotency key>"`, so a retried create updates the record the first
 //! attempt made; tickets carry the same `external_id` and a create first looks for it. Comments
 //! keep no trace of a key: `find_created` is `Unsupported` for them.
+//!
+//! Ticket writes are safe updates (`safe_update` with the `updated_stamp` the write was planned
+//! from; 409 is `ConnectorError::Changed`): docs/sync-rules.md, "Conditional writes".
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -33,7 +36,7 @@ use super::transport::token::StaticToken;
 use super::transport::{
     http_client, Answer, Budgets, Call, Credential, Gates, RateGate, VendorClient,
 };
-use super::{ChangePage, Connector, ConnectorError, Record};
+use super::{ChangePage, ConditionalWrites, Connector, ConnectorError, Record};
 use crate::config::{Config, ZendeskConfig};
 use crate::domain::SystemId;
 use records::*;
@@ -207,6 +210,11 @@ fn closed_ticket(error: ConnectorError, entity: Entity, id: &str) -> ConnectorEr
     }
 }
 
+/// A stamp as Zendesk writes its own: whole seconds, UTC (`2019-09-12T21:45:16Z`).
+fn zendesk_stamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
 /// The `external_id` that carries an idempotency key.
 pub fn external_id_for(idempotency_key: &str) -> String {
     format!("{EXTERNAL_ID_PREFIX}{idempotency_key}")
@@ -327,18 +335,80 @@ impl ZendeskConnector {
         Ok(self.client.send(Call::get(url)).await?.found())
     }
 
+    /// `PUT`s the writable part of `changed`; with `safe_since`, as a ticket's safe update on
+    /// that stamp (docs/vendors.md, Zendesk "Safe updates of tickets"), where 409 means the ticket changed
+    /// since and nothing was written.
+    async fn put_record(
+        &self,
+        entity: Entity,
+        id: &str,
+        changed: &Map<String, Value>,
+        safe_since: Option<DateTime<Utc>>,
+    ) -> Result<Record, ConnectorError> {
+        if entity == Entity::Ticketcomments {
+            return Err(entity.unsupported("update"));
+        }
+        let numeric = parse_numeric_id(entity, id)?;
+        let mut body = writable(changed);
+        if entity == Entity::Users && body.remove("email").is_some() {
+            // Zendesk: "Writeable on create only. On update, a secondary email is added."
+            tracing::info!(
+                user = id,
+                "a Zendesk user's primary email is set only when the user is created; the changed email is not written"
+            );
+        }
+        if body.is_empty() {
+            // Nothing writable changed: no call that could only bump `updated_at`.
+            return self
+                .fetch(entity.name(), id)
+                .await?
+                .ok_or_else(|| ConnectorError::Rejected {
+                    system: SYSTEM,
+                    status: 404,
+                    message: "the record does not exist".to_owned(),
+                });
+        }
+        if let Some(seen) = safe_since {
+            body.insert("safe_update".into(), Value::Bool(true));
+            body.insert("updated_stamp".into(), json!(zendesk_stamp(seen)));
+        }
+        let url = self.url(&format!("/api/v2/{}/{numeric}", entity.plural()), &[]);
+        let answer = self
+            .send_json_as_answered(Method::PUT, url, &json!({ entity.singular(): body }))
+            .await
+            .map_err(|e| match e {
+                ConnectorError::Rejected { status: 409, .. } if safe_since.is_some() => {
+                    ConnectorError::Changed {
+                        system: SYSTEM,
+                        entity_type: entity.name().to_owned(),
+                        id: id.to_owned(),
+                    }
+                }
+                other => closed_ticket(conflict_is_transient(other), entity, id),
+            })?;
+        record(entity, envelope(&answer, entity.singular())?)
+    }
+
     async fn send_json(
         &self,
         method: Method,
         url: Url,
         body: &Value,
     ) -> Result<Value, ConnectorError> {
-        let answer = self
-            .client
-            .send(Call::new(method, url).json(body))
+        self.send_json_as_answered(method, url, body)
             .await
-            .map_err(conflict_is_transient)?;
-        match answer {
+            .map_err(conflict_is_transient)
+    }
+
+    /// [`Self::send_json`] with a 409 left as the vendor's refusal, for a caller that knows what
+    /// it means.
+    async fn send_json_as_answered(
+        &self,
+        method: Method,
+        url: Url,
+        body: &Value,
+    ) -> Result<Value, ConnectorError> {
+        match self.client.send(Call::new(method, url).json(body)).await? {
             Answer::NotFound => Err(ConnectorError::Rejected {
                 system: SYSTEM,
                 status: 404,
@@ -587,35 +657,32 @@ impl Connector for ZendeskConnector {
         changed: &Map<String, Value>,
     ) -> Result<Record, ConnectorError> {
         let entity = Entity::parse(entity_type, "update")?;
-        if entity == Entity::Ticketcomments {
-            return Err(entity.unsupported("update"));
+        self.put_record(entity, id, changed, None).await
+    }
+
+    fn conditional_writes(&self, entity_type: &str) -> ConditionalWrites {
+        match Entity::parse(entity_type, "update") {
+            Ok(Entity::Tickets) => ConditionalWrites::AfterRead,
+            _ => ConditionalWrites::No,
         }
-        let numeric = parse_numeric_id(entity, id)?;
-        let mut body = writable(changed);
-        if entity == Entity::Users && body.remove("email").is_some() {
-            // Zendesk: "Writeable on create only. On update, a secondary email is added."
-            tracing::info!(
-                user = id,
-                "a Zendesk user's primary email is set only when the user is created; the changed email is not written"
-            );
+    }
+
+    async fn update_if_unchanged(
+        &self,
+        entity_type: &str,
+        id: &str,
+        changed: &Map<String, Value>,
+        seen: DateTime<Utc>,
+    ) -> Result<Record, ConnectorError> {
+        match Entity::parse(entity_type, "update")? {
+            Entity::Tickets => {
+                self.put_record(Entity::Tickets, id, changed, Some(seen))
+                    .await
+            }
+            // Zendesk ignores attributes a resource does not have: `safe_update` sent with an
+            // organization would be dropped and the write made unconditionally.
+            other => Err(other.unsupported("a conditional update")),
         }
-        if body.is_empty() {
-            // Nothing writable changed: no call that could only bump `updated_at`.
-            return self
-                .fetch(entity_type, id)
-                .await?
-                .ok_or_else(|| ConnectorError::Rejected {
-                    system: SYSTEM,
-                    status: 404,
-                    message: "the record does not exist".to_owned(),
-                });
-        }
-        let url = self.url(&format!("/api/v2/{}/{numeric}", entity.plural()), &[]);
-        let answer = self
-            .send_json(Method::PUT, url, &json!({ entity.singular(): body }))
-            .await
-            .map_err(|e| closed_ticket(e, entity, id))?;
-        record(entity, envelope(&answer, entity.singular())?)
     }
 
     async fn list_changed(

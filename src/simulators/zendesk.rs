@@ -751,6 +751,9 @@ async fn update(
         Ok(input) => input,
         Err(response) => return *response,
     };
+    if let Some(agents) = limits::take_racing_change(&shared, kind, id) {
+        write_update(&shared, kind, id, agents);
+    }
     write_update(&shared, kind, id, input)
 }
 
@@ -765,6 +768,9 @@ fn write_update(shared: &Shared, kind: Kind, id: u64, mut input: Map<String, Val
     let before = stored.body.clone();
     if let Some(refusal) = life::closed_refusal(kind, &before, &input) {
         return refusal;
+    }
+    if let Some(stale) = limits::stale_safe_update(kind, &before, &input) {
+        return stale;
     }
     if let Some(conflict) = limits::take_conflict(shared) {
         return conflict;

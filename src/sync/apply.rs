@@ -9,7 +9,7 @@ use super::merge::Side;
 use super::plan::{idx, plan, settle, settled_by_one_read, Plan, PlanInput, Planned, Translations};
 use super::store::{self, Entry, Link, LinkState};
 use super::{Fail, Step, SyncEngine};
-use crate::connectors::{ConnectorError, Record};
+use crate::connectors::{ConditionalWrites, ConnectorError, Record};
 use crate::domain::RecordKey;
 use crate::queue::ClaimedJob;
 use crate::registry::{Dataflow, EntityRef};
@@ -230,7 +230,7 @@ impl SyncEngine {
             let changes = &plan.changes[i];
             let answer = match records[i]
                 .updated_at
-                .filter(|_| conn.writes_conditionally())
+                .filter(|_| conn.conditional_writes(&e.entity_type) != ConditionalWrites::No)
             {
                 Some(seen) => conn.update_if_unchanged(&e.entity_type, id, changes, seen),
                 None => conn.update(&e.entity_type, id, changes),

@@ -61,7 +61,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::backfill::store as plans;
-use crate::connectors::{Connector, ConnectorError, Record};
+use crate::connectors::{ConditionalWrites, Connector, ConnectorError, Record};
 use crate::domain::{Action, SystemId};
 use crate::queue::{ClaimedJob, JobHandler, JobOutcome};
 use crate::registry::{Dataflow, Registry};
@@ -459,12 +459,12 @@ impl SyncEngine {
                 .await;
         }
         let other = side.other();
-        if other_conn.writes_conditionally() {
+        let other_type = &entity(flow, other).entity_type;
+        if other_conn.conditional_writes(other_type) == ConditionalWrites::Exact {
             if let Some(step) = self.write_unread(job, flow, &link, (side, record)).await? {
                 return Ok(step);
             }
         }
-        let other_type = &entity(flow, other).entity_type;
         let Some(counterpart) = other_conn.fetch(other_type, link.id_on(other)).await? else {
             return self.counterpart_gone(job, flow, &link, other).await;
         };

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether::connectors::custom::CustomConnector;
-use tether::connectors::{Connector, ConnectorError};
+use tether::connectors::{ConditionalWrites, Connector, ConnectorError};
 use tether::domain::SystemId;
 use tether::signing::standard;
 use tether::simulators::kit;
@@ -449,7 +449,7 @@ async fn a_conditional_write_is_made_only_on_the_stamp_it_names() {
         ..support_custom::config(&running.base_url(), TOKEN)
     };
     let c = CustomConnector::new(SystemId::CustomErp, &config, Duration::from_secs(5)).unwrap();
-    assert!(c.writes_conditionally());
+    assert_eq!(c.conditional_writes("customer"), ConditionalWrites::Exact);
     let created = c
         .create("Customer", &obj(json!({"name": "Acme"})), "key-1")
         .await
@@ -491,7 +491,7 @@ async fn a_conditional_write_is_made_only_on_the_stamp_it_names() {
         &running.base_url(),
         Duration::from_secs(5),
     );
-    assert!(!plain.writes_conditionally());
+    assert_eq!(plain.conditional_writes("customer"), ConditionalWrites::No);
     let unsupported = plain
         .update_if_unchanged("Customer", &created.id, &obj(json!({"name": "X"})), seen)
         .await;

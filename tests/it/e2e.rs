@@ -612,6 +612,79 @@ async fn a_zendesk_update_newer_than_the_link_costs_no_read_and_one_of_its_secon
     h.stop().await;
 }
 
+/// A ticket an agent changes between Tether's read of it and Tether's write of a CRMOffice change
+/// to it: the write is a safe update on the stamp Tether read, Zendesk refuses it (409), and the
+/// rules then merge both changes on fresh reads, the agent's, the later one, winning on both
+/// sides (docs/sync-rules.md, "Conditional writes"). Written unconditionally, Tether's write
+/// would have replaced the agent's subject, and the agent's webhook would then have found the
+/// ticket as Tether left it.
+#[tokio::test]
+async fn a_ticket_edit_made_while_tether_writes_the_ticket_is_kept() {
+    let h = Harness::start(None, "").await;
+    let zd = h.zendesk();
+    let user = zd
+        .create(
+            "Users",
+            &obj(json!({"name": "Rita Racer", "email": "rita@example.com"})),
+            "race-user",
+        )
+        .await
+        .unwrap();
+    h.linked_target("zendesk.Users->crmoffice.Contacts", &user.id)
+        .await;
+    let ticket = zd
+        .create(
+            "Tickets",
+            &obj(json!({"subject": "Printer on fire", "requester_id": user.id.parse::<u64>().unwrap()})),
+            "race-ticket",
+        )
+        .await
+        .unwrap();
+    let ticket_id: u64 = ticket.id.parse().unwrap();
+    let activity = h
+        .linked_target("zendesk.Tickets->crmoffice.Activities", &ticket.id)
+        .await;
+    h.assert_settles().await;
+
+    // Zendesk stamps whole seconds: the CRMOffice edit is stamped a second back and the agent's
+    // change comes seconds after the ticket's last one, so each is told apart by its stamp.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.sims.zendesk.change_before_next_write(
+        Kind::Ticket,
+        ticket_id,
+        json!({"subject": "Agent's subject"}),
+    );
+    let edited_at = chrono::Utc::now() - chrono::Duration::seconds(1);
+    h.sims.crmoffice.touch(
+        "activities",
+        &activity,
+        obj(json!({"subject": "CRMOffice's subject"})),
+        Some(edited_at),
+    );
+    eventually(
+        "the agent's subject on both sides",
+        WAIT,
+        probe(|| {
+            let t = h.sims.zendesk.ticket(ticket_id)?;
+            let a = h.sims.crmoffice.get("activities", &activity)?;
+            (t["subject"] == json!("Agent's subject") && a["subject"] == json!("Agent's subject"))
+                .then_some(())
+        }),
+    )
+    .await;
+    h.assert_settles().await;
+    assert_eq!(
+        h.sims.zendesk.ticket(ticket_id).unwrap()["subject"],
+        json!("Agent's subject")
+    );
+    assert_eq!(
+        h.entries_deciding("crmoffice", &activity, "conflict").await,
+        1,
+        "the refused write is logged as a conflict"
+    );
+    h.stop().await;
+}
+
 /// An overlay whose only running flow of Zendesk organizations is the one to the Custom ERP
 /// (`admin::OVERLAY`'s, mapping `name`): the others are switched off.
 fn organizations_to_customerp_only() -> String {
@@ -758,12 +831,18 @@ impl Harness {
 
     /// How many `echo` decisions were logged about a record.
     async fn echo_entries(&self, system: &str, record_id: &str) -> i64 {
+        self.entries_deciding(system, record_id, "echo").await
+    }
+
+    /// How many decisions `decision` were logged about a record.
+    async fn entries_deciding(&self, system: &str, record_id: &str, decision: &str) -> i64 {
         sqlx::query_scalar(
             "SELECT count(*) FROM sync_log WHERE system = $1 AND record_id = $2 \
-             AND decision = 'echo'",
+             AND decision = $3",
         )
         .bind(system)
         .bind(record_id)
+        .bind(decision)
         .fetch_one(&self.db.pool)
         .await
         .unwrap()

@@ -3,7 +3,9 @@
 //! - a 429 is `text/plain` with `Retry-After`: a client that parses the body as JSON fails;
 //! - the incremental exports allow 10 requests a minute (30 with the High Volume add-on) on top
 //!   of the plan's limit, counted here in a fixed one-minute window;
-//! - a 409 Conflict answers a write that collided with another one; worth a retry.
+//! - a 409 Conflict answers a write that collided with another one; worth a retry;
+//! - a ticket's safe update (docs/vendors.md, Zendesk "Safe updates of tickets") whose
+//!   `updated_stamp` is not the ticket's `updated_at` is refused with 409, nothing written.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,9 +14,10 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Map, Value};
 
-use super::{Shared, ZendeskSimHandle};
+use super::{bad_request, Kind, Shared, ZendeskSimHandle};
 use crate::simulators::kit;
 
 /// Zendesk's incremental-export limit without the High Volume add-on.
@@ -30,6 +33,8 @@ pub struct Tuning {
     pub export_limit_per_minute: u32,
     /// Writes still to be answered with a 409.
     pub conflicts: u32,
+    /// An agent's change made just before the next API update of that record arrives.
+    pub racing_change: Option<(Kind, u64, Map<String, Value>)>,
     export_window_started: Instant,
     export_used: u32,
 }
@@ -40,6 +45,7 @@ impl Default for Tuning {
             search_lag: DEFAULT_SEARCH_LAG,
             export_limit_per_minute: EXPORT_LIMIT_PER_MINUTE,
             conflicts: 0,
+            racing_change: None,
             export_window_started: Instant::now(),
             export_used: 0,
         }
@@ -104,6 +110,39 @@ pub fn take_conflict(shared: &Shared) -> Option<Response> {
     ))
 }
 
+/// The refusal of a ticket's safe update whose stamp is stale, if it is one. The update is safe
+/// when it names `updated_stamp` and carries `safe_update` with any value ("A value of false has
+/// the same effect as true. Omit the property to force the updates to not be safe"); without
+/// the stamp it is an ordinary update ("When true and an `update_stamp` date is included,
+/// protects against ticket update collisions"). Other kinds have no such property: Zendesk
+/// ignores both there, as it ignores every attribute a resource does not have.
+pub fn stale_safe_update(
+    kind: Kind,
+    stored: &Map<String, Value>,
+    input: &Map<String, Value>,
+) -> Option<Response> {
+    if kind != Kind::Ticket || !input.contains_key("safe_update") {
+        return None;
+    }
+    let stamp = input.get("updated_stamp")?;
+    let Some(stamp) = stamp.as_str().and_then(|s| s.parse::<DateTime<Utc>>().ok()) else {
+        return Some(bad_request("`updated_stamp` must be an ISO 8601 date-time"));
+    };
+    let current = stored
+        .get("updated_at")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<DateTime<Utc>>().ok());
+    (current != Some(stamp)).then(|| {
+        kit::respond(
+            StatusCode::CONFLICT,
+            json!({
+                "error": "UpdateConflict",
+                "description": "The ticket was updated after the given updated_stamp.",
+            }),
+        )
+    })
+}
+
 impl ZendeskSimHandle {
     /// How long a record written through the API stays out of search (default a minute).
     pub fn set_search_lag(&self, lag: Duration) {
@@ -120,5 +159,25 @@ impl ZendeskSimHandle {
     /// record at the same moment.
     pub fn conflict_next_writes(&self, count: u32) {
         self.shared.tuning.lock().unwrap().conflicts = count;
+    }
+
+    /// When the next API update of this record arrives, an agent changes it first (stamped and
+    /// announced as [`ZendeskSimHandle::update`] does): a change made between a client's read and
+    /// its write.
+    pub fn change_before_next_write(&self, kind: Kind, id: u64, fields: Value) {
+        let fields = fields.as_object().cloned().unwrap_or_default();
+        self.shared.tuning.lock().unwrap().racing_change = Some((kind, id, fields));
+    }
+}
+
+/// The change [`ZendeskSimHandle::change_before_next_write`] armed for this record, if any.
+pub fn take_racing_change(shared: &Shared, kind: Kind, id: u64) -> Option<Map<String, Value>> {
+    let mut tuning = shared.tuning.lock().unwrap();
+    match tuning.racing_change.take() {
+        Some((k, i, fields)) if (k, i) == (kind, id) => Some(fields),
+        other => {
+            tuning.racing_change = other;
+            None
+        }
     }
 }

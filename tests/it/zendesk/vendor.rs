@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tether::connectors::{Connector, ConnectorError};
+use tether::connectors::{ConditionalWrites, Connector, ConnectorError};
 use tether::simulators::kit::{Faults, RunningSim};
 use tether::simulators::zendesk::Kind;
 use wiremock::matchers::{body_json, method, path};
@@ -503,6 +503,83 @@ async fn a_conflict_is_transient_and_the_retry_goes_through() {
         .await
         .unwrap();
     assert_eq!(done.fields["notes"], "n");
+}
+
+/// A ticket's safe update (docs/vendors.md, Zendesk "Safe updates of tickets"): made only while
+/// the ticket's `updated_at` is the `updated_stamp` it names; otherwise 409 and nothing written,
+/// which the connector reports as `Changed`. Organizations have no safe update.
+#[tokio::test]
+async fn a_ticket_safe_update_is_made_only_on_the_stamp_it_names() {
+    let (running, handle, zd) = sim().await;
+    let requester = handle.insert_user(json!({"name": "Req", "email": "req@example.com"}));
+    let ticket = handle.insert_ticket(json!({"subject": "Safe", "requester_id": requester["id"]}));
+    let (ticket_id, id) = (id_of(&ticket), id_of(&ticket).to_string());
+    // An hour back, so that a write now is another second (Zendesk's stamps are whole seconds).
+    let an_hour_ago = chrono::Utc::now().timestamp() - 3600;
+    assert!(handle.set_updated_at(Kind::Ticket, ticket_id, an_hour_ago));
+    let seen = zd
+        .fetch("Tickets", &id)
+        .await
+        .unwrap()
+        .unwrap()
+        .updated_at
+        .unwrap();
+    assert_eq!(
+        zd.conditional_writes("Tickets"),
+        ConditionalWrites::AfterRead
+    );
+
+    let written = zd
+        .update_if_unchanged("Tickets", &id, &obj(json!({"subject": "First"})), seen)
+        .await
+        .unwrap();
+    assert_eq!(written.fields["subject"], "First");
+    assert_ne!(written.updated_at, Some(seen));
+    let stale = zd
+        .update_if_unchanged("Tickets", &id, &obj(json!({"subject": "Second"})), seen)
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, ConnectorError::Changed { .. }), "{stale:?}");
+    let now = zd.fetch("Tickets", &id).await.unwrap().unwrap();
+    assert_eq!(
+        now.fields["subject"], "First",
+        "a refused safe update wrote nothing"
+    );
+
+    // As another client sends it: `false` asks for safety too, no stamp means no safety.
+    let stamp = seen.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let path = format!("/api/v2/tickets/{ticket_id}");
+    let put = |body: Value| {
+        call(
+            &running,
+            reqwest::Method::PUT,
+            &path,
+            Some(json!({"ticket": body})),
+        )
+    };
+    let refused = put(json!({"subject": "S", "safe_update": false, "updated_stamp": stamp})).await;
+    assert_eq!(refused.status(), 409);
+    let unsafe_update = put(json!({"subject": "Unsafe", "safe_update": true})).await;
+    assert_eq!(unsafe_update.status(), 200);
+    let malformed =
+        put(json!({"subject": "S", "safe_update": true, "updated_stamp": "soon"})).await;
+    assert_eq!(malformed.status(), 400);
+
+    let org = handle.insert_organization(json!({"name": "No Safety AS"}));
+    assert_eq!(
+        zd.conditional_writes("Organizations"),
+        ConditionalWrites::No
+    );
+    let err = zd
+        .update_if_unchanged(
+            "Organizations",
+            &id_of(&org).to_string(),
+            &obj(json!({"notes": "n"})),
+            seen,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Unsupported { .. }), "{err:?}");
 }
 
 /// Item 16: the incremental exports allow 10 requests a minute, whatever the plan allows.
