@@ -329,9 +329,10 @@ impl Connector for CustomConnector {
     }
 
     fn conditional_writes(&self, _entity_type: &str) -> ConditionalWrites {
-        match self.conditional_writes {
-            true => ConditionalWrites::Exact,
-            false => ConditionalWrites::No,
+        if self.conditional_writes {
+            ConditionalWrites::Exact
+        } else {
+            ConditionalWrites::No
         }
     }
 

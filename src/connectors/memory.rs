@@ -374,9 +374,10 @@ impl Connector for MemoryConnector {
     }
 
     fn conditional_writes(&self, _entity_type: &str) -> ConditionalWrites {
-        match self.lock().conditional_writes {
-            true => ConditionalWrites::Exact,
-            false => ConditionalWrites::No,
+        if self.lock().conditional_writes {
+            ConditionalWrites::Exact
+        } else {
+            ConditionalWrites::No
         }
     }
 
