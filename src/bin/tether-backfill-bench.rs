@@ -170,7 +170,7 @@ impl Cluster {
         let pg = EmbeddedPostgres::start(&dir.join("pg"))
             .await
             .context("cannot start PostgreSQL")?;
-        pg.preload_libraries(&["pg_stat_statements"])
+        pg.preload_libraries(&["pg_stat_statements"], &[])
             .await
             .context("cannot load pg_stat_statements")?;
         let postmaster = pg.postmaster_pid().context("no postmaster pid")? as u32;

@@ -224,9 +224,13 @@ async fn start_postgres(args: &Args, work: &Path) -> anyhow::Result<EmbeddedPost
         .await
         .context("cannot start PostgreSQL")?;
     if !args.no_statements {
-        pg.preload_libraries(&["pg_stat_statements"])
-            .await
-            .context("cannot load pg_stat_statements")?;
+        pg.preload_libraries(
+            &["pg_stat_statements"],
+            // Planning is timed too: the batched statements are planned on every call.
+            &[("pg_stat_statements.track_planning", "on")],
+        )
+        .await
+        .context("cannot load pg_stat_statements")?;
     }
     Ok(pg)
 }
@@ -797,30 +801,33 @@ impl Bench {
     /// benchmark's own statements left out): statements and execution time per linked update,
     /// against PostgreSQL's CPU time per update, and the statements that took most of it.
     async fn print_statements(&self, postgres_ticks: u64) -> anyhow::Result<()> {
-        let rows: Vec<(String, i64, f64, i64)> = sqlx::query_as(concat!(
+        let rows: Vec<(String, i64, f64, f64, i64)> = sqlx::query_as(concat!(
             bench_sql!(),
             "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time, \
-             shared_blks_hit + shared_blks_read \
+             total_plan_time, shared_blks_hit + shared_blks_read \
              FROM pg_stat_statements WHERE query NOT LIKE '/* tether-sync-bench */%' \
-             ORDER BY total_exec_time DESC"
+             ORDER BY total_exec_time + total_plan_time DESC"
         ))
         .fetch_all(&self.pool)
         .await?;
         let n = self.links.len() as f64;
         let calls: i64 = rows.iter().map(|r| r.1).sum();
         let exec_ms: f64 = rows.iter().map(|r| r.2).sum();
+        let plan_ms: f64 = rows.iter().map(|r| r.3).sum();
         let cpu_ms = postgres_ticks as f64 * 1000.0 / measure::TICKS_PER_SECOND;
         println!(
-            "      PostgreSQL per linked update: {:.1} statements, {:.3} ms executing them, {:.3} ms of CPU (all processes); top statements:",
+            "      PostgreSQL per linked update: {:.1} statements, {:.3} ms executing and {:.3} ms planning them, {:.3} ms of CPU (all processes); top statements (executing + planning):",
             calls as f64 / n,
             exec_ms / n,
+            plan_ms / n,
             cpu_ms / n
         );
-        for (query, calls, total, blocks) in rows.into_iter().take(self.args.top) {
+        for (query, calls, exec, plan, blocks) in rows.into_iter().take(self.args.top) {
             let query: String = query.chars().take(90).collect();
             println!(
-                "        {:>6.3} ms {:>5.2}x {:>6.1} blocks/call  {query}",
-                total / n,
+                "        {:>6.3} + {:>5.3} ms {:>5.2}x {:>6.1} blocks/call  {query}",
+                exec / n,
+                plan / n,
                 calls as f64 / n,
                 blocks as f64 / calls.max(1) as f64
             );

@@ -298,9 +298,14 @@ impl EmbeddedPostgres {
     }
 
     /// Loads `libraries` at the server's start (`shared_preload_libraries`; pg_stat_statements
-    /// only works loaded so) and restarts the server for it. For the benchmarks: the setting
-    /// stays in the cluster's `postgresql.conf`.
-    pub async fn preload_libraries(&self, libraries: &[&str]) -> Result<(), EmbeddedError> {
+    /// only works loaded so), sets `settings` (name, value: a library's own parameters) and
+    /// restarts the server for them. For the benchmarks: the settings stay in the cluster's
+    /// `postgresql.conf`.
+    pub async fn preload_libraries(
+        &self,
+        libraries: &[&str],
+        settings: &[(&str, &str)],
+    ) -> Result<(), EmbeddedError> {
         let conf = self.cluster().join("postgresql.conf");
         let fail = |e: std::io::Error| EmbeddedError::Failed {
             dir: self.root.clone(),
@@ -315,6 +320,9 @@ impl EmbeddedPostgres {
             "\nshared_preload_libraries = '{}'\n",
             libraries.join(",")
         ));
+        for (name, value) in settings {
+            text.push_str(&format!("{name} = '{value}'\n"));
+        }
         std::fs::write(&conf, text).map_err(fail)?;
         self.stop().await?;
         self.start_server().await
