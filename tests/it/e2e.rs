@@ -677,11 +677,9 @@ async fn a_ticket_edit_made_while_tether_writes_the_ticket_is_kept() {
         h.sims.zendesk.ticket(ticket_id).unwrap()["subject"],
         json!("Agent's subject")
     );
-    assert_eq!(
-        h.entries_deciding("crmoffice", &activity, "conflict").await,
-        1,
-        "the refused write is logged as a conflict"
-    );
+    // At least one: a retry that meets the ticket's own job storing the link logs another.
+    let conflicts = h.entries_deciding("crmoffice", &activity, "conflict").await;
+    assert!(conflicts >= 1, "the refused write is logged as a conflict");
     h.stop().await;
 }
 
