@@ -62,8 +62,9 @@ pub struct CustomConnector {
     system: SystemId,
     base_url: url::Url,
     client: VendorClient,
-    /// The system honours `If-Match` on `PATCH` (the contract's optional conditional writes).
-    conditional_writes: bool,
+    /// `Exact` where the system honours `If-Match` on `PATCH` (the contract's optional
+    /// conditional writes, `conditional_writes = true`), for every type.
+    conditional: ConditionalWrites,
 }
 
 impl std::fmt::Debug for CustomConnector {
@@ -71,7 +72,7 @@ impl std::fmt::Debug for CustomConnector {
         f.debug_struct("CustomConnector")
             .field("system", &self.system)
             .field("base_url", &self.base_url.as_str())
-            .field("conditional_writes", &self.conditional_writes)
+            .field("conditional", &self.conditional)
             .finish_non_exhaustive()
     }
 }
@@ -144,7 +145,11 @@ impl CustomConnector {
                 Arc::new(StaticToken(Credential::Bearer(config.api_token.clone()))),
                 Arc::new(Gates::default()),
             ),
-            conditional_writes: config.conditional_writes,
+            conditional: if config.conditional_writes {
+                ConditionalWrites::Exact
+            } else {
+                ConditionalWrites::No
+            },
         })
     }
 
@@ -329,11 +334,7 @@ impl Connector for CustomConnector {
     }
 
     fn conditional_writes(&self, _entity_type: &str) -> ConditionalWrites {
-        if self.conditional_writes {
-            ConditionalWrites::Exact
-        } else {
-            ConditionalWrites::No
-        }
+        self.conditional
     }
 
     async fn update_if_unchanged(
@@ -343,12 +344,11 @@ impl Connector for CustomConnector {
         changed: &Map<String, Value>,
         seen: DateTime<Utc>,
     ) -> Result<Record, ConnectorError> {
-        if !self.conditional_writes {
-            return Err(ConnectorError::Unsupported {
-                system: self.system,
-                entity_type: entity_type.to_owned(),
-                operation: "a conditional update (conditional_writes is off)",
-            });
+        if self.conditional == ConditionalWrites::No {
+            return Err(ConnectorError::no_conditional_update(
+                self.system,
+                entity_type,
+            ));
         }
         self.patch(entity_type, id, changed, Some(seen)).await
     }

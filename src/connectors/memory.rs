@@ -51,8 +51,8 @@ struct State {
     crash_after_create: bool,
     read_only_types: Vec<String>,
     final_deletes: bool,
-    /// `update_if_unchanged` is offered ([`MemoryConnector::write_conditionally`]).
-    conditional_writes: bool,
+    /// `Exact` once [`MemoryConnector::write_conditionally`] was called; `No` before.
+    conditional_writes: ConditionalWrites,
     pause_after_update: Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>,
 }
 
@@ -188,7 +188,7 @@ impl MemoryConnector {
     /// Offers conditional writes, as a custom system with `conditional_writes` does: an update
     /// naming a stamp the record no longer has is refused ([`ConnectorError::Changed`]).
     pub fn write_conditionally(&self) {
-        self.lock().conditional_writes = true;
+        self.lock().conditional_writes = ConditionalWrites::Exact;
     }
 
     /// Updates of this type return `Unsupported` (like Zendesk's immutable comments).
@@ -374,11 +374,7 @@ impl Connector for MemoryConnector {
     }
 
     fn conditional_writes(&self, _entity_type: &str) -> ConditionalWrites {
-        if self.lock().conditional_writes {
-            ConditionalWrites::Exact
-        } else {
-            ConditionalWrites::No
-        }
+        self.lock().conditional_writes
     }
 
     async fn update_if_unchanged(
@@ -388,12 +384,11 @@ impl Connector for MemoryConnector {
         changed: &Map<String, Value>,
         seen: DateTime<Utc>,
     ) -> Result<Record, ConnectorError> {
-        if !self.lock().conditional_writes {
-            return Err(ConnectorError::Unsupported {
-                system: self.system,
-                entity_type: entity_type.to_owned(),
-                operation: "a conditional update",
-            });
+        if self.conditional_writes(entity_type) == ConditionalWrites::No {
+            return Err(ConnectorError::no_conditional_update(
+                self.system,
+                entity_type,
+            ));
         }
         self.update_checked(entity_type, id, changed, Some(seen))
             .await

@@ -104,9 +104,10 @@ pub struct DeletionPage {
 
 /// How a system can refuse a write to a record that changed since a stamp Tether names
 /// ([`Connector::update_if_unchanged`]; docs/sync-rules.md, "Conditional writes").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConditionalWrites {
     /// It cannot: a write lands whatever happened to the record since it was read.
+    #[default]
     No,
     /// It can, and its stamps tell every change apart (a custom system's `If-Match` on
     /// microseconds): a record Tether wrote last may be written on that write's stamp without
@@ -175,6 +176,15 @@ pub enum ConnectorError {
 }
 
 impl ConnectorError {
+    /// A conditional update asked of a type [`Connector::conditional_writes`] offers none for.
+    pub fn no_conditional_update(system: SystemId, entity_type: &str) -> ConnectorError {
+        ConnectorError::Unsupported {
+            system,
+            entity_type: entity_type.to_owned(),
+            operation: "a conditional update",
+        }
+    }
+
     /// Back-pressure errors reschedule a job without using up an attempt.
     pub fn is_back_pressure(&self) -> bool {
         matches!(
@@ -287,11 +297,10 @@ pub trait Connector: Send + Sync + 'static {
         _changed: &Map<String, Value>,
         _seen: DateTime<Utc>,
     ) -> Result<Record, ConnectorError> {
-        Err(ConnectorError::Unsupported {
-            system: self.system(),
-            entity_type: entity_type.to_owned(),
-            operation: "a conditional update",
-        })
+        Err(ConnectorError::no_conditional_update(
+            self.system(),
+            entity_type,
+        ))
     }
 
     /// Records changed after the cursor (`None`: from the beginning), one page at a time.

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -40,11 +40,13 @@ use super::{ChangePage, ConditionalWrites, Connector, ConnectorError, Record};
 use crate::config::{Config, ZendeskConfig};
 use crate::domain::SystemId;
 use records::*;
+use writes::closed_ticket;
 
 mod lookup;
 mod records;
 mod tickets;
 mod timed;
+mod writes;
 
 const SYSTEM: SystemId = SystemId::Zendesk;
 /// Fields Zendesk sets itself; never sent, never presented as data.
@@ -175,46 +177,6 @@ fn malformed(message: impl fmt::Display) -> ConnectorError {
     }
 }
 
-/// Zendesk answers 409 when another request wrote the same record at the same moment (or a
-/// uniqueness check raced): a later retry, which re-reads the record first, is the remedy.
-fn conflict_is_transient(error: ConnectorError) -> ConnectorError {
-    match error {
-        ConnectorError::Rejected {
-            status: 409,
-            message,
-            ..
-        } => ConnectorError::Transient {
-            system: SYSTEM,
-            message: format!("409 Conflict: {message}"),
-        },
-        other => other,
-    }
-}
-
-/// Zendesk's refusal of a change to a closed ticket (422 "Status: closed prevents ticket
-/// update") as [`ConnectorError::TargetClosed`]: a decision, not an error to retry.
-fn closed_ticket(error: ConnectorError, entity: Entity, id: &str) -> ConnectorError {
-    match error {
-        ConnectorError::Rejected {
-            status: 422,
-            ref message,
-            ..
-        } if entity == Entity::Tickets && message.contains("closed prevents ticket update") => {
-            ConnectorError::TargetClosed {
-                system: SYSTEM,
-                entity_type: entity.name().to_owned(),
-                id: id.to_owned(),
-            }
-        }
-        other => other,
-    }
-}
-
-/// A stamp as Zendesk writes its own: whole seconds, UTC (`2019-09-12T21:45:16Z`).
-fn zendesk_stamp(at: DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
 /// The `external_id` that carries an idempotency key.
 pub fn external_id_for(idempotency_key: &str) -> String {
     format!("{EXTERNAL_ID_PREFIX}{idempotency_key}")
@@ -333,90 +295,6 @@ impl ZendeskConnector {
 
     async fn get_json(&self, url: Url) -> Result<Option<Value>, ConnectorError> {
         Ok(self.client.send(Call::get(url)).await?.found())
-    }
-
-    /// `PUT`s the writable part of `changed`; with `safe_since`, as a ticket's safe update on
-    /// that stamp (docs/vendors.md, Zendesk "Safe updates of tickets"), where 409 means the ticket changed
-    /// since and nothing was written.
-    async fn put_record(
-        &self,
-        entity: Entity,
-        id: &str,
-        changed: &Map<String, Value>,
-        safe_since: Option<DateTime<Utc>>,
-    ) -> Result<Record, ConnectorError> {
-        if entity == Entity::Ticketcomments {
-            return Err(entity.unsupported("update"));
-        }
-        let numeric = parse_numeric_id(entity, id)?;
-        let mut body = writable(changed);
-        if entity == Entity::Users && body.remove("email").is_some() {
-            // Zendesk: "Writeable on create only. On update, a secondary email is added."
-            tracing::info!(
-                user = id,
-                "a Zendesk user's primary email is set only when the user is created; the changed email is not written"
-            );
-        }
-        if body.is_empty() {
-            // Nothing writable changed: no call that could only bump `updated_at`.
-            return self
-                .fetch(entity.name(), id)
-                .await?
-                .ok_or_else(|| ConnectorError::Rejected {
-                    system: SYSTEM,
-                    status: 404,
-                    message: "the record does not exist".to_owned(),
-                });
-        }
-        if let Some(seen) = safe_since {
-            body.insert("safe_update".into(), Value::Bool(true));
-            body.insert("updated_stamp".into(), json!(zendesk_stamp(seen)));
-        }
-        let url = self.url(&format!("/api/v2/{}/{numeric}", entity.plural()), &[]);
-        let answer = self
-            .send_json_as_answered(Method::PUT, url, &json!({ entity.singular(): body }))
-            .await
-            .map_err(|e| match e {
-                ConnectorError::Rejected { status: 409, .. } if safe_since.is_some() => {
-                    ConnectorError::Changed {
-                        system: SYSTEM,
-                        entity_type: entity.name().to_owned(),
-                        id: id.to_owned(),
-                    }
-                }
-                other => closed_ticket(conflict_is_transient(other), entity, id),
-            })?;
-        record(entity, envelope(&answer, entity.singular())?)
-    }
-
-    async fn send_json(
-        &self,
-        method: Method,
-        url: Url,
-        body: &Value,
-    ) -> Result<Value, ConnectorError> {
-        self.send_json_as_answered(method, url, body)
-            .await
-            .map_err(conflict_is_transient)
-    }
-
-    /// [`Self::send_json`] with a 409 left as the vendor's refusal, for a caller that knows what
-    /// it means.
-    async fn send_json_as_answered(
-        &self,
-        method: Method,
-        url: Url,
-        body: &Value,
-    ) -> Result<Value, ConnectorError> {
-        match self.client.send(Call::new(method, url).json(body)).await? {
-            Answer::NotFound => Err(ConnectorError::Rejected {
-                system: SYSTEM,
-                status: 404,
-                message: "the record does not exist".to_owned(),
-            }),
-            Answer::Empty => Err(malformed("an empty answer")),
-            Answer::Json(value) => Ok(value),
-        }
     }
 
     /// Every item of a cursor-paginated list, following `links.next` while `meta.has_more`.
@@ -681,7 +559,7 @@ impl Connector for ZendeskConnector {
             }
             // Zendesk ignores attributes a resource does not have: `safe_update` sent with an
             // organization would be dropped and the write made unconditionally.
-            other => Err(other.unsupported("a conditional update")),
+            other => Err(ConnectorError::no_conditional_update(SYSTEM, other.name())),
         }
     }
 

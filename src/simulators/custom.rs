@@ -21,9 +21,9 @@
 //! - Every webhook carries the record's `updated_at` after the change in `data` (optional in the
 //!   contract; Tether then recognises its own echo without a read).
 //! - A `PATCH` with `If-Match: "<updated_at>"` is made only if the record's `updated_at` is that
-//!   instant, to the microsecond; otherwise 412 and nothing changes (RFC 9110, 13.1.1; the contract's optional
-//!   conditional writes). `*` matches any existing record; a tag that is not an RFC 3339 instant
-//!   answers 400.
+//!   instant, to the microsecond; otherwise 412 and nothing changes (RFC 9110, 13.1.1; the
+//!   contract's optional conditional writes). `*` matches any existing record; a tag that is not
+//!   an RFC 3339 instant answers 400.
 //! - `GET /{type}?idempotency_key=<k>` is the contract addition described in
 //!   [`crate::connectors::custom`].
 
